@@ -1,0 +1,36 @@
+"""chatqueue: serve a language model as a streaming chat to many people at once."""
+
+from chatqueue.chat_queue import ChatQueue, FinishInfo, LoadInfo
+from chatqueue.config import Settings
+from chatqueue.engine.mock import MockConfig, MockRunner
+from chatqueue.engine.stream import RequestStream
+from chatqueue.types import (
+    ChatMessage,
+    Event,
+    Finished,
+    FinishReason,
+    Queued,
+    SamplingParams,
+    Started,
+    Token,
+    Usage,
+)
+
+__all__ = [
+    "ChatMessage",
+    "ChatQueue",
+    "Event",
+    "FinishInfo",
+    "FinishReason",
+    "Finished",
+    "LoadInfo",
+    "MockConfig",
+    "MockRunner",
+    "Queued",
+    "RequestStream",
+    "SamplingParams",
+    "Settings",
+    "Started",
+    "Token",
+    "Usage",
+]

@@ -1,0 +1,60 @@
+"""`chatqueue serve | chat | bench`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+
+from chatqueue.config import Settings
+
+app = typer.Typer(
+    help="Serve a language model as a streaming chat to many people at once.", no_args_is_help=True
+)
+
+
+@app.callback()
+def _main() -> None:
+    """chatqueue: a bounded request queue and continuous batching in front of one model."""
+
+
+def _settings(**given: Any) -> Settings:
+    """Flags given on the command line win over CHATQUEUE_* variables, which win over defaults."""
+    try:
+        return Settings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        for err in exc.errors():
+            where = ".".join(str(x) for x in err["loc"]) or "settings"
+            typer.echo(f"error: {where}: {err['msg']}", err=True)
+        raise typer.Exit(2) from exc
+
+
+@app.command()
+def serve(
+    engine: Annotated[str | None, typer.Option(help="hf (a transformers model) or mock")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Local HF model folder [default: SmolLM2]")
+    ] = None,
+    served_model_name: Annotated[str | None, typer.Option(help="Model id on /v1")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16, float16")] = None,
+    batching: Annotated[str | None, typer.Option(help="on (continuous batching) or off")] = None,
+    chat_template: Annotated[Path | None, typer.Option(help="Jinja chat template file")] = None,
+    max_concurrent: Annotated[int | None, typer.Option(help="Generations at once [8]")] = None,
+    max_queue: Annotated[int | None, typer.Option(help="Requests waiting at most [64]")] = None,
+    mock_mode: Annotated[str | None, typer.Option(help="echo or lorem")] = None,
+    mock_delay: Annotated[float | None, typer.Option(help="Mock seconds per step [0.02]")] = None,
+    mock_first_token_delay: Annotated[float | None, typer.Option(help="Mock prefill s")] = None,
+    mock_lorem_tokens: Annotated[int | None, typer.Option(help="Mock lorem length")] = None,
+    host: Annotated[str | None, typer.Option(help="[127.0.0.1]")] = None,
+    port: Annotated[int | None, typer.Option(help="[8000]")] = None,
+    shutdown_timeout: Annotated[float | None, typer.Option(help="Drain grace, s [30]")] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error")] = None,
+) -> None:
+    """Run the HTTP server. Every flag can also come from CHATQUEUE_<FLAG> in the environment."""
+    given = dict(locals())
+    from chatqueue.server.serve import serve as run
+
+    run(_settings(**given))

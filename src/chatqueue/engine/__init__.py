@@ -1,0 +1,1 @@
+"""The step loop off the event loop, and the model runners it drives."""

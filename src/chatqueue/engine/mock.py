@@ -1,0 +1,159 @@
+"""A model-free runner: deterministic text at a set pace, for instant start-up, tests and benches."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from chatqueue.engine.runner import StepBatch
+from chatqueue.types import ChatMessage
+
+MockMode = Literal["echo", "lorem"]
+
+_SPECIALS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+SYSTEM, USER, ASSISTANT, END = range(len(_SPECIALS))
+_WORD = re.compile(r"\s*\S+|\s+$")
+LOREM = [
+    "Lorem",
+    "ipsum",
+    "dolor",
+    "sit",
+    "amet,",
+    "consectetur",
+    "adipiscing",
+    "elit,",
+    "sed",
+    "do",
+    "eiusmod",
+    "tempor",
+    "incididunt",
+    "ut",
+    "labore",
+    "et",
+    "dolore",
+    "magna",
+    "aliqua.",
+    "Ut",
+    "enim",
+    "ad",
+    "minim",
+    "veniam,",
+    "quis",
+    "nostrud",
+    "exercitation",
+    "ullamco",
+    "laboris",
+    "nisi",
+    "ut",
+    "aliquip",
+    "ex",
+    "ea",
+    "commodo",
+    "consequat.",
+]
+
+
+class MockTokenizer:
+    """Word-level: a token is a word with its leading white space; the vocabulary grows as seen."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pieces: list[str] = list(_SPECIALS)
+        self._ids: dict[str, int] = {p: i for i, p in enumerate(self._pieces)}
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return frozenset({END})
+
+    def encode(self, text: str) -> list[int]:
+        with self._lock:
+            return [self._id(piece) for piece in _WORD.findall(text)]
+
+    def apply_chat_template(self, messages: Sequence[ChatMessage]) -> list[int]:
+        ids: list[int] = []
+        for m in messages:
+            ids += [_SPECIALS.index(f"<|{m.role}|>"), *self.encode(m.content), END]
+        return [*ids, ASSISTANT]
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        pieces = self._pieces  # append-only: reading without the lock is safe
+        return "".join(pieces[i] for i in token_ids if i >= len(_SPECIALS))
+
+    def _id(self, piece: str) -> int:
+        if piece not in self._ids:
+            self._ids[piece] = len(self._pieces)
+            self._pieces.append(piece)
+        return self._ids[piece]
+
+
+@dataclass(frozen=True, slots=True)
+class MockConfig:
+    mode: MockMode = "echo"
+    delay_s: float = 0.0  # per step, whatever the batch size (as a batched forward)
+    first_token_delay_s: float = 0.0  # extra, on steps that prefill
+    lorem_tokens: int = 32
+    context_window: int = 4096
+    model_name: str = "mock"
+
+
+class MockRunner:
+    """echo: replies with the last user message, word by word. lorem: a fixed text of a set length."""
+
+    def __init__(self, config: MockConfig | None = None) -> None:
+        self.config = config or MockConfig()
+        self._tokenizer = MockTokenizer()
+        self._plans: dict[int, list[int]] = {}  # seq_id -> the reply it will give, then END
+        self._cursor: dict[int, int] = {}
+        self.num_steps = 0
+
+    @property
+    def model_name(self) -> str:
+        return self.config.model_name
+
+    @property
+    def tokenizer(self) -> MockTokenizer:
+        return self._tokenizer
+
+    @property
+    def context_window(self) -> int:
+        return self.config.context_window
+
+    def step(self, batch: StepBatch) -> dict[int, int]:
+        for seq_id in batch.released:
+            self._plans.pop(seq_id, None)
+            self._cursor.pop(seq_id, None)
+        if batch.is_empty:
+            return {}
+        self.num_steps += 1
+        for new in batch.new:
+            self._plans[new.seq_id] = self._plan(new.prompt_ids)
+            self._cursor[new.seq_id] = 0
+        delay = self.config.delay_s + (self.config.first_token_delay_s if batch.new else 0.0)
+        if delay > 0:
+            time.sleep(delay)
+        seq_ids = [n.seq_id for n in batch.new] + list(batch.running)
+        return {seq_id: self._next(seq_id) for seq_id in seq_ids}
+
+    def close(self) -> None:
+        self._plans.clear()
+        self._cursor.clear()
+
+    def _next(self, seq_id: int) -> int:
+        plan, i = self._plans[seq_id], self._cursor[seq_id]
+        self._cursor[seq_id] = i + 1
+        return plan[i] if i < len(plan) else END
+
+    def _plan(self, prompt_ids: Sequence[int]) -> list[int]:
+        if self.config.mode == "lorem":
+            n = self.config.lorem_tokens
+            return self._tokenizer.encode(" ".join((LOREM * (n // len(LOREM) + 1))[:n]))
+        ids = list(prompt_ids)
+        starts = [i for i, t in enumerate(ids) if t == USER]
+        if not starts:
+            return []
+        rest = ids[starts[-1] + 1 :]
+        return rest[: rest.index(END)] if END in rest else rest

@@ -1,0 +1,63 @@
+"""One running generation's progress: its tokens, its text so far, and when it must end."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+from chatqueue.engine.runner import Tokenizer
+from chatqueue.text.detokenizer import IncrementalDetokenizer
+from chatqueue.text.stops import StopStrings
+from chatqueue.types import FinishReason, SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """What one new token did: the text to stream (maybe empty) and the finish, if it ended."""
+
+    text: str
+    finish: FinishReason | None = None
+
+
+@dataclass(eq=False)
+class Sequence:
+    prompt_ids: Seq[int]
+    params: SamplingParams
+    max_new_tokens: int
+    tokenizer: Tokenizer
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    _detok: IncrementalDetokenizer = field(init=False)
+    _stops: StopStrings = field(init=False)
+
+    def __post_init__(self) -> None:
+        assert self.max_new_tokens >= 1
+        self._detok = IncrementalDetokenizer(self.tokenizer)
+        self._stops = StopStrings(self.params.stop)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_ids)
+
+    def append(self, token_id: int) -> Step:
+        if not self.params.ignore_eos and token_id in self.tokenizer.eos_token_ids:
+            return self._emit(self._flush(), FinishReason.STOP)
+        self.output_ids.append(token_id)
+        text, stopped = self._stops.push(self._detok.push(token_id))
+        if stopped:
+            return self._emit(text, FinishReason.STOP)
+        if len(self.output_ids) >= self.max_new_tokens:
+            return self._emit(text + self._flush(), FinishReason.LENGTH)
+        return self._emit(text, None)
+
+    def _flush(self) -> str:
+        text, stopped = self._stops.push(self._detok.flush())
+        return text if stopped else text + self._stops.flush()
+
+    def _emit(self, text: str, finish: FinishReason | None) -> Step:
+        self.text += text
+        return Step(text, finish)

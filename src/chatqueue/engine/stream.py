@@ -1,0 +1,76 @@
+"""The caller's end of one request: an async iterator of events, fed from the engine thread."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from types import TracebackType
+
+from chatqueue.types import Event, Finished, Token
+
+
+class RequestStream:
+    """Events for one request, in order, ending with `Finished`.
+
+    Fed on the event loop (the engine hands events over with `call_soon_threadsafe`). Consecutive
+    tokens a slow reader has not taken yet are merged into one, so the buffer stays small however
+    far behind the reader is. Closing the stream before `Finished` aborts the request: a client
+    that went away is just another finish reason.
+    """
+
+    def __init__(self, request_id: str, *, on_abandon: Callable[[], None]) -> None:
+        self.request_id = request_id
+        self._on_abandon = on_abandon
+        self._events: deque[Event] = deque()
+        self._wakeup = asyncio.Event()
+        self.finished: Finished | None = None  # set when Finished has been handed out
+        self._is_closed = False
+
+    def push(self, event: Event) -> None:
+        last = self._events[-1] if self._events else None
+        if isinstance(event, Token) and isinstance(last, Token):
+            self._events[-1] = Token(last.text + event.text, last.num_tokens + event.num_tokens)
+        else:
+            self._events.append(event)
+        self._wakeup.set()
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        while not self._events:
+            if self.finished is not None or self._is_closed:
+                raise StopAsyncIteration
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        event = self._events.popleft()
+        if isinstance(event, Finished):
+            self.finished = event
+        return event
+
+    async def collect(self) -> Finished:
+        """Wait for the end; the whole text is in `Finished.text`."""
+        async for event in self:
+            if isinstance(event, Finished):
+                return event
+        raise AssertionError("stream ended without Finished")
+
+    async def aclose(self) -> None:
+        if self._is_closed:
+            return
+        self._is_closed = True
+        self._wakeup.set()
+        if self.finished is None and not any(isinstance(e, Finished) for e in self._events):
+            self._on_abandon()
+
+    async def __aenter__(self) -> RequestStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()

@@ -1,0 +1,96 @@
+"""Figures the server reports: Prometheus metrics and the rolling numbers behind /load."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class _Window:
+    """Sum and count of (time, value) samples over the last `window_s` seconds. Thread-safe."""
+
+    def __init__(self, window_s: float, clock: Callable[[], float]) -> None:
+        self._window_s = window_s
+        self._clock = clock
+        self._samples: deque[tuple[float, float]] = deque()
+        self._lock = threading.Lock()
+
+    def add(self, value: float) -> None:
+        with self._lock:
+            self._samples.append((self._clock(), value))
+
+    def _trim(self) -> None:
+        horizon = self._clock() - self._window_s
+        while self._samples and self._samples[0][0] < horizon:
+            self._samples.popleft()
+
+    def per_second(self) -> float:
+        with self._lock:
+            self._trim()
+            return sum(v for _, v in self._samples) / self._window_s
+
+    def mean(self) -> float | None:
+        with self._lock:
+            self._trim()
+            n = len(self._samples)
+            return sum(v for _, v in self._samples) / n if n else None
+
+
+class Metrics:
+    """Owns one Prometheus registry per queue, so several queues (or tests) never collide."""
+
+    def __init__(self, *, window_s: float = 10.0, clock: Callable[[], float] = time.monotonic):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.running = Gauge("chatqueue_running_requests", "Requests generating now", registry=r)
+        self.waiting = Gauge("chatqueue_waiting_requests", "Requests in the queue", registry=r)
+        self.rejected = Counter(
+            "chatqueue_rejected_requests", "Requests refused at admission", ["reason"], registry=r
+        )
+        self.finished = Counter(
+            "chatqueue_finished_requests",
+            "Requests ended, by finish reason",
+            ["reason"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter("chatqueue_prompt_tokens", "Prompt tokens", registry=r)
+        self.generated_tokens = Counter(
+            "chatqueue_generated_tokens", "Tokens generated", registry=r
+        )
+        self.queue_wait = Histogram(
+            "chatqueue_queue_wait_seconds",
+            "Time from arrival to a slot",
+            buckets=_WAIT_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "chatqueue_time_to_first_token_seconds",
+            "Time from arrival to the first token",
+            buckets=_WAIT_BUCKETS,
+            registry=r,
+        )
+        self.steps = Counter("chatqueue_engine_steps", "Engine steps run", registry=r)
+        self._tokens = _Window(window_s, clock)
+        self._waits = _Window(window_s * 6, clock)
+
+    def observe_tokens(self, n: int) -> None:
+        self.generated_tokens.inc(n)
+        self._tokens.add(n)
+
+    def observe_queue_wait(self, seconds: float) -> None:
+        self.queue_wait.observe(seconds)
+        self._waits.add(seconds)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self._tokens.per_second()
+
+    @property
+    def mean_queue_wait_s(self) -> float | None:
+        return self._waits.mean()

@@ -1,0 +1,38 @@
+"""Build the runner that Settings ask for. The transformers runner is imported only when used,
+so the mock engine starts without importing torch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from chatqueue.config import Settings
+from chatqueue.engine.mock import MockConfig, MockRunner
+from chatqueue.engine.runner import Runner
+
+
+def runner_for(settings: Settings) -> Runner | Callable[[], Runner]:
+    """A ready mock runner, or a factory the engine thread calls to load the model."""
+    if settings.engine == "mock":
+        return MockRunner(
+            MockConfig(
+                mode=settings.mock_mode,
+                delay_s=settings.mock_delay,
+                first_token_delay_s=settings.mock_first_token_delay,
+                lorem_tokens=settings.mock_lorem_tokens,
+                model_name=settings.served_model_name or "mock",
+            )
+        )
+
+    def load() -> Runner:
+        from chatqueue.engine.hf.loader import load_hf_runner
+
+        return load_hf_runner(
+            model=settings.model,
+            device=settings.device,
+            dtype=settings.dtype,
+            batching=settings.batching == "on",
+            chat_template=str(settings.chat_template) if settings.chat_template else None,
+            cache_dir=settings.cache,
+        )
+
+    return load

@@ -1,0 +1,203 @@
+"""Admission and the per-step plan: who runs, who waits, who leaves. Plain data, no I/O, no torch.
+
+NOTE: the algorithm. A request is admitted only if, once the waiting ones have filled the free
+slots, it still fits in the waiting queue: running + waiting < max_concurrent + max_queue_size. So
+with N free slots and q queue places a burst of N + q is accepted whole and the (N+q+1)-th is
+refused at once. At each step, `schedule()` first drops waiting requests whose deadline passed, then
+moves requests from the waiting queue (priority first, users in turn) into free slots. A request
+that finishes, or is aborted while running, leaves its slot at the next step; one aborted while
+waiting leaves the queue at once. Every step's releases are handed to the runner to free its state.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from chatqueue.errors import QueueFull, ShuttingDown, UserQueueFull
+from chatqueue.scheduler.drain import DrainRate
+from chatqueue.scheduler.request import Request, RequestState
+from chatqueue.scheduler.waiting import WaitingQueue
+from chatqueue.types import FinishReason
+
+
+@dataclass(slots=True)
+class SchedulePlan:
+    admitted: list[Request] = field(default_factory=list)  # WAITING -> RUNNING now: prefill
+    running: list[Request] = field(default_factory=list)  # were running already: decode
+    released: list[Request] = field(default_factory=list)  # left RUNNING since last step
+    aborted: list[Request] = field(default_factory=list)  # released by abort: not yet told
+    expired: list[Request] = field(default_factory=list)  # left the queue at their deadline
+
+    @property
+    def batch(self) -> list[Request]:
+        return self.admitted + self.running
+
+
+class Scheduler:
+    def __init__(
+        self,
+        *,
+        max_concurrent: int,
+        max_queue_size: int,
+        max_queue_per_user: int | None = None,
+        drain_window_s: float = 60.0,
+        retry_after_fallback_s: int = 1,
+    ) -> None:
+        assert max_concurrent >= 1, "max_concurrent must be at least 1"
+        assert max_queue_size >= 0, "max_queue_size must not be negative"
+        self.max_concurrent = max_concurrent
+        self.max_queue_size = max_queue_size
+        self.max_queue_per_user = max_queue_per_user
+        self.retry_after_fallback_s = retry_after_fallback_s
+        self.drain = DrainRate(drain_window_s)
+        self.waiting = WaitingQueue()
+        self._running: dict[int, Request] = {}
+        self._released: list[Request] = []
+        self._num_aborting = 0
+        self._is_closed = False
+
+    # -- figures --------------------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_free_slots(self) -> int:
+        return self.max_concurrent - len(self._running) + self._num_aborting
+
+    @property
+    def is_full(self) -> bool:
+        """No place left: the waiting, once in the free slots, would fill the queue."""
+        occupied = len(self._running) - self._num_aborting + len(self.waiting)
+        return occupied >= self.max_concurrent + self.max_queue_size
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._running or self._released or len(self.waiting))
+
+    @property
+    def is_closed(self) -> bool:
+        return self._is_closed
+
+    def next_deadline(self) -> float | None:
+        deadlines = [r.deadline for r in self.waiting.in_order() if r.deadline is not None]
+        return min(deadlines, default=None)
+
+    # -- admission ------------------------------------------------------------------------
+    def add(self, req: Request, now: float) -> None:
+        """Admit `req` to the waiting queue, or raise the one error that says why not."""
+        assert req.state is RequestState.WAITING
+        if self._is_closed:
+            raise ShuttingDown("The server is shutting down and takes no new requests.")
+        if self.is_full:
+            raise QueueFull(
+                f"The server is at capacity ({self.max_concurrent} running, "
+                f"{self.max_queue_size} waiting). Retry later.",
+                retry_after_s=self.retry_after(now),
+            )
+        cap = self.max_queue_per_user
+        if cap is not None and req.user and self.waiting.count_for(req.user) >= cap:
+            raise UserQueueFull(
+                f"You already have {cap} requests waiting, the most one user may queue. "
+                "Retry when one has started.",
+                retry_after_s=self.retry_after(now),
+            )
+        self.drain.mark_busy(now)
+        self.waiting.push(req)
+
+    def close(self) -> None:
+        """Stop admitting; what is queued or running carries on."""
+        self._is_closed = True
+
+    # -- leaving --------------------------------------------------------------------------
+    def abort(self, req: Request) -> bool:
+        """Abort in either state. True if it left the queue now (the caller tells its client);
+        a running request leaves at the next step and comes back in `SchedulePlan.aborted`."""
+        if req.state is RequestState.WAITING:
+            self.waiting.remove(req)
+            self._finish(req, FinishReason.ABORT)
+            return True
+        if req.state is RequestState.RUNNING and not req.abort_requested:
+            req.abort_requested = True
+            self._num_aborting += 1
+        return False
+
+    def finish(self, req: Request, reason: FinishReason, now: float) -> None:
+        """The engine saw this running request end (stop, length, error): free its slot."""
+        assert req.state is RequestState.RUNNING, f"request {req.rid} is {req.state}"
+        if req.abort_requested:
+            self._num_aborting -= 1
+        del self._running[req.rid]
+        self._released.append(req)
+        self._finish(req, reason)
+        if reason is not FinishReason.ERROR:
+            self.drain.record(now)
+
+    def expire_all_waiting(self, reason: FinishReason) -> list[Request]:
+        """Empty the queue (shutdown, a hung runner). The caller tells each client why."""
+        gone = list(self.waiting.in_order())
+        for req in gone:
+            self.waiting.remove(req)
+            self._finish(req, reason)
+        return gone
+
+    # -- the step -------------------------------------------------------------------------
+    def schedule(self, now: float) -> SchedulePlan:
+        plan = SchedulePlan(expired=self._expire(now))
+        plan.aborted = self._release_aborted(now)
+        plan.released, self._released = self._released, []
+        plan.running = list(self._running.values())
+        while len(self.waiting) and len(self._running) < self.max_concurrent:
+            req = self.waiting.pop()
+            req.state = RequestState.RUNNING
+            req.started_at = now
+            self._running[req.rid] = req
+            plan.admitted.append(req)
+        if not self.has_work:
+            self.drain.mark_idle()
+        return plan
+
+    def _expire(self, now: float) -> list[Request]:
+        expired = [
+            r for r in self.waiting.in_order() if r.deadline is not None and r.deadline <= now
+        ]
+        for req in expired:
+            self.waiting.remove(req)
+            self._finish(req, FinishReason.ERROR)
+        return expired
+
+    def _release_aborted(self, now: float) -> list[Request]:
+        aborted = [r for r in self._running.values() if r.abort_requested]
+        for req in aborted:
+            self.finish(req, FinishReason.ABORT, now)
+        return aborted
+
+    @staticmethod
+    def _finish(req: Request, reason: FinishReason) -> None:
+        req.state = RequestState.FINISHED
+        req.finish_reason = reason
+
+    # -- where the waiting stand ----------------------------------------------------------
+    def positions(self) -> list[tuple[Request, int]]:
+        """Waiting requests with their 1-based place in admission order."""
+        return [(req, i) for i, req in enumerate(self.waiting.in_order(), start=1)]
+
+    def eta(self, position: int, now: float) -> float | None:
+        """Seconds until the request at `position` takes a slot, from the measured drain rate."""
+        ahead = position - self.num_free_slots
+        if ahead <= 0:
+            return 0.0
+        rate = self.drain.rate(now)
+        return None if rate is None else ahead / rate
+
+    def retry_after(self, now: float) -> int:
+        """Whole seconds until a queue place is likely free: one completion at the drain rate."""
+        rate = self.drain.rate(now)
+        if rate is None:
+            return self.retry_after_fallback_s
+        return max(1, math.ceil(1.0 / rate))

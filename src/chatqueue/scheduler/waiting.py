@@ -1,0 +1,91 @@
+"""The waiting queue: higher priority first; within a priority, users take turns (round-robin)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Iterator
+
+from chatqueue.scheduler.request import Request
+
+
+class _Level:
+    """One priority level: a rotation of users, each with a FIFO of requests."""
+
+    def __init__(self) -> None:
+        self.users: OrderedDict[str, deque[Request]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self.users.values())
+
+    def push(self, req: Request) -> None:
+        self.users.setdefault(req.user, deque()).append(req)
+
+    def pop(self) -> Request:
+        user, q = next(iter(self.users.items()))
+        req = q.popleft()
+        if q:
+            self.users.move_to_end(user)  # served: to the back of the rotation
+        else:
+            del self.users[user]
+        return req
+
+    def remove(self, req: Request) -> None:
+        q = self.users[req.user]
+        q.remove(req)
+        if not q:
+            del self.users[req.user]
+
+    def in_order(self) -> Iterator[Request]:
+        """The order `pop` would hand requests out in: round k takes each user's k-th request."""
+        queues = list(self.users.values())
+        depth = max((len(q) for q in queues), default=0)
+        for k in range(depth):
+            for q in queues:
+                if k < len(q):
+                    yield q[k]
+
+
+class WaitingQueue:
+    def __init__(self) -> None:
+        self._levels: dict[int, _Level] = {}
+        self._count = 0
+        self._per_user: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return self._count
+
+    def count_for(self, user: str) -> int:
+        return self._per_user.get(user, 0)
+
+    def push(self, req: Request) -> None:
+        self._levels.setdefault(req.priority, _Level()).push(req)
+        self._count += 1
+        self._per_user[req.user] = self._per_user.get(req.user, 0) + 1
+
+    def pop(self) -> Request:
+        level_key = max(self._levels)
+        level = self._levels[level_key]
+        req = level.pop()
+        if not level.users:
+            del self._levels[level_key]
+        self._forget(req)
+        return req
+
+    def remove(self, req: Request) -> None:
+        level = self._levels[req.priority]
+        level.remove(req)
+        if not level.users:
+            del self._levels[req.priority]
+        self._forget(req)
+
+    def in_order(self) -> Iterator[Request]:
+        for key in sorted(self._levels, reverse=True):
+            yield from self._levels[key].in_order()
+
+    def _forget(self, req: Request) -> None:
+        self._count -= 1
+        left = self._per_user[req.user] - 1
+        if left:
+            self._per_user[req.user] = left
+        else:
+            del self._per_user[req.user]

@@ -1,0 +1,5 @@
+"""HTTP: the FastAPI app, OpenAI routes, the chat stream, load/health/metrics, SSE."""
+
+from chatqueue.server.app import create_app
+
+__all__ = ["create_app"]

@@ -1,0 +1,43 @@
+"""The turnkey app: `create_app(settings)` wires a ChatQueue into FastAPI."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from chatqueue.chat_queue import ChatQueue
+from chatqueue.config import Settings
+from chatqueue.runners import runner_for
+from chatqueue.server import openai_routes, ops
+from chatqueue.server.errors import install_error_handlers
+
+
+def chat_queue_for(settings: Settings) -> ChatQueue:
+    return ChatQueue(
+        runner_for(settings),
+        max_concurrent=settings.max_concurrent,
+        max_queue_size=settings.max_queue,
+    )
+
+
+def create_app(settings: Settings | None = None, *, chat_queue: ChatQueue | None = None) -> FastAPI:
+    settings = settings or Settings()
+    cq = chat_queue or chat_queue_for(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await cq.start_queue_worker()
+        try:
+            yield
+        finally:
+            await cq.stop(settings.shutdown_timeout)
+
+    app = FastAPI(title="chatqueue", version="0.1.0", lifespan=lifespan)
+    app.state.chat_queue = cq
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(openai_routes.router)
+    app.include_router(ops.router)
+    return app

@@ -1,0 +1,131 @@
+"""OpenAI-compatible routes: /v1/chat/completions (streamed and not) and /v1/models."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from chatqueue.chat_queue import ChatQueue
+from chatqueue.engine.stream import RequestStream
+from chatqueue.errors import ChatQueueError, InvalidRequest
+from chatqueue.server import sse
+from chatqueue.server.errors import error_body
+from chatqueue.server.schemas import ChatCompletionRequest
+from chatqueue.types import Finished, FinishReason, Queued, Started, Token, Usage
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+
+def chat_queue(request: Request) -> ChatQueue:
+    cq: ChatQueue = request.app.state.chat_queue
+    return cq
+
+
+@router.get("/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    model = chat_queue(request).model_name
+    return {
+        "object": "list",
+        "data": [{"id": model, "object": "model", "created": 0, "owned_by": "chatqueue"}],
+    }
+
+
+@router.post("/chat/completions", response_model=None)
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request
+) -> StreamingResponse | JSONResponse:
+    cq = chat_queue(request)
+    if body.model and body.model != cq.model_name:
+        raise InvalidRequest(
+            f"The model '{body.model}' does not exist; this server serves '{cq.model_name}'.",
+            param="model",
+        )
+    stream = await cq.submit(body.chat_messages(), body.sampling_params(), user=body.user or "")
+    chunks = _Chunks(stream.request_id, cq.model_name)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(
+            _stream(stream, chunks, include_usage=include_usage),
+            media_type="text/event-stream",
+            headers=sse.SSE_HEADERS,
+        )
+    async with stream:
+        finished = await sse.unless_disconnected(request, stream.collect())
+    if finished.reason is FinishReason.ERROR or finished.reason is FinishReason.ABORT:
+        raise _error_of(finished)
+    return JSONResponse(chunks.completion(finished))
+
+
+async def _stream(
+    stream: RequestStream, chunks: _Chunks, *, include_usage: bool
+) -> AsyncIterator[str]:
+    async with stream:  # leaving early (client gone) aborts the request
+        async for event in stream:
+            match event:
+                case Queued(position, eta_s):
+                    eta = "unknown" if eta_s is None else f"{eta_s:.1f}s"
+                    yield sse.comment(f"queued position={position} eta={eta}")
+                case Started():
+                    yield sse.data(chunks.chunk({"role": "assistant", "content": ""}))
+                case Token(text):
+                    yield sse.data(chunks.chunk({"content": text}))
+                case Finished(reason=reason, usage=usage):
+                    if reason is FinishReason.ERROR or reason is FinishReason.ABORT:
+                        err = _error_of(event)
+                        yield sse.data(error_body(err.message, err.error_type))
+                    else:
+                        yield sse.data(chunks.chunk({}, finish_reason=reason.value))
+                        if include_usage:
+                            yield sse.data(chunks.usage_chunk(usage))
+                    yield "data: [DONE]\n\n"
+
+
+def _error_of(finished: Finished) -> ChatQueueError:
+    if isinstance(finished.error, ChatQueueError):
+        return finished.error
+    return ChatQueueError("The request was aborted before it finished.")
+
+
+class _Chunks:
+    """Builds OpenAI's response objects for one completion."""
+
+    def __init__(self, request_id: str, model: str) -> None:
+        self.id = request_id
+        self.model = model
+        self.created = int(time.time())
+
+    def _head(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {**self._head("chat.completion.chunk"), "choices": [choice]}
+
+    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
+        return {**self._head("chat.completion.chunk"), "choices": [], "usage": _usage(usage)}
+
+    def completion(self, finished: Finished) -> dict[str, Any]:
+        message = {"role": "assistant", "content": finished.text}
+        choice = {
+            "index": 0,
+            "message": message,
+            "logprobs": None,
+            "finish_reason": finished.reason.value,
+        }
+        return {
+            **self._head("chat.completion"),
+            "choices": [choice],
+            "usage": _usage(finished.usage),
+        }
+
+
+def _usage(usage: Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }

@@ -1,0 +1,66 @@
+"""Run the app under uvicorn, with a graceful drain on SIGTERM/SIGINT.
+
+On the first signal the server stops admitting (new requests get 503 "shutting_down"), lets what
+is in flight finish for up to `shutdown_timeout`, aborts the rest, and exits 0. A second SIGINT
+exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from types import FrameType
+
+import uvicorn
+
+from chatqueue.chat_queue import ChatQueue
+from chatqueue.config import Settings
+from chatqueue.server.app import create_app
+
+log = logging.getLogger(__name__)
+
+
+class _DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, chat_queue: ChatQueue, timeout_s: float) -> None:
+        super().__init__(config)
+        self._chat_queue = chat_queue
+        self._timeout_s = timeout_s
+        self._is_draining = False
+        self._drain: asyncio.Task[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # NOTE: uvicorn's own handler re-raises the signal after shutdown (exit status 143); we
+        # drain and exit 0 instead.
+        if self._is_draining:
+            if sig == signal.SIGINT:
+                self.force_exit = True
+            return
+        self._is_draining = True
+        log.info("signal %s: draining for up to %.0f s", signal.Signals(sig).name, self._timeout_s)
+        loop = asyncio.get_event_loop()
+        loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        self._drain = asyncio.get_running_loop().create_task(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        try:
+            await self._chat_queue.stop(self._timeout_s)
+        finally:
+            self.should_exit = True
+
+
+def serve(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=5,
+    )
+    _DrainingServer(config, app.state.chat_queue, settings.shutdown_timeout).run()

@@ -1,0 +1,1 @@
+"""Text on the way out: incremental detokenization and stop strings."""

@@ -1,0 +1,88 @@
+"""Typed messages that cross layers: what a caller asks for and the events it gets back."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Literal
+
+Role = Literal["system", "user", "assistant"]
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: Role
+    content: str
+
+
+class FinishReason(enum.StrEnum):
+    """Why a generation ended. The values are OpenAI's `finish_reason` strings plus ours."""
+
+    STOP = "stop"  # EOS or a stop string
+    LENGTH = "length"  # max_tokens or the context window
+    ABORT = "abort"  # the client went away, the stop button, or shutdown
+    ERROR = "error"  # the runner failed, the queue deadline passed, the server gave up
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Per-request generation settings, OpenAI's names. Validated at the edge (server schemas)."""
+
+    max_tokens: int | None = None  # None: up to the context window (and the server's cap)
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means off
+    repetition_penalty: float = 1.0  # transformers' multiplicative penalty; 1 means off
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # benchmarks: always generate max_tokens
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """The request waits; `position` 1 is next in line. `eta_s` is None until a drain rate is known."""
+
+    position: int
+    eta_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """The request took a slot after waiting `queue_wait_s` seconds."""
+
+    queue_wait_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """New text. `text` holds only complete characters and never the start of a stop string."""
+
+    text: str
+    num_tokens: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    reason: FinishReason
+    usage: Usage
+    text: str = ""  # the whole completion
+    error: Exception | None = field(default=None, compare=False)
+
+
+Event = Queued | Started | Token | Finished
