@@ -149,10 +149,7 @@ class ChatQueue:
         arrival = self._clock()
         params = params or SamplingParams()
         runner = self._admission_precheck(arrival)
-        loop = asyncio.get_running_loop()
-        prompt_ids = await loop.run_in_executor(
-            self._tokenizer_pool, runner.tokenizer.apply_chat_template, list(messages)
-        )
+        prompt_ids = await self.encode(messages)
         max_new = self._max_new_tokens(
             len(prompt_ids), params, runner.context_window, max_tokens_cap
         )
@@ -171,6 +168,18 @@ class ChatQueue:
             self.metrics.rejected.labels(exc.error_type).inc()
             raise
         return job.stream
+
+    async def encode(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """The prompt token ids for a conversation, computed on the tokenizer thread."""
+        tokenizer = self.runner.tokenizer
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._tokenizer_pool, tokenizer.apply_chat_template, list(messages)
+        )
+
+    @property
+    def context_window(self) -> int:
+        return self.runner.context_window
 
     def _admission_precheck(self, now: float) -> Runner:
         """Refuse early what admission would refuse, before paying for tokenization."""

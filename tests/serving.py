@@ -1,0 +1,91 @@
+"""A real `chatqueue serve` on a free port, for tests that talk HTTP to it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+CHATQUEUE = str(Path(sys.executable).with_name("chatqueue"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def load(self) -> dict[str, object]:
+        return dict(httpx.get(f"{self.url}/load", timeout=10).json())
+
+    def wait_idle(self, timeout_s: float = 10.0) -> dict[str, object]:
+        """Until /load shows nothing running or waiting; returns that /load."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            load = self.load()
+            if load["processing"] == 0 and load["waiting"] == 0:
+                return load
+            if time.monotonic() > deadline:
+                raise AssertionError(f"server not idle after {timeout_s} s: {load}")
+            time.sleep(0.02)
+
+    def terminate(self, timeout_s: float = 30.0) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout_s)
+
+
+@contextmanager
+def running_server(
+    *args: str, tmp_path: Path, ready_timeout_s: float = 120.0, env: dict[str, str] | None = None
+) -> Iterator[Server]:
+    """Start `chatqueue serve ARGS` on a free port and wait for /health to say ok."""
+    port = free_port()
+    log_path = tmp_path / f"server-{port}.log"
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [CHATQUEUE, "serve", "--host", "127.0.0.1", "--port", str(port), *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+        )
+    server = Server(proc, f"http://127.0.0.1:{port}", log_path)
+    try:
+        _wait_healthy(server, ready_timeout_s)
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def _wait_healthy(server: Server, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"server exited early:\n{server.log()}")
+        try:
+            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"server not healthy after {timeout_s} s:\n{server.log()}")
