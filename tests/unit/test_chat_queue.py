@@ -1,0 +1,170 @@
+"""The embedding API in-process: ChatQueue over the mock runner, no network."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from chatqueue import (
+    ChatMessage,
+    ChatQueue,
+    Finished,
+    FinishInfo,
+    FinishReason,
+    MockConfig,
+    MockRunner,
+    Queued,
+    SamplingParams,
+    Started,
+    Token,
+)
+from chatqueue.engine.runner import StepBatch
+from chatqueue.errors import PromptTooLong, QueueFull, ShuttingDown
+
+HELLO = [ChatMessage("user", "one two three four")]
+
+
+def queue(**kw: object) -> ChatQueue:
+    cfg = kw.pop("config", MockConfig())
+    return ChatQueue(MockRunner(cfg), **kw)  # type: ignore[arg-type]
+
+
+async def test_submit_streams_typed_events_and_calls_on_finish() -> None:
+    seen: list[FinishInfo] = []
+    cq = queue(on_finish=seen.append)
+    await cq.start_queue_worker()
+    stream = await cq.submit(HELLO)
+    events = [e async for e in stream]
+    assert isinstance(events[0], Started)
+    assert "".join(e.text for e in events if isinstance(e, Token)) == "one two three four"
+    done = events[-1]
+    assert isinstance(done, Finished) and done.reason is FinishReason.STOP
+    assert done.usage.completion_tokens == 4 and done.text == "one two three four"
+    assert [i.reason for i in seen] == [FinishReason.STOP]
+    await cq.stop()
+
+
+async def test_waiting_request_gets_its_position_then_runs() -> None:
+    cq = queue(max_concurrent=1, max_queue_size=2, config=MockConfig(delay_s=0.01))
+    await cq.start_queue_worker()
+    first = await cq.submit(HELLO)
+    second = await cq.submit(HELLO)
+    events = [e async for e in second]
+    assert isinstance(events[0], Queued) and events[0].position == 1
+    assert isinstance(events[-1], Finished) and events[-1].reason is FinishReason.STOP
+    assert (await first.collect()).reason is FinishReason.STOP
+    await cq.stop()
+
+
+async def test_closing_a_stream_aborts_and_frees_the_slot() -> None:
+    seen: list[FinishInfo] = []
+    cq = queue(
+        max_concurrent=1,
+        max_queue_size=1,
+        config=MockConfig(mode="lorem", lorem_tokens=10_000, delay_s=0.001),
+        on_finish=seen.append,
+    )
+    await cq.start_queue_worker()
+    running = await cq.submit(HELLO)
+    waiting = await cq.submit(HELLO)
+    await waiting.aclose()  # leaves the queue at once
+    assert cq.load().waiting == 0
+    async for event in running:
+        if isinstance(event, Token):
+            break
+    await running.aclose()
+    await asyncio.wait_for(_until(lambda: cq.load().processing == 0), 5)
+    assert sorted(i.reason for i in seen) == [FinishReason.ABORT, FinishReason.ABORT]
+    await cq.stop()
+
+
+async def test_full_queue_refuses_with_retry_after() -> None:
+    cq = queue(max_concurrent=1, max_queue_size=1, config=MockConfig(delay_s=0.05))
+    await cq.start_queue_worker()
+    await cq.submit(HELLO)
+    await cq.submit(HELLO)
+    with pytest.raises(QueueFull) as exc:
+        await cq.submit(HELLO)
+    assert exc.value.headers["Retry-After"] == "1"
+    await cq.stop(timeout_s=0)
+
+
+async def test_prompt_over_the_context_window_is_refused_with_both_numbers() -> None:
+    cq = queue(config=MockConfig(context_window=8))
+    await cq.start_queue_worker()
+    with pytest.raises(PromptTooLong) as exc:
+        await cq.submit(HELLO, SamplingParams(max_tokens=4))
+    assert (
+        "context window is 8" in exc.value.message and "7 in the prompt" in exc.value.message
+    )  # <user> 4 words <end> <assistant>
+    await cq.stop()
+
+
+async def test_stop_drains_then_refuses() -> None:
+    cq = queue(config=MockConfig(delay_s=0.01))
+    await cq.start_queue_worker()
+    stream = await cq.submit(HELLO)
+    await cq.stop(timeout_s=10)
+    assert (await stream.collect()).reason is FinishReason.STOP
+    with pytest.raises(ShuttingDown):
+        await cq.submit(HELLO)
+
+
+async def test_stop_past_its_timeout_aborts_running_and_waiting() -> None:
+    cfg = MockConfig(mode="lorem", lorem_tokens=100_000, delay_s=0.001)
+    cq = queue(max_concurrent=1, max_queue_size=1, config=cfg)
+    await cq.start_queue_worker()
+    running, waiting = await cq.submit(HELLO), await cq.submit(HELLO)
+    await cq.stop(timeout_s=0.05)
+    assert (await running.collect()).reason is FinishReason.ABORT
+    last = await waiting.collect()
+    assert last.reason is FinishReason.ERROR and isinstance(last.error, ShuttingDown)
+
+
+class ExplodingRunner(MockRunner):
+    def step(self, batch: StepBatch) -> dict[int, int]:
+        if batch.new and any(len(n.prompt_ids) > 8 for n in batch.new):
+            raise RuntimeError("boom")
+        return super().step(batch)
+
+
+async def test_a_failed_step_fails_its_requests_and_the_worker_carries_on() -> None:
+    cq = ChatQueue(ExplodingRunner())
+    await cq.start_queue_worker()
+    bad = await cq.submit([ChatMessage("user", "a b c d e f g h i j k")])
+    done = await bad.collect()
+    assert done.reason is FinishReason.ERROR and "boom" in str(done.error)
+    ok = await cq.submit([ChatMessage("user", "fine")])
+    assert (await ok.collect()).text == "fine"
+    assert cq.load().processing == 0
+    await cq.stop()
+
+
+async def test_handle_chat_stream_request_in_a_users_own_app() -> None:
+    cq = queue()
+    app = FastAPI()
+
+    @app.post("/my-chat")
+    async def chat(request: Request) -> Response:
+        return await cq.handle_chat_stream_request(request)
+
+    await cq.start_queue_worker()
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        r = await client.post(
+            "/my-chat", json={"messages": [{"role": "user", "content": "hi you"}]}
+        )
+        assert r.status_code == 200
+        assert "event: token" in r.text and "event: done" in r.text
+        bad = await client.post("/my-chat", json={"messages": []})
+        assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+    await cq.stop()
+
+
+async def _until(cond: object) -> None:
+    while not cond():  # type: ignore[operator]
+        await asyncio.sleep(0.01)

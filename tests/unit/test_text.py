@@ -1,0 +1,85 @@
+"""Detokenization and stop strings, on a byte-level toy tokenizer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from chatqueue.engine.sequence import Sequence as GenSequence
+from chatqueue.text.detokenizer import IncrementalDetokenizer
+from chatqueue.text.stops import StopStrings
+from chatqueue.types import ChatMessage, FinishReason, SamplingParams
+
+
+class ByteTokenizer:
+    """One token per UTF-8 byte (id = byte value), EOS = 256: splits every multi-byte character."""
+
+    eos_token_ids = frozenset({256})
+
+    def apply_chat_template(self, messages: Sequence[ChatMessage]) -> list[int]:
+        return list(messages[-1].content.encode())
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return bytes(t for t in token_ids if t < 256).decode("utf-8", errors="replace")
+
+
+def stream(text: str) -> list[str]:
+    detok = IncrementalDetokenizer(ByteTokenizer())
+    return [detok.push(b) for b in text.encode()]
+
+
+def test_split_characters_never_stream_as_replacement() -> None:
+    text = "東京は日本の首都です 🗼!"
+    deltas = stream(text)
+    assert "".join(deltas) == text
+    assert not any("\ufffd" in d for d in deltas)
+    assert deltas[0] == "" and deltas[2] == "東"  # held until its third byte
+
+
+def test_flush_gives_up_an_incomplete_character_at_the_end() -> None:
+    detok = IncrementalDetokenizer(ByteTokenizer())
+    for b in "a東".encode()[:-1]:
+        detok.push(b)
+    assert detok.flush() == "\ufffd"
+
+
+def test_stop_string_ends_the_text_and_is_not_emitted() -> None:
+    stops = StopStrings(["END"])
+    out = [stops.push(d) for d in ["abc E", "N", "D tail"]]
+    assert out == [("abc ", False), ("", False), ("", True)]
+
+
+def test_text_that_only_looked_like_a_stop_is_released() -> None:
+    stops = StopStrings(["STOP"])
+    assert stops.push("xST") == ("x", False)
+    assert stops.push("AR") == ("STAR", False)
+    assert stops.flush() == ""
+    assert StopStrings(["STOP"]).push("abcST") == ("abc", False)
+
+
+def test_earliest_of_several_stops_wins() -> None:
+    assert StopStrings(["b", "a"]).push("xxaxb") == ("xx", True)
+
+
+def seq(text_limit: int = 100, **kw: object) -> GenSequence:
+    return GenSequence([1, 2], SamplingParams(**kw), text_limit, ByteTokenizer())  # type: ignore[arg-type]
+
+
+def test_sequence_finishes_on_eos_length_and_stop() -> None:
+    s = seq()
+    assert [s.append(t).finish for t in b"hi"] == [None, None]
+    assert s.append(256).finish is FinishReason.STOP and s.text == "hi"
+    assert s.num_output_tokens == 2  # EOS is not part of the output
+
+    s = seq(text_limit=3)
+    steps = [s.append(t) for t in b"abc"]
+    assert steps[-1].finish is FinishReason.LENGTH and s.text == "abc"
+
+    s = seq(stop=("lo w",))
+    finishes = [s.append(t).finish for t in b"hello world"]
+    assert finishes.index(FinishReason.STOP) == 6  # at the "w" of "hello world"
+    assert s.text == "hel"
+
+
+def test_ignore_eos_keeps_generating() -> None:
+    s = seq(ignore_eos=True)
+    assert s.append(256).finish is None
