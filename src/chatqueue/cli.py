@@ -52,6 +52,11 @@ def serve(
     port: Annotated[int | None, typer.Option(help="[8000]")] = None,
     shutdown_timeout: Annotated[float | None, typer.Option(help="Drain grace, s [30]")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error")] = None,
+    history: Annotated[str | None, typer.Option(help="sqlite, memory or redis://h:p/db")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Chat history, secret [~/.local/share]")
+    ] = None,
+    system_prompt: Annotated[str | None, typer.Option(help="System prompt of /chat")] = None,
 ) -> None:
     """Run the HTTP server. Every flag can also come from CHATQUEUE_<FLAG> in the environment."""
     given = dict(locals())

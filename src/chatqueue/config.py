@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 def default_cache() -> Path:
     return Path.home() / ".cache" / "chatqueue"
+
+
+def default_data_dir() -> Path:
+    """Conversations, feedback and the session secret: CHATQUEUE_DATA, else the XDG data home."""
+    if os.environ.get("CHATQUEUE_DATA"):
+        return Path(os.environ["CHATQUEUE_DATA"])
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "chatqueue"
 
 
 class Settings(BaseSettings):
@@ -41,6 +49,19 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     shutdown_timeout: float = Field(30.0, ge=0, description="Grace for running requests")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # the chat product
+    history: str = Field("sqlite", description="sqlite, memory or redis://host:port/db")
+    data_dir: Path = Field(default_factory=default_data_dir)
+    session_secret: str | None = Field(None, description="Signs cookies; default: in data_dir")
+    system_prompt: str | None = None
+
+    @field_validator("history")
+    @classmethod
+    def _history_store(cls, v: str) -> str:
+        if v in ("sqlite", "memory") or v.startswith(("redis://", "rediss://", "unix://")):
+            return v
+        raise ValueError("expected sqlite, memory or a redis:// URL")
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -34,6 +34,11 @@ class PromptTooLong(InvalidRequest):
         self.context_window = context_window
 
 
+class NotFound(ChatQueueError):
+    status_code = 404
+    error_type = "not_found"
+
+
 class Unauthorized(ChatQueueError):
     status_code = 401
     error_type = "authentication_error"

@@ -23,14 +23,20 @@ if TYPE_CHECKING:
 
 
 async def chat_events(
-    stream: RequestStream, *, on_done: Callable[[Finished], dict[str, Any]] | None = None
+    stream: RequestStream,
+    *,
+    on_done: Callable[[Finished], dict[str, Any]] | None = None,
+    on_token: Callable[[str], None] | None = None,
 ) -> AsyncIterator[str]:
-    """SSE lines for one request. `on_done` may add fields to the `done` event."""
+    """SSE lines for one request. `on_done` may add fields to the `done` event; `on_token` sees
+    the text as it streams (what a client that goes away mid-reply has already been sent)."""
     async with stream:
         async for ev in stream:
             if isinstance(ev, Queued):
                 yield sse.event("queued", {"position": ev.position, "eta_s": ev.eta_s})
             elif isinstance(ev, Token):
+                if on_token is not None:
+                    on_token(ev.text)
                 yield sse.event("token", {"text": ev.text})
             elif isinstance(ev, Finished):
                 extra = on_done(ev) if on_done is not None else {}
