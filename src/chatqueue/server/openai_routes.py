@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -72,7 +73,7 @@ async def _stream(
                 case Started():
                     yield sse.data(chunks.chunk({"role": "assistant", "content": ""}))
                 case Token(text):
-                    yield sse.data(chunks.chunk({"content": text}))
+                    yield chunks.content_line(text)
                 case Finished(reason=reason, usage=usage):
                     if reason is FinishReason.ERROR or reason is FinishReason.ABORT:
                         err = _error_of(event)
@@ -97,6 +98,9 @@ class _Chunks:
         self.id = request_id
         self.model = model
         self.created = int(time.time())
+        # NOTE: content chunks are most of the traffic; only their text is encoded per token.
+        head, tail = sse.data(self.chunk({"content": ""})).split('"content":""')
+        self._content_head, self._content_tail = head + '"content":', tail
 
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -104,6 +108,10 @@ class _Chunks:
     def chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return {**self._head("chat.completion.chunk"), "choices": [choice]}
+
+    def content_line(self, text: str) -> str:
+        """`sse.data(self.chunk({"content": text}))`, byte for byte, at a fraction of the cost."""
+        return self._content_head + json.dumps(text, ensure_ascii=False) + self._content_tail
 
     def usage_chunk(self, usage: Usage) -> dict[str, Any]:
         return {**self._head("chat.completion.chunk"), "choices": [], "usage": _usage(usage)}

@@ -1,0 +1,82 @@
+"""Shared benchmark plumbing: a real server on a free port, SSE clients, a /health prober."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import aiohttp
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.serving import Server, running_server  # noqa: E402
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+
+
+async def stream_chat(
+    session: aiohttp.ClientSession, url: str, body: dict[str, object]
+) -> tuple[list[float], int]:
+    """One streamed completion: the arrival time of each content chunk, and tokens received.
+    aiohttp's C parser keeps the client's own cost per chunk small next to the server's."""
+    stamps: list[float] = []
+    tokens = 0
+    async with session.post(f"{url}/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        async for raw in r.content:
+            if not raw.startswith(b"data: {"):
+                continue
+            chunk = json.loads(raw[6:])
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                stamps.append(time.perf_counter())
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return stamps, tokens
+
+
+def _probe(url: str, period_s: float, stop: object, out: object) -> None:
+    latencies: list[float] = []
+    with httpx.Client(timeout=10) as client:
+        while not stop.is_set():  # type: ignore[attr-defined]
+            t0 = time.perf_counter()
+            client.get(f"{url}/health")
+            latencies.append(time.perf_counter() - t0)
+            time.sleep(max(0.0, period_s - (time.perf_counter() - t0)))
+    out.put(latencies)  # type: ignore[attr-defined]
+
+
+@contextmanager
+def health_probe(url: str, period_s: float = 0.05) -> Iterator[list[float]]:
+    """A separate process GETs /health every `period_s`; yields the list filled on exit."""
+    ctx = mp.get_context("spawn")
+    stop, out = ctx.Event(), ctx.Queue()
+    proc = ctx.Process(target=_probe, args=(url, period_s, stop, out), daemon=True)
+    proc.start()
+    result: list[float] = []
+    try:
+        yield result
+    finally:
+        stop.set()
+        result.extend(out.get(timeout=30))
+        proc.join(10)
+
+
+def summary(values: list[float]) -> str:
+    return (
+        f"p50={pct(values, 50) * 1e3:.2f}ms p99={pct(values, 99) * 1e3:.2f}ms "
+        f"mean={statistics.fmean(values) * 1e3:.2f}ms n={len(values)}"
+    )
+
+
+__all__ = ["Server", "health_probe", "pct", "running_server", "stream_chat", "summary"]
