@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import tempfile
 import time
 from pathlib import Path
 
 import aiohttp
 import uvloop
+
 from _common import health_probe, pct, running_server, stream_chat, summary
 
 
@@ -60,7 +62,7 @@ def main() -> None:
         uvloop.run(run_streams(srv.url, 16, 10))  # warm up
         with health_probe(srv.url) as lag:
             stamps, total, elapsed = uvloop.run(run_streams(srv.url, args.streams, args.tokens))
-    gaps = [b - a for s in stamps for a, b in zip(s, s[1:], strict=False)]
+    gaps = [b - a for s in stamps for a, b in itertools.pairwise(s)]
     ratio = [g / args.delay for g in gaps]
     print(f"streams={args.streams} tokens/stream={args.tokens} step={args.delay * 1e3:.0f}ms")
     print(f"inter-token gap: {summary(gaps)}")
