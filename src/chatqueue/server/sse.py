@@ -9,6 +9,8 @@ from typing import Any, TypeVar
 
 from starlette.requests import Request
 
+from chatqueue.errors import ChatQueueError
+
 T = TypeVar("T")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -26,8 +28,15 @@ def comment(text: str) -> str:
     return f": {text}\n\n"
 
 
-class ClientGone(Exception):
-    """The client disconnected before the answer was ready."""
+class ClientGone(ChatQueueError):
+    """The client disconnected before the answer was ready: a finish reason, not a server error.
+    Nobody reads the response; 499 is what the access log shows (nginx's "client closed")."""
+
+    status_code = 499
+    error_type = "client_closed_request"
+
+    def __init__(self) -> None:
+        super().__init__("The client closed the connection before the answer was ready.")
 
 
 async def until_disconnect(request: Request) -> None:
