@@ -29,19 +29,21 @@ class MessageIn(BaseModel):
 
 
 class SamplingFields(BaseModel):
-    """OpenAI's sampling fields, plus top_k and repetition_penalty as extensions."""
+    """OpenAI's sampling fields, plus top_k and repetition_penalty as extensions.
+
+    Numbers are strict, as OpenAI's are: `"max_tokens": "5"` is a 400, not a quiet 5."""
 
     model_config = ConfigDict(extra="ignore")
 
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    repetition_penalty: float | None = Field(None, gt=0, le=10)
-    seed: int | None = None
+    max_tokens: int | None = Field(None, ge=1, strict=True)
+    max_completion_tokens: int | None = Field(None, ge=1, strict=True)
+    temperature: float | None = Field(None, ge=0, le=2, strict=True)
+    top_p: float | None = Field(None, gt=0, le=1, strict=True)
+    top_k: int | None = Field(None, ge=0, strict=True)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, strict=True)
+    presence_penalty: float | None = Field(None, ge=-2, le=2, strict=True)
+    repetition_penalty: float | None = Field(None, gt=0, le=10, strict=True)
+    seed: int | None = Field(None, strict=True)
     stop: str | list[str] | None = None
     ignore_eos: bool = False
 
@@ -78,7 +80,7 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[MessageIn] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(None, ge=1, le=1, description="Only 1 is supported")
+    n: int | None = Field(None, ge=1, le=1, strict=True, description="Only 1 is supported")
     user: str | None = Field(None, max_length=256)
 
     def chat_messages(self) -> list[ChatMessage]:
