@@ -34,6 +34,7 @@ class Job:
     stream: RequestStream
     last_position: int | None = None
     first_token_at: float | None = None
+    abort_error: ChatQueueError | None = None  # why the server cut it short; None: client left
 
 
 class EngineState(enum.StrEnum):
@@ -113,6 +114,7 @@ class Engine:
                 job = self._jobs.pop(req.rid)
                 outbox.append((job, self._finished(job, FinishReason.ERROR, error)))
             for job in self._jobs.values():
+                job.abort_error = error
                 self.scheduler.abort(job.request)
             self._positions_dirty = True
             self._cond.notify()
@@ -211,7 +213,7 @@ class Engine:
             outbox.append((job, self._finished(job, FinishReason.ERROR, error)))
         for req in plan.aborted:
             job = self._jobs.pop(req.rid)
-            outbox.append((job, self._finished(job, FinishReason.ABORT)))
+            outbox.append((job, self._finished(job, FinishReason.ABORT, job.abort_error)))
         for req in plan.admitted:
             wait = now - req.arrival
             self.metrics.observe_queue_wait(wait)
