@@ -1,0 +1,199 @@
+"""Per-request sampling for a whole batch at once: one row per sequence, one tensor per setting.
+
+Order of the logit processors follows transformers' `generate`: penalties, temperature, top-k, top-p.
+Randomness uses the exponential race (argmax of p / E with E ~ Exp(1)), which draws a categorical
+sample from one independent noise vector per row, so a seeded row can own its own generator: its draws
+never depend on which other rows share the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from chatqueue.types import SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingRequest:
+    """What the sampler needs to know about one sequence when it joins the batch."""
+
+    params: SamplingParams
+    prompt_ids: Sequence[int]
+
+
+@dataclass(slots=True)
+class SamplingBatch:
+    """Sampling state, one row per sequence, in the same row order as the runner's KV batch.
+
+    `seen` marks prompt and generated ids (transformers' repetition penalty looks at both);
+    `counts` counts generated ids only (OpenAI's frequency and presence penalties)."""
+
+    params: list[SamplingParams]
+    generators: list[torch.Generator | None]
+    temperature: torch.Tensor  # [B] float, 1 where the row is greedy
+    top_k: torch.Tensor  # [B] long, vocab size where off
+    top_p: torch.Tensor  # [B] float
+    repetition_penalty: torch.Tensor  # [B] float
+    frequency_penalty: torch.Tensor  # [B] float
+    presence_penalty: torch.Tensor  # [B] float
+    is_greedy: torch.Tensor  # [B] bool
+    seen: torch.Tensor  # [B, V] bool
+    counts: torch.Tensor  # [B, V] float
+
+    @classmethod
+    def create(
+        cls, requests: Sequence[SamplingRequest], *, vocab_size: int, device: torch.device
+    ) -> SamplingBatch:
+        params = [r.params for r in requests]
+
+        def column(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        seen = torch.zeros(len(requests), vocab_size, dtype=torch.bool, device=device)
+        for row, request in enumerate(requests):
+            ids = torch.tensor(list(request.prompt_ids), dtype=torch.long, device=device)
+            seen[row, ids.clamp(0, vocab_size - 1)] = True
+        return cls(
+            params=params,
+            generators=[_make_generator(p.seed, device) for p in params],
+            temperature=column([1.0 if p.is_greedy else p.temperature for p in params]),
+            top_k=column([p.top_k if p.top_k > 0 else vocab_size for p in params], torch.long),
+            top_p=column([p.top_p for p in params]),
+            repetition_penalty=column([p.repetition_penalty for p in params]),
+            frequency_penalty=column([p.frequency_penalty for p in params]),
+            presence_penalty=column([p.presence_penalty for p in params]),
+            is_greedy=column([float(p.is_greedy) for p in params], torch.bool),
+            seen=seen,
+            counts=torch.zeros(len(requests), vocab_size, device=device),
+        )
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def select(self, rows: Sequence[int]) -> SamplingBatch:
+        """Keep only `rows`, in that order (sequences leaving the batch)."""
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.seen.device)
+        return _assemble(
+            [self.params[r] for r in rows],
+            [self.generators[r] for r in rows],
+            {name: getattr(self, name).index_select(0, index) for name in _ROW_TENSORS},
+        )
+
+    def concat(self, other: SamplingBatch) -> SamplingBatch:
+        """These rows followed by `other`'s (sequences joining the batch)."""
+        return _assemble(
+            self.params + other.params,
+            self.generators + other.generators,
+            {name: torch.cat([getattr(self, name), getattr(other, name)]) for name in _ROW_TENSORS},
+        )
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """Pick one token per row from `logits` [B, V] and record it. Returns [B] long, on device."""
+        logits = self.process(logits)
+        tokens = logits.argmax(dim=-1)
+        if not all(p.is_greedy for p in self.params):
+            tokens = torch.where(self.is_greedy, tokens, self._draw(logits))
+        self._record(tokens)
+        return tokens
+
+    def process(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits after penalties, temperature, top-k and top-p; filtered entries are -inf."""
+        logits = logits.float()
+        if any(_has_penalty(p) for p in self.params):
+            logits = self._apply_penalties(logits)
+        if all(p.is_greedy for p in self.params):
+            return logits
+        logits = logits / self.temperature.unsqueeze(1)
+        if any(p.top_k > 0 or p.top_p < 1.0 for p in self.params if not p.is_greedy):
+            logits = _filter_top_k_top_p(logits, self.top_k, self.top_p)
+        return logits
+
+    def _apply_penalties(self, logits: torch.Tensor) -> torch.Tensor:
+        penalty = self.repetition_penalty.unsqueeze(1)
+        penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+        logits = torch.where(self.seen, penalized, logits)
+        logits = logits - self.frequency_penalty.unsqueeze(1) * self.counts
+        return logits - self.presence_penalty.unsqueeze(1) * (self.counts > 0).float()
+
+    def _draw(self, logits: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(logits, dim=-1)
+        # NOTE: unseeded rows share one draw from torch's default generator; each seeded row then
+        # overwrites its noise from its own generator, so its stream advances only with its own steps.
+        noise = torch.empty_like(probs).exponential_()
+        for row, generator in enumerate(self.generators):
+            if generator is not None:
+                noise[row].exponential_(generator=generator)
+        return (probs / noise.clamp_min(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
+
+    def _record(self, tokens: torch.Tensor) -> None:
+        rows = tokens.unsqueeze(1)
+        self.seen.scatter_(1, rows, True)
+        self.counts.scatter_add_(1, rows, torch.ones_like(rows, dtype=self.counts.dtype))
+
+
+_ROW_TENSORS = (
+    "temperature",
+    "top_k",
+    "top_p",
+    "repetition_penalty",
+    "frequency_penalty",
+    "presence_penalty",
+    "is_greedy",
+    "seen",
+    "counts",
+)
+
+
+def _assemble(
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    tensors: dict[str, torch.Tensor],
+) -> SamplingBatch:
+    return SamplingBatch(
+        params=params,
+        generators=generators,
+        temperature=tensors["temperature"],
+        top_k=tensors["top_k"],
+        top_p=tensors["top_p"],
+        repetition_penalty=tensors["repetition_penalty"],
+        frequency_penalty=tensors["frequency_penalty"],
+        presence_penalty=tensors["presence_penalty"],
+        is_greedy=tensors["is_greedy"],
+        seen=tensors["seen"],
+        counts=tensors["counts"],
+    )
+
+
+def _has_penalty(params: SamplingParams) -> bool:
+    return (
+        params.repetition_penalty != 1.0
+        or params.frequency_penalty != 0.0
+        or params.presence_penalty != 0.0
+    )
+
+
+def _make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def _filter_top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
+    """Mask to -inf every token outside each row's top-k, then outside its top-p nucleus (computed on
+    what top-k kept). The most likely token always survives."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(logits.shape[-1], device=logits.device).unsqueeze(0)
+    sorted_logits = sorted_logits.masked_fill(ranks >= top_k.unsqueeze(1), float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    # NOTE: rows with top_p 1 are exempt: rounding can push the running mass past 1.0.
+    outside_nucleus = (mass_before >= top_p.unsqueeze(1)) & (ranks > 0) & (top_p < 1.0).unsqueeze(1)
+    sorted_logits = sorted_logits.masked_fill(outside_nucleus, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
