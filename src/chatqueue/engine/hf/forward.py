@@ -1,0 +1,91 @@
+"""The two forward passes a runner makes: prefill new prompts, decode one token for a KV batch."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from chatqueue.engine.hf.kv_batch import KVBatch, check_cache
+from chatqueue.engine.hf.sampling import SamplingBatch, SamplingRequest
+from chatqueue.engine.runner import NewSequence
+
+
+class Forward:
+    """Runs `model` on KV batches. Must be called under `torch.inference_mode()`."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
+        self.device = model.device
+        # Most HF causal LMs can skip the lm_head on all but the last position; older ones cannot.
+        self._keeps_last_only = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    def prefill(self, sequences: Sequence[NewSequence]) -> tuple[KVBatch, torch.Tensor]:
+        """Prefill the prompts together, left-padded to the longest; sample each one's first token."""
+        lengths = [len(s.prompt_ids) for s in sequences]
+        assert min(lengths) > 0, "a prompt must hold at least one token"
+        width = max(lengths)
+        input_ids = torch.zeros(len(sequences), width, dtype=torch.long)
+        attention_mask = torch.zeros(len(sequences), width, dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            input_ids[row, width - lengths[row] :] = torch.tensor(list(seq.prompt_ids))
+            attention_mask[row, width - lengths[row] :] = 1
+        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp_min(0)
+        attention_mask = attention_mask.to(self.device)
+        cache = DynamicCache()
+        logits = self._last_logits(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask,
+            position_ids=position_ids.to(self.device),
+            cache=cache,
+        )
+        check_cache(cache)
+        requests = [SamplingRequest(s.params, s.prompt_ids) for s in sequences]
+        sampling = SamplingBatch.create(requests, vocab_size=logits.shape[-1], device=self.device)
+        tokens = sampling.sample(logits)
+        batch = KVBatch(
+            seq_ids=[s.seq_id for s in sequences],
+            cache=cache,
+            attention_mask=attention_mask,
+            lengths=lengths,
+            positions=torch.tensor(lengths, dtype=torch.long, device=self.device),
+            pending=tokens,
+            sampling=sampling,
+        )
+        return batch, tokens
+
+    def decode(self, batch: KVBatch) -> torch.Tensor:
+        """Feed every row's pending token at its own position; sample and return the next ones."""
+        ones = torch.ones(len(batch), 1, dtype=torch.long, device=self.device)
+        batch.attention_mask = torch.cat([batch.attention_mask, ones], dim=1)
+        logits = self._last_logits(
+            input_ids=batch.pending.unsqueeze(1),
+            attention_mask=batch.attention_mask,
+            position_ids=batch.positions.unsqueeze(1),
+            cache=batch.cache,
+        )
+        tokens = batch.sampling.sample(logits)
+        batch.advance(tokens)
+        return tokens
+
+    def _last_logits(
+        self,
+        *,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: DynamicCache,
+    ) -> torch.Tensor:
+        extra = {"logits_to_keep": 1} if self._keeps_last_only else {}
+        output = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            **extra,
+        )
+        logits: torch.Tensor = output.logits[:, -1, :]
+        return logits

@@ -1,0 +1,150 @@
+"""Runners over a transformers causal LM: continuous batching, and one-sequence-at-a-time for comparison.
+
+NOTE: a step frees `released` rows, decodes every running row one token, then prefills `new` and
+splices them into the batch. New sequences get their first token from the prefill, so they join
+the decode from the next step on; nobody waits for the batch to drain. Sampled ids cross to the host
+once per step, in one `.tolist()`.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Sequence
+
+import torch
+from transformers import PreTrainedModel
+
+from chatqueue.engine.hf.forward import Forward
+from chatqueue.engine.hf.kv_batch import KVBatch
+from chatqueue.engine.runner import StepBatch, Tokenizer
+
+
+class _HFRunner:
+    def __init__(
+        self,
+        *,
+        model: PreTrainedModel,
+        tokenizer: Tokenizer,
+        model_name: str,
+        context_window: int | None = None,
+    ) -> None:
+        self._forward = Forward(model)
+        self._tokenizer = tokenizer
+        self._model_name = model_name
+        self._context_window = context_window or _context_window_of(model)
+
+    @property
+    def model_name(self) -> str:
+        return self._model_name
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self._tokenizer
+
+    @property
+    def model(self) -> PreTrainedModel:
+        return self._forward.model
+
+    @property
+    def context_window(self) -> int:
+        return self._context_window
+
+    def close(self) -> None:
+        device = self._forward.device
+        del self._forward
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+class HFBatchedRunner(_HFRunner):
+    """Continuous batching: all running sequences decode in one forward pass over one KV batch."""
+
+    def __init__(
+        self,
+        *,
+        model: PreTrainedModel,
+        tokenizer: Tokenizer,
+        model_name: str,
+        context_window: int | None = None,
+    ) -> None:
+        super().__init__(
+            model=model, tokenizer=tokenizer, model_name=model_name, context_window=context_window
+        )
+        self._batch: KVBatch | None = None
+
+    def step(self, batch: StepBatch) -> dict[int, int]:
+        self._release(batch.released)
+        held = self._batch.seq_ids if self._batch is not None else []
+        assert sorted(held) == sorted(batch.running), (
+            f"running {sorted(batch.running)} != sequences held {sorted(held)}"
+        )
+        seq_ids: list[int] = []
+        sampled: list[torch.Tensor] = []
+        with torch.inference_mode():
+            if self._batch is not None:
+                seq_ids += self._batch.seq_ids
+                sampled.append(self._forward.decode(self._batch))
+            if batch.new:
+                joining, tokens = self._forward.prefill(batch.new)
+                seq_ids += joining.seq_ids
+                sampled.append(tokens)
+                self._batch = joining if self._batch is None else self._batch.concat(joining)
+        if not sampled:
+            return {}
+        return dict(zip(seq_ids, torch.cat(sampled).tolist(), strict=True))
+
+    def _release(self, released: Sequence[int]) -> None:
+        if self._batch is None:
+            return
+        gone = set(released)
+        keep = [row for row, seq_id in enumerate(self._batch.seq_ids) if seq_id not in gone]
+        if len(keep) == len(self._batch):
+            return
+        with torch.inference_mode():
+            self._batch = self._batch.select(keep) if keep else None
+
+
+class HFSequentialRunner(_HFRunner):
+    """Each sequence keeps its own cache and runs its own batch-1 forward, one after another."""
+
+    def __init__(
+        self,
+        *,
+        model: PreTrainedModel,
+        tokenizer: Tokenizer,
+        model_name: str,
+        context_window: int | None = None,
+    ) -> None:
+        super().__init__(
+            model=model, tokenizer=tokenizer, model_name=model_name, context_window=context_window
+        )
+        self._sequences: dict[int, KVBatch] = {}
+
+    def step(self, batch: StepBatch) -> dict[int, int]:
+        for seq_id in batch.released:
+            self._sequences.pop(seq_id, None)
+        assert sorted(self._sequences) == sorted(batch.running), (
+            f"running {sorted(batch.running)} != sequences held {sorted(self._sequences)}"
+        )
+        seq_ids: list[int] = []
+        sampled: list[torch.Tensor] = []
+        with torch.inference_mode():
+            for seq_id in batch.running:
+                seq_ids.append(seq_id)
+                sampled.append(self._forward.decode(self._sequences[seq_id]))
+            for new in batch.new:
+                alone, tokens = self._forward.prefill([new])
+                self._sequences[new.seq_id] = alone
+                seq_ids.append(new.seq_id)
+                sampled.append(tokens)
+        if not sampled:
+            return {}
+        return dict(zip(seq_ids, torch.cat(sampled).tolist(), strict=True))
+
+
+def _context_window_of(model: PreTrainedModel) -> int:
+    config = model.config.get_text_config(decoder=True)
+    window = getattr(config, "max_position_embeddings", None)
+    assert isinstance(window, int), "the model config names no max_position_embeddings"
+    return window
