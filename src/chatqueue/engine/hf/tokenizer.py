@@ -1,0 +1,78 @@
+"""The engine's `Tokenizer` over a Hugging Face tokenizer, safe to encode and decode at the same time."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from chatqueue.types import ChatMessage
+
+
+class MissingChatTemplate(ValueError):
+    def __init__(self, model_name: str) -> None:
+        super().__init__(
+            f"{model_name} has no chat template; pass a Jinja template file with --chat-template"
+        )
+
+
+class HFTokenizer:
+    """Encodes on the tokenizer thread and decodes on the engine thread. A Rust fast tokenizer raises
+    "Already borrowed" when two threads use it at once, so each side gets its own instance."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        model_name: str,
+        eos_token_ids: Iterable[int],
+        chat_template: str | None = None,
+    ) -> None:
+        if chat_template is not None:
+            tokenizer.chat_template = chat_template
+        if not tokenizer.chat_template:
+            raise MissingChatTemplate(model_name)
+        self._encoder = tokenizer
+        self._decoder = copy.deepcopy(tokenizer)
+        eos = set(eos_token_ids)
+        if tokenizer.eos_token_id is not None:
+            eos.add(int(tokenizer.eos_token_id))
+        self._eos_token_ids = frozenset(eos)
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self._eos_token_ids
+
+    @property
+    def chat_template(self) -> str:
+        template = self._encoder.chat_template
+        assert isinstance(template, str), "checked in __init__"
+        return template
+
+    def apply_chat_template(self, messages: Sequence[ChatMessage]) -> list[int]:
+        conversation = [{"role": m.role, "content": m.content} for m in messages]
+        encoded = self._encoder.apply_chat_template(
+            conversation, add_generation_prompt=True, tokenize=True
+        )
+        return _as_ids(encoded)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        text = self._decoder.decode(
+            list(token_ids), skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+        assert isinstance(text, str), "one sequence in, one string out"
+        return text
+
+
+def _as_ids(encoded: Any) -> list[int]:
+    """transformers 5 returns a BatchEncoding where 4.x returned a list; accept either, or a batch of one."""
+    if isinstance(encoded, Mapping):
+        encoded = encoded["input_ids"]
+    if hasattr(encoded, "tolist"):
+        encoded = encoded.tolist()
+    if encoded and isinstance(encoded[0], list):
+        assert len(encoded) == 1, "one conversation in, one prompt out"
+        encoded = encoded[0]
+    return [int(token_id) for token_id in encoded]
