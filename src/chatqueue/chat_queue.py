@@ -15,7 +15,14 @@ from chatqueue.engine.loop import Engine, EngineState, Job
 from chatqueue.engine.runner import Runner
 from chatqueue.engine.sequence import Sequence as GenSequence
 from chatqueue.engine.stream import RequestStream
-from chatqueue.errors import NotReady, PromptTooLong, QueueFull, ServiceUnavailable, ShuttingDown
+from chatqueue.errors import (
+    InvalidRequest,
+    NotReady,
+    PromptTooLong,
+    QueueFull,
+    ServiceUnavailable,
+    ShuttingDown,
+)
 from chatqueue.metrics import Metrics
 from chatqueue.scheduler import Request, Scheduler
 from chatqueue.types import ChatMessage, Finished, FinishReason, SamplingParams
@@ -62,11 +69,22 @@ class ChatQueue:
         max_concurrent: int = 8,
         max_queue_size: int = 64,
         max_queue_per_user: int | None = None,
+        queue_timeout_s: float | None = None,
+        step_timeout_s: float | None = None,
+        max_tokens_cap: int | None = None,
+        max_prompt_tokens: int | None = None,
+        max_unread_tokens: int = 4096,
         on_finish: Callable[[FinishInfo], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._clock = clock
         self._on_finish = on_finish
+        self.queue_timeout_s = queue_timeout_s
+        self.step_timeout_s = step_timeout_s
+        self.max_tokens_cap = max_tokens_cap
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_unread_tokens = max_unread_tokens
+        self._watchdog: asyncio.Task[None] | None = None
         self.metrics = Metrics(clock=clock)
         self.scheduler = Scheduler(
             max_concurrent=max_concurrent,
@@ -92,6 +110,14 @@ class ChatQueue:
         if not self._is_started:
             self._is_started = True
             self._engine.start(asyncio.get_running_loop())
+            if self.step_timeout_s is not None:
+                self._watchdog = asyncio.create_task(self._watch(self.step_timeout_s))
+
+    async def _watch(self, step_timeout_s: float) -> None:
+        """Fail what is in flight if a step hangs, rather than leave every client hanging."""
+        while True:
+            await asyncio.sleep(min(1.0, step_timeout_s / 4))
+            self._engine.check_hung(self._clock(), step_timeout_s)
 
     async def wait_ready(self, timeout_s: float | None = None) -> None:
         """Wait for the model to load; raises NotReady if it failed or `timeout_s` passed."""
@@ -102,6 +128,8 @@ class ChatQueue:
     async def stop(self, timeout_s: float = 30.0) -> None:
         """Stop admitting, let what is in flight finish for up to `timeout_s`, abort the rest."""
         self._engine.close_admission()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self._is_started:
             is_idle = await asyncio.to_thread(self._engine.wait_idle, timeout_s)
             if not is_idle:
@@ -114,6 +142,15 @@ class ChatQueue:
     @property
     def state(self) -> EngineState:
         return self._engine.state
+
+    @property
+    def health(self) -> str:
+        """ready, loading, failed, unhealthy (a step hangs) or shutting_down."""
+        if self.scheduler.is_closed:
+            return "shutting_down"
+        if self._engine.is_hung:
+            return "unhealthy"
+        return self._engine.state.value
 
     @property
     def load_error(self) -> BaseException | None:
@@ -141,33 +178,42 @@ class ChatQueue:
         *,
         user: str = "",
         priority: int = 0,
-        max_tokens_cap: int | None = None,
+        queue_timeout_s: float | None = None,
     ) -> RequestStream:
         """Admit a chat request; returns its event stream (async iterator), or raises the typed
         error that says why not (QueueFull: 429, ShuttingDown/NotReady: 503, PromptTooLong: 400).
-        Close the stream (or leave its `async with`) to abort the request."""
+        Close the stream (or leave its `async with`) to abort the request.
+
+        `user` and `priority` order the queue (higher priority first, users in turn);
+        `queue_timeout_s` may only lower the server's queue-wait deadline."""
         arrival = self._clock()
         params = params or SamplingParams()
         runner = self._admission_precheck(arrival)
         prompt_ids = await self.encode(messages)
-        max_new = self._max_new_tokens(
-            len(prompt_ids), params, runner.context_window, max_tokens_cap
-        )
-        rid = next(self._rids)
+        if self.max_prompt_tokens is not None and len(prompt_ids) > self.max_prompt_tokens:
+            raise InvalidRequest(
+                f"The prompt is {len(prompt_ids)} tokens; this server takes at most "
+                f"{self.max_prompt_tokens}.",
+                param="messages",
+            )
+        max_new = self._max_new_tokens(len(prompt_ids), params, runner.context_window)
+        timeouts = [t for t in (self.queue_timeout_s, queue_timeout_s) if t is not None]
+        deadline = arrival + min(timeouts) if timeouts else None
         stream = RequestStream(
-            f"chatcmpl-{uuid.uuid4().hex[:24]}", on_abandon=lambda: self._engine.abort(job)
+            f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            on_abandon=lambda: self._engine.abort(job),
+            max_unread_tokens=self.max_unread_tokens,
         )
-        job = Job(
-            request=Request(rid=rid, arrival=arrival, user=user, priority=priority),
-            sequence=GenSequence(prompt_ids, params, max_new, runner.tokenizer),
-            stream=stream,
+        request = Request(
+            rid=next(self._rids), arrival=arrival, user=user, priority=priority, deadline=deadline
         )
+        job = Job(request, GenSequence(prompt_ids, params, max_new, runner.tokenizer), stream)
         try:
             self._engine.add(job, self._clock())
         except QueueFull as exc:
             self.metrics.rejected.labels(exc.error_type).inc()
             raise
-        return job.stream
+        return stream
 
     async def encode(self, messages: Sequence[ChatMessage]) -> list[int]:
         """The prompt token ids for a conversation, computed on the tokenizer thread."""
@@ -185,6 +231,8 @@ class ChatQueue:
         """Refuse early what admission would refuse, before paying for tokenization."""
         if self.scheduler.is_closed:
             raise ShuttingDown("The server is shutting down and takes no new requests.")
+        if self._engine.is_hung:
+            raise ServiceUnavailable("The model is not responding. Retry later.")
         runner = self.runner
         s = self.scheduler
         if s.is_full:
@@ -196,10 +244,13 @@ class ChatQueue:
             )
         return runner
 
-    @staticmethod
-    def _max_new_tokens(
-        num_prompt: int, params: SamplingParams, context_window: int, cap: int | None
-    ) -> int:
+    def _max_new_tokens(self, num_prompt: int, params: SamplingParams, context_window: int) -> int:
+        cap = self.max_tokens_cap
+        if cap is not None and params.max_tokens is not None and params.max_tokens > cap:
+            raise InvalidRequest(
+                f"max_tokens is {params.max_tokens}; this server allows at most {cap}.",
+                param="max_tokens",
+            )
         room = context_window - num_prompt
         wanted = params.max_tokens if params.max_tokens is not None else min(room, cap or room)
         if wanted < 1 or num_prompt + wanted > context_window:
@@ -234,7 +285,7 @@ class ChatQueue:
             mean_queue_wait_s=self.metrics.mean_queue_wait_s,
             drain_rate_per_s=s.drain.rate(now),
             retry_after_s=s.retry_after(now),
-            state="shutting_down" if s.is_closed else self._engine.state.value,
+            state=self.health,
         )
 
 

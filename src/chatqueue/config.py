@@ -44,6 +44,23 @@ class Settings(BaseSettings):
     max_concurrent: int = Field(8, ge=1, description="Generations running at once")
     max_queue: int = Field(64, ge=0, description="Requests waiting at most")
 
+    # holding under load
+    max_queue_per_user: int | None = Field(None, ge=1, description="Waiting requests per user")
+    queue_timeout: float | None = Field(None, gt=0, description="Most seconds in the queue")
+    step_timeout: float | None = Field(None, gt=0, description="A step longer than this: hung")
+    max_unread_tokens: int = Field(4096, ge=1, description="A reader this far behind is cut")
+
+    # access and limits
+    api_key: str | None = Field(None, description="One key for /v1 and /chat (Bearer)")
+    api_keys: Path | None = Field(None, description="JSON file: key -> name, priority, limits")
+    admin_key: str | None = Field(None, description="Guards /metrics and /load when set")
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    max_prompt_tokens: int | None = Field(None, ge=1)
+    max_tokens_cap: int | None = Field(None, ge=1, description="Most max_tokens a request gets")
+    max_messages: int = Field(512, ge=1)
+    timeout_keep_alive: float = Field(5.0, gt=0, description="Idle connection timeout, s")
+    cors_origins: tuple[str, ...] = Field((), description="Allowed origins; none by default")
+
     # the server
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import httpx
 import pytest
@@ -23,7 +24,14 @@ from chatqueue import (
     Token,
 )
 from chatqueue.engine.runner import StepBatch
-from chatqueue.errors import PromptTooLong, QueueFull, ShuttingDown
+from chatqueue.errors import (
+    InvalidRequest,
+    PromptTooLong,
+    QueueFull,
+    QueueTimeout,
+    ServiceUnavailable,
+    ShuttingDown,
+)
 
 HELLO = [ChatMessage("user", "one two three four")]
 
@@ -166,4 +174,75 @@ async def test_handle_chat_stream_request_in_a_users_own_app() -> None:
         assert "event: token" in r.text and "event: done" in r.text
         bad = await client.post("/my-chat", json={"messages": []})
         assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+    await cq.stop()
+
+
+async def test_queue_deadline_fails_a_waiting_request_without_taking_a_slot() -> None:
+    cfg = MockConfig(mode="lorem", lorem_tokens=100_000, delay_s=0.001)
+    cq = queue(max_concurrent=1, max_queue_size=2, config=cfg, queue_timeout_s=30)
+    await cq.start_queue_worker()
+    running = await cq.submit(HELLO)
+    waiting = await cq.submit(HELLO, queue_timeout_s=0.1)  # may only lower the server's 30 s
+    done = await waiting.collect()
+    assert done.reason is FinishReason.ERROR and isinstance(done.error, QueueTimeout)
+    assert done.usage.completion_tokens == 0
+    assert cq.load().processing == 1 and cq.load().waiting == 0
+    await running.aclose()
+    await cq.stop()
+
+
+class HangingRunner(MockRunner):
+    def __init__(self) -> None:
+        super().__init__(MockConfig(delay_s=0.001))
+        self.release = threading.Event()
+
+    def step(self, batch: StepBatch) -> dict[int, int]:
+        if any(len(n.prompt_ids) > 8 for n in batch.new):
+            self.release.wait(30)
+        return super().step(batch)
+
+
+async def test_a_hung_step_fails_running_and_waiting_with_503_then_recovers() -> None:
+    runner = HangingRunner()
+    cq = ChatQueue(runner, max_concurrent=1, max_queue_size=2, step_timeout_s=0.2)
+    await cq.start_queue_worker()
+    hung = await cq.submit([ChatMessage("user", "a b c d e f g h i j k")])
+    waiting = await cq.submit(HELLO)
+    for stream in (hung, waiting):
+        done = await asyncio.wait_for(stream.collect(), 10)
+        assert done.reason is FinishReason.ERROR and isinstance(done.error, ServiceUnavailable)
+    assert cq.health == "unhealthy"
+    with pytest.raises(ServiceUnavailable):
+        await cq.submit(HELLO)
+    runner.release.set()
+    for _ in range(500):
+        if cq.health == "ready" and cq.load().processing == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert (await (await cq.submit(HELLO)).collect()).text == "one two three four"
+    await cq.stop()
+
+
+async def test_a_reader_too_far_behind_is_cut_and_its_slot_freed() -> None:
+    cfg = MockConfig(mode="lorem", lorem_tokens=100_000)
+    cq = queue(max_concurrent=1, max_queue_size=0, config=cfg, max_unread_tokens=50)
+    await cq.start_queue_worker()
+    stream = await cq.submit(HELLO)  # never read while it generates
+    for _ in range(500):
+        if stream.is_lagging and cq.load().processing == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert stream.is_lagging and cq.load().processing == 0
+    assert (await stream.collect()).reason is FinishReason.ABORT
+    await cq.stop()
+
+
+async def test_server_caps_on_max_tokens_and_prompt_tokens() -> None:
+    cq = queue(max_tokens_cap=10, max_prompt_tokens=6)
+    await cq.start_queue_worker()
+    with pytest.raises(InvalidRequest, match="at most 10"):
+        await cq.submit([ChatMessage("user", "x")], SamplingParams(max_tokens=11))
+    with pytest.raises(InvalidRequest, match="at most 6"):
+        await cq.submit(HELLO)  # 7 prompt tokens
+    assert cq.load().waiting == 0 and cq.load().processing == 0
     await cq.stop()

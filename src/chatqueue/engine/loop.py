@@ -15,7 +15,12 @@ from dataclasses import dataclass
 from chatqueue.engine.runner import NewSequence, Runner, StepBatch
 from chatqueue.engine.sequence import Sequence, Step
 from chatqueue.engine.stream import RequestStream
-from chatqueue.errors import ChatQueueError, EngineError, QueueTimeout
+from chatqueue.errors import (
+    ChatQueueError,
+    EngineError,
+    QueueTimeout,
+    ServiceUnavailable,
+)
 from chatqueue.metrics import Metrics
 from chatqueue.scheduler import Request, SchedulePlan, Scheduler
 from chatqueue.types import Event, Finished, FinishReason, Queued, Started, Token, Usage
@@ -35,6 +40,7 @@ class Job:
     last_position: int | None = None
     first_token_at: float | None = None
     abort_error: ChatQueueError | None = None  # why the server cut it short; None: client left
+    is_failed: bool = False  # told of an error while its step was still running (a hang)
 
 
 class EngineState(enum.StrEnum):
@@ -69,6 +75,9 @@ class Engine:
         self.state = EngineState.LOADING
         self.load_error: BaseException | None = None
         self.loaded = threading.Event()  # set once loading ended, well or not
+        self._step_started: float | None = None
+        self._step_jobs: list[Job] = []
+        self.is_hung = False
 
     # -- asyncio side (short critical sections only) --------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -124,6 +133,28 @@ class Engine:
         """Blocking: wait until nothing is running or waiting. True if that happened in time."""
         with self._cond:
             return self._cond.wait_for(lambda: not self.scheduler.has_work, timeout_s)
+
+    def check_hung(self, now: float, step_timeout_s: float) -> bool:
+        """From the watchdog: if the step in flight has run past `step_timeout_s`, fail every
+        waiting and running request with 503 instead of leaving them hanging. True while hung."""
+        with self._cond:
+            started = self._step_started
+            if self.is_hung or started is None or now - started <= step_timeout_s:
+                return self.is_hung
+            self.is_hung = True
+            error = ServiceUnavailable(
+                f"The model has not answered for {now - started:.0f} s; the request was failed."
+            )
+            outbox: Outbox = []
+            for req in self.scheduler.expire_all_waiting(FinishReason.ERROR):
+                job = self._jobs.pop(req.rid)
+                outbox.append((job, self._finished(job, FinishReason.ERROR, error)))
+            for job in self._step_jobs:
+                job.is_failed = True
+                outbox.append((job, self._finished(job, FinishReason.ERROR, error)))
+        log.error("a step has run for %.1f s: failing the requests in flight", now - started)
+        self._deliver(outbox)
+        return True
 
     def stop(self, join_timeout_s: float | None = None) -> None:
         """Ends the thread once nothing is left to do (abort first to stop sooner). Blocking."""
@@ -186,6 +217,8 @@ class Engine:
         if batch.is_empty and not batch.released:
             return True
         jobs = [self._jobs[r.rid] for r in plan.batch]
+        with self._cond:
+            self._step_started, self._step_jobs = self._clock(), jobs
         try:
             tokens = runner.step(batch)
         except Exception as exc:
@@ -193,6 +226,10 @@ class Engine:
             error = EngineError(f"The model failed while generating: {exc}")
             self._finish_step(jobs, {}, error)
             return True
+        finally:
+            with self._cond:
+                self._step_started, self._step_jobs = None, []
+                self.is_hung = False
         self.metrics.steps.inc()
         self._finish_step(jobs, tokens, None)
         return True
@@ -239,6 +276,9 @@ class Engine:
         num_tokens = 0
         for job in jobs:
             rid = job.request.rid
+            if job.is_failed:  # its client was already told (hang)
+                ended.append((job, FinishReason.ERROR))
+                continue
             if error is not None:
                 step = Step("", FinishReason.ERROR)
             elif rid in tokens:

@@ -15,13 +15,17 @@ class RequestStream:
 
     Fed on the event loop (the engine hands events over with `call_soon_threadsafe`). Consecutive
     tokens a slow reader has not taken yet are merged into one, so the buffer stays small however
-    far behind the reader is. Closing the stream before `Finished` aborts the request: a client
+    far behind the reader is; one more than `max_unread_tokens` behind is aborted. Closing the stream before `Finished` aborts the request: a client
     that went away is just another finish reason.
     """
 
-    def __init__(self, request_id: str, *, on_abandon: Callable[[], None]) -> None:
+    def __init__(
+        self, request_id: str, *, on_abandon: Callable[[], None], max_unread_tokens: int = 4096
+    ) -> None:
         self.request_id = request_id
         self._on_abandon = on_abandon
+        self._max_unread_tokens = max_unread_tokens
+        self.is_lagging = False
         self._events: deque[Event] = deque()
         self._wakeup = asyncio.Event()
         self.finished: Finished | None = None  # set when Finished has been handed out
@@ -30,7 +34,12 @@ class RequestStream:
     def push(self, event: Event) -> None:
         last = self._events[-1] if self._events else None
         if isinstance(event, Token) and isinstance(last, Token):
-            self._events[-1] = Token(last.text + event.text, last.num_tokens + event.num_tokens)
+            merged = Token(last.text + event.text, last.num_tokens + event.num_tokens)
+            self._events[-1] = merged
+            if merged.num_tokens > self._max_unread_tokens and not self.is_lagging:
+                # NOTE: a reader this far behind holds a slot for nothing: cut it loose.
+                self.is_lagging = True
+                self._on_abandon()
         else:
             self._events.append(event)
         self._wakeup.set()

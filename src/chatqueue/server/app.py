@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from chatqueue.chat_queue import ChatQueue
 from chatqueue.config import Settings
 from chatqueue.runners import runner_for
-from chatqueue.server import openai_routes, ops
+from chatqueue.server import chat_routes, openai_routes, ops
 from chatqueue.server.errors import install_error_handlers
 
 
@@ -19,6 +19,12 @@ def chat_queue_for(settings: Settings) -> ChatQueue:
         runner_for(settings),
         max_concurrent=settings.max_concurrent,
         max_queue_size=settings.max_queue,
+        max_queue_per_user=settings.max_queue_per_user,
+        queue_timeout_s=settings.queue_timeout,
+        step_timeout_s=settings.step_timeout,
+        max_tokens_cap=settings.max_tokens_cap,
+        max_prompt_tokens=settings.max_prompt_tokens,
+        max_unread_tokens=settings.max_unread_tokens,
     )
 
 
@@ -33,6 +39,7 @@ def create_app(settings: Settings | None = None, *, chat_queue: ChatQueue | None
             yield
         finally:
             await cq.stop(settings.shutdown_timeout)
+            await history.close()
 
     app = FastAPI(title="chatqueue", version="0.1.0", lifespan=lifespan)
     app.state.chat_queue = cq
@@ -40,4 +47,5 @@ def create_app(settings: Settings | None = None, *, chat_queue: ChatQueue | None
     install_error_handlers(app)
     app.include_router(openai_routes.router)
     app.include_router(ops.router)
+    history = chat_routes.install(app, settings, cq)
     return app

@@ -10,7 +10,6 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from chatqueue.chat_queue import ChatQueue
-from chatqueue.engine.loop import EngineState
 
 router = APIRouter(tags=["operations"])
 
@@ -23,14 +22,11 @@ def _cq(request: Request) -> ChatQueue:
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
     cq = _cq(request)
-    body: dict[str, Any] = {"status": "ok"}
-    if cq.scheduler.is_closed:
-        body = {"status": "shutting_down"}
-    elif cq.state is EngineState.FAILED:
-        body = {"status": "failed", "error": str(cq.load_error)}
-    elif cq.state is not EngineState.READY:
-        body = {"status": cq.state.value}
-    return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
+    status = cq.health
+    body: dict[str, Any] = {"status": "ok" if status == "ready" else status}
+    if status == "failed":
+        body["error"] = str(cq.load_error)
+    return JSONResponse(body, status_code=200 if status == "ready" else 503)
 
 
 @router.get("/load")
