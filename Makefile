@@ -8,6 +8,9 @@ ARGS ?=
 .PHONY: install serve test check lint format typecheck bench clean
 
 $(STAMP): pyproject.toml
+	# The chat tests start a real Redis and drive Debian's Chromium (no browser download).
+	command -v redis-server >/dev/null && command -v chromium >/dev/null || \
+		{ apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server chromium; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch pinned: the CPU wheel lies on local disk; an unpinned torch pulls a multi-GB CUDA build.

@@ -1,0 +1,191 @@
+"""The chat product's API, what the page uses: POST /chat streams a reply (SSE `queued`, `token`,
+`done`, `error`) and keeps the conversation; clear, history, params and feedback beside it.
+
+Errors before the stream opens (queue full 429 with Retry-After, 503, 400, 404) are plain JSON
+error responses; once it is open, an `error` event.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import StreamingResponse
+from starlette.middleware.sessions import SessionMiddleware
+
+from chatqueue.chat_queue import ChatQueue
+from chatqueue.config import Settings
+from chatqueue.errors import InvalidRequest, NotFound
+from chatqueue.server import sse
+from chatqueue.server.chat_schemas import MAX_TOP_K, ChatIn, ConversationIn, FeedbackIn, ParamsIn
+from chatqueue.server.chat_session import (
+    SESSION_COOKIE,
+    SESSION_MAX_AGE_S,
+    ConversationIds,
+    chat_session,
+    session_secret,
+)
+from chatqueue.server.chat_stream import chat_events
+from chatqueue.sessions import ChatParams, Feedback, HistoryStore, Turn, open_store
+from chatqueue.sessions.conversation import ChatService, Reply
+from chatqueue.types import ChatMessage
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/chat", tags=["chat"])
+
+
+def install(app: FastAPI, settings: Settings, chat_queue: ChatQueue) -> HistoryStore:
+    """Add the chat routes, the session cookie and the page to `app`; returns the history store
+    for the app's lifespan to close."""
+    from chatqueue.web import mount_page
+
+    secret = session_secret(settings)
+    store = open_store(settings.history, settings.data_dir)
+    app.state.chat_service = ChatService(chat_queue, store, system_prompt=settings.system_prompt)
+    app.state.conversation_ids = ConversationIds(secret)
+    app.add_middleware(
+        SessionMiddleware,
+        secret_key=secret,
+        session_cookie=SESSION_COOKIE,
+        max_age=SESSION_MAX_AGE_S,
+        same_site="lax",
+    )
+    app.include_router(router)
+    mount_page(app)
+    return store
+
+
+def _service(request: Request) -> ChatService:
+    service: ChatService = request.app.state.chat_service
+    return service
+
+
+async def _params(service: ChatService, session_id: str) -> ChatParams:
+    return await service.store.params(session_id) or ChatParams()
+
+
+@router.post("", response_model=None)
+async def chat(body: ChatIn, request: Request) -> StreamingResponse:
+    session = chat_session(request, body.conversation_id)
+    service = _service(request)
+    reply = await service.start(
+        session.conversation_id,
+        body.message,
+        await _params(service, session.session_id),
+        user=session.session_id,
+        regenerate=body.regenerate,
+    )
+    headers = {
+        **sse.SSE_HEADERS,
+        "X-Conversation-Id": reply.conversation_id,
+        "X-Message-Id": reply.message_id,
+    }
+    return StreamingResponse(_events(reply), media_type="text/event-stream", headers=headers)
+
+
+async def _events(reply: Reply) -> AsyncIterator[str]:
+    try:
+        async for line in chat_events(reply.stream, on_done=reply.finish, on_token=reply.add_text):
+            yield line
+    finally:
+        # NOTE: when the client goes away (stop button, closed tab) this runs inside a cancelled
+        # scope; shielded, so what was generated still reaches the history, marked interrupted.
+        with anyio.CancelScope(shield=True):
+            try:
+                await reply.save()
+            except Exception:
+                log.exception("could not save reply %s", reply.message_id)
+
+
+@router.post("/clear")
+async def clear(request: Request, body: ConversationIn | None = None) -> dict[str, Any]:
+    session = chat_session(request, body.conversation_id if body else None)
+    await _service(request).store.clear(session.conversation_id)
+    return {"conversation_id": session.conversation_id}
+
+
+@router.get("/history")
+async def history(request: Request, conversation_id: str | None = None) -> dict[str, Any]:
+    session = chat_session(request, conversation_id)
+    turns = await _service(request).store.turns(session.conversation_id)
+    return {"conversation_id": session.conversation_id, "messages": [_turn_out(t) for t in turns]}
+
+
+def _turn_out(turn: Turn) -> dict[str, Any]:
+    return {
+        "message_id": turn.message_id,
+        "role": turn.role,
+        "content": turn.content,
+        "interrupted": turn.interrupted,
+        "finish_reason": turn.finish_reason,
+        "created_at": turn.created_at,
+    }
+
+
+@router.get("/params")
+async def get_params(request: Request) -> dict[str, Any]:
+    session = chat_session(request)
+    service = _service(request)
+    return _params_out(service, await _params(service, session.session_id))
+
+
+@router.put("/params")
+async def put_params(body: ParamsIn, request: Request) -> dict[str, Any]:
+    session = chat_session(request)
+    service = _service(request)
+    params = body.merged(await _params(service, session.session_id))
+    most = _max_tokens_limit(service)
+    if params.max_tokens is not None and params.max_tokens > most:
+        raise InvalidRequest(
+            f"max_tokens: at most {most} on this model (half its context window).",
+            param="max_tokens",
+        )
+    await service.store.set_params(session.session_id, params)
+    return _params_out(service, params)
+
+
+def _max_tokens_limit(service: ChatService) -> int:
+    return max(service.chat_queue.context_window // 2, 1)
+
+
+def _params_out(service: ChatService, params: ChatParams) -> dict[str, Any]:
+    limits = {
+        "temperature": [0, 2],
+        "top_p": [0, 1],
+        "top_k": [0, MAX_TOP_K],
+        "max_tokens": [1, _max_tokens_limit(service)],
+    }
+    return {
+        "params": dataclasses.asdict(params),
+        "default_max_tokens": service.reply_room(ChatParams()),
+        "limits": limits,
+    }
+
+
+@router.post("/feedback")
+async def feedback(body: FeedbackIn, request: Request) -> dict[str, Any]:
+    session = chat_session(request, body.conversation_id)
+    service = _service(request)
+    turns = await service.store.turns(session.conversation_id)
+    at = next((i for i, t in enumerate(turns) if t.message_id == body.message_id), None)
+    if at is None or turns[at].role != "assistant":
+        raise NotFound("There is no reply with this id in the conversation.", param="message_id")
+    system = [ChatMessage("system", service.system_prompt)] if service.system_prompt else []
+    prompt = (*system, *(t.message() for t in turns[:at]))
+    await service.store.add_feedback(
+        Feedback(
+            message_id=body.message_id,
+            conversation_id=session.conversation_id,
+            like=body.like,
+            comment=body.comment,
+            reply=turns[at].content,
+            prompt=prompt,
+            params=turns[at].params,
+        )
+    )
+    return {"message_id": body.message_id, "like": body.like}

@@ -1,0 +1,307 @@
+// The chat page: POST /chat, read its SSE stream with fetch + ReadableStream, render model output
+// as text only (textContent / text nodes, never innerHTML).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const messagesEl = $("messages");
+const statusEl = $("status");
+const input = $("input");
+const sendBtn = $("send");
+const stopBtn = $("stop");
+
+let controller = null; // the AbortController of the reply in flight (or of its 429 wait)
+
+function setStatus(text) {
+  statusEl.textContent = text;
+}
+
+function setBusy(busy) {
+  sendBtn.disabled = busy;
+  stopBtn.hidden = !busy;
+  sendBtn.hidden = busy;
+}
+
+function scrollDown() {
+  window.scrollTo(0, document.body.scrollHeight);
+}
+
+// One message on the page. Assistant messages get feedback and regenerate buttons.
+function addMessage(role, text, { messageId = null, interrupted = false } = {}) {
+  const el = document.createElement("div");
+  el.className = `message ${role}`;
+  const body = document.createElement("div");
+  body.className = "text";
+  body.textContent = text;
+  const note = document.createElement("div");
+  note.className = "note";
+  el.append(body, note);
+  const msg = {
+    el,
+    append(t) { body.append(document.createTextNode(t)); scrollDown(); },
+    note(t) { note.textContent = t; },
+    setId(id) { if (id) el.dataset.messageId = id; },
+    interrupted() { el.classList.add("interrupted"); },
+    failed(t) { el.classList.add("error"); note.textContent = t; },
+  };
+  msg.setId(messageId);
+  if (interrupted) msg.interrupted();
+  if (role === "assistant") el.append(actions(el));
+  messagesEl.append(el);
+  scrollDown();
+  return msg;
+}
+
+function actions(el) {
+  const row = document.createElement("div");
+  row.className = "actions";
+  const up = button("👍", "Good reply", () => feedback(el, true, up, down));
+  const down = button("👎", "Bad reply", () => feedback(el, false, down, up));
+  const again = button("Regenerate", "Regenerate this reply", regenerate);
+  again.className = "regenerate";
+  row.append(up, down, again);
+  return row;
+}
+
+function button(label, title, onClick) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.textContent = label;
+  b.title = title;
+  b.setAttribute("aria-label", title);
+  b.addEventListener("click", onClick);
+  return b;
+}
+
+async function feedback(el, like, pressed, other) {
+  if (!el.dataset.messageId) return;
+  const res = await fetch("/chat/feedback", {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ message_id: el.dataset.messageId, like }),
+  });
+  if (res.ok) {
+    pressed.setAttribute("aria-pressed", "true");
+    other.setAttribute("aria-pressed", "false");
+  } else {
+    setStatus(await errorText(res));
+  }
+}
+
+async function errorText(res) {
+  try {
+    const body = await res.json();
+    return body.error.message;
+  } catch {
+    return `The server answered ${res.status}.`;
+  }
+}
+
+// Calls onEvent(name, data) for each SSE event of a fetch response body.
+async function readEvents(body, onEvent) {
+  const reader = body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      let name = "message";
+      const data = [];
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event:")) name = line.slice(6).trim();
+        else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+      }
+      if (data.length) onEvent(name, JSON.parse(data.join("\n")));
+    }
+  }
+}
+
+function sleep(ms, signal) {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(resolve, ms);
+    signal.addEventListener("abort", () => {
+      clearTimeout(timer);
+      reject(new DOMException("Aborted", "AbortError"));
+    });
+  });
+}
+
+function queuedText(position, etaS) {
+  const eta = etaS == null ? "" : `, about ${Math.max(1, Math.round(etaS))} s`;
+  return `Waiting in line: position ${position}${eta}`;
+}
+
+// Ask for a reply and stream it into a new assistant message. On 429 wait Retry-After and retry.
+async function ask(request) {
+  if (controller) return;
+  controller = new AbortController();
+  const signal = controller.signal;
+  setBusy(true);
+  const reply = addMessage("assistant", "");
+  let isDone = false;
+  try {
+    let res;
+    for (;;) {
+      res = await fetch("/chat", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(request),
+        signal,
+      });
+      if (res.status !== 429) break;
+      const waitS = Math.max(1, parseInt(res.headers.get("Retry-After") || "2", 10) || 2);
+      for (let left = waitS; left > 0; left--) {
+        reply.note(`The server is busy. Retrying in ${left} s…`);
+        setStatus("The server is full right now; your message will be sent automatically.");
+        await sleep(1000, signal);
+      }
+    }
+    if (!res.ok) {
+      reply.failed(await errorText(res));
+      setStatus("");
+      return;
+    }
+    reply.setId(res.headers.get("X-Message-Id"));
+    reply.note("");
+    setStatus("");
+    await readEvents(res.body, (name, data) => {
+      if (name === "queued") {
+        reply.note(queuedText(data.position, data.eta_s));
+        setStatus(queuedText(data.position, data.eta_s));
+      } else if (name === "token") {
+        reply.note("");
+        setStatus("");
+        reply.append(data.text);
+      } else if (name === "done") {
+        isDone = true;
+        reply.setId(data.message_id);
+        const notes = [];
+        if (data.finish_reason === "length") notes.push("Reply cut at max tokens.");
+        if (data.dropped_turns > 0) {
+          notes.push(`${data.dropped_turns} earlier exchange(s) no longer fit the model's context and were left out.`);
+        }
+        reply.note(notes.join(" "));
+      } else if (name === "error") {
+        isDone = true;
+        reply.interrupted();
+        reply.failed(data.message);
+      }
+    });
+    if (!isDone) reply.interrupted();
+  } catch (err) {
+    reply.interrupted();
+    if (err.name === "AbortError") {
+      reply.note("");
+      setStatus("Stopped.");
+    } else {
+      reply.failed("The connection was lost.");
+    }
+  } finally {
+    controller = null;
+    setBusy(false);
+    input.focus();
+  }
+}
+
+function send(text) {
+  addMessage("user", text);
+  return ask({ message: text });
+}
+
+function regenerate() {
+  if (controller) return;
+  const last = messagesEl.lastElementChild;
+  if (last && last.classList.contains("assistant")) last.remove();
+  return ask({ regenerate: true });
+}
+
+async function newChat() {
+  if (controller) controller.abort();
+  const res = await fetch("/chat/clear", { method: "POST" });
+  if (!res.ok) {
+    setStatus(await errorText(res));
+    return;
+  }
+  messagesEl.replaceChildren();
+  setStatus("");
+  input.focus();
+}
+
+async function loadHistory() {
+  const res = await fetch("/chat/history");
+  if (!res.ok) {
+    setStatus(await errorText(res));
+    return;
+  }
+  const body = await res.json();
+  messagesEl.replaceChildren();
+  for (const m of body.messages) {
+    addMessage(m.role, m.content, { messageId: m.message_id, interrupted: m.interrupted });
+  }
+}
+
+const paramsForm = $("params-form");
+
+function showParams(body) {
+  for (const name of ["temperature", "top_p", "top_k", "max_tokens"]) {
+    const field = paramsForm.elements[name];
+    const value = body.params[name];
+    field.value = value == null ? "" : value;
+    const [lo, hi] = body.limits[name];
+    field.min = name === "top_p" ? "0.01" : lo;
+    field.max = hi;
+  }
+  paramsForm.elements.max_tokens.placeholder = `default ${body.default_max_tokens}`;
+}
+
+async function loadParams() {
+  const res = await fetch("/chat/params");
+  if (res.ok) showParams(await res.json());
+}
+
+paramsForm.addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const f = paramsForm.elements;
+  const maxTokens = f.max_tokens.value.trim();
+  const res = await fetch("/chat/params", {
+    method: "PUT",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({
+      temperature: Number(f.temperature.value),
+      top_p: Number(f.top_p.value),
+      top_k: Number(f.top_k.value),
+      max_tokens: maxTokens === "" ? null : Number(maxTokens),
+    }),
+  });
+  if (res.ok) {
+    showParams(await res.json());
+    $("params-status").textContent = "Saved.";
+  } else {
+    $("params-status").textContent = await errorText(res);
+  }
+});
+
+$("composer").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const text = input.value.trim();
+  if (!text || controller) return;
+  input.value = "";
+  send(text);
+});
+
+input.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    $("composer").requestSubmit();
+  }
+});
+
+stopBtn.addEventListener("click", () => controller && controller.abort());
+$("new-chat").addEventListener("click", newChat);
+
+loadHistory();
+loadParams();
