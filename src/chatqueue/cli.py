@@ -63,3 +63,65 @@ def serve(
     from chatqueue.server.serve import serve as run
 
     run(_settings(**given))
+
+
+@app.command()
+def bench(
+    url: Annotated[str, typer.Option(help="A running chatqueue (or OpenAI-compatible) server")] = (
+        "http://127.0.0.1:8000"
+    ),
+    requests: Annotated[int, typer.Option(help="Requests in all")] = 64,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight at once")] = 16,
+    prompt: Annotated[str, typer.Option(help="The user message")] = "Tell me about Tokyo.",
+    max_tokens: Annotated[int, typer.Option(help="max_tokens per request")] = 64,
+) -> None:
+    """Load a running server with concurrent streamed chats; report what the clients saw."""
+    import asyncio
+
+    from chatqueue.bench import run_bench
+
+    report = asyncio.run(
+        run_bench(
+            url=url.rstrip("/"),
+            requests=requests,
+            concurrency=concurrency,
+            prompt=prompt,
+            max_tokens=max_tokens,
+        )
+    )
+    for line in report.lines():
+        typer.echo(line)
+
+
+@app.command()
+def chat(
+    url: Annotated[
+        str | None, typer.Option(help="A running server (http://host:port); else in-process")
+    ] = None,
+    engine: Annotated[str | None, typer.Option(help="hf or mock (in-process)")] = None,
+    model: Annotated[str | None, typer.Option(help="Local HF model folder (in-process)")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (in-process)")] = None,
+    mock_mode: Annotated[str | None, typer.Option(help="echo or lorem")] = None,
+    mock_delay: Annotated[float | None, typer.Option(help="Mock seconds per step")] = None,
+    system_prompt: Annotated[str | None, typer.Option(help="System prompt (in-process)")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Most tokens a reply takes")] = None,
+) -> None:
+    """Chat in the console; the reply streams as it is generated."""
+    from chatqueue.console import LocalChat, RemoteChat, run_console
+    from chatqueue.sessions.types import ChatParams
+
+    wanted = {"temperature": temperature, "max_tokens": max_tokens}
+    wanted = {k: v for k, v in wanted.items() if v is not None}
+    if url is not None:
+        run_console(RemoteChat(url, wanted))
+        return
+    settings = _settings(
+        engine=engine,
+        model=model,
+        device=device,
+        mock_mode=mock_mode,
+        mock_delay=mock_delay,
+        system_prompt=system_prompt,
+    )
+    run_console(LocalChat(settings, ChatParams(**wanted)))  # type: ignore[arg-type]
