@@ -7,6 +7,7 @@ request run alone.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -201,6 +202,26 @@ def test_tokenizer_normalises_the_chat_template_output() -> None:
     assert all(isinstance(i, int) for i in ids)
     assert tokenizer.decode(ids) == "<|user|>hello<|assistant|>"
     assert tokenizer.eos_token_ids == frozenset({0, 2})
+
+
+def test_tokenizer_encodes_and_decodes_from_two_threads_at_once() -> None:
+    tokenizer = HFTokenizer(
+        tiny_tokenizer(), model_name="tiny", eos_token_ids=[], chat_template=TEMPLATE
+    )
+    messages = [ChatMessage("user", "hello world, how are you today? " * 20)]
+    ids = tokenizer.apply_chat_template(messages)
+
+    encoded: list[list[int]] = []
+
+    def encode() -> None:
+        encoded.extend(tokenizer.apply_chat_template(messages) for _ in range(200))
+
+    thread = threading.Thread(target=encode)
+    thread.start()
+    for _ in range(200):
+        tokenizer.decode(ids)
+    thread.join()
+    assert encoded == [ids] * 200  # an "Already borrowed" in the thread leaves this short
 
 
 def test_loader_uses_the_chat_template_file(tiny_folder: Path, tmp_path: Path) -> None:
