@@ -142,7 +142,7 @@ async def put_params(body: ParamsIn, request: Request) -> dict[str, Any]:
     most = _max_tokens_limit(service)
     if params.max_tokens is not None and params.max_tokens > most:
         raise InvalidRequest(
-            f"max_tokens: at most {most} on this model (half its context window).",
+            f"max_tokens: at most {most} here (half the model's context, or the server's cap).",
             param="max_tokens",
         )
     await service.store.set_params(session.session_id, params)
@@ -150,7 +150,10 @@ async def put_params(body: ParamsIn, request: Request) -> dict[str, Any]:
 
 
 def _max_tokens_limit(service: ChatService) -> int:
-    return max(service.chat_queue.context_window // 2, 1)
+    """Half the context (the other half is for the history), within the server's cap."""
+    cq = service.chat_queue
+    most = max(cq.context_window // 2, 1)
+    return min(most, cq.max_tokens_cap) if cq.max_tokens_cap is not None else most
 
 
 def _params_out(service: ChatService, params: ChatParams) -> dict[str, Any]:

@@ -92,7 +92,7 @@ class ChatService:
         if params.max_tokens is not None:
             return params.max_tokens
         room = min(self.default_reply_tokens, max(self.chat_queue.context_window // 4, 1))
-        cap: int | None = getattr(self.chat_queue, "max_tokens_cap", None)
+        cap = self.chat_queue.max_tokens_cap
         return min(room, cap) if cap is not None else room
 
     async def start(
