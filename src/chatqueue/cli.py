@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -42,6 +43,7 @@ def serve(
     dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16, float16")] = None,
     batching: Annotated[str | None, typer.Option(help="on (continuous batching) or off")] = None,
     chat_template: Annotated[Path | None, typer.Option(help="Jinja chat template file")] = None,
+    torch_threads: Annotated[int | None, typer.Option(help="CPU threads for torch")] = None,
     max_concurrent: Annotated[int | None, typer.Option(help="Generations at once [8]")] = None,
     max_queue: Annotated[int | None, typer.Option(help="Requests waiting at most [64]")] = None,
     mock_mode: Annotated[str | None, typer.Option(help="echo or lorem")] = None,
@@ -60,6 +62,9 @@ def serve(
 ) -> None:
     """Run the HTTP server. Every flag can also come from CHATQUEUE_<FLAG> in the environment."""
     given = dict(locals())
+    # NOTE: OpenMP threads that spin while waiting made 2-thread CPU forwards here intermittently
+    # 30x slower next to the busy event loop; passive waiting must be set before torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from chatqueue.server.serve import serve as run
 
     run(_settings(**given))

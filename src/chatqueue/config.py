@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     batching: Literal["on", "off"] = "on"
     chat_template: Path | None = None
+    torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch")
     cache: Path = Field(default_factory=default_cache, description="Converted-model cache")
 
     # the mock engine

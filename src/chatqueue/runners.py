@@ -24,7 +24,12 @@ def runner_for(settings: Settings) -> Runner | Callable[[], Runner]:
         )
 
     def load() -> Runner:
+        import torch
+
         from chatqueue.engine.hf.loader import load_hf_runner
+
+        if settings.torch_threads is not None:
+            torch.set_num_threads(settings.torch_threads)
 
         return load_hf_runner(
             model=settings.model,
