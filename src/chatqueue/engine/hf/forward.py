@@ -16,8 +16,12 @@ from chatqueue.engine.runner import NewSequence
 class Forward:
     """Runs `model` on KV batches. Must be called under `torch.inference_mode()`."""
 
-    def __init__(self, model: PreTrainedModel) -> None:
+    def __init__(self, model: PreTrainedModel, *, spliceable: bool) -> None:
         self.model = model
+        # A batch that rows join and leave needs plain per-column KV tensors in every layer: a
+        # config-less DynamicCache gives that (sliding windows still apply, through the mask).
+        # Sequences that never share a batch keep whatever cache the model's config asks for.
+        self._spliceable = spliceable
         self.device = model.device
         # Most HF causal LMs can skip the lm_head on all but the last position; older ones cannot.
         self._keeps_last_only = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -34,14 +38,15 @@ class Forward:
             attention_mask[row, width - lengths[row] :] = 1
         position_ids = (attention_mask.cumsum(dim=1) - 1).clamp_min(0)
         attention_mask = attention_mask.to(self.device)
-        cache = DynamicCache()
+        cache = DynamicCache() if self._spliceable else DynamicCache(config=self.model.config)
         logits = self._last_logits(
             input_ids=input_ids.to(self.device),
             attention_mask=attention_mask,
             position_ids=position_ids.to(self.device),
             cache=cache,
         )
-        check_cache(cache)
+        if self._spliceable:
+            check_cache(cache)
         requests = [SamplingRequest(s.params, s.prompt_ids) for s in sequences]
         sampling = SamplingBatch.create(requests, vocab_size=logits.shape[-1], device=self.device)
         tokens = sampling.sample(logits)

@@ -27,8 +27,9 @@ class _HFRunner:
         tokenizer: Tokenizer,
         model_name: str,
         context_window: int | None = None,
+        spliceable: bool,
     ) -> None:
-        self._forward = Forward(model)
+        self._forward = Forward(model, spliceable=spliceable)
         self._tokenizer = tokenizer
         self._model_name = model_name
         self._context_window = context_window or _context_window_of(model)
@@ -69,7 +70,11 @@ class HFBatchedRunner(_HFRunner):
         context_window: int | None = None,
     ) -> None:
         super().__init__(
-            model=model, tokenizer=tokenizer, model_name=model_name, context_window=context_window
+            model=model,
+            tokenizer=tokenizer,
+            model_name=model_name,
+            context_window=context_window,
+            spliceable=True,
         )
         self._batch: KVBatch | None = None
 
@@ -117,7 +122,11 @@ class HFSequentialRunner(_HFRunner):
         context_window: int | None = None,
     ) -> None:
         super().__init__(
-            model=model, tokenizer=tokenizer, model_name=model_name, context_window=context_window
+            model=model,
+            tokenizer=tokenizer,
+            model_name=model_name,
+            context_window=context_window,
+            spliceable=False,
         )
         self._sequences: dict[int, KVBatch] = {}
 
