@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def default_cache() -> Path:
@@ -52,15 +53,18 @@ class Settings(BaseSettings):
     max_unread_tokens: int = Field(4096, ge=1, description="A reader this far behind is cut")
 
     # access and limits
-    api_key: str | None = Field(None, description="One key for /v1 and /chat (Bearer)")
+    # NOTE: secrets, so that printing or logging the settings never shows a key.
+    api_key: SecretStr | None = Field(None, description="One key for /v1 and /chat (Bearer)")
     api_keys: Path | None = Field(None, description="JSON file: key -> name, priority, limits")
-    admin_key: str | None = Field(None, description="Guards /metrics and /load when set")
+    admin_key: SecretStr | None = Field(None, description="Guards /metrics and /load when set")
     max_body_bytes: int = Field(1_000_000, ge=1024)
     max_prompt_tokens: int | None = Field(None, ge=1)
     max_tokens_cap: int | None = Field(None, ge=1, description="Most max_tokens a request gets")
     max_messages: int = Field(512, ge=1)
     timeout_keep_alive: float = Field(5.0, gt=0, description="Idle connection timeout, s")
-    cors_origins: tuple[str, ...] = Field((), description="Allowed origins; none by default")
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="Allowed origins; none by default"
+    )
 
     # the server
     host: str = "127.0.0.1"
@@ -80,6 +84,17 @@ class Settings(BaseSettings):
         if v in ("sqlite", "memory") or v.startswith(("redis://", "rediss://", "unix://")):
             return v
         raise ValueError("expected sqlite, memory or a redis:// URL")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins(cls, v: object) -> object:
+        """A JSON list (CHATQUEUE_CORS_ORIGINS), or origins separated by commas, in one string or
+        several (a repeated flag)."""
+        if isinstance(v, str):
+            v = json.loads(v) if v.lstrip().startswith("[") else [v]
+        if isinstance(v, list | tuple) and all(isinstance(o, str) for o in v):
+            return tuple(p.strip() for o in v for p in o.split(",") if p.strip())
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

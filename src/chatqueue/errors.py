@@ -43,6 +43,15 @@ class Unauthorized(ChatQueueError):
     status_code = 401
     error_type = "authentication_error"
 
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class PayloadTooLarge(ChatQueueError):
+    status_code = 413
+    error_type = "request_too_large"
+
 
 class QueueFull(ChatQueueError):
     """Admission refused: the waiting queue is at its bound. Carries a Retry-After in seconds."""
