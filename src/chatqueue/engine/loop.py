@@ -282,8 +282,9 @@ class Engine:
             if error is not None:
                 step = Step("", FinishReason.ERROR)
             elif rid in tokens:
+                before = job.sequence.num_output_tokens
                 step = job.sequence.append(tokens[rid])
-                num_tokens += 1
+                num_tokens += job.sequence.num_output_tokens - before  # EOS is not output
                 if job.first_token_at is None:
                     job.first_token_at = now
                     self.metrics.ttft.observe(now - job.request.arrival)
