@@ -179,13 +179,15 @@ class ChatQueue:
         user: str = "",
         priority: int = 0,
         queue_timeout_s: float | None = None,
+        max_queue_per_user: int | None = None,
     ) -> RequestStream:
         """Admit a chat request; returns its event stream (async iterator), or raises the typed
         error that says why not (QueueFull: 429, ShuttingDown/NotReady: 503, PromptTooLong: 400).
         Close the stream (or leave its `async with`) to abort the request.
 
         `user` and `priority` order the queue (higher priority first, users in turn);
-        `queue_timeout_s` may only lower the server's queue-wait deadline."""
+        `queue_timeout_s` may only lower the server's queue-wait deadline; `max_queue_per_user`
+        replaces the server's cap on this user's waiting requests (an API key's own)."""
         arrival = self._clock()
         params = params or SamplingParams()
         runner = self._admission_precheck(arrival)
@@ -205,7 +207,12 @@ class ChatQueue:
             max_unread_tokens=self.max_unread_tokens,
         )
         request = Request(
-            rid=next(self._rids), arrival=arrival, user=user, priority=priority, deadline=deadline
+            rid=next(self._rids),
+            arrival=arrival,
+            user=user,
+            priority=priority,
+            deadline=deadline,
+            max_queue_per_user=max_queue_per_user,
         )
         job = Job(request, GenSequence(prompt_ids, params, max_new, runner.tokenizer), stream)
         try:

@@ -187,6 +187,15 @@ def test_per_user_queue_cap() -> None:
     s.add(req("b"), 0)
 
 
+def test_a_request_may_carry_its_users_own_cap() -> None:
+    s = make(max_concurrent=1, max_queue_size=10, max_queue_per_user=2)
+    s.add(Request(rid=next(_ids), arrival=0, user="a", max_queue_per_user=1), 0)
+    with pytest.raises(UserQueueFull):
+        s.add(Request(rid=next(_ids), arrival=0, user="a", max_queue_per_user=1), 0)
+    for _ in range(3):  # a larger own cap lifts the server's
+        s.add(Request(rid=next(_ids), arrival=0, user="b", max_queue_per_user=3), 0)
+
+
 def test_deadline_expiry_leaves_the_queue_without_taking_a_slot() -> None:
     s = make(max_concurrent=1, max_queue_size=5)
     a, b = req(), req(deadline=5.0)

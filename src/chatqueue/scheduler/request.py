@@ -21,6 +21,7 @@ class Request:
     user: str = ""
     priority: int = 0
     deadline: float | None = None  # queue-wait deadline (monotonic seconds)
+    max_queue_per_user: int | None = None  # this user's own cap, in place of the server's
     state: RequestState = RequestState.WAITING
     started_at: float | None = None
     finish_reason: FinishReason | None = None

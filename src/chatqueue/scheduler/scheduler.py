@@ -100,7 +100,7 @@ class Scheduler:
                 f"{self.max_queue_size} waiting). Retry later.",
                 retry_after_s=self.retry_after(now),
             )
-        cap = self.max_queue_per_user
+        cap = req.max_queue_per_user or self.max_queue_per_user
         if cap is not None and req.user and self.waiting.count_for(req.user) >= cap:
             raise UserQueueFull(
                 f"You already have {cap} requests waiting, the most one user may queue. "
