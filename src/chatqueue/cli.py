@@ -46,6 +46,29 @@ def serve(
     torch_threads: Annotated[int | None, typer.Option(help="CPU threads for torch")] = None,
     max_concurrent: Annotated[int | None, typer.Option(help="Generations at once [8]")] = None,
     max_queue: Annotated[int | None, typer.Option(help="Requests waiting at most [64]")] = None,
+    max_queue_per_user: Annotated[
+        int | None, typer.Option(help="Waiting per user [no cap]")
+    ] = None,
+    queue_timeout: Annotated[float | None, typer.Option(help="Most s in the queue [none]")] = None,
+    step_timeout: Annotated[
+        float | None, typer.Option(help="A step this long: hung [none]")
+    ] = None,
+    max_unread_tokens: Annotated[
+        int | None, typer.Option(help="Cut readers this far behind")
+    ] = None,
+    api_key: Annotated[str | None, typer.Option(help="Bearer key for /v1 and /chat")] = None,
+    api_keys: Annotated[
+        Path | None, typer.Option(help='JSON: {"<key>": {"name", "priority", "max_queue"}}')
+    ] = None,
+    admin_key: Annotated[str | None, typer.Option(help="Bearer key for /metrics, /load")] = None,
+    max_body_bytes: Annotated[int | None, typer.Option(help="Largest body [1000000]")] = None,
+    max_prompt_tokens: Annotated[int | None, typer.Option(help="Longest prompt [none]")] = None,
+    max_tokens_cap: Annotated[int | None, typer.Option(help="Most max_tokens [none]")] = None,
+    max_messages: Annotated[int | None, typer.Option(help="Most messages [512]")] = None,
+    timeout_keep_alive: Annotated[float | None, typer.Option(help="Idle connection s [5]")] = None,
+    cors_origins: Annotated[
+        list[str] | None, typer.Option(help="Allowed origins, comma-separated or repeated")
+    ] = None,
     mock_mode: Annotated[str | None, typer.Option(help="echo or lorem")] = None,
     mock_delay: Annotated[float | None, typer.Option(help="Mock seconds per step [0.02]")] = None,
     mock_first_token_delay: Annotated[float | None, typer.Option(help="Mock prefill s")] = None,
@@ -65,9 +88,14 @@ def serve(
     # NOTE: OpenMP threads that spin while waiting made 2-thread CPU forwards here intermittently
     # 30x slower next to the busy event loop; passive waiting must be set before torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from chatqueue.server.auth import KeyFileError
     from chatqueue.server.serve import serve as run
 
-    run(_settings(**given))
+    try:
+        run(_settings(**given))
+    except KeyFileError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
 
 
 @app.command()

@@ -6,12 +6,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 from chatqueue.chat_queue import ChatQueue
 from chatqueue.config import Settings
 from chatqueue.runners import runner_for
 from chatqueue.server import chat_routes, openai_routes, ops
+from chatqueue.server.auth import Keyring
 from chatqueue.server.errors import install_error_handlers
+from chatqueue.server.limits import BodySizeLimit
 
 
 def chat_queue_for(settings: Settings) -> ChatQueue:
@@ -29,7 +32,9 @@ def chat_queue_for(settings: Settings) -> ChatQueue:
 
 
 def create_app(settings: Settings | None = None, *, chat_queue: ChatQueue | None = None) -> FastAPI:
+    """Raises KeyFileError (before anything starts) when the --api-keys file is bad."""
     settings = settings or Settings()
+    keyring = Keyring.from_settings(settings)
     cq = chat_queue or chat_queue_for(settings)
 
     @asynccontextmanager
@@ -44,8 +49,23 @@ def create_app(settings: Settings | None = None, *, chat_queue: ChatQueue | None
     app = FastAPI(title="chatqueue", version="0.1.0", lifespan=lifespan)
     app.state.chat_queue = cq
     app.state.settings = settings
+    app.state.keyring = keyring
     install_error_handlers(app)
     app.include_router(openai_routes.router)
     app.include_router(ops.router)
     history = chat_routes.install(app, settings, cq)
+    _install_limits(app, settings)
     return app
+
+
+def _install_limits(app: FastAPI, settings: Settings) -> None:
+    """Outermost: CORS (so that even a 413 carries its headers), then the body limit."""
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST", "PUT", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=["Retry-After", "X-Conversation-Id", "X-Message-Id"],
+        )

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import StreamingResponse
 from starlette.middleware.sessions import SessionMiddleware
 
@@ -21,6 +21,7 @@ from chatqueue.chat_queue import ChatQueue
 from chatqueue.config import Settings
 from chatqueue.errors import InvalidRequest, NotFound
 from chatqueue.server import sse
+from chatqueue.server.auth import identity
 from chatqueue.server.chat_schemas import MAX_TOP_K, ChatIn, ConversationIn, FeedbackIn, ParamsIn
 from chatqueue.server.chat_session import (
     SESSION_COOKIE,
@@ -55,7 +56,7 @@ def install(app: FastAPI, settings: Settings, chat_queue: ChatQueue) -> HistoryS
         max_age=SESSION_MAX_AGE_S,
         same_site="lax",
     )
-    app.include_router(router)
+    app.include_router(router, dependencies=[Depends(identity)])  # API keys, when set
     mount_page(app)
     return store
 

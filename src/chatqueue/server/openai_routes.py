@@ -7,18 +7,20 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from chatqueue.chat_queue import ChatQueue
 from chatqueue.engine.stream import RequestStream
 from chatqueue.errors import ChatQueueError, InvalidRequest
 from chatqueue.server import sse
+from chatqueue.server.auth import Caller, identity
 from chatqueue.server.errors import error_body
+from chatqueue.server.limits import check_num_messages
 from chatqueue.server.schemas import ChatCompletionRequest
 from chatqueue.types import Finished, FinishReason, Queued, Started, Token, Usage
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(identity)])
 
 
 def chat_queue(request: Request) -> ChatQueue:
@@ -37,7 +39,7 @@ async def list_models(request: Request) -> dict[str, Any]:
 
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request
+    body: ChatCompletionRequest, request: Request, who: Caller
 ) -> StreamingResponse | JSONResponse:
     cq = chat_queue(request)
     if body.model and body.model != cq.model_name:
@@ -45,7 +47,15 @@ async def chat_completions(
             f"The model '{body.model}' does not exist; this server serves '{cq.model_name}'.",
             param="model",
         )
-    stream = await cq.submit(body.chat_messages(), body.sampling_params(), user=body.user or "")
+    check_num_messages(len(body.messages), request.app.state.settings.max_messages)
+    stream = await cq.submit(
+        body.chat_messages(),
+        body.sampling_params(),
+        user=who.user(body.user),
+        priority=who.priority,
+        queue_timeout_s=body.queue_timeout,
+        max_queue_per_user=who.max_queue,
+    )
     chunks = _Chunks(stream.request_id, cq.model_name)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import os
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from chatqueue.chat_queue import ChatQueue
+from chatqueue.server.auth import admin, keyring
 
 router = APIRouter(tags=["operations"])
 
@@ -29,11 +32,21 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if status == "ready" else 503)
 
 
-@router.get("/load")
+@router.get("/load", dependencies=[Depends(admin)])
 async def load(request: Request) -> dict[str, Any]:
-    return dataclasses.asdict(_cq(request).load())
+    figures = dataclasses.asdict(_cq(request).load())
+    if keyring(request).has_admin_key:  # only the operator sees the process's insides
+        figures["debug"] = {"tasks": len(asyncio.all_tasks()), "open_fds": _num_open_fds()}
+    return figures
 
 
-@router.get("/metrics")
+def _num_open_fds() -> int | None:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:  # not Linux
+        return None
+
+
+@router.get("/metrics", dependencies=[Depends(admin)])
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(_cq(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)

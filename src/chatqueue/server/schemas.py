@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from chatqueue.types import ChatMessage, SamplingParams
+
+
+def _encodable(v: str) -> str:
+    # NOTE: JSON may spell a lone surrogate ("\udc80"): a Python str, but no UTF-8 text. Let in,
+    # it would fail only when echoed back, as a 500 or a stream cut short.
+    try:
+        v.encode()
+    except UnicodeEncodeError:
+        raise ValueError("not valid Unicode text (a lone surrogate)") from None
+    return v
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
 
 
 class TextPart(BaseModel):
@@ -19,7 +32,14 @@ class MessageIn(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
-    name: str | None = None
+    name: Text | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content_encodable(cls, v: str | list[TextPart]) -> str | list[TextPart]:
+        for text in [v] if isinstance(v, str) else [p.text for p in v]:
+            _encodable(text)
+        return v
 
     def to_message(self) -> ChatMessage:
         text = (
@@ -52,6 +72,8 @@ class SamplingFields(BaseModel):
     def _at_most_four(cls, v: str | list[str] | None) -> str | list[str] | None:
         if isinstance(v, list) and len(v) > 4:
             raise ValueError("at most 4 stop sequences")
+        for text in [v] if isinstance(v, str) else v or []:
+            _encodable(text)
         return v
 
     def sampling_params(self) -> SamplingParams:
@@ -76,12 +98,19 @@ class StreamOptions(BaseModel):
 
 
 class ChatCompletionRequest(SamplingFields):
-    model: str | None = None
+    model: Text | None = None
     messages: list[MessageIn] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int | None = Field(None, ge=1, le=1, strict=True, description="Only 1 is supported")
-    user: str | None = Field(None, max_length=256)
+    user: Text | None = Field(None, max_length=256)
+    queue_timeout: float | None = Field(
+        None,
+        gt=0,
+        strict=True,
+        allow_inf_nan=False,
+        description="Extension: most seconds to wait in the queue; may only lower the server's",
+    )
 
     def chat_messages(self) -> list[ChatMessage]:
         return [m.to_message() for m in self.messages]
@@ -91,7 +120,7 @@ class ChatStreamRequest(SamplingFields):
     """The body `ChatQueue.handle_chat_stream_request` takes."""
 
     messages: list[MessageIn] = Field(min_length=1)
-    user: str | None = Field(None, max_length=256)
+    user: Text | None = Field(None, max_length=256)
 
     def chat_messages(self) -> list[ChatMessage]:
         return [m.to_message() for m in self.messages]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import signal
 import sys
 from types import FrameType
@@ -67,5 +68,6 @@ def serve(settings: Settings) -> None:
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=5,
+        timeout_keep_alive=math.ceil(settings.timeout_keep_alive),  # uvicorn takes whole seconds
     )
     _DrainingServer(config, app.state.chat_queue, settings.shutdown_timeout).run()
