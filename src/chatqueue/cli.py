@@ -44,6 +44,11 @@ def serve(
     batching: Annotated[str | None, typer.Option(help="on (continuous batching) or off")] = None,
     chat_template: Annotated[Path | None, typer.Option(help="Jinja chat template file")] = None,
     torch_threads: Annotated[int | None, typer.Option(help="CPU threads for torch")] = None,
+    kv_cache: Annotated[
+        str | None, typer.Option(help="auto (static on CUDA for Llama-family), static, dynamic")
+    ] = None,
+    max_model_len: Annotated[int | None, typer.Option(help="Static cache length [4096]")] = None,
+    prefill_chunk: Annotated[int | None, typer.Option(help="Prompt tokens a step [512]")] = None,
     max_concurrent: Annotated[int | None, typer.Option(help="Generations at once [8]")] = None,
     max_queue: Annotated[int | None, typer.Option(help="Requests waiting at most [64]")] = None,
     max_queue_per_user: Annotated[

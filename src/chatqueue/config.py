@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     batching: Literal["on", "off"] = "on"
     chat_template: Path | None = None
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch")
+    kv_cache: Literal["auto", "static", "dynamic"] = "auto"
+    max_model_len: int | None = Field(None, ge=16, description="Static cache length per slot")
+    prefill_chunk: int = Field(512, ge=1, description="Most prompt tokens prefilled a step")
     cache: Path = Field(default_factory=default_cache, description="Converted-model cache")
 
     # the mock engine

@@ -38,6 +38,10 @@ def runner_for(settings: Settings) -> Runner | Callable[[], Runner]:
             batching=settings.batching == "on",
             chat_template=str(settings.chat_template) if settings.chat_template else None,
             cache_dir=settings.cache,
+            kv_cache=settings.kv_cache,
+            max_batch=settings.max_concurrent,
+            max_model_len=settings.max_model_len,
+            prefill_chunk=settings.prefill_chunk,
         )
 
     return load

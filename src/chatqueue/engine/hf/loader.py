@@ -23,6 +23,7 @@ from chatqueue.engine.hf.gguf_cache import (
     default_model_folder,
 )
 from chatqueue.engine.hf.runner import HFBatchedRunner, HFSequentialRunner
+from chatqueue.engine.hf.static_runner import StaticCacheRunner, UnsupportedModel, check_supported
 from chatqueue.engine.hf.tokenizer import HFTokenizer
 from chatqueue.engine.runner import Runner
 
@@ -37,9 +38,17 @@ def load_hf_runner(
     batching: bool = True,
     chat_template: str | None = None,
     cache_dir: Path | None = None,
+    kv_cache: str = "auto",
+    max_batch: int = 8,
+    max_model_len: int | None = None,
+    prefill_chunk: int = 512,
 ) -> Runner:
     """A runner for `model` (a local HF model folder; None: the default SmolLM2 GGUF, converted once
-    into `cache_dir`). `chat_template` is a file holding a Jinja template, for models without one."""
+    into `cache_dir`). `chat_template` is a file holding a Jinja template, for models without one.
+
+    `kv_cache`: "static" (slots of a fixed-size cache, decode captured as CUDA graphs on a GPU,
+    chunked prefill; Llama-family models), "dynamic" (any model), or "auto": static on CUDA where
+    the model allows it, else dynamic."""
     folder = default_model_folder(cache_dir) if model is None else _local_folder(model)
     name = DEFAULT_MODEL_NAME if model is None else folder.name
     torch_device = resolve_device(device)
@@ -48,8 +57,36 @@ def load_hf_runner(
     tokenizer = load_tokenizer(folder, model_name=name, chat_template=template)
     hf_model = load_model(folder, device=torch_device, dtype=torch_dtype)
     log.info("loaded %s on %s as %s (batching %s)", name, torch_device, torch_dtype, batching)
+    if batching and _wants_static(kv_cache, hf_model, torch_device):
+        max_len = min(max_model_len or 4096, _context_window(hf_model))
+        return StaticCacheRunner(
+            model=hf_model,
+            tokenizer=tokenizer,
+            model_name=name,
+            max_batch=max_batch,
+            max_len=max_len,
+            prefill_chunk=prefill_chunk,
+        )
     runner_class = HFBatchedRunner if batching else HFSequentialRunner
     return runner_class(model=hf_model, tokenizer=tokenizer, model_name=name)
+
+
+def _wants_static(kv_cache: str, model: PreTrainedModel, device: torch.device) -> bool:
+    if kv_cache == "dynamic":
+        return False
+    if kv_cache == "static":
+        check_supported(model, _context_window(model))
+        return True
+    try:
+        check_supported(model, 4096)
+    except UnsupportedModel as exc:
+        log.info("static KV cache off: %s", exc)
+        return False
+    return device.type == "cuda"
+
+
+def _context_window(model: PreTrainedModel) -> int:
+    return int(getattr(model.config, "max_position_embeddings", 4096))
 
 
 def load_model(folder: Path, *, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:

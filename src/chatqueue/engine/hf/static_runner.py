@@ -1,0 +1,321 @@
+"""The fast path for Llama-family models: a static KV cache, a decode step captured as CUDA graphs
+at a set of batch sizes, and chunked prefill.
+
+NOTE: how the static cache works. Every running sequence owns one row (slot) of fixed-size KV
+buffers [slots, kv_heads, max_len, head_dim] per layer; the running rows are kept packed at the
+front (a leaving row is replaced by the last one). All rows write their next token's KV into the
+same column, `col`, which moves right one column a step; what a row attends to is its own `valid`
+mask, and where a token sits in its sequence is its own position id (RoPE is applied before the
+cache). So a joining sequence's prompt is copied right-aligned just left of `col` (moving `col`
+right first if the prompt is longer), rows never wait for one another, and the decode step has
+the same shapes every time, which is what lets it be captured once per batch size and replayed.
+When `col` reaches the end of the buffer, the rows are compacted to the left, once.
+
+Prefill runs the model's own forward on a private cache, at most `prefill_chunk` prompt tokens a
+step, after the step's decode: a long prompt delays the running streams by one chunk at most.
+"""
+
+from __future__ import annotations
+
+import bisect
+import gc
+import logging
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from chatqueue.engine.hf.sampling import SamplingBatch, SamplingRequest
+from chatqueue.engine.runner import NewSequence, StepBatch, Tokenizer
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512)
+
+
+class UnsupportedModel(ValueError):
+    """The static-cache runner cannot run this model; the dynamic batched runner can."""
+
+
+def check_supported(model: PreTrainedModel, max_len: int) -> None:
+    config = model.config
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModel(f"model type {config.model_type!r} is not Llama-family")
+    window = getattr(config, "sliding_window", None)
+    uses_window = getattr(config, "use_sliding_window", window is not None)
+    if uses_window and window is not None and window < max_len:
+        raise UnsupportedModel(f"sliding window {window} < max_len {max_len}")
+
+
+@dataclass(eq=False)
+class _Prefill:
+    """A sequence whose prompt is going through the model chunk by chunk."""
+
+    new: NewSequence
+    cache: DynamicCache = field(default_factory=DynamicCache)
+    done: int = 0  # prompt tokens already run
+
+
+class StaticCacheRunner:
+    def __init__(
+        self,
+        *,
+        model: PreTrainedModel,
+        tokenizer: Tokenizer,
+        model_name: str,
+        max_batch: int,
+        max_len: int,
+        prefill_chunk: int = 512,
+        use_cuda_graphs: bool | None = None,
+    ) -> None:
+        check_supported(model, max_len)
+        self.model = model
+        self._tokenizer = tokenizer
+        self._model_name = model_name
+        self.max_batch = max_batch
+        self.max_len = max_len
+        self.prefill_chunk = prefill_chunk
+        self.device = model.device
+        config = model.config
+        self._n_heads = config.num_attention_heads
+        self._n_kv = config.num_key_value_heads
+        self._head_dim = getattr(config, "head_dim", None) or config.hidden_size // self._n_heads
+        self._vocab = config.vocab_size
+        inner = model.model
+        self._embed, self._layers, self._norm = inner.embed_tokens, inner.layers, inner.norm
+        self._rotary, self._lm_head = inner.rotary_emb, model.lm_head
+        self._scale = float(self._layers[0].self_attn.scaling)
+
+        kv_shape = (max_batch, self._n_kv, max_len, self._head_dim)
+        dtype, dev = model.dtype, self.device
+        self._k = [torch.zeros(kv_shape, dtype=dtype, device=dev) for _ in self._layers]
+        self._v = [torch.zeros(kv_shape, dtype=dtype, device=dev) for _ in self._layers]
+        self._valid = torch.zeros(max_batch, max_len, dtype=torch.bool, device=dev)
+        self._ids = torch.zeros(max_batch, dtype=torch.long, device=dev)
+        self._pos = torch.zeros(max_batch, dtype=torch.long, device=dev)
+        self._col_t = torch.zeros(1, dtype=torch.long, device=dev)
+        self._col = 0  # host mirror of _col_t
+        self._rows: list[int] = []  # seq_id of each packed row
+        self._lengths: list[int] = []  # tokens each row holds in the cache
+        self._sampling: SamplingBatch | None = None
+        self._prefills: deque[_Prefill] = deque()
+        self.num_compactions = 0
+        self._buckets = [b for b in _BUCKETS if b < max_batch] + [max_batch]
+        graphs = dev.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if graphs:
+            self._capture_graphs()
+
+    # -- the Runner contract --------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return self._model_name
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self._tokenizer
+
+    @property
+    def context_window(self) -> int:
+        return self.max_len
+
+    def step(self, batch: StepBatch) -> dict[int, int]:
+        with torch.inference_mode():
+            self._release(batch.released)
+            held = set(self._rows) | {p.new.seq_id for p in self._prefills}
+            assert held == set(batch.running), f"running {batch.running} != held {sorted(held)}"
+            assert len(held) + len(batch.new) <= self.max_batch, "more sequences than slots"
+            self._prefills.extend(_Prefill(new) for new in batch.new)
+            out: dict[int, int] = {}
+            if self._rows:
+                out.update(zip(self._rows, self._decode().tolist(), strict=True))
+            out.update(self._prefill_some())
+            return out
+
+    def close(self) -> None:
+        self._graphs.clear()
+        self._k.clear()
+        self._v.clear()
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- rows -----------------------------------------------------------------------------
+    def _release(self, released: Sequence[int]) -> None:
+        gone = set(released)
+        self._prefills = deque(p for p in self._prefills if p.new.seq_id not in gone)
+        before = list(self._rows)
+        for seq_id in [s for s in before if s in gone]:
+            row, last = self._rows.index(seq_id), len(self._rows) - 1
+            if row != last:
+                self._move_row(last, row)
+            self._rows.pop()
+            self._lengths.pop()
+        if self._sampling is not None and self._rows != before:
+            # the sampling rows follow the KV rows' new packed order
+            keep = [before.index(seq_id) for seq_id in self._rows]
+            self._sampling = self._sampling.select(keep) if keep else None
+
+    def _move_row(self, src: int, dst: int) -> None:
+        for buffers in (self._k, self._v):
+            for layer in buffers:
+                layer[dst].copy_(layer[src])
+        for t in (self._valid, self._ids, self._pos):
+            t[dst].copy_(t[src])
+        self._rows[dst] = self._rows[src]
+        self._lengths[dst] = self._lengths[src]
+
+    def _add_row(self, prefill: _Prefill, first_token: torch.Tensor) -> None:
+        """Copy a prefilled prompt right-aligned just left of `col`; it decodes from next step."""
+        n = len(prefill.new.prompt_ids)
+        if self._col >= self.max_len:
+            self._compact()
+        if self._col < n:
+            self._set_col(n)
+        row = len(self._rows)
+        start = self._col - n
+        for i, layer in enumerate(prefill.cache.layers):
+            assert isinstance(layer, DynamicLayer) and layer.keys is not None
+            assert layer.values is not None
+            self._k[i][row, :, start : self._col].copy_(layer.keys[0])
+            self._v[i][row, :, start : self._col].copy_(layer.values[0])
+        self._valid[row].zero_()
+        self._valid[row, start : self._col] = True
+        self._ids[row] = first_token
+        self._pos[row] = n
+        self._rows.append(prefill.new.seq_id)
+        self._lengths.append(n)
+
+    def _set_col(self, col: int) -> None:
+        self._col = col
+        self._col_t.fill_(col)
+
+    def _compact(self) -> None:
+        """Move every row's entries to the left, right-aligned at the longest row's length."""
+        new_col = max(self._lengths, default=0)
+        assert new_col < self.max_len, "a sequence outgrew max_len"
+        for row, length in enumerate(self._lengths):
+            src = self._valid[row].nonzero().squeeze(1)
+            dst = torch.arange(new_col - length, new_col, device=self.device)
+            for buffers in (self._k, self._v):
+                for layer in buffers:
+                    layer[row].index_copy_(1, dst, layer[row].index_select(1, src))
+            self._valid[row].zero_()
+            self._valid[row, new_col - length : new_col] = True
+        self._set_col(new_col)
+        self.num_compactions += 1
+        log.debug("compacted the static cache to %s columns", new_col)
+
+    # -- decode ---------------------------------------------------------------------------
+    def _decode(self) -> torch.Tensor:
+        if self._col >= self.max_len:
+            self._compact()
+        n = len(self._rows)
+        bucket = self._buckets[bisect.bisect_left(self._buckets, n)]
+        if bucket in self._graphs:
+            graph, logits = self._graphs[bucket]
+            graph.replay()
+        else:
+            logits = self._decode_forward(bucket)
+        self._col += 1  # the device copy moved inside the step
+        for row in range(n):
+            self._lengths[row] += 1
+        assert self._sampling is not None
+        tokens = self._sampling.sample(logits[:n])
+        self._ids[:n].copy_(tokens)
+        return tokens
+
+    def _decode_forward(self, b: int) -> torch.Tensor:
+        """One token for rows [0, b): only static buffers, no host synchronisation (capturable)."""
+        col = self._col_t
+        self._valid[:b].index_fill_(1, col, True)
+        mask = self._valid[:b].view(b, 1, 1, self.max_len)
+        hidden = self._embed(self._ids[:b].view(b, 1))
+        cos, sin = self._rotary(hidden, self._pos[:b].view(b, 1))
+        groups = self._n_heads // self._n_kv
+        for i, layer in enumerate(self._layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            q = attn.q_proj(x).view(b, 1, self._n_heads, self._head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(b, 1, self._n_kv, self._head_dim).transpose(1, 2)
+            v = attn.v_proj(x).view(b, 1, self._n_kv, self._head_dim).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            keys, values = self._k[i][:b], self._v[i][:b]
+            keys.index_copy_(2, col, k)
+            values.index_copy_(2, col, v)
+            # NOTE: grouped-query attention as a query of length `groups` per KV head: same
+            # result as repeating K/V, without copying them, and the fused kernels accept it.
+            q = q.reshape(b, self._n_kv, groups, self._head_dim)
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self._scale)
+            hidden = hidden + attn.o_proj(o.reshape(b, 1, self._n_heads * self._head_dim))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        logits: torch.Tensor = self._lm_head(self._norm(hidden)[:, -1]).float()
+        self._pos[:b].add_(1)
+        col.add_(1)
+        return logits
+
+    def _capture_graphs(self) -> None:
+        """Capture the decode step at every bucket size, before any sequence holds a row."""
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+        with torch.inference_mode():
+            for b in reversed(self._buckets):
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    for _ in range(2):  # warm-up: kernels chosen, workspaces allocated
+                        self._decode_forward(b)
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = self._decode_forward(b)
+                self._graphs[b] = (graph, logits)
+            torch.cuda.synchronize()
+            self._valid.zero_()
+            self._pos.zero_()
+            self._set_col(0)
+        log.info("captured decode graphs for batch sizes %s", self._buckets)
+
+    # -- prefill --------------------------------------------------------------------------
+    def _prefill_some(self) -> dict[int, int]:
+        """Run up to `prefill_chunk` prompt tokens; sequences whose prompt is done join."""
+        budget, out = self.prefill_chunk, {}
+        finished: list[tuple[_Prefill, torch.Tensor]] = []
+        for prefill in list(self._prefills):
+            if budget <= 0:
+                break
+            prompt = prefill.new.prompt_ids
+            end = min(len(prompt), prefill.done + budget)
+            logits = self._forward_chunk(prefill, prefill.done, end)
+            budget -= end - prefill.done
+            prefill.done = end
+            if end == len(prompt):
+                assert logits is not None
+                finished.append((prefill, logits))
+        for prefill, logits in finished:
+            self._prefills.remove(prefill)
+            request = SamplingRequest(prefill.new.params, prefill.new.prompt_ids)
+            one = SamplingBatch.create([request], vocab_size=logits.shape[-1], device=self.device)
+            token = one.sample(logits)
+            self._add_row(prefill, token[0])
+            self._sampling = one if self._sampling is None else self._sampling.concat(one)
+            out[prefill.new.seq_id] = int(token[0])
+        return out
+
+    def _forward_chunk(self, prefill: _Prefill, start: int, end: int) -> torch.Tensor:
+        ids = torch.tensor([list(prefill.new.prompt_ids[start:end])], device=self.device)
+        positions = torch.arange(start, end, device=self.device).unsqueeze(0)
+        output = self.model(
+            input_ids=ids,
+            position_ids=positions,
+            past_key_values=prefill.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        logits: torch.Tensor = output.logits[:, -1].float()
+        return logits
