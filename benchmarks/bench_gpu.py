@@ -1,0 +1,345 @@
+"""The batched engine on a GPU, against transformers and the memory-bandwidth floor, in one run.
+
+A Llama-3.2-1B-shaped model with random bf16 weights, prompts of 256 tokens, 256 new tokens, EOS
+ignored; the same model on both sides of every comparison; each figure a median of repeats,
+configurations alternated, after a warm-up. Prints:
+  - decode ms/step at batch 1 and 64 ÷ the floor (weight + KV bytes per step ÷ copy bandwidth
+    measured here);
+  - output tokens/s at 64 and 256 concurrent requests, ours (ChatQueue, static cache + CUDA
+    graphs) ÷ transformers' continuous batching (CUDA graphs on, cache sized), and ÷ ours with
+    `--batching off` (one request at a time);
+  - through the HTTP server at 64 streams: tokens/s ÷ in-process, event-loop lag p99, TTFT
+    p50/p99 and inter-token p99.
+
+    python benchmarks/bench_gpu.py [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from chatqueue import ChatMessage, ChatQueue, SamplingParams
+from chatqueue.engine.runner import NewSequence, StepBatch
+from gpu_model import PROMPT_TOKENS, build_model, static_runner
+
+NEW_TOKENS = 256
+RESULTS: dict[str, object] = {}
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a large device-to-device copy."""
+    src = torch.randn(512 * 1024 * 1024 // 2, dtype=torch.bfloat16, device="cuda")  # 512 MiB
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(20):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return 2 * src.numel() * 2 / statistics.median(times[5:])
+
+
+def prompts(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1000, 120000, (PROMPT_TOKENS,), generator=g).tolist() for _ in range(n)]
+
+
+def decode_ms(runner, batch: int, steps: int = 48) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """Median ms of one decode step for `batch` running sequences; and their mean cache length."""
+    greedy = SamplingParams(temperature=0, ignore_eos=True)
+    news = [NewSequence(i, p, greedy) for i, p in enumerate(prompts(batch))]
+    ids = [n.seq_id for n in news]
+    got = runner.step(StepBatch(new=news, running=[], released=[]))
+    while len(got) < batch:  # chunked prefill may take several steps
+        got |= runner.step(StepBatch(new=[], running=ids, released=[]))
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        runner.step(StepBatch(new=[], running=ids, released=[]))  # ends in one .tolist()
+        times.append(time.perf_counter() - t0)
+    runner.step(StepBatch(new=[], running=[], released=ids))
+    return statistics.median(times[8:]) * 1e3, PROMPT_TOKENS + steps / 2
+
+
+def floor_ms(model, batch: int, cache_len: float, bw: float) -> float:  # type: ignore[no-untyped-def]
+    c = model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv_per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 2
+    return (weights + batch * cache_len * kv_per_token) / bw * 1e3
+
+
+async def chatqueue_tokens_per_s(runner, n: int, *, max_concurrent: int) -> float:  # type: ignore[no-untyped-def]
+    cq = ChatQueue(runner, max_concurrent=max_concurrent, max_queue_size=n)
+    await cq.start_queue_worker()
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+    msgs = [[ChatMessage("user", f"request {i}")] for i in range(n)]
+    t0 = time.perf_counter()
+    streams = [await cq.submit(m, params) for m in msgs]
+    done = await asyncio.gather(*(s.collect() for s in streams))
+    elapsed = time.perf_counter() - t0
+    await cq.stop()
+    return sum(d.usage.completion_tokens for d in done) / elapsed
+
+
+def hf_cb_tokens_per_s(model, n: int) -> float:  # type: ignore[no-untyped-def]
+    """transformers' own continuous batching on the same requests: CUDA graphs on, cache sized."""
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig(
+        max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    kwargs: dict[str, object] = {}
+    try:
+        from transformers import ContinuousBatchingConfig
+
+        kwargs["continuous_batching_config"] = ContinuousBatchingConfig(
+            num_blocks=n * (PROMPT_TOKENS + NEW_TOKENS) // 256 + n,
+            max_batch_tokens=2048,
+            use_cuda_graph=True,
+        )
+    except ImportError:  # older transformers: the same settings on the generation config
+        gen.num_blocks = n * (PROMPT_TOKENS + NEW_TOKENS) // 128 + n
+        gen.block_size = 128
+        gen.max_batch_tokens = 2048
+        gen.use_cuda_graph = True
+    ids = prompts(n, seed=1)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        out = model.generate_batch(ids, generation_config=gen, **kwargs)
+        elapsed = time.perf_counter() - t0
+    return sum(len(o.generated_tokens) for o in out.values()) / elapsed
+
+
+def sequential_tokens_per_s(model) -> float:  # type: ignore[no-untyped-def]
+    """`--batching off`: 8 requests of 64 tokens, each running its own forward in turn."""
+    from chatqueue.engine.hf.runner import HFSequentialRunner
+    from gpu_model import PromptTokenizer
+
+    runner = HFSequentialRunner(model=model, tokenizer=PromptTokenizer(), model_name="seq")
+
+    async def go() -> float:
+        cq = ChatQueue(runner, max_concurrent=8, max_queue_size=8)
+        await cq.start_queue_worker()
+        params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+        t0 = time.perf_counter()
+        streams = [await cq.submit([ChatMessage("user", f"s{i}")], params) for i in range(8)]
+        done = await asyncio.gather(*(s.collect() for s in streams))
+        elapsed = time.perf_counter() - t0
+        await cq.stop()
+        return sum(d.usage.completion_tokens for d in done) / elapsed
+
+    return asyncio.run(go())
+
+
+def correctness(model) -> None:  # type: ignore[no-untyped-def]
+    """Greedy tokens of the static runner vs `generate` alone, and the logits' relative error."""
+    runner = static_runner(model, max_batch=8, max_len=512)
+    ps = prompts(4, seed=7)
+    greedy = SamplingParams(temperature=0)
+    news = [NewSequence(i, p, greedy) for i, p in enumerate(ps)]
+    outs: dict[int, list[int]] = {i: [] for i in range(4)}
+    got = runner.step(StepBatch(new=news, running=[], released=[]))
+    for _ in range(15):
+        for k, v in got.items():
+            outs[k].append(v)
+        got = runner.step(StepBatch(new=[], running=list(range(4)), released=[]))
+    agree = total = 0
+    for i, p in enumerate(ps):
+        ref = model.generate(
+            torch.tensor([p], device="cuda"),
+            do_sample=False,
+            max_new_tokens=15,
+            min_new_tokens=15,
+            pad_token_id=0,
+        )[0, PROMPT_TOKENS:].tolist()
+        first_diff = next(
+            (j for j, (a, b) in enumerate(zip(ref, outs[i], strict=False)) if a != b), len(ref)
+        )
+        agree += first_diff
+        total += len(ref)
+    RESULTS["greedy_prefix_agreement"] = agree / total
+    log(
+        f"correctness: greedy tokens equal to generate() up to the first difference: "
+        f"{agree}/{total} (bf16: rounding may flip near-ties)"
+    )
+    runner.close()
+
+
+def http_part(model, quick: bool) -> None:  # type: ignore[no-untyped-def]
+    import aiohttp
+
+    from _common import health_probe, pct, stream_chat
+
+    n = 64
+    runner = static_runner(model, max_batch=n, max_len=PROMPT_TOKENS + NEW_TOKENS)
+    asyncio.run(chatqueue_tokens_per_s(runner, n, max_concurrent=n))  # warm
+    inproc = [asyncio.run(chatqueue_tokens_per_s(runner, n, max_concurrent=n)) for _ in range(2)]
+    runner.close()
+    del runner
+    torch.cuda.empty_cache()
+    port = 8123
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            str(Path(__file__).parent / "gpu_model.py"),
+            "--port",
+            str(port),
+            "--max-concurrent",
+            str(n),
+        ],
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        import httpx
+
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        body = {
+            "messages": [{"role": "user", "content": "x"}],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_tokens": NEW_TOKENS,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
+
+        async def run() -> tuple[float, list[float], list[float]]:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=n + 4)) as s:
+                t0 = time.perf_counter()
+                res = await asyncio.gather(
+                    *(
+                        stream_chat(
+                            s, url, {**body, "messages": [{"role": "user", "content": f"r{i}"}]}
+                        )
+                        for i in range(n)
+                    )
+                )
+                elapsed = time.perf_counter() - t0
+            ttft = [st[0] - t0 for st, _ in res if st]
+            itl = [b - a for st, _ in res for a, b in itertools.pairwise(st)]
+            return sum(t for _, t in res) / elapsed, ttft, itl
+
+        asyncio.run(run())  # warm
+        http, ttfts, itls = [], [], []
+        with health_probe(url) as lag:
+            for _ in range(2):
+                tps, ttft, itl = asyncio.run(run())
+                http.append(tps)
+                ttfts += ttft
+                itls += itl
+    finally:
+        server.terminate()
+        server.wait(30)
+    h, i = statistics.median(http), statistics.median(inproc)
+    RESULTS.update(
+        http_tps=h,
+        inproc_tps=i,
+        lag_p99_ms=pct(lag, 99) * 1e3,
+        ttft_p50_ms=pct(ttfts, 50) * 1e3,
+        ttft_p99_ms=pct(ttfts, 99) * 1e3,
+        itl_p99_ms=pct(itls, 99) * 1e3,
+        itl_p50_ms=pct(itls, 50) * 1e3,
+    )
+    log(f"HTTP 64 streams: {h:.0f} tok/s ÷ in-process {i:.0f} tok/s = {h / i:.3f} (target >= 0.9)")
+    log(
+        f"event-loop lag p99 {pct(lag, 99) * 1e3:.2f} ms (target <= 5); TTFT p50 "
+        f"{pct(ttfts, 50) * 1e3:.0f} ms p99 {pct(ttfts, 99) * 1e3:.0f} ms; inter-token p50 "
+        f"{pct(itls, 50) * 1e3:.1f} ms p99 {pct(itls, 99) * 1e3:.1f} ms"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--parts", default="floor,throughput,http")
+    args = ap.parse_args()
+    parts = set(args.parts.split(","))
+    import transformers
+
+    log(
+        f"device {torch.cuda.get_device_name()} torch {torch.__version__} "
+        f"transformers {transformers.__version__}"
+    )
+    model = build_model()
+    correctness(model)
+    if "floor" in parts:
+        bw = copy_bandwidth()
+        RESULTS["copy_bandwidth_GBps"] = bw / 1e9
+        log(f"copy bandwidth {bw / 1e9:.0f} GB/s")
+        runner = static_runner(model, max_batch=256, max_len=PROMPT_TOKENS + NEW_TOKENS)
+        for b in (1, 64):
+            decode_ms(runner, b, steps=16)  # warm
+            ms, cache_len = decode_ms(runner, b)
+            fl = floor_ms(model, b, cache_len, bw)
+            RESULTS[f"decode_ms_b{b}"] = ms
+            RESULTS[f"floor_ms_b{b}"] = fl
+            log(
+                f"decode batch {b}: {ms:.3f} ms/step, floor {fl:.3f} ms -> {ms / fl:.2f}x "
+                f"(target <= {2.5 if b == 1 else 3}x)"
+            )
+        runner.close()
+        del runner
+        torch.cuda.empty_cache()
+    if "throughput" in parts:
+        sizes = (64,) if args.quick else (64, 256)
+        for n in sizes:
+            runner = static_runner(model, max_batch=n, max_len=PROMPT_TOKENS + NEW_TOKENS)
+            ours, theirs = [], []
+            asyncio.run(chatqueue_tokens_per_s(runner, min(n, 16), max_concurrent=n))
+            hf_cb_tokens_per_s(model, 8)  # warm-up: graphs captured
+            for _ in range(2 if args.quick else 3):
+                ours.append(asyncio.run(chatqueue_tokens_per_s(runner, n, max_concurrent=n)))
+                theirs.append(hf_cb_tokens_per_s(model, n))
+            runner.close()
+            del runner
+            torch.cuda.empty_cache()
+            o, t = statistics.median(ours), statistics.median(theirs)
+            RESULTS[f"ours_tps_{n}"], RESULTS[f"hf_cb_tps_{n}"] = o, t
+            log(
+                f"{n} requests: ours {o:.0f} tok/s ÷ transformers CB {t:.0f} tok/s = "
+                f"{o / t:.2f}x (target >= 3x) runs ours={[round(x) for x in ours]} "
+                f"theirs={[round(x) for x in theirs]}"
+            )
+        seq = sequential_tokens_per_s(model)
+        RESULTS["batching_off_tps"] = seq
+        log(
+            f"--batching off (8 requests, 64 tokens, one forward each in turn): {seq:.0f} tok/s; "
+            f"ours at 64 ÷ off = {RESULTS['ours_tps_64'] / seq:.1f}x"
+        )  # type: ignore[operator]
+    if "http" in parts:
+        http_part(model, args.quick)
+    Path(args.out, "bench_gpu.json").write_text(json.dumps(RESULTS, indent=1))
+    log(json.dumps(RESULTS))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""A Llama-3.2-1B-shaped model with random bf16 weights (no hub: the same model on both sides of
+every comparison), and a stand-in tokenizer whose prompts are N fixed random token ids.
+
+Run as a script it serves that model over HTTP, for the server half of bench_gpu.py:
+    python benchmarks/gpu_model.py --port 8000 --max-concurrent 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from chatqueue.types import ChatMessage
+
+PROMPT_TOKENS = 256
+
+
+def llama_1b_config() -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        bos_token_id=128000,
+        eos_token_id=128001,
+    )
+
+
+def build_model(device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(llama_1b_config()).to(dtype).eval()
+    return model
+
+
+class PromptTokenizer:
+    """Each conversation maps to PROMPT_TOKENS ids drawn from a seed of its text; ids decode to
+    short words. Enough for the engine: it needs token ids in and text out."""
+
+    eos_token_ids = frozenset({128001})
+
+    def apply_chat_template(self, messages: Sequence[ChatMessage]) -> list[int]:
+        seed = int(hashlib.sha256(messages[-1].content.encode()).hexdigest()[:8], 16)
+        g = torch.Generator().manual_seed(seed)
+        return torch.randint(1000, 120000, (PROMPT_TOKENS,), generator=g).tolist()
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return "".join(f" w{t % 1000}" for t in token_ids)
+
+
+def static_runner(model: LlamaForCausalLM, *, max_batch: int, max_len: int, chunk: int = 2048):
+    from chatqueue.engine.hf.static_runner import StaticCacheRunner
+
+    return StaticCacheRunner(
+        model=model,
+        tokenizer=PromptTokenizer(),
+        model_name="llama-1b-random",
+        max_batch=max_batch,
+        max_len=max_len,
+        prefill_chunk=chunk,
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--max-concurrent", type=int, default=64)
+    ap.add_argument("--max-len", type=int, default=512)
+    args = ap.parse_args()
+    import uvicorn
+
+    from chatqueue.chat_queue import ChatQueue
+    from chatqueue.config import Settings
+    from chatqueue.server.app import create_app
+
+    runner = static_runner(build_model(), max_batch=args.max_concurrent, max_len=args.max_len)
+    cq = ChatQueue(runner, max_concurrent=args.max_concurrent, max_queue_size=args.max_concurrent)
+    settings = Settings(engine="mock", port=args.port, log_level="warning")
+    sys.setswitchinterval(0.0005)
+    uvicorn.run(
+        create_app(settings, chat_queue=cq), host="127.0.0.1", port=args.port, log_level="warning"
+    )
+
+
+if __name__ == "__main__":
+    main()
