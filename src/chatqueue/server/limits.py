@@ -8,10 +8,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from chatqueue.errors import InvalidRequest, PayloadTooLarge
 from chatqueue.server.errors import error_response
 
+# A refused body up to this much larger is read to its end, and thrown away, before the 413: a
+# server that answers and hangs up while the client still sends makes the client's TCP stack see
+# a reset, and most clients then report a broken connection instead of the 413.
+DRAIN_BYTES = 1 << 20
+
 
 class BodySizeLimit:
-    """413 for a body over `max_bytes`: at once when Content-Length says so, else (chunked) as
-    soon as the bytes read pass the limit.
+    """413 for a body over `max_bytes`: before reading it when Content-Length says so, else
+    (chunked) as soon as the bytes read pass the limit.
 
     NOTE: the body is read here, whole, before the app runs, then handed on as one message; our
     bodies are small JSON that the routes read whole anyway, and so a 413 is always a clean
@@ -27,6 +32,8 @@ class BodySizeLimit:
             return
         declared = _content_length(scope)
         if declared is not None and declared > self.max_bytes:
+            if declared <= self.max_bytes + DRAIN_BYTES:
+                await _drain(receive, DRAIN_BYTES + self.max_bytes)
             await self._refuse(scope, receive, send)
             return
         chunks: list[bytes] = []
@@ -39,6 +46,8 @@ class BodySizeLimit:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
+                if message.get("more_body", False):
+                    await _drain(receive, DRAIN_BYTES)
                 await self._refuse(scope, receive, send)
                 return
             chunks.append(chunk)
@@ -51,8 +60,17 @@ class BodySizeLimit:
         response = error_response(
             PayloadTooLarge(f"The request body is larger than {self.max_bytes} bytes.")
         )
-        response.headers["Connection"] = "close"  # the rest of the body is never read
+        response.headers["Connection"] = "close"  # what is left of the body is never read
         await response(scope, receive, send)
+
+
+async def _drain(receive: Receive, most_bytes: int) -> None:
+    """Read the rest of the body, up to `most_bytes`, and throw it away."""
+    while most_bytes > 0:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+        most_bytes -= len(message.get("body", b""))
 
 
 def _content_length(scope: Scope) -> int | None:
