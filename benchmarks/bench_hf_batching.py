@@ -90,6 +90,8 @@ def in_process(args: argparse.Namespace, n: int) -> tuple[float, float]:
     from chatqueue import ChatMessage, ChatQueue, SamplingParams
     from chatqueue.engine.hf.loader import load_hf_runner
 
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     runner = load_hf_runner(model=args.model, device="cpu", dtype="float32", batching=True)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
     msgs = [[ChatMessage("user", p)] for p in prompts(n)]
@@ -97,7 +99,8 @@ def in_process(args: argparse.Namespace, n: int) -> tuple[float, float]:
     async def ours() -> float:
         cq = ChatQueue(runner, max_concurrent=n, max_queue_size=n)
         await cq.start_queue_worker()
-        await asyncio.gather(*((await cq.submit(m, params)).collect() for m in msgs[:2]))  # warm
+        warm = [await cq.submit(m, params) for m in msgs[:2]]
+        await asyncio.gather(*(s.collect() for s in warm))
         t0 = time.perf_counter()
         streams = [await cq.submit(m, params) for m in msgs]
         done = await asyncio.gather(*(s.collect() for s in streams))
@@ -105,9 +108,9 @@ def in_process(args: argparse.Namespace, n: int) -> tuple[float, float]:
         await cq.stop()
         return sum(d.usage.completion_tokens for d in done) / elapsed
 
-    ours_tps = asyncio.run(ours())
     model = runner.model  # type: ignore[attr-defined]
     ids = [runner.tokenizer.apply_chat_template(m) for m in msgs]
+    ours_tps = asyncio.run(ours())  # stopping the queue closes the runner
     gen = GenerationConfig(
         max_new_tokens=args.max_tokens,
         min_new_tokens=args.max_tokens,
@@ -123,12 +126,14 @@ def in_process(args: argparse.Namespace, n: int) -> tuple[float, float]:
         max_batch_tokens=max(256, n * 4),
         use_cuda_graph=False,
     )
-    with torch.inference_mode():
-        model.generate_batch(ids[:2], generation_config=gen, continuous_batching_config=cb)
-        t0 = time.perf_counter()
-        out = model.generate_batch(ids, generation_config=gen, continuous_batching_config=cb)
-        elapsed = time.perf_counter() - t0
+    # NOTE: not under inference_mode: generate_batch makes its tensors here and updates them in
+    # place on its own thread, where inference tensors may not be written.
+    model.generate_batch(ids[:2], generation_config=gen, continuous_batching_config=cb)
+    t0 = time.perf_counter()
+    out = model.generate_batch(ids, generation_config=gen, continuous_batching_config=cb)
+    elapsed = time.perf_counter() - t0
     tokens = sum(len(o.generated_tokens) for o in out.values())
+    assert tokens == n * args.max_tokens, f"generate_batch gave {tokens} tokens"
     return ours_tps, tokens / elapsed
 
 
@@ -147,14 +152,16 @@ def main() -> None:
         flags += ["--model", args.model]
     if args.torch_threads:
         flags += ["--torch-threads", str(args.torch_threads)]
-    env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    # NOTE: as `chatqueue serve` does, and before torch is imported here (the in-process part).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    env = {"OMP_WAIT_POLICY": os.environ["OMP_WAIT_POLICY"]}
     print(
         f"settings: {' '.join(flags)} OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']} "
-        f"max_tokens={args.max_tokens} (EOS ignored, greedy)"
+        f"max_tokens={args.max_tokens} (EOS ignored, greedy)",
+        flush=True,
     )
 
     on: dict[int, float] = {}
-    off: dict[int, float] = {}
     with running_server(*flags, "--batching", "on", tmp_path=tmp, env=env) as srv:
         asyncio.run(http_run(srv.url, 2, 8))  # warm up
         for n in args.concurrency:
@@ -163,29 +170,28 @@ def main() -> None:
                     on[n] = asyncio.run(http_run(srv.url, n, args.max_tokens))
             else:
                 on[n] = asyncio.run(http_run(srv.url, n, args.max_tokens))
+            print(f"{n:>3} streams: batching on {on[n]:7.1f} tok/s", flush=True)
         rss = peak_rss_mib(srv.process.pid)
+    print(f"event-loop lag at {top} streams: {summary(lag)}; p99 = {pct(lag, 99) * 1e3:.2f} ms")
+    print(f"server peak RSS at {top} streams: {rss:.0f} MiB", flush=True)
     if not args.skip_off:
         with running_server(*flags, "--batching", "off", tmp_path=tmp, env=env) as srv:
             asyncio.run(http_run(srv.url, 2, 8))
             for n in args.concurrency:
-                off[n] = asyncio.run(http_run(srv.url, n, args.max_tokens))
+                off = asyncio.run(http_run(srv.url, n, args.max_tokens))
+                print(
+                    f"{n:>3} streams: batching off {off:6.1f} tok/s | on/off = {on[n] / off:.2f}x",
+                    flush=True,
+                )
     ours_in, theirs = in_process(args, top)
-
-    for n in args.concurrency:
-        line = f"{n:>3} streams: batching on {on[n]:7.1f} tok/s"
-        if n in off:
-            line += f" | off {off[n]:6.1f} tok/s | on/off = {on[n] / off[n]:.2f}x"
-        print(line)
     print(
-        f"{top} streams: ours HTTP {on[top]:.1f} tok/s ÷ transformers generate_batch "
-        f"{theirs:.1f} tok/s = {on[top] / theirs:.2f}x"
+        f"{top} streams: ours in-process {ours_in:.1f} tok/s ÷ transformers generate_batch "
+        f"{theirs:.1f} tok/s = {ours_in / theirs:.2f}x (ours HTTP ÷ theirs = {on[top] / theirs:.2f}x)"
     )
     print(
         f"{top} streams: HTTP+SSE {on[top]:.1f} ÷ in-process {ours_in:.1f} tok/s = "
         f"{on[top] / ours_in:.2f}"
     )
-    print(f"event-loop lag at {top} streams: {summary(lag)}; p99 = {pct(lag, 99) * 1e3:.2f} ms")
-    print(f"server peak RSS at {top} streams: {rss:.0f} MiB")
 
 
 if __name__ == "__main__":
