@@ -45,8 +45,9 @@ async def stream_chat(
     return stamps, tokens
 
 
-def _probe(url: str, period_s: float, stop: object, out: object) -> None:
+def _probe(url: str, period_s: float, stop: object, out: object, ready: object) -> None:
     latencies: list[float] = []
+    ready.set()  # type: ignore[attr-defined]
     with httpx.Client(timeout=10) as client:
         while not stop.is_set():  # type: ignore[attr-defined]
             t0 = time.perf_counter()
@@ -60,9 +61,10 @@ def _probe(url: str, period_s: float, stop: object, out: object) -> None:
 def health_probe(url: str, period_s: float = 0.05) -> Iterator[list[float]]:
     """A separate process GETs /health every `period_s`; yields the list filled on exit."""
     ctx = mp.get_context("spawn")
-    stop, out = ctx.Event(), ctx.Queue()
-    proc = ctx.Process(target=_probe, args=(url, period_s, stop, out), daemon=True)
+    stop, out, ready = ctx.Event(), ctx.Queue(), ctx.Event()
+    proc = ctx.Process(target=_probe, args=(url, period_s, stop, out, ready), daemon=True)
     proc.start()
+    ready.wait(120)  # a spawned child re-imports the parent's main module first: can be slow
     result: list[float] = []
     try:
         yield result

@@ -23,6 +23,7 @@ import logging
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +74,7 @@ class StaticCacheRunner:
         max_len: int,
         prefill_chunk: int = 512,
         use_cuda_graphs: bool | None = None,
+        compile: bool | None = None,
     ) -> None:
         check_supported(model, max_len)
         self.model = model
@@ -91,6 +93,7 @@ class StaticCacheRunner:
         self._embed, self._layers, self._norm = inner.embed_tokens, inner.layers, inner.norm
         self._rotary, self._lm_head = inner.rotary_emb, model.lm_head
         self._scale = float(self._layers[0].self_attn.scaling)
+        self._fused = [_fuse_projections(layer) for layer in self._layers]
 
         kv_shape = (max_batch, self._n_kv, max_len, self._head_dim)
         dtype, dev = model.dtype, self.device
@@ -109,6 +112,14 @@ class StaticCacheRunner:
         self._buckets = [b for b in _BUCKETS if b < max_batch] + [max_batch]
         graphs = dev.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # NOTE: a decode step is mostly tiny kernels (norms, RoPE, residuals) at small batches;
+        # Inductor fuses them, and the CUDA graphs then replay the fused step.
+        wants_compile = dev.type == "cuda" if compile is None else compile
+        self._decode_fn = (
+            torch.compile(self._decode_forward, dynamic=True)
+            if wants_compile
+            else self._decode_forward
+        )
         if graphs:
             self._capture_graphs()
 
@@ -222,7 +233,7 @@ class StaticCacheRunner:
             graph, logits = self._graphs[bucket]
             graph.replay()
         else:
-            logits = self._decode_forward(bucket)
+            logits = self._decode_fn(bucket)
         self._col += 1  # the device copy moved inside the step
         for row in range(n):
             self._lengths[row] += 1
@@ -235,16 +246,20 @@ class StaticCacheRunner:
         """One token for rows [0, b): only static buffers, no host synchronisation (capturable)."""
         col = self._col_t
         self._valid[:b].index_fill_(1, col, True)
-        mask = self._valid[:b].view(b, 1, 1, self.max_len)
+        # NOTE: one additive mask for all layers (a bool mask is converted again in every layer)
+        invalid = self._valid[:b].logical_not().to(self.model.dtype)
+        mask = (invalid * torch.finfo(self.model.dtype).min).view(b, 1, 1, self.max_len)
         hidden = self._embed(self._ids[:b].view(b, 1))
         cos, sin = self._rotary(hidden, self._pos[:b].view(b, 1))
         groups = self._n_heads // self._n_kv
         for i, layer in enumerate(self._layers):
-            attn = layer.self_attn
+            attn, fused = layer.self_attn, self._fused[i]
             x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(b, 1, self._n_heads, self._head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(b, 1, self._n_kv, self._head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(b, 1, self._n_kv, self._head_dim).transpose(1, 2)
+            qkv = F.linear(x, fused.qkv_weight, fused.qkv_bias)
+            q, k, v = torch.split(qkv, fused.qkv_sizes, dim=-1)
+            q = q.view(b, 1, self._n_heads, self._head_dim).transpose(1, 2)
+            k = k.view(b, 1, self._n_kv, self._head_dim).transpose(1, 2)
+            v = v.view(b, 1, self._n_kv, self._head_dim).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             keys, values = self._k[i][:b], self._v[i][:b]
             keys.index_copy_(2, col, k)
@@ -254,7 +269,8 @@ class StaticCacheRunner:
             q = q.reshape(b, self._n_kv, groups, self._head_dim)
             o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self._scale)
             hidden = hidden + attn.o_proj(o.reshape(b, 1, self._n_heads * self._head_dim))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            gate, up = F.linear(layer.post_attention_layernorm(hidden), fused.gate_up).chunk(2, -1)
+            hidden = hidden + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
         logits: torch.Tensor = self._lm_head(self._norm(hidden)[:, -1]).float()
         self._pos[:b].add_(1)
         col.add_(1)
@@ -268,12 +284,12 @@ class StaticCacheRunner:
             for b in reversed(self._buckets):
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):
-                    for _ in range(2):  # warm-up: kernels chosen, workspaces allocated
-                        self._decode_forward(b)
+                    for _ in range(2):  # warm-up: compiled, kernels chosen, workspaces made
+                        self._decode_fn(b)
                 torch.cuda.current_stream().wait_stream(stream)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    logits = self._decode_forward(b)
+                    logits = self._decode_fn(b)
                 self._graphs[b] = (graph, logits)
             torch.cuda.synchronize()
             self._valid.zero_()
@@ -283,29 +299,63 @@ class StaticCacheRunner:
 
     # -- prefill --------------------------------------------------------------------------
     def _prefill_some(self) -> dict[int, int]:
-        """Run up to `prefill_chunk` prompt tokens; sequences whose prompt is done join."""
+        """Run up to `prefill_chunk` prompt tokens this step: whole prompts that fit go through
+        one padded forward together; a longer one goes on alone, a chunk at a time."""
         budget, out = self.prefill_chunk, {}
-        finished: list[tuple[_Prefill, torch.Tensor]] = []
+        group: list[_Prefill] = []
         for prefill in list(self._prefills):
+            left = len(prefill.new.prompt_ids) - prefill.done
             if budget <= 0:
                 break
-            prompt = prefill.new.prompt_ids
-            end = min(len(prompt), prefill.done + budget)
+            if prefill.done == 0 and left <= budget:
+                group.append(prefill)
+                budget -= left
+                continue
+            end = prefill.done + min(left, budget)
             logits = self._forward_chunk(prefill, prefill.done, end)
             budget -= end - prefill.done
             prefill.done = end
-            if end == len(prompt):
-                assert logits is not None
-                finished.append((prefill, logits))
-        for prefill, logits in finished:
-            self._prefills.remove(prefill)
-            request = SamplingRequest(prefill.new.params, prefill.new.prompt_ids)
-            one = SamplingBatch.create([request], vocab_size=logits.shape[-1], device=self.device)
-            token = one.sample(logits)
-            self._add_row(prefill, token[0])
-            self._sampling = one if self._sampling is None else self._sampling.concat(one)
-            out[prefill.new.seq_id] = int(token[0])
+            if end == len(prefill.new.prompt_ids):
+                out.update(self._join([prefill], logits, [prefill.cache]))
+        if group:
+            out.update(self._prefill_group(group))
         return out
+
+    def _join(
+        self, prefills: list[_Prefill], logits: torch.Tensor, caches: list[DynamicCache]
+    ) -> dict[int, int]:
+        """Sample each prefilled sequence's first token and give it a row."""
+        requests = [SamplingRequest(p.new.params, p.new.prompt_ids) for p in prefills]
+        joining = SamplingBatch.create(requests, vocab_size=logits.shape[-1], device=self.device)
+        tokens = joining.sample(logits)
+        for prefill, cache, token in zip(prefills, caches, tokens, strict=True):
+            self._prefills.remove(prefill)
+            prefill.cache = cache
+            self._add_row(prefill, token)
+        self._sampling = joining if self._sampling is None else self._sampling.concat(joining)
+        return {p.new.seq_id: t for p, t in zip(prefills, tokens.tolist(), strict=True)}
+
+    def _prefill_group(self, group: list[_Prefill]) -> dict[int, int]:
+        """Whole prompts, left-padded into one forward; each row's KV is then its last columns."""
+        lengths = [len(p.new.prompt_ids) for p in group]
+        width = max(lengths)
+        ids = torch.zeros(len(group), width, dtype=torch.long)
+        mask = torch.zeros(len(group), width, dtype=torch.long)
+        for row, (prefill, n) in enumerate(zip(group, lengths, strict=True)):
+            ids[row, width - n :] = torch.tensor(list(prefill.new.prompt_ids))
+            mask[row, width - n :] = 1
+        positions = (mask.cumsum(1) - 1).clamp_min(0)
+        cache = DynamicCache()
+        output = self.model(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        caches = [_row_cache(cache, row, n) for row, n in enumerate(lengths)]
+        return self._join(group, output.logits[:, -1].float(), caches)
 
     def _forward_chunk(self, prefill: _Prefill, start: int, end: int) -> torch.Tensor:
         ids = torch.tensor([list(prefill.new.prompt_ids[start:end])], device=self.device)
@@ -319,3 +369,46 @@ class StaticCacheRunner:
         )
         logits: torch.Tensor = output.logits[:, -1].float()
         return logits
+
+
+def _row_cache(cache: DynamicCache, row: int, length: int) -> DynamicCache:
+    """One row of a left-padded batch cache: its last `length` columns."""
+    one = DynamicCache()
+    for i, layer in enumerate(cache.layers):
+        assert isinstance(layer, DynamicLayer) and layer.keys is not None
+        assert layer.values is not None
+        keys = layer.keys[row : row + 1, :, -length:]
+        one.update(keys, layer.values[row : row + 1, :, -length:], i)
+    return one
+
+
+@dataclass(frozen=True, slots=True)
+class _Fused:
+    """A layer's q/k/v and gate/up weights as one matrix each; the modules keep views of them,
+    so the model's own forward (prefill) and the decode step read the same memory."""
+
+    qkv_weight: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    qkv_sizes: tuple[int, int, int]
+    gate_up: torch.Tensor
+
+
+def _fuse_projections(layer: Any) -> _Fused:
+    attn, mlp = layer.self_attn, layer.mlp
+    projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+    sizes = [int(p.weight.shape[0]) for p in projections]
+    qkv = _fuse_into(projections, "weight")
+    bias = _fuse_into(projections, "bias") if attn.q_proj.bias is not None else None
+    gate_up = _fuse_into((mlp.gate_proj, mlp.up_proj), "weight")
+    return _Fused(qkv, bias, (sizes[0], sizes[1], sizes[2]), gate_up)
+
+
+def _fuse_into(modules: Sequence[torch.nn.Module], name: str) -> torch.Tensor:
+    with torch.no_grad():
+        fused = torch.cat([getattr(m, name).detach() for m in modules])
+        start = 0
+        for m in modules:
+            n = getattr(m, name).shape[0]
+            setattr(m, name, torch.nn.Parameter(fused[start : start + n], requires_grad=False))
+            start += n
+    return fused

@@ -1,0 +1,70 @@
+"""Where a decode step's time goes on the GPU: graph replay alone (device events), the whole
+`runner.step` (host included), and the top kernels of one eager step (torch.profiler).
+
+    python benchmarks/profile_gpu_decode.py
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from chatqueue.engine.runner import NewSequence, StepBatch
+from chatqueue.types import SamplingParams
+from gpu_model import build_model, static_runner
+
+
+def main() -> None:
+    model = build_model()
+    runner = static_runner(model, max_batch=64, max_len=512)
+    greedy = SamplingParams(temperature=0, ignore_eos=True)
+    g = torch.Generator().manual_seed(0)
+    for b in (1, 64):
+        news = [
+            NewSequence(i, torch.randint(1000, 9000, (256,), generator=g).tolist(), greedy)
+            for i in range(b)
+        ]
+        ids = [n.seq_id for n in news]
+        runner.step(StepBatch(new=news, running=[], released=[]))
+        for _ in range(10):
+            runner.step(StepBatch(new=[], running=ids, released=[]))
+        graph, _ = runner._graphs[b]
+        times = []
+        for _ in range(30):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            graph.replay()
+            e.record()
+            e.synchronize()
+            times.append(s.elapsed_time(e))
+        walls = []
+        for _ in range(30):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            runner.step(StepBatch(new=[], running=ids, released=[]))
+            walls.append((time.perf_counter() - t0) * 1e3)
+        print(
+            f"b={b}: graph replay {statistics.median(times):.3f} ms (device), "
+            f"runner.step {statistics.median(walls):.3f} ms (wall)"
+        )
+        with (
+            torch.inference_mode(),
+            torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof,
+        ):
+            runner._decode_forward(b)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+        runner._col -= 1  # the eager step above moved the write column; keep host and device
+        runner._col_t.fill_(runner._col)  # in agreement for the release below
+        runner.step(StepBatch(new=[], running=[], released=ids))
+
+
+if __name__ == "__main__":
+    main()
