@@ -256,7 +256,7 @@ class StaticCacheRunner:
             attn, fused = layer.self_attn, self._fused[i]
             x = layer.input_layernorm(hidden)
             qkv = F.linear(x, fused.qkv_weight, fused.qkv_bias)
-            q, k, v = torch.split(qkv, fused.qkv_sizes, dim=-1)
+            q, k, v = torch.split(qkv, list(fused.qkv_sizes), dim=-1)
             q = q.view(b, 1, self._n_heads, self._head_dim).transpose(1, 2)
             k = k.view(b, 1, self._n_kv, self._head_dim).transpose(1, 2)
             v = v.view(b, 1, self._n_kv, self._head_dim).transpose(1, 2)
