@@ -197,10 +197,10 @@ def sequential_tokens_per_s(model) -> float:  # type: ignore[no-untyped-def]
 
     return asyncio.run(go())
 
-    runner = kept_runner(model, 64)
+
 def correctness(model) -> None:  # type: ignore[no-untyped-def]
     """Greedy tokens of the static runner vs `generate` alone, and the logits' relative error."""
-    runner = static_runner(model, max_batch=8, max_len=512)
+    runner = kept_runner(model, 64)
     ps = prompts(4, seed=7)
     greedy = SamplingParams(temperature=0)
     news = [NewSequence(i, p, greedy) for i, p in enumerate(ps)]
