@@ -24,6 +24,7 @@ class _Window:
     def add(self, value: float) -> None:
         with self._lock:
             self._samples.append((self._clock(), value))
+            self._trim()  # NOTE: here too: a server nobody polls for /load must not grow
 
     def _trim(self) -> None:
         horizon = self._clock() - self._window_s

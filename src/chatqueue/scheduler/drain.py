@@ -28,15 +28,19 @@ class DrainRate:
     def record(self, now: float) -> None:
         self.mark_busy(now)
         self._completions.append(now)
+        self._forget_before(now - self.window_s)  # busy for hours, nobody asking: stay small
 
     def rate(self, now: float) -> float | None:
         """Completions per second, or None before the first completion of this busy period."""
         start = now - self.window_s
-        while self._completions and self._completions[0] <= start:
-            self._completions.popleft()
+        self._forget_before(start)
         if not self._completions or self._busy_since is None:
             return None
         span = now - max(start, self._busy_since)
         if span <= 0:
             return None
         return len(self._completions) / span
+
+    def _forget_before(self, start: float) -> None:
+        while self._completions and self._completions[0] <= start:
+            self._completions.popleft()

@@ -1,0 +1,27 @@
+"""Rolling figures forget what fell out of their window as they are fed, not only when read: a
+server that nobody polls for /load must not grow."""
+
+from __future__ import annotations
+
+import pytest
+
+from chatqueue.metrics import _Window
+from chatqueue.scheduler.drain import DrainRate
+
+
+def test_metrics_window_stays_small_without_being_read() -> None:
+    now = [0.0]
+    window = _Window(10.0, lambda: now[0])
+    for i in range(10_000):
+        now[0] = i * 0.1
+        window.add(1.0)
+    assert len(window._samples) <= 101
+    assert window.per_second() == pytest.approx(10.0, rel=0.02)  # ~100 samples of 1 in 10 s
+
+
+def test_drain_rate_stays_small_without_being_read() -> None:
+    drain = DrainRate(window_s=60.0)
+    for i in range(10_000):
+        drain.record(i * 0.1)
+    assert len(drain._completions) <= 601
+    assert drain.rate(999.9) == pytest.approx(10.0, rel=0.02)
