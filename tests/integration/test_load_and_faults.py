@@ -181,7 +181,8 @@ async def test_a_thousand_requests_with_disconnects_leak_nothing(churn: Server) 
 
     left = [k for k, how in results if how == "left"]
     completed = len(results) - len(left)
-    assert len(left) > 200  # the 30% did walk away (some finished before they could)
+    # every stream meant to leave did (a plain one may have had its answer first)
+    assert all(how == "left" for k, how in results if k.startswith("leave_first"))
 
     async with client_for(churn.url, headers=bearer(ADMIN)) as ops:
         idle = await wait_load(ops, processing=0, waiting=0)
