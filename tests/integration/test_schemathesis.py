@@ -42,7 +42,9 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     database=None,
     suppress_health_check=list(hypothesis.HealthCheck),
 )
-def test_no_request_from_the_schema_gets_a_5xx(case: schemathesis.Case[Any], fuzzed: Server) -> None:
+def test_no_request_from_the_schema_gets_a_5xx(
+    case: schemathesis.Case[Any], fuzzed: Server
+) -> None:
     r = case.call(base_url=fuzzed.url, timeout=30)
     if r.status_code >= 500:
         # The one 5xx a well-formed request may earn: a queue_timeout so small (5e-324 s) that
