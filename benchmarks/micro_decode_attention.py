@@ -34,8 +34,25 @@ def timed(fn, *args) -> float:  # type: ignore[no-untyped-def]
     return statistics.median(times)
 
 
+def sdpa(backend: SDPBackend | None):  # type: ignore[no-untyped-def]
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        if backend is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+    return run
+
+
 def main() -> None:
-    compiled = torch.compile(manual, dynamic=True)
+    variants = {
+        "sdpa default": sdpa(None),
+        "sdpa efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION),
+        "sdpa cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
+        "sdpa math": sdpa(SDPBackend.MATH),
+        "manual eager": manual,
+        "manual compiled": torch.compile(manual, dynamic=True),
+    }
     for b, cols in ((64, 512), (64, 384), (1, 512)):
         q = torch.randn(b, 8, 4, 64, dtype=torch.bfloat16, device="cuda")
         k = torch.randn(b, 8, cols, 64, dtype=torch.bfloat16, device="cuda")
@@ -43,27 +60,12 @@ def main() -> None:
         valid = torch.rand(b, cols, device="cuda") < 0.7
         bias = ((~valid).to(torch.bfloat16) * -1e30).view(b, 1, 1, cols)
         kv_gb = 2 * k.numel() * 2 / 1e9
-        variants = {
-            "sdpa default": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias),
-            "manual eager": lambda: manual(q, k, v, bias),
-            "manual compiled": lambda: compiled(q, k, v, bias),
-        }
-        for name, backend in (
-            ("efficient", SDPBackend.EFFICIENT_ATTENTION),
-            ("cudnn", SDPBackend.CUDNN_ATTENTION),
-            ("math", SDPBackend.MATH),
-        ):
-
-            def run(backend=backend) -> torch.Tensor:  # type: ignore[no-untyped-def]
-                with sdpa_kernel(backend):
-                    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-
-            variants[f"sdpa {name}"] = run
+        args = (q, k, v, bias)
         ref = manual(q.double(), k.double(), v.double(), bias.double()).float()
         for name, fn in variants.items():
             try:
-                err = ((fn().float() - ref).norm() / ref.norm()).item()
-                ms = timed(fn)
+                err = ((fn(*args).float() - ref).norm() / ref.norm()).item()
+                ms = timed(fn, *args)
                 print(
                     f"b={b} cols={cols} {name:16s} {ms * 1e3:7.1f} us/layer "
                     f"{kv_gb / (ms / 1e3):6.0f} GB/s rel.err {err:.1e}"
