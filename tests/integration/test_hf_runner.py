@@ -150,6 +150,26 @@ def test_greedy_equals_generate_alone_while_sequences_join_and_leave(
     assert got == expected
 
 
+def test_greedy_equals_generate_alone_as_the_cache_outgrows_its_room(
+    tiny_model: LlamaForCausalLM,
+) -> None:
+    """Long generations from short prompts: the KV buffers fill up and grow several times, also
+    while rows join (right-aligned to a wider batch) and leave (leading padding dropped)."""
+    prompts = [[5], [6, 7, 8], list(range(3, 60)), [9, 10]]
+    new_tokens = [150, 40, 120, 90]
+    expected = {i: reference(tiny_model, p, new_tokens[i]) for i, p in enumerate(prompts)}
+    runner = make_runner(HFBatchedRunner, tiny_model)
+
+    got = drive(
+        runner,
+        prompts,
+        joins={0: [0], 5: [1], 37: [2], 70: [3]},
+        max_new_tokens=lambda i: len(expected[i]),
+    )
+
+    assert got == expected
+
+
 def test_batch_empties_and_refills(tiny_model: LlamaForCausalLM) -> None:
     runner = make_runner(HFBatchedRunner, tiny_model)
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]

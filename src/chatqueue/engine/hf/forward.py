@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from chatqueue.engine.hf.kv_batch import KVBatch, check_cache
+from chatqueue.engine.hf.kv_batch import KVBatch, make_growing
 from chatqueue.engine.hf.sampling import SamplingBatch, SamplingRequest
 from chatqueue.engine.runner import NewSequence
 
@@ -46,16 +46,15 @@ class Forward:
             cache=cache,
         )
         if self._spliceable:
-            check_cache(cache)
+            make_growing(cache)
         requests = [SamplingRequest(s.params, s.prompt_ids) for s in sequences]
         sampling = SamplingBatch.create(requests, vocab_size=logits.shape[-1], device=self.device)
         tokens = sampling.sample(logits)
-        batch = KVBatch(
+        batch = KVBatch.create(
             seq_ids=[s.seq_id for s in sequences],
             cache=cache,
             attention_mask=attention_mask,
             lengths=lengths,
-            positions=torch.tensor(lengths, dtype=torch.long, device=self.device),
             pending=tokens,
             sampling=sampling,
         )
@@ -63,11 +62,9 @@ class Forward:
 
     def decode(self, batch: KVBatch) -> torch.Tensor:
         """Feed every row's pending token at its own position; sample and return the next ones."""
-        ones = torch.ones(len(batch), 1, dtype=torch.long, device=self.device)
-        batch.attention_mask = torch.cat([batch.attention_mask, ones], dim=1)
         logits = self._last_logits(
             input_ids=batch.pending.unsqueeze(1),
-            attention_mask=batch.attention_mask,
+            attention_mask=batch.open_column(),
             position_ids=batch.positions.unsqueeze(1),
             cache=batch.cache,
         )
