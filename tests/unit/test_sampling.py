@@ -148,3 +148,21 @@ def test_select_and_concat_keep_each_rows_state() -> None:
     assert joined.seen[:, :4].tolist() == [[False, True, False, False], [False, False, False, True]]
     assert joined.top_k.tolist() == [VOCAB, VOCAB]
     assert joined.frequency_penalty.tolist() == [0.0, 1.0]
+
+
+def test_penalty_tables_exist_only_while_a_row_has_a_penalty() -> None:
+    plain = make_batch(SamplingParams(temperature=0.0), SamplingParams(temperature=0.7))
+    assert plain.seen is None and plain.counts is None
+    penalized = make_batch(SamplingParams(temperature=0.0, repetition_penalty=2.0), prompts=[[3]])
+
+    joined = plain.concat(penalized)
+    assert joined.seen is not None
+    assert joined.seen[:, 3].tolist() == [False, False, True]
+    logits = torch.zeros(3, VOCAB)
+    logits[:, 3], logits[:, 4] = 1.0, 0.9
+    tokens = joined.sample(logits).tolist()
+    assert (tokens[0], tokens[2]) == (3, 4)  # 3 is in row 2's prompt: 1.0 / 2 < 0.9
+    assert joined.select([0, 1]).seen is None
+    kept = joined.select([2, 0])
+    assert kept.seen is not None
+    assert kept.seen[0, 3:5].tolist() == [True, True]  # its prompt's id, then its sampled one

@@ -29,7 +29,8 @@ class SamplingBatch:
     """Sampling state, one row per sequence, in the same row order as the runner's KV batch.
 
     `seen` marks prompt and generated ids (transformers' repetition penalty looks at both);
-    `counts` counts generated ids only (OpenAI's frequency and presence penalties)."""
+    `counts` counts generated ids only (OpenAI's frequency and presence penalties). Both exist only
+    while some row has a penalty: a batch of plain requests keeps no [B, V] tables per step."""
 
     params: list[SamplingParams]
     generators: list[torch.Generator | None]
@@ -40,8 +41,17 @@ class SamplingBatch:
     frequency_penalty: torch.Tensor  # [B] float
     presence_penalty: torch.Tensor  # [B] float
     is_greedy: torch.Tensor  # [B] bool
-    seen: torch.Tensor  # [B, V] bool
-    counts: torch.Tensor  # [B, V] float
+    seen: torch.Tensor | None  # [B, V] bool, None while no row has a penalty
+    counts: torch.Tensor | None  # [B, V] float, likewise
+    all_greedy: bool = False
+    any_penalty: bool = False
+    any_filter: bool = False  # some sampled row has top-k or top-p
+
+    def __post_init__(self) -> None:
+        self.all_greedy = all(p.is_greedy for p in self.params)
+        self.any_penalty = any(_has_penalty(p) for p in self.params)
+        self.any_filter = any(p.top_k > 0 or p.top_p < 1.0 for p in self.params if not p.is_greedy)
+        assert (self.seen is not None) == self.any_penalty == (self.counts is not None)
 
     @classmethod
     def create(
@@ -52,10 +62,13 @@ class SamplingBatch:
         def column(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=device)
 
-        seen = torch.zeros(len(requests), vocab_size, dtype=torch.bool, device=device)
-        for row, request in enumerate(requests):
-            ids = torch.tensor(list(request.prompt_ids), dtype=torch.long, device=device)
-            seen[row, ids.clamp(0, vocab_size - 1)] = True
+        seen, counts = None, None
+        if any(_has_penalty(p) for p in params):
+            seen = torch.zeros(len(requests), vocab_size, dtype=torch.bool, device=device)
+            counts = torch.zeros(len(requests), vocab_size, device=device)
+            for row, request in enumerate(requests):
+                ids = torch.tensor(list(request.prompt_ids), dtype=torch.long, device=device)
+                seen[row, ids.clamp(0, vocab_size - 1)] = True
         return cls(
             params=params,
             generators=[_make_generator(p.seed, device) for p in params],
@@ -67,7 +80,7 @@ class SamplingBatch:
             presence_penalty=column([p.presence_penalty for p in params]),
             is_greedy=column([float(p.is_greedy) for p in params], torch.bool),
             seen=seen,
-            counts=torch.zeros(len(requests), vocab_size, device=device),
+            counts=counts,
         )
 
     def __len__(self) -> int:
@@ -75,26 +88,39 @@ class SamplingBatch:
 
     def select(self, rows: Sequence[int]) -> SamplingBatch:
         """Keep only `rows`, in that order (sequences leaving the batch)."""
-        index = torch.tensor(list(rows), dtype=torch.long, device=self.seen.device)
-        return _assemble(
-            [self.params[r] for r in rows],
-            [self.generators[r] for r in rows],
-            {name: getattr(self, name).index_select(0, index) for name in _ROW_TENSORS},
-        )
+        params = [self.params[r] for r in rows]
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.temperature.device)
+        tensors = {name: getattr(self, name).index_select(0, index) for name in _ROW_TENSORS}
+        if any(_has_penalty(p) for p in params):
+            assert self.seen is not None and self.counts is not None
+            tensors |= {"seen": self.seen[index], "counts": self.counts[index]}
+        return _assemble(params, [self.generators[r] for r in rows], tensors)
 
     def concat(self, other: SamplingBatch) -> SamplingBatch:
         """These rows followed by `other`'s (sequences joining the batch)."""
-        return _assemble(
-            self.params + other.params,
-            self.generators + other.generators,
-            {name: torch.cat([getattr(self, name), getattr(other, name)]) for name in _ROW_TENSORS},
-        )
+        tensors = {
+            name: torch.cat([getattr(self, name), getattr(other, name)]) for name in _ROW_TENSORS
+        }
+        if self.any_penalty or other.any_penalty:
+            # A side without tables has no row with a penalty: zeros are never read for it.
+            for name, dtype in (("seen", torch.bool), ("counts", torch.float32)):
+                parts = [getattr(self, name), getattr(other, name)]
+                like = next(p for p in parts if p is not None)
+                tensors[name] = torch.cat(
+                    [
+                        p if p is not None else like.new_zeros(len(b), like.shape[1], dtype=dtype)
+                        for p, b in zip(parts, (self, other), strict=True)
+                    ]
+                )
+        return _assemble(self.params + other.params, self.generators + other.generators, tensors)
 
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
         """Pick one token per row from `logits` [B, V] and record it. Returns [B] long, on device."""
+        if self.all_greedy and not self.any_penalty:
+            return logits.argmax(dim=-1)  # the common case: no softmax, no sort, no tables
         logits = self.process(logits)
         tokens = logits.argmax(dim=-1)
-        if not all(p.is_greedy for p in self.params):
+        if not self.all_greedy:
             tokens = torch.where(self.is_greedy, tokens, self._draw(logits))
         self._record(tokens)
         return tokens
@@ -102,16 +128,17 @@ class SamplingBatch:
     def process(self, logits: torch.Tensor) -> torch.Tensor:
         """The logits after penalties, temperature, top-k and top-p; filtered entries are -inf."""
         logits = logits.float()
-        if any(_has_penalty(p) for p in self.params):
+        if self.any_penalty:
             logits = self._apply_penalties(logits)
-        if all(p.is_greedy for p in self.params):
+        if self.all_greedy:
             return logits
         logits = logits / self.temperature.unsqueeze(1)
-        if any(p.top_k > 0 or p.top_p < 1.0 for p in self.params if not p.is_greedy):
+        if self.any_filter:
             logits = _filter_top_k_top_p(logits, self.top_k, self.top_p)
         return logits
 
     def _apply_penalties(self, logits: torch.Tensor) -> torch.Tensor:
+        assert self.seen is not None and self.counts is not None
         penalty = self.repetition_penalty.unsqueeze(1)
         penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
         logits = torch.where(self.seen, penalized, logits)
@@ -129,6 +156,8 @@ class SamplingBatch:
         return (probs / noise.clamp_min(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
 
     def _record(self, tokens: torch.Tensor) -> None:
+        if self.seen is None or self.counts is None:
+            return
         rows = tokens.unsqueeze(1)
         self.seen.scatter_(1, rows, True)
         self.counts.scatter_add_(1, rows, torch.ones_like(rows, dtype=self.counts.dtype))
@@ -142,8 +171,6 @@ _ROW_TENSORS = (
     "frequency_penalty",
     "presence_penalty",
     "is_greedy",
-    "seen",
-    "counts",
 )
 
 
@@ -162,8 +189,8 @@ def _assemble(
         frequency_penalty=tensors["frequency_penalty"],
         presence_penalty=tensors["presence_penalty"],
         is_greedy=tensors["is_greedy"],
-        seen=tensors["seen"],
-        counts=tensors["counts"],
+        seen=tensors.get("seen"),
+        counts=tensors.get("counts"),
     )
 
 
