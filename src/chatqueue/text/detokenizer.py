@@ -27,8 +27,9 @@ class IncrementalDetokenizer:
         return self._advance(final=False)
 
     def flush(self) -> str:
-        """What is still held back at the end (an incomplete character stays as U+FFFD)."""
-        return self._advance(final=True)
+        """What is still held back at the end. An incomplete character (max_tokens cut its bytes
+        short) is dropped: it would only ever reach the client as U+FFFD."""
+        return self._advance(final=True).rstrip(_REPLACEMENT)
 
     def _advance(self, *, final: bool) -> str:
         decode = self._tokenizer.decode
