@@ -43,7 +43,9 @@ def serve(
     dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16, float16")] = None,
     batching: Annotated[str | None, typer.Option(help="on (continuous batching) or off")] = None,
     chat_template: Annotated[Path | None, typer.Option(help="Jinja chat template file")] = None,
-    torch_threads: Annotated[int | None, typer.Option(help="CPU threads for torch")] = None,
+    torch_threads: Annotated[
+        int | None, typer.Option(help="CPU threads for torch [all cores but one]")
+    ] = None,
     kv_cache: Annotated[
         str | None, typer.Option(help="auto (static on CUDA for Llama-family), static, dynamic")
     ] = None,

@@ -3,6 +3,7 @@ so the mock engine starts without importing torch."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from chatqueue.config import Settings
@@ -28,8 +29,7 @@ def runner_for(settings: Settings) -> Runner | Callable[[], Runner]:
 
         from chatqueue.engine.hf.loader import load_hf_runner
 
-        if settings.torch_threads is not None:
-            torch.set_num_threads(settings.torch_threads)
+        torch.set_num_threads(settings.torch_threads or default_torch_threads())
 
         return load_hf_runner(
             model=settings.model,
@@ -45,3 +45,11 @@ def runner_for(settings: Settings) -> Runner | Callable[[], Runner]:
         )
 
     return load
+
+
+def default_torch_threads() -> int:
+    """Every core but one, which the event loop and the tokenizer need.
+    NOTE: measured on 2 vCPUs (benchmarks/RESULTS.md, issue 3): 1 torch thread served 1.5x the
+    tokens/s of 2 and halved the event loop's p99 lag, since a second OpenMP thread only fought
+    the event loop for the other core."""
+    return max(1, (os.cpu_count() or 1) - 1)
