@@ -54,9 +54,14 @@ class Server:
 
 @contextmanager
 def running_server(
-    *args: str, tmp_path: Path, ready_timeout_s: float = 120.0, env: dict[str, str] | None = None
+    *args: str,
+    tmp_path: Path,
+    ready_timeout_s: float = 120.0,
+    env: dict[str, str] | None = None,
+    health_log: list[httpx.Response] | None = None,
 ) -> Iterator[Server]:
-    """Start `chatqueue serve ARGS` on a free port and wait for /health to say ok."""
+    """Start `chatqueue serve ARGS` on a free port and wait for /health to say ok. Every /health
+    answer seen while waiting, from the moment the process starts, is appended to `health_log`."""
     port = free_port()
     log_path = tmp_path / f"server-{port}.log"
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -69,7 +74,7 @@ def running_server(
         )
     server = Server(proc, f"http://127.0.0.1:{port}", log_path)
     try:
-        _wait_healthy(server, ready_timeout_s)
+        _wait_healthy(server, ready_timeout_s, health_log if health_log is not None else [])
         yield server
     finally:
         if proc.poll() is None:
@@ -77,15 +82,16 @@ def running_server(
             proc.wait(10)
 
 
-def _wait_healthy(server: Server, timeout_s: float) -> None:
+def _wait_healthy(server: Server, timeout_s: float, answers: list[httpx.Response]) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
             raise RuntimeError(f"server exited early:\n{server.log()}")
         try:
-            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+            answers.append(httpx.get(f"{server.url}/health", timeout=2))
+            if answers[-1].status_code == 200:
                 return
         except httpx.TransportError:
-            pass
-        time.sleep(0.1)
+            pass  # not listening yet
+        time.sleep(0.05)
     raise TimeoutError(f"server not healthy after {timeout_s} s:\n{server.log()}")
