@@ -14,7 +14,6 @@ from typing import Any
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import StreamingResponse
 from starlette.middleware.sessions import SessionMiddleware
 
 from chatqueue.chat_queue import ChatQueue
@@ -71,7 +70,7 @@ async def _params(service: ChatService, session_id: str) -> ChatParams:
 
 
 @router.post("", response_model=None)
-async def chat(body: ChatIn, request: Request) -> StreamingResponse:
+async def chat(body: ChatIn, request: Request) -> sse.EventStreamResponse:
     session = chat_session(request, body.conversation_id)
     service = _service(request)
     reply = await service.start(
@@ -81,12 +80,8 @@ async def chat(body: ChatIn, request: Request) -> StreamingResponse:
         user=session.session_id,
         regenerate=body.regenerate,
     )
-    headers = {
-        **sse.SSE_HEADERS,
-        "X-Conversation-Id": reply.conversation_id,
-        "X-Message-Id": reply.message_id,
-    }
-    return StreamingResponse(_events(reply), media_type="text/event-stream", headers=headers)
+    headers = {"X-Conversation-Id": reply.conversation_id, "X-Message-Id": reply.message_id}
+    return sse.EventStreamResponse(_events(reply), stream=reply.stream, headers=headers)
 
 
 async def _events(reply: Reply) -> AsyncIterator[str]:

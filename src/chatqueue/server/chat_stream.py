@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from chatqueue.engine.stream import RequestStream
 from chatqueue.errors import ChatQueueError, InvalidRequest
@@ -73,6 +73,4 @@ async def chat_stream_response(cq: ChatQueue, request: Request) -> Response:
         return error_response(exc)
     except json.JSONDecodeError:
         return JSONResponse(error_body("Invalid JSON.", "invalid_request_error"), status_code=400)
-    return StreamingResponse(
-        chat_events(stream), media_type="text/event-stream", headers=sse.SSE_HEADERS
-    )
+    return sse.EventStreamResponse(chat_events(stream), stream=stream)

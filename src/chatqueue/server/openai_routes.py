@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from chatqueue.chat_queue import ChatQueue
 from chatqueue.engine.stream import RequestStream
@@ -40,7 +40,7 @@ async def list_models(request: Request) -> dict[str, Any]:
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, who: Caller
-) -> StreamingResponse | JSONResponse:
+) -> sse.EventStreamResponse | JSONResponse:
     cq = chat_queue(request)
     if body.model and body.model != cq.model_name:
         raise InvalidRequest(
@@ -59,10 +59,8 @@ async def chat_completions(
     chunks = _Chunks(stream.request_id, cq.model_name)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(
-            _stream(stream, chunks, include_usage=include_usage),
-            media_type="text/event-stream",
-            headers=sse.SSE_HEADERS,
+        return sse.EventStreamResponse(
+            _stream(stream, chunks, include_usage=include_usage), stream=stream
         )
     async with stream:
         finished = await sse.unless_disconnected(request, stream.collect())

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from typing import Any, TypeVar
 
 from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
+from chatqueue.engine.stream import RequestStream
 from chatqueue.errors import ChatQueueError
 
 T = TypeVar("T")
@@ -26,6 +29,30 @@ def event(name: str, payload: Any) -> str:
 
 def comment(text: str) -> str:
     return f": {text}\n\n"
+
+
+class EventStreamResponse(StreamingResponse):
+    """SSE for one request stream. The stream is closed (the request aborted, if unfinished) when
+    the response ends however it ends: a client that leaves before the body generator ever ran
+    would otherwise leave its generation running with nobody reading."""
+
+    def __init__(
+        self,
+        content: AsyncIterator[str],
+        *,
+        stream: RequestStream,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(
+            content, media_type="text/event-stream", headers={**SSE_HEADERS, **(headers or {})}
+        )
+        self._stream = stream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._stream.aclose()
 
 
 class ClientGone(ChatQueueError):

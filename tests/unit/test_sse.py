@@ -1,0 +1,30 @@
+"""SSE responses own their request stream: however the response ends, the request is closed."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from chatqueue.engine.stream import RequestStream
+from chatqueue.server.sse import EventStreamResponse
+
+
+async def test_a_client_gone_before_the_body_started_still_aborts_the_request() -> None:
+    abandoned: list[bool] = []
+    stream = RequestStream("r1", on_abandon=lambda: abandoned.append(True))
+    started: list[bool] = []
+
+    async def body() -> AsyncIterator[str]:
+        started.append(True)  # never reached: the client left first
+        yield "data: x\n\n"
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, object]) -> None:
+        await asyncio.sleep(3600)  # a slow socket: the body is never reached
+
+    scope = {"type": "http", "asgi": {"spec_version": "2.3"}}
+    response = EventStreamResponse(body(), stream=stream)
+    await asyncio.wait_for(response(scope, receive, send), 5)  # type: ignore[arg-type]
+    assert started == [] and abandoned == [True]
