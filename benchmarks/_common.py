@@ -46,32 +46,41 @@ async def stream_chat(
 
 
 def _probe(url: str, period_s: float, stop: object, out: object, ready: object) -> None:
-    latencies: list[float] = []
+    latencies: list[tuple[float, float]] = []  # (when, how long)
     ready.set()  # type: ignore[attr-defined]
     with httpx.Client(timeout=10) as client:
         while not stop.is_set():  # type: ignore[attr-defined]
             t0 = time.perf_counter()
             client.get(f"{url}/health")
-            latencies.append(time.perf_counter() - t0)
+            latencies.append((t0, time.perf_counter() - t0))
             time.sleep(max(0.0, period_s - (time.perf_counter() - t0)))
     out.put(latencies)  # type: ignore[attr-defined]
 
 
 @contextmanager
-def health_probe(url: str, period_s: float = 0.05) -> Iterator[list[float]]:
-    """A separate process GETs /health every `period_s`; yields the list filled on exit."""
+def health_probe(url: str, period_s: float = 0.05) -> Iterator[list[tuple[float, float]]]:
+    """A separate process GETs /health every `period_s`; yields the list of (perf_counter at the
+    probe's start, latency) filled on exit."""
     ctx = mp.get_context("spawn")
     stop, out, ready = ctx.Event(), ctx.Queue(), ctx.Event()
     proc = ctx.Process(target=_probe, args=(url, period_s, stop, out, ready), daemon=True)
     proc.start()
     ready.wait(120)  # a spawned child re-imports the parent's main module first: can be slow
-    result: list[float] = []
+    result: list[tuple[float, float]] = []
     try:
         yield result
     finally:
         stop.set()
         result.extend(out.get(timeout=30))
         proc.join(10)
+
+
+def lag_summary(probes: list[tuple[float, float]], start: float, skip_s: float = 2.0) -> str:
+    """Probe latencies over the whole run, and from `skip_s` after `start` on (the burst of
+    arrivals at the start parses, validates and tokenizes every request on the event loop)."""
+    whole = [lat for _, lat in probes]
+    steady = [lat for t, lat in probes if t >= start + skip_s]
+    return f"whole run {summary(whole)}; from {skip_s:.0f} s on {summary(steady)}"
 
 
 def summary(values: list[float]) -> str:
@@ -81,4 +90,12 @@ def summary(values: list[float]) -> str:
     )
 
 
-__all__ = ["Server", "health_probe", "pct", "running_server", "stream_chat", "summary"]
+__all__ = [
+    "Server",
+    "health_probe",
+    "lag_summary",
+    "pct",
+    "running_server",
+    "stream_chat",
+    "summary",
+]

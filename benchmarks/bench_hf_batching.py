@@ -20,7 +20,7 @@ from pathlib import Path
 
 import aiohttp
 
-from _common import health_probe, pct, running_server, stream_chat, summary
+from _common import health_probe, lag_summary, running_server, stream_chat
 
 TOPICS = [
     "Tokyo",
@@ -167,12 +167,13 @@ def main() -> None:
         for n in args.concurrency:
             if n == top:
                 with health_probe(srv.url) as lag:
+                    start = time.perf_counter()
                     on[n] = asyncio.run(http_run(srv.url, n, args.max_tokens))
             else:
                 on[n] = asyncio.run(http_run(srv.url, n, args.max_tokens))
             print(f"{n:>3} streams: batching on {on[n]:7.1f} tok/s", flush=True)
         rss = peak_rss_mib(srv.process.pid)
-    print(f"event-loop lag at {top} streams: {summary(lag)}; p99 = {pct(lag, 99) * 1e3:.2f} ms")
+    print(f"event-loop lag at {top} streams: {lag_summary(lag, start)}")
     print(f"server peak RSS at {top} streams: {rss:.0f} MiB", flush=True)
     if not args.skip_off:
         with running_server(*flags, "--batching", "off", tmp_path=tmp, env=env) as srv:

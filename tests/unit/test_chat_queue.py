@@ -78,7 +78,9 @@ async def test_closing_a_stream_aborts_and_frees_the_slot() -> None:
     )
     await cq.start_queue_worker()
     running = await cq.submit(HELLO)
+    assert isinstance(await anext(running), Started)  # it holds the slot
     waiting = await cq.submit(HELLO)
+    assert cq.load().waiting == 1
     await waiting.aclose()  # leaves the queue at once
     assert cq.load().waiting == 0
     async for event in running:
@@ -224,7 +226,7 @@ async def test_a_hung_step_fails_running_and_waiting_with_503_then_recovers() ->
 
 
 async def test_a_reader_too_far_behind_is_cut_and_its_slot_freed() -> None:
-    cfg = MockConfig(mode="lorem", lorem_tokens=100_000)
+    cfg = MockConfig(mode="lorem", lorem_tokens=100_000, delay_s=0.001, context_window=200_000)
     cq = queue(max_concurrent=1, max_queue_size=0, config=cfg, max_unread_tokens=50)
     await cq.start_queue_worker()
     stream = await cq.submit(HELLO)  # never read while it generates
