@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from transformers import PreTrainedModel
@@ -20,6 +21,8 @@ from chatqueue.engine.runner import StepBatch, Tokenizer
 
 
 class _HFRunner:
+    _spliceable: ClassVar[bool]  # rows of one cache join and leave (batched), or never do
+
     def __init__(
         self,
         *,
@@ -27,12 +30,16 @@ class _HFRunner:
         tokenizer: Tokenizer,
         model_name: str,
         context_window: int | None = None,
-        spliceable: bool,
     ) -> None:
-        self._forward = Forward(model, spliceable=spliceable)
+        self._forward = Forward(model, spliceable=self._spliceable)
+        self._start()
         self._tokenizer = tokenizer
         self._model_name = model_name
         self._context_window = context_window or _context_window_of(model)
+
+    def _start(self) -> None:
+        """Set up the per-sequence state (the runner is empty)."""
+        raise NotImplementedError
 
     @property
     def model_name(self) -> str:
@@ -61,22 +68,11 @@ class _HFRunner:
 class HFBatchedRunner(_HFRunner):
     """Continuous batching: all running sequences decode in one forward pass over one KV batch."""
 
-    def __init__(
-        self,
-        *,
-        model: PreTrainedModel,
-        tokenizer: Tokenizer,
-        model_name: str,
-        context_window: int | None = None,
-    ) -> None:
-        super().__init__(
-            model=model,
-            tokenizer=tokenizer,
-            model_name=model_name,
-            context_window=context_window,
-            spliceable=True,
-        )
-        self._batch: KVBatch | None = None
+    _spliceable = True
+    _batch: KVBatch | None
+
+    def _start(self) -> None:
+        self._batch = None
 
     def step(self, batch: StepBatch) -> dict[int, int]:
         self._release(batch.released)
@@ -113,22 +109,11 @@ class HFBatchedRunner(_HFRunner):
 class HFSequentialRunner(_HFRunner):
     """Each sequence keeps its own cache and runs its own batch-1 forward, one after another."""
 
-    def __init__(
-        self,
-        *,
-        model: PreTrainedModel,
-        tokenizer: Tokenizer,
-        model_name: str,
-        context_window: int | None = None,
-    ) -> None:
-        super().__init__(
-            model=model,
-            tokenizer=tokenizer,
-            model_name=model_name,
-            context_window=context_window,
-            spliceable=False,
-        )
-        self._sequences: dict[int, KVBatch] = {}
+    _spliceable = False
+    _sequences: dict[int, KVBatch]
+
+    def _start(self) -> None:
+        self._sequences = {}
 
     def step(self, batch: StepBatch) -> dict[int, int]:
         for seq_id in batch.released:
