@@ -207,3 +207,24 @@ def test_a_full_server_gets_a_clear_message_and_an_automatic_retry(
     expect(page.locator(".message.assistant .note")).to_contain_text("busy")
     expect(page.locator(".message.assistant .text")).to_have_text("try again please")
     assert len(refused) == 1
+
+
+def test_on_a_server_with_an_api_key_the_page_asks_for_it_then_works(
+    browser: Browser, tmp_path: Path
+) -> None:
+    args = ("--engine", "mock", "--mock-delay", "0.01", "--api-key", "page-secret")
+    with running_server(*args, "--data-dir", str(tmp_path), tmp_path=tmp_path) as keyed:
+        ctx = browser.new_context(base_url=keyed.url)
+        ctx.set_default_timeout(WAIT_MS)
+        page = open_page(ctx)
+        expect(page.locator("#status")).to_contain_text("needs an API key")
+        send(page, "no key yet")  # refused: the reply bubble says why
+        expect(page.locator(".message.assistant").last).to_contain_text("needs an API key")
+
+        page.locator("#settings summary").click()
+        page.fill("#key-form input[name=key]", "page-secret")
+        page.locator("#key-form button").click()
+        expect(page.locator("#status")).to_contain_text("API key saved")
+        send(page, "now with the key")
+        expect(page.locator(".message.assistant .text").last).to_have_text("now with the key")
+        ctx.close()

@@ -74,7 +74,7 @@ function button(label, title, onClick) {
 
 async function feedback(el, like, pressed, other) {
   if (!el.dataset.messageId) return;
-  const res = await fetch("/chat/feedback", {
+  const res = await api("/chat/feedback", {
     method: "POST",
     headers: { "Content-Type": "application/json" },
     body: JSON.stringify({ message_id: el.dataset.messageId, like }),
@@ -87,7 +87,31 @@ async function feedback(el, like, pressed, other) {
   }
 }
 
+// Every call to the server: with the API key, when one is set (servers started with --api-key).
+const KEY_ITEM = "chatqueue-api-key";
+
+function api(url, options = {}) {
+  const key = localStorage.getItem(KEY_ITEM);
+  const headers = { ...(options.headers || {}) };
+  if (key) headers.Authorization = `Bearer ${key}`;
+  return fetch(url, { ...options, headers });
+}
+
+$("key-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const key = event.target.elements.key.value.trim();
+  if (key) localStorage.setItem(KEY_ITEM, key);
+  else localStorage.removeItem(KEY_ITEM);
+  event.target.elements.key.value = "";
+  setStatus(key ? "API key saved in this browser." : "API key removed.");
+  await loadHistory();
+  await loadParams();
+});
+
 async function errorText(res) {
+  if (res.status === 401) {
+    return "This server needs an API key: enter it under Settings.";
+  }
   try {
     const body = await res.json();
     return body.error.message;
@@ -146,7 +170,7 @@ async function ask(request) {
   try {
     let res;
     for (;;) {
-      res = await fetch("/chat", {
+      res = await api("/chat", {
         method: "POST",
         headers: { "Content-Type": "application/json" },
         body: JSON.stringify(request),
@@ -221,7 +245,7 @@ function regenerate() {
 
 async function newChat() {
   if (controller) controller.abort();
-  const res = await fetch("/chat/clear", { method: "POST" });
+  const res = await api("/chat/clear", { method: "POST" });
   if (!res.ok) {
     setStatus(await errorText(res));
     return;
@@ -232,7 +256,7 @@ async function newChat() {
 }
 
 async function loadHistory() {
-  const res = await fetch("/chat/history");
+  const res = await api("/chat/history");
   if (!res.ok) {
     setStatus(await errorText(res));
     return;
@@ -259,7 +283,7 @@ function showParams(body) {
 }
 
 async function loadParams() {
-  const res = await fetch("/chat/params");
+  const res = await api("/chat/params");
   if (res.ok) showParams(await res.json());
 }
 
@@ -267,7 +291,7 @@ paramsForm.addEventListener("submit", async (event) => {
   event.preventDefault();
   const f = paramsForm.elements;
   const maxTokens = f.max_tokens.value.trim();
-  const res = await fetch("/chat/params", {
+  const res = await api("/chat/params", {
     method: "PUT",
     headers: { "Content-Type": "application/json" },
     body: JSON.stringify({
