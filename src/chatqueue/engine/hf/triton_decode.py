@@ -1,0 +1,191 @@
+"""Decode attention on the GPU over only the columns each row holds (a Triton kernel).
+
+The static cache gives every row one run of columns [start, col]; SDPA with a mask reads all
+`max_len` columns of every row and throws most away. This kernel reads [start, col] alone, in
+splits (flash-decoding) so that a small batch still fills the GPU: each program owns one (row,
+KV head) and one split of the columns, and answers for that KV head's whole group of query heads
+at once, so each K/V element is read once per step. The splits' partial results are merged with
+their log-sum-exp weights in plain torch ops (Inductor fuses them).
+
+Only imported where Triton and CUDA exist; `decode_attention` is a custom op, so Inductor treats
+it as one opaque kernel and CUDA graphs capture its launch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_N = 64  # columns per inner iteration
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _partials_kernel(  # type: ignore[no-untyped-def]  # Triton pointers and constexprs
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    start_ptr,
+    col_ptr,
+    o_ptr,
+    m_ptr,
+    l_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qg,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    scale,
+    NUM_KV: tl.constexpr,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SPLIT: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid // NUM_KV
+    h = pid % NUM_KV
+    lo = tl.maximum(tl.load(start_ptr + b), split * SPLIT)
+    hi = tl.minimum(tl.load(col_ptr) + 1, (split + 1) * SPLIT)
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D)
+    is_head = offs_g < G
+    q = tl.load(
+        q_ptr + b * stride_qb + h * stride_qh + offs_g[:, None] * stride_qg + offs_d[None, :],
+        mask=is_head[:, None],
+        other=0.0,
+    )
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D], tl.float32)
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    for n0 in range(lo, hi, BLOCK):
+        offs_n = n0 + tl.arange(0, BLOCK)
+        in_run = offs_n < hi
+        k = tl.load(
+            k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=in_run[:, None], other=0.0
+        )
+        v = tl.load(
+            v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=in_run[:, None], other=0.0
+        )
+        if IEEE:  # noqa: SIM108  (Triton: a constexpr branch, not a ternary)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(in_run[None, :], s * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    row = (pid * G + offs_g) * NUM_SPLITS + split  # in [B * NUM_KV * G, NUM_SPLITS]
+    tl.store(m_ptr + row, m_i, mask=is_head)
+    tl.store(l_ptr + row, l_i, mask=is_head)
+    tl.store(o_ptr + row[:, None] * D + offs_d[None, :], acc, mask=is_head[:, None])
+
+
+@torch.library.custom_op("chatqueue::decode_attention_partials", mutates_args=())
+def decode_attention_partials(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    start: torch.Tensor,
+    col: torch.Tensor,
+    scale: float,
+    num_splits: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per split: the unnormalised output [B, KV, G, S, D], running max and sum [B, KV, G, S]."""
+    b, num_kv, groups, dim = q.shape
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+    o = torch.empty(b, num_kv, groups, num_splits, dim, dtype=torch.float32, device=q.device)
+    m = torch.empty(b, num_kv, groups, num_splits, dtype=torch.float32, device=q.device)
+    l_sum = torch.empty_like(m)
+    split = math.ceil(k.shape[2] / num_splits / BLOCK_N) * BLOCK_N
+    _partials_kernel[(b * num_kv, num_splits)](
+        q,
+        k,
+        v,
+        start,
+        col,
+        o,
+        m,
+        l_sum,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        scale,
+        NUM_KV=num_kv,
+        G=groups,
+        G_PAD=max(16, triton.next_power_of_2(groups)),
+        D=dim,
+        BLOCK=BLOCK_N,
+        SPLIT=split,
+        NUM_SPLITS=num_splits,
+        IEEE=q.dtype == torch.float32,
+    )
+    return o, m, l_sum
+
+
+@decode_attention_partials.register_fake
+def _(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    start: torch.Tensor,
+    col: torch.Tensor,
+    scale: float,
+    num_splits: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, num_kv, groups, dim = q.shape
+    o = q.new_empty(b, num_kv, groups, num_splits, dim, dtype=torch.float32)
+    m = q.new_empty(b, num_kv, groups, num_splits, dtype=torch.float32)
+    return o, m, torch.empty_like(m)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    start: torch.Tensor,
+    col: torch.Tensor,
+    scale: float,
+    num_splits: int,
+) -> torch.Tensor:
+    """q [B, KV, G, D] (query heads grouped by their KV head); k, v [B, KV, L, D]; row r attends
+    to columns start[r] ..= col[0]. Returns [B, KV, G, D] in q's dtype."""
+    o, m, l_sum = decode_attention_partials(q, k, v, start, col, scale, num_splits)
+    weight = torch.exp(m - m.amax(dim=-1, keepdim=True))  # empty splits: exp(-inf) = 0
+    out: torch.Tensor = (o * weight.unsqueeze(-1)).sum(dim=-2) / (l_sum * weight).sum(
+        dim=-1, keepdim=True
+    )
+    return out.to(q.dtype)
+
+
+def splits_for(batch: int, num_kv: int, max_len: int) -> int:
+    """Enough splits that a small batch still gives every multiprocessor work; one split when
+    the (row, KV head) pairs alone do (more would only add partials to write and merge)."""
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    wanted = math.ceil(2 * sms / max(1, batch * num_kv))
+    return max(1, min(wanted, math.ceil(max_len / BLOCK_N)))
