@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import gc
 import logging
 import threading
 from collections.abc import Callable
@@ -170,11 +171,17 @@ class Engine:
         runner = self._load()
         if runner is None:
             return
+        # NOTE: loading (and compiling, on a GPU) leaves millions of long-lived objects; a full
+        # collection walking them all paused every thread for over a second under load. Frozen,
+        # they are never walked again (and handed back to the collector when the engine stops).
+        gc.collect()
+        gc.freeze()
         try:
             while self._step(runner):
                 pass
         finally:
             runner.close()
+            gc.unfreeze()
             self.state = EngineState.STOPPED
 
     def _load(self) -> Runner | None:
