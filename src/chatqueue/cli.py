@@ -63,6 +63,9 @@ def serve(
     max_unread_tokens: Annotated[
         int | None, typer.Option(help="Cut readers this far behind")
     ] = None,
+    admit_per_tick: Annotated[
+        int | None, typer.Option(help="New requests let in per loop iteration; 0: off [2]")
+    ] = None,
     api_key: Annotated[str | None, typer.Option(help="Bearer key for /v1 and /chat")] = None,
     api_keys: Annotated[
         Path | None, typer.Option(help='JSON: {"<key>": {"name", "priority", "max_queue"}}')

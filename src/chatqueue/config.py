@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     queue_timeout: float | None = Field(None, gt=0, description="Most seconds in the queue")
     step_timeout: float | None = Field(None, gt=0, description="A step longer than this: hung")
     max_unread_tokens: int = Field(4096, ge=1, description="A reader this far behind is cut")
+    admit_per_tick: int = Field(
+        2, ge=0, description="New POST requests let in per event-loop iteration; 0: no pacing"
+    )
 
     # access and limits
     # NOTE: secrets, so that printing or logging the settings never shows a key.

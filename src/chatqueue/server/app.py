@@ -15,6 +15,7 @@ from chatqueue.server import chat_routes, openai_routes, ops
 from chatqueue.server.auth import Keyring
 from chatqueue.server.errors import install_error_handlers
 from chatqueue.server.limits import BodySizeLimit
+from chatqueue.server.pacing import ArrivalPacer
 
 
 def chat_queue_for(settings: Settings) -> ChatQueue:
@@ -59,7 +60,8 @@ def create_app(settings: Settings | None = None, *, chat_queue: ChatQueue | None
 
 
 def _install_limits(app: FastAPI, settings: Settings) -> None:
-    """Outermost: CORS (so that even a 413 carries its headers), then the body limit."""
+    """Outermost: arrival pacing (before any other work is spent on a request), CORS (so that
+    even a 413 carries its headers), then the body limit."""
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(
@@ -69,3 +71,4 @@ def _install_limits(app: FastAPI, settings: Settings) -> None:
             allow_headers=["Authorization", "Content-Type"],
             expose_headers=["Retry-After", "X-Conversation-Id", "X-Message-Id"],
         )
+    app.add_middleware(ArrivalPacer, per_tick=settings.admit_per_tick)
