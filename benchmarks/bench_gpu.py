@@ -12,6 +12,7 @@ configurations alternated, after a warm-up. Prints:
     p50/p99 and inter-token p99.
 
     python benchmarks/bench_gpu.py [--quick] [--out DIR]
+    .venv/bin/python benchmarks/bench_gpu.py --cpu     # a small model on the CPU, anywhere
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from chatqueue.engine.runner import NewSequence, StepBatch
 from gpu_model import PROMPT_TOKENS, build_model, static_runner
 
 NEW_TOKENS = 256
+DEVICE = "cuda"  # `--cpu`: a small model on the CPU, to run the script anywhere
+HTTP_STREAMS = 64
 RESULTS: dict[str, object] = {}
 
 
@@ -44,18 +47,27 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def empty_cache() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
+
 def copy_bandwidth() -> float:
     """Bytes read + written per second by a large device-to-device copy."""
-    src = torch.randn(512 * 1024 * 1024 // 2, dtype=torch.bfloat16, device="cuda")  # 512 MiB
+    src = torch.randn(512 * 1024 * 1024 // 2, dtype=torch.bfloat16, device=DEVICE)  # 512 MiB
     dst = torch.empty_like(src)
     times = []
     for _ in range(20):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
+        sync()
+        t0 = time.perf_counter()
         dst.copy_(src)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
+        sync()
+        times.append(time.perf_counter() - t0)
     return 2 * src.numel() * 2 / statistics.median(times[5:])
 
 
@@ -66,6 +78,7 @@ def prompts(n: int, seed: int = 0) -> list[list[int]]:
 
 def decode_ms(runner, batch: int, steps: int = 48) -> tuple[float, float]:  # type: ignore[no-untyped-def]
     """Median ms of one decode step for `batch` running sequences; and their mean cache length."""
+    steps = min(steps, NEW_TOKENS - 1)  # what fits the cache
     greedy = SamplingParams(temperature=0, ignore_eos=True)
     news = [NewSequence(i, p, greedy) for i, p in enumerate(prompts(batch))]
     ids = [n.seq_id for n in news]
@@ -74,7 +87,7 @@ def decode_ms(runner, batch: int, steps: int = 48) -> tuple[float, float]:  # ty
         got |= runner.step(StepBatch(new=[], running=ids, released=[]))
     times = []
     for _ in range(steps):
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         runner.step(StepBatch(new=[], running=ids, released=[]))  # ends in one .tolist()
         times.append(time.perf_counter() - t0)
@@ -118,25 +131,26 @@ class _Kept:
         pass
 
 
-_RUNNERS: dict[int, object] = {}
+_RUNNERS: dict[str, object] = {}
+SLOTS = 256  # one runner (one compile) serves every batch size measured in-process
 
 
-def kept_runner(model, max_batch: int) -> _Kept:  # type: ignore[no-untyped-def]
-    if max_batch not in _RUNNERS:
+def kept_runner(model, attention: str = "auto") -> _Kept:  # type: ignore[no-untyped-def]
+    if attention not in _RUNNERS:
         t0 = time.perf_counter()
-        _RUNNERS[max_batch] = static_runner(
-            model, max_batch=max_batch, max_len=PROMPT_TOKENS + NEW_TOKENS
+        _RUNNERS[attention] = static_runner(
+            model, max_batch=SLOTS, max_len=PROMPT_TOKENS + NEW_TOKENS, attention=attention
         )
         log(
-            f"runner for {max_batch} slots ready in {time.perf_counter() - t0:.1f} s "
-            "(compile + graph capture)"
+            f"runner for {SLOTS} slots ({attention} attention) ready in "
+            f"{time.perf_counter() - t0:.1f} s (compile + graph capture)"
         )
-    return _Kept(_RUNNERS[max_batch])
+    return _Kept(_RUNNERS[attention])
 
 
 async def chatqueue_tokens_per_s(model, n: int, *, max_concurrent: int) -> float:  # type: ignore[no-untyped-def]
     """Ours in-process, through ChatQueue (engine thread, scheduler, detokenizer)."""
-    runner = kept_runner(model, max_concurrent)
+    runner = kept_runner(model)
     cq = ChatQueue(runner, max_concurrent=max_concurrent, max_queue_size=n)
     await cq.start_queue_worker()
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
@@ -163,13 +177,13 @@ def hf_cb_tokens_per_s(model, n: int) -> float:  # type: ignore[no-untyped-def]
         kwargs["continuous_batching_config"] = ContinuousBatchingConfig(
             num_blocks=n * (PROMPT_TOKENS + NEW_TOKENS) // 256 + n,
             max_batch_tokens=2048,
-            use_cuda_graph=True,
+            use_cuda_graph=DEVICE == "cuda",
         )
     except ImportError:  # older transformers: the same settings on the generation config
         gen.num_blocks = n * (PROMPT_TOKENS + NEW_TOKENS) // 128 + n
         gen.block_size = 128
         gen.max_batch_tokens = 2048
-        gen.use_cuda_graph = True
+        gen.use_cuda_graph = DEVICE == "cuda"
     ids = prompts(n, seed=1)
     t0 = time.perf_counter()
     out = model.generate_batch(ids, generation_config=gen, **kwargs)
@@ -200,7 +214,7 @@ def sequential_tokens_per_s(model) -> float:  # type: ignore[no-untyped-def]
 
 def correctness(model) -> None:  # type: ignore[no-untyped-def]
     """Greedy tokens of the static runner vs `generate` alone, and the logits' relative error."""
-    runner = kept_runner(model, 64)
+    runner = kept_runner(model)
     ps = prompts(4, seed=7)
     greedy = SamplingParams(temperature=0)
     news = [NewSequence(i, p, greedy) for i, p in enumerate(ps)]
@@ -213,7 +227,7 @@ def correctness(model) -> None:  # type: ignore[no-untyped-def]
     agree = total = 0
     for i, p in enumerate(ps):
         ref = model.generate(
-            torch.tensor([p], device="cuda"),
+            torch.tensor([p], device=DEVICE),
             do_sample=False,
             max_new_tokens=15,
             min_new_tokens=15,
@@ -237,12 +251,12 @@ def correctness_fp32() -> None:
     the same width: greedy tokens must equal `generate` alone, token for token."""
     from transformers import LlamaForCausalLM
 
-    from gpu_model import llama_1b_config
+    from gpu_model import llama_1b_config, small_config
 
-    config = llama_1b_config()
+    config = llama_1b_config() if DEVICE == "cuda" else small_config()
     config.num_hidden_layers = 4
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(DEVICE):
         model = LlamaForCausalLM(config).float().eval()
     runner = static_runner(model, max_batch=8, max_len=PROMPT_TOKENS + 64)
     ps = [p[: 40 + 25 * i] for i, p in enumerate(prompts(8, seed=3))]
@@ -259,7 +273,7 @@ def correctness_fp32() -> None:
     same = 0
     for i, p in enumerate(ps):
         ref = model.generate(
-            torch.tensor([p], device="cuda"),
+            torch.tensor([p], device=DEVICE),
             do_sample=False,
             max_new_tokens=24,
             min_new_tokens=24,
@@ -273,18 +287,18 @@ def correctness_fp32() -> None:
     )
     runner.close()
     del runner, model
-    torch.cuda.empty_cache()
+    empty_cache()
 
 
-def http_part(model, quick: bool) -> None:  # type: ignore[no-untyped-def]
+def http_part(model, quick: bool, profile_dir: str | None = None) -> None:  # type: ignore[no-untyped-def]
     import aiohttp
 
     from _common import health_probe, pct, stream_chat
 
-    n = 64
+    n = HTTP_STREAMS
     asyncio.run(chatqueue_tokens_per_s(model, n, max_concurrent=n))  # warm
     inproc = [asyncio.run(chatqueue_tokens_per_s(model, n, max_concurrent=n)) for _ in range(2)]
-    torch.cuda.empty_cache()
+    empty_cache()
     port = 8123
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     server = subprocess.Popen(
@@ -295,6 +309,9 @@ def http_part(model, quick: bool) -> None:  # type: ignore[no-untyped-def]
             str(port),
             "--max-concurrent",
             str(n),
+            "--max-len",
+            str(PROMPT_TOKENS + NEW_TOKENS),
+            *(["--cpu"] if DEVICE == "cpu" else []),
         ],
         env=env,
     )
@@ -335,16 +352,30 @@ def http_part(model, quick: bool) -> None:  # type: ignore[no-untyped-def]
             return sum(t for _, t in res) / elapsed, ttft, itl
 
         asyncio.run(run())  # warm
-        http, ttfts, itls = [], [], []
-        with health_probe(url) as lag:
-            for _ in range(2):
+        http, ttfts, itls, starts = [], [], [], []
+        spy = _py_spy(server.pid, profile_dir) if profile_dir else None
+        with health_probe(url, period_s=0.01) as lag:
+            for _ in range(3):
+                starts.append(time.perf_counter())
                 tps, ttft, itl = asyncio.run(run())
                 http.append(tps)
                 ttfts += ttft
                 itls += itl
+        if spy is not None:
+            spy.send_signal(2)
+            spy.wait(60)
     finally:
         server.terminate()
         server.wait(30)
+    burst_s = 0.5  # from each run's start: 64 arrivals parsed, tokenized, prefilled
+    steady = [x for t, x in lag if all(not (s0 <= t < s0 + burst_s) for s0 in starts)]
+    log(
+        f"lag p50/p99/max whole {pct([x for _, x in lag], 50) * 1e3:.2f}/"
+        f"{pct([x for _, x in lag], 99) * 1e3:.2f}/{max(x for _, x in lag) * 1e3:.2f} ms "
+        f"(n={len(lag)}); outside the first {burst_s} s of each run {pct(steady, 50) * 1e3:.2f}/"
+        f"{pct(steady, 99) * 1e3:.2f}/{max(steady) * 1e3:.2f} ms (n={len(steady)})"
+    )
+    RESULTS["lag_steady_p99_ms"] = pct(steady, 99) * 1e3
     h, i = statistics.median(http), statistics.median(inproc)
     RESULTS.update(
         http_tps=h,
@@ -355,11 +386,32 @@ def http_part(model, quick: bool) -> None:  # type: ignore[no-untyped-def]
         itl_p99_ms=pct(itls, 99) * 1e3,
         itl_p50_ms=pct(itls, 50) * 1e3,
     )
-    log(f"HTTP 64 streams: {h:.0f} tok/s ÷ in-process {i:.0f} tok/s = {h / i:.3f} (target >= 0.9)")
+    log(f"HTTP {n} streams: {h:.0f} tok/s ÷ in-process {i:.0f} tok/s = {h / i:.3f} (target >= 0.9)")
     log(
         f"event-loop lag p99 {pct([lat for _, lat in lag], 99) * 1e3:.2f} ms (target <= 5); TTFT p50 "
         f"{pct(ttfts, 50) * 1e3:.0f} ms p99 {pct(ttfts, 99) * 1e3:.0f} ms; inter-token p50 "
         f"{pct(itls, 50) * 1e3:.1f} ms p99 {pct(itls, 99) * 1e3:.1f} ms"
+    )
+
+
+def _py_spy(pid: int, out_dir: str) -> subprocess.Popen[bytes]:
+    """Sample which thread of the server holds the GIL, and where (py-spy, raw stacks)."""
+    return subprocess.Popen(
+        [
+            "py-spy",
+            "record",
+            "--pid",
+            str(pid),
+            "--gil",
+            "--threads",
+            "--rate",
+            "500",
+            "--format",
+            "raw",
+            "--output",
+            str(Path(out_dir, "server_gil.txt")),
+            "--nonblocking",
+        ]
     )
 
 
@@ -368,37 +420,58 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--parts", default="floor,throughput,http")
+    ap.add_argument("--cpu", action="store_true", help="a small model on the CPU")
+    ap.add_argument("--compare-sdpa", action="store_true", help="decode with SDPA too")
+    ap.add_argument("--no-check", action="store_true", help="skip the correctness checks")
+    ap.add_argument("--profile-server", action="store_true", help="py-spy the HTTP server")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     import transformers
 
-    log(
-        f"device {torch.cuda.get_device_name()} torch {torch.__version__} "
-        f"transformers {transformers.__version__}"
+    global DEVICE, NEW_TOKENS, HTTP_STREAMS, SLOTS
+    if args.cpu:
+        DEVICE, NEW_TOKENS, HTTP_STREAMS, SLOTS = "cpu", 32, 8, 16
+    name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (small model)"
+    log(f"device {name} torch {torch.__version__} transformers {transformers.__version__}")
+    if not args.no_check:
+        correctness_fp32()
+    model = build_model(
+        DEVICE, torch.bfloat16 if DEVICE == "cuda" else torch.float32, DEVICE == "cpu"
     )
-    correctness_fp32()
-    model = build_model()
-    correctness(model)
+    if not args.no_check:
+        correctness(model)
     if "floor" in parts:
         bw = copy_bandwidth()
         RESULTS["copy_bandwidth_GBps"] = bw / 1e9
         log(f"copy bandwidth {bw / 1e9:.0f} GB/s")
-        runner = kept_runner(model, 64)
-        for b in (1, 64):
-            decode_ms(runner, b, steps=16)  # warm
-            ms, cache_len = decode_ms(runner, b)
+        kinds = ("sdpa", "auto") if args.compare_sdpa else ("auto",)
+        runners = {a: kept_runner(model, a) for a in kinds}
+        for b in (1, min(64, SLOTS)):
+            times: dict[str, list[float]] = {a: [] for a in runners}
+            for runner in runners.values():
+                decode_ms(runner, b, steps=16)  # warm
+            for _ in range(3):  # alternate A and B
+                for attention, runner in runners.items():
+                    ms, cache_len = decode_ms(runner, b)
+                    times[attention].append(ms)
             fl = floor_ms(model, b, cache_len, bw)
+            ms = statistics.median(times["auto"])
             RESULTS[f"decode_ms_b{b}"] = ms
             RESULTS[f"floor_ms_b{b}"] = fl
             log(
                 f"decode batch {b}: {ms:.3f} ms/step, floor {fl:.3f} ms -> {ms / fl:.2f}x "
-                f"(target <= {2.5 if b == 1 else 3}x)"
+                f"(target <= {2.5 if b == 1 else 3}x); runs {times}"
             )
-        runner.close()
-        del runner
-        torch.cuda.empty_cache()
+            if "sdpa" in times:
+                sdpa_ms = statistics.median(times["sdpa"])
+                RESULTS[f"decode_sdpa_ms_b{b}"] = sdpa_ms
+                log(f"  with SDPA attention: {sdpa_ms:.3f} ms -> {sdpa_ms / fl:.2f}x")
+        _RUNNERS.pop("sdpa", None)
+        runners.clear()
+        empty_cache()
     if "throughput" in parts:
         sizes = (64,) if args.quick else (64, 256)
+        sizes = sizes if DEVICE == "cuda" else (8, 16)
         for n in sizes:
             ours, theirs = [], []
             asyncio.run(chatqueue_tokens_per_s(model, min(n, 16), max_concurrent=n))
@@ -406,7 +479,7 @@ def main() -> None:
             for _ in range(2 if args.quick else 3):
                 ours.append(asyncio.run(chatqueue_tokens_per_s(model, n, max_concurrent=n)))
                 theirs.append(hf_cb_tokens_per_s(model, n))
-                torch.cuda.empty_cache()
+                empty_cache()
             o, t = statistics.median(ours), statistics.median(theirs)
             RESULTS[f"ours_tps_{n}"], RESULTS[f"hf_cb_tps_{n}"] = o, t
             log(
@@ -418,10 +491,10 @@ def main() -> None:
         RESULTS["batching_off_tps"] = seq
         log(
             f"--batching off (8 requests, 64 tokens, one forward each in turn): {seq:.0f} tok/s; "
-            f"ours at 64 ÷ off = {RESULTS['ours_tps_64'] / seq:.1f}x"
-        )  # type: ignore[operator]
+            f"ours at {sizes[0]} ÷ off = {RESULTS[f'ours_tps_{sizes[0]}'] / seq:.1f}x"  # type: ignore[operator]
+        )
     if "http" in parts:
-        http_part(model, args.quick)
+        http_part(model, args.quick, args.out if args.profile_server else None)
     Path(args.out, "bench_gpu.json").write_text(json.dumps(RESULTS, indent=1))
     log(json.dumps(RESULTS))
 

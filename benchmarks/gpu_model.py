@@ -47,10 +47,21 @@ def llama_1b_config() -> LlamaConfig:
     )
 
 
-def build_model(device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> LlamaForCausalLM:
+def small_config() -> LlamaConfig:
+    """The same family at a size a CPU runs quickly (the vocabulary stays, for the prompts)."""
+    config = llama_1b_config()
+    config.hidden_size, config.intermediate_size = 256, 768
+    config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads = 4, 4, 2
+    return config
+
+
+def build_model(
+    device: str = "cuda", dtype: torch.dtype = torch.bfloat16, small: bool = False
+) -> LlamaForCausalLM:
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(llama_1b_config()).to(dtype).eval()
+        config = small_config() if small else llama_1b_config()
+        model = LlamaForCausalLM(config).to(dtype).eval()
     return model
 
 
@@ -69,7 +80,14 @@ class PromptTokenizer:
         return "".join(f" w{t % 1000}" for t in token_ids)
 
 
-def static_runner(model: LlamaForCausalLM, *, max_batch: int, max_len: int, chunk: int = 2048):
+def static_runner(
+    model: LlamaForCausalLM,
+    *,
+    max_batch: int,
+    max_len: int,
+    chunk: int = 2048,
+    attention: str = "auto",
+):
     from chatqueue.engine.hf.static_runner import StaticCacheRunner
 
     return StaticCacheRunner(
@@ -79,7 +97,24 @@ def static_runner(model: LlamaForCausalLM, *, max_batch: int, max_len: int, chun
         max_batch=max_batch,
         max_len=max_len,
         prefill_chunk=chunk,
+        attention=attention,
     )
+
+
+def _log_gc_pauses(longer_than_s: float = 0.01) -> None:
+    """Print each garbage collection that stops the process for longer than `longer_than_s`."""
+    import gc
+    import time
+
+    started = [0.0]
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        elif (took := time.perf_counter() - started[0]) > longer_than_s:
+            print(f"gc pause {took * 1e3:.0f} ms (generation {info['generation']})", flush=True)
+
+    gc.callbacks.append(callback)
 
 
 def main() -> None:
@@ -87,6 +122,7 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--max-concurrent", type=int, default=64)
     ap.add_argument("--max-len", type=int, default=512)
+    ap.add_argument("--cpu", action="store_true", help="the small model on the CPU")
     args = ap.parse_args()
     import uvicorn
 
@@ -94,7 +130,9 @@ def main() -> None:
     from chatqueue.config import Settings
     from chatqueue.server.app import create_app
 
-    runner = static_runner(build_model(), max_batch=args.max_concurrent, max_len=args.max_len)
+    _log_gc_pauses()
+    model = build_model("cpu", torch.float32, small=True) if args.cpu else build_model()
+    runner = static_runner(model, max_batch=args.max_concurrent, max_len=args.max_len)
     cq = ChatQueue(runner, max_concurrent=args.max_concurrent, max_queue_size=args.max_concurrent)
     settings = Settings(engine="mock", port=args.port, log_level="warning")
     sys.setswitchinterval(0.0005)

@@ -1,5 +1,5 @@
 """Where a decode step's time goes on the GPU: graph replay alone (device events), the whole
-`runner.step` (host included), and the top kernels of one eager step (torch.profiler).
+`runner.step` (host included), and the top kernels of one compiled step (torch.profiler).
 
     python benchmarks/profile_gpu_decode.py
 """
@@ -58,9 +58,13 @@ def main() -> None:
             torch.inference_mode(),
             torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof,
         ):
-            runner._decode_forward(b)
+            runner._decode_fn(b)  # the compiled step, as the graphs replay it
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+        print(
+            prof.key_averages().table(
+                sort_by="cuda_time_total", row_limit=25, max_name_column_width=90
+            )
+        )
         runner._col -= 1  # the eager step above moved the write column; keep host and device
         runner._col_t.fill_(runner._col)  # in agreement for the release below
         runner.step(StepBatch(new=[], running=[], released=ids))
