@@ -51,6 +51,9 @@ def serve(
     ] = None,
     max_model_len: Annotated[int | None, typer.Option(help="Static cache length [4096]")] = None,
     prefill_chunk: Annotated[int | None, typer.Option(help="Prompt tokens a step [512]")] = None,
+    attention: Annotated[
+        str | None, typer.Option(help="Static-cache decode attention: auto, triton, sdpa")
+    ] = None,
     max_concurrent: Annotated[int | None, typer.Option(help="Generations at once [8]")] = None,
     max_queue: Annotated[int | None, typer.Option(help="Requests waiting at most [64]")] = None,
     max_queue_per_user: Annotated[

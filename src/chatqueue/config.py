@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     kv_cache: Literal["auto", "static", "dynamic"] = "auto"
     max_model_len: int | None = Field(None, ge=16, description="Static cache length per slot")
     prefill_chunk: int = Field(512, ge=1, description="Most prompt tokens prefilled a step")
+    attention: Literal["auto", "triton", "sdpa"] = "auto"
     cache: Path = Field(default_factory=default_cache, description="Converted-model cache")
 
     # the mock engine

@@ -42,6 +42,7 @@ def runner_for(settings: Settings) -> Runner | Callable[[], Runner]:
             max_batch=settings.max_concurrent,
             max_model_len=settings.max_model_len,
             prefill_chunk=settings.prefill_chunk,
+            attention=settings.attention,
         )
 
     return load

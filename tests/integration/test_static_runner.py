@@ -17,7 +17,7 @@ from tests.integration.test_hf_runner import TEMPLATE, reference, tiny_llama, ti
 GREEDY = SamplingParams(temperature=0.0)
 
 
-def make(model: LlamaForCausalLM, **kw: int) -> StaticCacheRunner:
+def make(model: LlamaForCausalLM, **kw: int | str) -> StaticCacheRunner:
     tokenizer = HFTokenizer(
         tiny_tokenizer(), model_name="t", eos_token_ids=[2], chat_template=TEMPLATE
     )
@@ -110,3 +110,10 @@ def test_models_it_cannot_run_are_refused() -> None:
     )
     with pytest.raises(UnsupportedModel, match="sliding window"):
         make(MistralForCausalLM(config), max_batch=2, max_len=64)  # type: ignore[arg-type]
+
+
+def test_triton_attention_is_refused_where_it_cannot_run(model: LlamaForCausalLM) -> None:
+    with pytest.raises(ValueError, match="Triton decode attention"):
+        make(model, max_batch=2, max_len=32, attention="triton")
+    with pytest.raises(ValueError, match="auto, triton or sdpa"):
+        make(model, max_batch=2, max_len=32, attention="flash")

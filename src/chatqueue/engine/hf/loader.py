@@ -42,13 +42,15 @@ def load_hf_runner(
     max_batch: int = 8,
     max_model_len: int | None = None,
     prefill_chunk: int = 512,
+    attention: str = "auto",
 ) -> Runner:
     """A runner for `model` (a local HF model folder; None: the default SmolLM2 GGUF, converted once
     into `cache_dir`). `chat_template` is a file holding a Jinja template, for models without one.
 
     `kv_cache`: "static" (slots of a fixed-size cache, decode captured as CUDA graphs on a GPU,
     chunked prefill; Llama-family models), "dynamic" (any model), or "auto": static on CUDA where
-    the model allows it, else dynamic."""
+    the model allows it, else dynamic. `attention` (static cache): "triton" reads only the
+    columns each row holds (CUDA), "sdpa" all of them under a mask, "auto" Triton where it runs."""
     folder = default_model_folder(cache_dir) if model is None else _local_folder(model)
     name = DEFAULT_MODEL_NAME if model is None else folder.name
     torch_device = resolve_device(device)
@@ -66,6 +68,7 @@ def load_hf_runner(
             max_batch=max_batch,
             max_len=max_len,
             prefill_chunk=prefill_chunk,
+            attention=attention,
         )
     runner_class = HFBatchedRunner if batching else HFSequentialRunner
     return runner_class(model=hf_model, tokenizer=tokenizer, model_name=name)
