@@ -11,6 +11,7 @@ arrival pacing on and off, side by side in one run.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import tempfile
 import time
 from pathlib import Path
@@ -26,13 +27,7 @@ BURST_S = 0.5
 async def burst(url: str, streams: int) -> None:
     body = {"messages": [{"role": "user", "content": "go"}], "stream": True}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=streams + 8)) as s:
-        await uvloop_gather(*(stream_chat(s, url, body) for _ in range(streams)))
-
-
-async def uvloop_gather(*coros):  # type: ignore[no-untyped-def]
-    import asyncio
-
-    return await asyncio.gather(*coros)
+        await asyncio.gather(*(stream_chat(s, url, body) for _ in range(streams)))
 
 
 def measure(args: argparse.Namespace, pacing: int, tmp: Path) -> tuple[list[float], list[float]]:

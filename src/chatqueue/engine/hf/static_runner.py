@@ -103,9 +103,8 @@ class StaticCacheRunner:
         dtype, dev = model.dtype, self.device
         self._k = [torch.zeros(kv_shape, dtype=dtype, device=dev) for _ in self._layers]
         self._v = [torch.zeros(kv_shape, dtype=dtype, device=dev) for _ in self._layers]
-        self._start = torch.zeros(
-            max_batch, dtype=torch.long, device=dev
-        )  # first column a row holds
+        # the first column each row holds; its entries run from there to `col`
+        self._start = torch.zeros(max_batch, dtype=torch.long, device=dev)
         self._columns = torch.arange(max_len, device=dev)
         self._ids = torch.zeros(max_batch, dtype=torch.long, device=dev)
         self._pos = torch.zeros(max_batch, dtype=torch.long, device=dev)
@@ -118,6 +117,7 @@ class StaticCacheRunner:
         self.num_compactions = 0
         self._buckets = [b for b in _BUCKETS if b < max_batch] + [max_batch]
         self._triton = _triton_attention(attention, dev, self._head_dim)
+        # one split of the columns per 256: a batch of 1 still spreads over several programs
         self._num_splits = -(-max_len // 256)
         graphs = dev.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}

@@ -181,11 +181,3 @@ def decode_attention(
         dim=-1, keepdim=True
     )
     return out.to(q.dtype)
-
-
-def splits_for(batch: int, num_kv: int, max_len: int) -> int:
-    """Enough splits that a small batch still gives every multiprocessor work; one split when
-    the (row, KV head) pairs alone do (more would only add partials to write and merge)."""
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    wanted = math.ceil(2 * sms / max(1, batch * num_kv))
-    return max(1, min(wanted, math.ceil(max_len / BLOCK_N)))
