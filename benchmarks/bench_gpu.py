@@ -9,7 +9,8 @@ configurations alternated, after a warm-up. Prints:
     graphs) ÷ transformers' continuous batching (CUDA graphs on, cache sized), and ÷ ours with
     `--batching off` (one request at a time);
   - through the HTTP server at 64 streams: tokens/s ÷ in-process, event-loop lag p99, TTFT
-    p50/p99 and inter-token p99.
+    p50/p99 and inter-token p99; for a server with the model in its own process (the default)
+    and one with it on the server's engine thread (`--model-process off`), one after the other.
 
     python benchmarks/bench_gpu.py [--quick] [--out DIR]
     .venv/bin/python benchmarks/bench_gpu.py --cpu     # a small model on the CPU, anywhere
@@ -290,15 +291,33 @@ def correctness_fp32() -> None:
     empty_cache()
 
 
-def http_part(model, quick: bool, profile_dir: str | None = None) -> None:  # type: ignore[no-untyped-def]
+def http_part(  # type: ignore[no-untyped-def]
+    model, quick: bool, modes: list[str], profile_dir: str | None = None
+) -> None:
+    """In-process tokens/s, then a server per `--model-process` mode, one after the other."""
+    n = HTTP_STREAMS
+    asyncio.run(chatqueue_tokens_per_s(model, n, max_concurrent=n))  # warm
+    inproc = [asyncio.run(chatqueue_tokens_per_s(model, n, max_concurrent=n)) for _ in range(2)]
+    i = statistics.median(inproc)
+    RESULTS["inproc_tps"] = i
+    empty_cache()
+    for mode in modes:
+        h = serve_and_measure(mode, profile_dir)
+        log(
+            f"[model process {mode}] HTTP {n} streams: {h:.0f} tok/s ÷ in-process {i:.0f} tok/s = "
+            f"{h / i:.3f} (target >= 0.9)"
+        )
+
+
+def serve_and_measure(mode: str, profile_dir: str | None) -> float:
+    """gpu_model.py's server with the model in its own process or not: 64 streams, 3 runs, /health
+    probed every 10 ms from another process. Returns the median tokens/s; figures to RESULTS
+    (keys suffixed with `_off` for the server that keeps the model in its own process)."""
     import aiohttp
 
     from _common import health_probe, pct, stream_chat
 
     n = HTTP_STREAMS
-    asyncio.run(chatqueue_tokens_per_s(model, n, max_concurrent=n))  # warm
-    inproc = [asyncio.run(chatqueue_tokens_per_s(model, n, max_concurrent=n)) for _ in range(2)]
-    empty_cache()
     port = 8123
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     server = subprocess.Popen(
@@ -311,6 +330,8 @@ def http_part(model, quick: bool, profile_dir: str | None = None) -> None:  # ty
             str(n),
             "--max-len",
             str(PROMPT_TOKENS + NEW_TOKENS),
+            "--model-process",
+            mode,
             *(["--cpu"] if DEVICE == "cpu" else []),
         ],
         env=env,
@@ -353,7 +374,7 @@ def http_part(model, quick: bool, profile_dir: str | None = None) -> None:  # ty
 
         asyncio.run(run())  # warm
         http, ttfts, itls, starts = [], [], [], []
-        spy = _py_spy(server.pid, profile_dir) if profile_dir else None
+        spy = _py_spy(server.pid, profile_dir, mode) if profile_dir else None
         with health_probe(url, period_s=0.01) as lag:
             for _ in range(3):
                 starts.append(time.perf_counter())
@@ -368,33 +389,37 @@ def http_part(model, quick: bool, profile_dir: str | None = None) -> None:  # ty
         server.terminate()
         server.wait(30)
     burst_s = 0.5  # from each run's start: 64 arrivals parsed, tokenized, prefilled
+    whole = [x for _, x in lag]
+    arrivals = [x for t, x in lag if any(s0 <= t < s0 + burst_s for s0 in starts)]
     steady = [x for t, x in lag if all(not (s0 <= t < s0 + burst_s) for s0 in starts)]
-    log(
-        f"lag p50/p99/max whole {pct([x for _, x in lag], 50) * 1e3:.2f}/"
-        f"{pct([x for _, x in lag], 99) * 1e3:.2f}/{max(x for _, x in lag) * 1e3:.2f} ms "
-        f"(n={len(lag)}); outside the first {burst_s} s of each run {pct(steady, 50) * 1e3:.2f}/"
-        f"{pct(steady, 99) * 1e3:.2f}/{max(steady) * 1e3:.2f} ms (n={len(steady)})"
-    )
-    RESULTS["lag_steady_p99_ms"] = pct(steady, 99) * 1e3
-    h, i = statistics.median(http), statistics.median(inproc)
+    h = statistics.median(http)
+    suffix = "" if mode == "on" else f"_{mode}"
     RESULTS.update(
-        http_tps=h,
-        inproc_tps=i,
-        lag_p99_ms=pct([lat for _, lat in lag], 99) * 1e3,
-        ttft_p50_ms=pct(ttfts, 50) * 1e3,
-        ttft_p99_ms=pct(ttfts, 99) * 1e3,
-        itl_p99_ms=pct(itls, 99) * 1e3,
-        itl_p50_ms=pct(itls, 50) * 1e3,
+        {
+            f"http_tps{suffix}": h,
+            f"http_runs{suffix}": http,
+            f"lag_p99_ms{suffix}": pct(whole, 99) * 1e3,
+            f"lag_max_ms{suffix}": max(whole) * 1e3,
+            f"lag_arrivals_p99_ms{suffix}": pct(arrivals, 99) * 1e3,
+            f"lag_steady_p99_ms{suffix}": pct(steady, 99) * 1e3,
+            f"ttft_p50_ms{suffix}": pct(ttfts, 50) * 1e3,
+            f"ttft_p99_ms{suffix}": pct(ttfts, 99) * 1e3,
+            f"itl_p50_ms{suffix}": pct(itls, 50) * 1e3,
+            f"itl_p99_ms{suffix}": pct(itls, 99) * 1e3,
+        }
     )
-    log(f"HTTP {n} streams: {h:.0f} tok/s ÷ in-process {i:.0f} tok/s = {h / i:.3f} (target >= 0.9)")
     log(
-        f"event-loop lag p99 {pct([lat for _, lat in lag], 99) * 1e3:.2f} ms (target <= 5); TTFT p50 "
-        f"{pct(ttfts, 50) * 1e3:.0f} ms p99 {pct(ttfts, 99) * 1e3:.0f} ms; inter-token p50 "
-        f"{pct(itls, 50) * 1e3:.1f} ms p99 {pct(itls, 99) * 1e3:.1f} ms"
+        f"[model process {mode}] event-loop lag p50/p99/max {pct(whole, 50) * 1e3:.2f}/"
+        f"{pct(whole, 99) * 1e3:.2f}/{max(whole) * 1e3:.2f} ms (n={len(whole)}; target p99 <= 5); "
+        f"in the first {burst_s} s of each run (the arrivals) p99 {pct(arrivals, 99) * 1e3:.2f} "
+        f"(n={len(arrivals)}), after p99 {pct(steady, 99) * 1e3:.2f} ms (n={len(steady)}); TTFT "
+        f"p50 {pct(ttfts, 50) * 1e3:.0f} ms p99 {pct(ttfts, 99) * 1e3:.0f} ms; inter-token p50 "
+        f"{pct(itls, 50) * 1e3:.1f} ms p99 {pct(itls, 99) * 1e3:.1f} ms; runs {[round(x) for x in http]}"
     )
+    return h
 
 
-def _py_spy(pid: int, out_dir: str) -> subprocess.Popen[bytes]:
+def _py_spy(pid: int, out_dir: str, mode: str) -> subprocess.Popen[bytes]:
     """Sample which thread of the server holds the GIL, and where (py-spy, raw stacks)."""
     return subprocess.Popen(
         [
@@ -409,7 +434,7 @@ def _py_spy(pid: int, out_dir: str) -> subprocess.Popen[bytes]:
             "--format",
             "raw",
             "--output",
-            str(Path(out_dir, "server_gil.txt")),
+            str(Path(out_dir, f"server_gil_{mode}.txt")),
             "--nonblocking",
         ]
     )
@@ -424,6 +449,11 @@ def main() -> None:
     ap.add_argument("--compare-sdpa", action="store_true", help="decode with SDPA too")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness checks")
     ap.add_argument("--profile-server", action="store_true", help="py-spy the HTTP server")
+    ap.add_argument(
+        "--model-process",
+        default="on,off",
+        help="the HTTP servers to measure, in order: on (the model in its own process), off",
+    )
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     import transformers
@@ -494,7 +524,8 @@ def main() -> None:
             f"ours at {sizes[0]} ÷ off = {RESULTS[f'ours_tps_{sizes[0]}'] / seq:.1f}x"  # type: ignore[operator]
         )
     if "http" in parts:
-        http_part(model, args.quick, args.out if args.profile_server else None)
+        modes = args.model_process.split(",")
+        http_part(model, args.quick, modes, args.out if args.profile_server else None)
     Path(args.out, "bench_gpu.json").write_text(json.dumps(RESULTS, indent=1))
     log(json.dumps(RESULTS))
 

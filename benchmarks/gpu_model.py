@@ -2,7 +2,7 @@
 every comparison), and a stand-in tokenizer whose prompts are N fixed random token ids.
 
 Run as a script it serves that model over HTTP, for the server half of bench_gpu.py:
-    python benchmarks/gpu_model.py --port 8000 --max-concurrent 64
+    python benchmarks/gpu_model.py --port 8000 --max-concurrent 64 [--model-process off]
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def static_runner(
     )
 
 
-def _log_gc_pauses(longer_than_s: float = 0.01) -> None:
+def _log_gc_pauses(where: str, longer_than_s: float = 0.01) -> None:
     """Print each garbage collection that stops the process for longer than `longer_than_s`."""
     import gc
     import time
@@ -112,9 +112,20 @@ def _log_gc_pauses(longer_than_s: float = 0.01) -> None:
         if phase == "start":
             started[0] = time.perf_counter()
         elif (took := time.perf_counter() - started[0]) > longer_than_s:
-            print(f"gc pause {took * 1e3:.0f} ms (generation {info['generation']})", flush=True)
+            print(
+                f"{where}: gc pause {took * 1e3:.0f} ms (generation {info['generation']})",
+                flush=True,
+            )
 
     gc.callbacks.append(callback)
+
+
+def served_runner(max_concurrent: int, max_len: int, cpu: bool, in_child: bool):  # type: ignore[no-untyped-def]
+    """The runner the server serves (in the model process, or in the server's own)."""
+    if in_child:
+        _log_gc_pauses("model process")
+    model = build_model("cpu", torch.float32, small=True) if cpu else build_model()
+    return static_runner(model, max_batch=max_concurrent, max_len=max_len)
 
 
 def main() -> None:
@@ -123,16 +134,24 @@ def main() -> None:
     ap.add_argument("--max-concurrent", type=int, default=64)
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--cpu", action="store_true", help="the small model on the CPU")
+    ap.add_argument("--model-process", choices=["on", "off"], default="on")
     args = ap.parse_args()
+    import functools
+
     import uvicorn
 
+    import gpu_model  # this file by its module name: the model process unpickles from it
     from chatqueue.chat_queue import ChatQueue
     from chatqueue.config import Settings
+    from chatqueue.engine.process_runner import ProcessRunner
     from chatqueue.server.app import create_app
 
-    _log_gc_pauses()
-    model = build_model("cpu", torch.float32, small=True) if args.cpu else build_model()
-    runner = static_runner(model, max_batch=args.max_concurrent, max_len=args.max_len)
+    in_child = args.model_process == "on"
+    load = functools.partial(
+        gpu_model.served_runner, args.max_concurrent, args.max_len, args.cpu, in_child
+    )
+    runner = functools.partial(ProcessRunner, load) if in_child else load
+    _log_gc_pauses("server process")
     cq = ChatQueue(runner, max_concurrent=args.max_concurrent, max_queue_size=args.max_concurrent)
     settings = Settings(engine="mock", port=args.port, log_level="warning")
     sys.setswitchinterval(0.0005)

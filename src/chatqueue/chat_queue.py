@@ -162,6 +162,8 @@ class ChatQueue:
 
     @property
     def runner(self) -> Runner:
+        if self._engine.state is EngineState.FAILED:
+            raise ServiceUnavailable(f"The model is not available: {self._engine.load_error}")
         if self._engine.runner is None or self._engine.state is not EngineState.READY:
             raise NotReady("The model is still loading. Retry in a few seconds.")
         return self._engine.runner

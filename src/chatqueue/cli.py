@@ -54,6 +54,9 @@ def serve(
     attention: Annotated[
         str | None, typer.Option(help="Static-cache decode attention: auto, triton, sdpa")
     ] = None,
+    model_process: Annotated[
+        str | None, typer.Option(help="on (the model in its own process) or off [on]")
+    ] = None,
     max_concurrent: Annotated[int | None, typer.Option(help="Generations at once [8]")] = None,
     max_queue: Annotated[int | None, typer.Option(help="Requests waiting at most [64]")] = None,
     max_queue_per_user: Annotated[

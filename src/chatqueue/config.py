@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     max_model_len: int | None = Field(None, ge=16, description="Static cache length per slot")
     prefill_chunk: int = Field(512, ge=1, description="Most prompt tokens prefilled a step")
     attention: Literal["auto", "triton", "sdpa"] = "auto"
+    model_process: Literal["on", "off"] = Field(
+        "on", description="The model in its own process (hf engine), off the event loop's GIL"
+    )
     cache: Path = Field(default_factory=default_cache, description="Converted-model cache")
 
     # the mock engine

@@ -3,11 +3,13 @@ so the mock engine starts without importing torch."""
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 
 from chatqueue.config import Settings
 from chatqueue.engine.mock import MockConfig, MockRunner
+from chatqueue.engine.process_runner import ProcessRunner
 from chatqueue.engine.runner import Runner
 
 
@@ -24,28 +26,33 @@ def runner_for(settings: Settings) -> Runner | Callable[[], Runner]:
             )
         )
 
-    def load() -> Runner:
-        import torch
+    load = functools.partial(load_hf, settings)
+    if settings.model_process == "off":
+        return load
+    return functools.partial(ProcessRunner, load, log_level=settings.log_level)
 
-        from chatqueue.engine.hf.loader import load_hf_runner
 
-        torch.set_num_threads(settings.torch_threads or default_torch_threads())
+def load_hf(settings: Settings) -> Runner:
+    """The transformers runner Settings ask for (module-level, so the model process can unpickle
+    it)."""
+    import torch
 
-        return load_hf_runner(
-            model=settings.model,
-            device=settings.device,
-            dtype=settings.dtype,
-            batching=settings.batching == "on",
-            chat_template=str(settings.chat_template) if settings.chat_template else None,
-            cache_dir=settings.cache,
-            kv_cache=settings.kv_cache,
-            max_batch=settings.max_concurrent,
-            max_model_len=settings.max_model_len,
-            prefill_chunk=settings.prefill_chunk,
-            attention=settings.attention,
-        )
+    from chatqueue.engine.hf.loader import load_hf_runner
 
-    return load
+    torch.set_num_threads(settings.torch_threads or default_torch_threads())
+    return load_hf_runner(
+        model=settings.model,
+        device=settings.device,
+        dtype=settings.dtype,
+        batching=settings.batching == "on",
+        chat_template=str(settings.chat_template) if settings.chat_template else None,
+        cache_dir=settings.cache,
+        kv_cache=settings.kv_cache,
+        max_batch=settings.max_concurrent,
+        max_model_len=settings.max_model_len,
+        prefill_chunk=settings.prefill_chunk,
+        attention=settings.attention,
+    )
 
 
 def default_torch_threads() -> int:

@@ -6,7 +6,7 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,6 +148,14 @@ async def load(client: httpx.AsyncClient) -> dict[str, Any]:
     response = await client.get("/load")
     assert response.status_code == 200
     return dict(response.json())
+
+
+async def until(check: Callable[[], Awaitable[bool]], what: str) -> None:
+    """Poll `check` until it holds; fail with `what` after the safety net."""
+    deadline = time.monotonic() + SAFETY_S
+    while not await check():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.05)
 
 
 async def wait_load(client: httpx.AsyncClient, **expected: int) -> dict[str, Any]:

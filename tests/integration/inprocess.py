@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,7 @@ import uvicorn
 from chatqueue.chat_queue import ChatQueue
 from chatqueue.config import Settings
 from chatqueue.engine.mock import MockConfig, MockRunner
-from chatqueue.engine.runner import StepBatch
+from chatqueue.engine.runner import Runner, StepBatch
 from chatqueue.server.app import create_app
 from tests.integration.http_helpers import SAFETY_S
 from tests.serving import free_port
@@ -23,7 +23,11 @@ from tests.serving import free_port
 
 @contextmanager
 def serving(
-    runner: MockRunner, *, tmp_path: Path, settings: dict[str, Any] | None = None, **queue: Any
+    runner: Runner | Callable[[], Runner],
+    *,
+    tmp_path: Path,
+    settings: dict[str, Any] | None = None,
+    **queue: Any,
 ) -> Iterator[str]:
     """uvicorn in a background thread, serving `create_app` over `ChatQueue(runner, **queue)`;
     yields the base URL."""

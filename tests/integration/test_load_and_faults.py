@@ -34,6 +34,7 @@ from tests.integration.http_helpers import (
     metric,
     metrics,
     sse_events,
+    until,
     wait_load,
 )
 from tests.integration.inprocess import FailingRunner, GatedRunner, HangingRunner, serving
@@ -119,13 +120,6 @@ def num_fds(pid: int) -> int:
 async def debug_figures(url: str) -> dict[str, int]:
     async with client_for(url, headers=bearer(ADMIN)) as c:
         return dict((await load(c))["debug"])
-
-
-async def until(check: Any, what: str) -> None:
-    deadline = time.monotonic() + SAFETY_S
-    while not await check():
-        assert time.monotonic() < deadline, what
-        await asyncio.sleep(0.05)
 
 
 KINDS = ("stream", "plain", "leave_first_event", "leave_first_token", "leave_plain")

@@ -1,7 +1,7 @@
 """The real default model (SmolLM2-135M-Instruct) behind the real server, over real HTTP.
 
-One server with continuous batching for the module, and one with `--batching off` for the
-comparison (it also shows /health from the moment its process starts). Replies are kept short:
+One server with continuous batching (the model in its own process) for the module, and one with
+`--batching off --model-process off` for the comparison (it also shows /health from the moment its process starts). Replies are kept short:
 the point is what the server does with the model's tokens, not what the model knows. Readiness is
 also checked in-process, with a runner whose loading waits on an event.
 """
@@ -178,8 +178,15 @@ async def test_batching_off_gives_the_same_greedy_text(
     batched = await asyncio.gather(*(complete(client, p, **greedy) for p in PROMPTS))
 
     health: list[httpx.Response] = []
+    # NOTE: the module's server runs the model in its own process (the default); this one in the
+    # server's process, so both paths give the same text.
     with running_server(
-        "--batching", "off", tmp_path=tmp_path_factory.mktemp("off"), health_log=health
+        "--batching",
+        "off",
+        "--model-process",
+        "off",
+        tmp_path=tmp_path_factory.mktemp("off"),
+        health_log=health,
     ) as off:
         async with httpx.AsyncClient(base_url=off.url, timeout=TIMEOUT_S) as off_client:
             one_by_one = await asyncio.gather(*(complete(off_client, p, **greedy) for p in PROMPTS))

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from chatqueue.engine.runner import NewSequence, Runner, StepBatch
+from chatqueue.engine.runner import NewSequence, Runner, RunnerLost, StepBatch
 from chatqueue.engine.sequence import Sequence, Step
 from chatqueue.engine.stream import RequestStream
 from chatqueue.errors import (
@@ -90,6 +90,8 @@ class Engine:
 
     def add(self, job: Job, now: float) -> None:
         with self._cond:
+            if self.state is EngineState.FAILED:
+                raise ServiceUnavailable(f"The model is not available: {self.load_error}")
             self.scheduler.add(job.request, now)  # raises QueueFull, ShuttingDown, ...
             self._jobs[job.request.rid] = job
             self._positions_dirty = True
@@ -182,7 +184,8 @@ class Engine:
         finally:
             runner.close()
             gc.unfreeze()
-            self.state = EngineState.STOPPED
+            if self.state is not EngineState.FAILED:
+                self.state = EngineState.STOPPED
 
     def _load(self) -> Runner | None:
         try:
@@ -229,6 +232,10 @@ class Engine:
             self._step_started, self._step_jobs = self._clock(), jobs
         try:
             tokens = runner.step(batch)
+        except RunnerLost as exc:
+            log.error("%s Failing every request; the engine stops.", exc)
+            self._fail_everything(jobs, exc)
+            return False
         except Exception as exc:
             log.exception("the runner failed a step of %s requests", len(jobs))
             error = EngineError(f"The model failed while generating: {exc}")
@@ -241,6 +248,23 @@ class Engine:
         self.metrics.steps.inc()
         self._finish_step(jobs, tokens, None)
         return True
+
+    def _fail_everything(self, jobs: list[Job], exc: RunnerLost) -> None:
+        """The runner is gone: the step's requests fail, the waiting ones too, /health says
+        failed (with why) and new requests get 503."""
+        with self._cond:
+            self.load_error = exc
+            self.state = EngineState.FAILED  # `add` refuses from now on
+        self._finish_step(jobs, {}, EngineError(f"The model failed while generating: {exc}"))
+        unavailable = ServiceUnavailable(f"The model is not available: {exc}")
+        with self._cond:
+            gone = self.scheduler.expire_all_waiting(FinishReason.ERROR)
+            outbox: Outbox = [
+                (job, self._finished(job, FinishReason.ERROR, unavailable))
+                for job in (self._jobs.pop(req.rid) for req in gone)
+            ]
+            self._cond.notify_all()  # wake `wait_idle`
+        self._hand_over(outbox)
 
     def _wait_timeout(self) -> float | None:
         deadline = self.scheduler.next_deadline()

@@ -58,12 +58,24 @@ LOREM = [
 
 
 class MockTokenizer:
-    """Word-level: a token is a word with its leading white space; the vocabulary grows as seen."""
+    """Word-level: a token is a word with its leading white space; the vocabulary grows as seen.
+    The lorem words have fixed ids, so copies (a runner in another process) agree on them; echo
+    only hands back the ids it was given."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pieces: list[str] = list(_SPECIALS)
         self._ids: dict[str, int] = {p: i for i, p in enumerate(self._pieces)}
+        self.encode(" ".join(LOREM))
+
+    def __getstate__(self) -> dict[str, object]:
+        with self._lock:
+            return {"pieces": list(self._pieces)}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self._lock = threading.Lock()
+        self._pieces = list(state["pieces"])  # type: ignore[call-overload]
+        self._ids = {p: i for i, p in enumerate(self._pieces)}
 
     @property
     def eos_token_ids(self) -> frozenset[int]:

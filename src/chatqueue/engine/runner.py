@@ -47,6 +47,11 @@ class StepBatch:
         return not self.new and not self.running
 
 
+class RunnerLost(Exception):
+    """Raised by `Runner.step` when the runner can take no further step (its process died). The
+    engine fails every request it holds, reports itself failed and stops."""
+
+
 @runtime_checkable
 class Runner(Protocol):
     """A model behind the engine loop. Every method but `tokenizer` runs on the engine thread."""

@@ -1,0 +1,183 @@
+"""The model in its own process (`--model-process on`, the default for the hf engine): the same
+replies as in-process, a step's error kept to its requests, a dead model process failing what is in
+flight with /health saying why, and no model process left behind by a server killed outright.
+
+Runners here are the mock's (a real child process, real sockets); the real model goes through the
+same path in test_model_server.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from chatqueue.engine.mock import LOREM, MockConfig, MockRunner
+from chatqueue.engine.process_runner import ModelLoadError, ProcessRunner
+from chatqueue.engine.runner import Runner, StepBatch
+from tests.integration.http_helpers import (
+    SAFETY_S,
+    OpenStream,
+    has_content,
+    until,
+    wait_load,
+)
+from tests.integration.inprocess import serving
+from tests.integration.outcomes import send, user_says
+
+LONG = " ".join(["w"] * 2000)  # echoed a word a step: outlasts the test, which ends it
+
+
+def in_a_process(runner_class: type[MockRunner], **config: object) -> functools.partial[Runner]:
+    load = functools.partial(runner_class, MockConfig(**config))  # type: ignore[arg-type]
+    return functools.partial(ProcessRunner, load)
+
+
+def model_processes() -> list[int]:
+    """Pids of this test process's children that are model processes."""
+    pids = []
+    for task in Path("/proc/self/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"chatqueue.engine.process_child" in cmdline:
+                pids.append(int(pid))
+    return pids
+
+
+@asynccontextmanager
+async def ready_client(url: str) -> AsyncIterator[httpx.AsyncClient]:
+    """A client, once /health says the model (in its process) is loaded."""
+    async with httpx.AsyncClient(base_url=url, timeout=SAFETY_S) as client:
+        await until(lambda: is_healthy(client), "the model process never became ready")
+        yield client
+
+
+async def is_healthy(client: httpx.AsyncClient) -> bool:
+    return (await client.get("/health")).status_code == 200
+
+
+@pytest.mark.parametrize("mode", ["echo", "lorem"])
+async def test_replies_through_the_model_process_are_the_in_process_replies(
+    mode: str, tmp_path: Path
+) -> None:
+    factory = in_a_process(MockRunner, mode=mode, delay_s=0.002, lorem_tokens=12)
+    texts = [f"message number {i} from me" for i in range(8)]
+    with serving(factory, tmp_path=tmp_path, max_concurrent=3, max_queue_size=8) as url:
+        async with ready_client(url) as client:
+            outs = await asyncio.gather(
+                *(send(client, user_says(t, stream=i % 2 == 0)) for i, t in enumerate(texts))
+            )
+            idle = await wait_load(client, processing=0, waiting=0)
+    expected = texts if mode == "echo" else [" ".join(LOREM[:12])] * len(texts)
+    assert [o.status for o in outs] == [200] * len(texts)
+    assert [o.text for o in outs] == expected
+    assert idle["state"] == "ready"
+
+
+class FailsOnLongPrompts(MockRunner):
+    """Raises in the step that prefills a prompt of over 8 tokens. (The child's copy of the mock
+    tokenizer never sees the server's words, so it goes by length, not by text.)"""
+
+    def step(self, batch: StepBatch) -> dict[int, int]:
+        if any(len(n.prompt_ids) > 8 for n in batch.new):
+            super().step(StepBatch(new=[], running=[], released=batch.released))
+            raise RuntimeError("injected fault")
+        return super().step(batch)
+
+
+async def test_a_failing_step_in_the_model_process_fails_only_its_requests(
+    tmp_path: Path,
+) -> None:
+    factory = in_a_process(FailsOnLongPrompts, mode="echo", delay_s=0.002)
+    texts = ("one", "boom " * 8, "two")
+    with serving(factory, tmp_path=tmp_path, max_concurrent=1, max_queue_size=8) as url:
+        async with ready_client(url) as client:
+            outs = await asyncio.gather(*(send(client, user_says(t, stream=True)) for t in texts))
+            after = await send(client, user_says("after", stream=False))
+            health = await client.get("/health")
+    assert [o.text for o in outs] == ["one", "", "two"]
+    assert outs[1].error and outs[1].error["type"] == "engine_error"
+    assert "injected fault" in outs[1].error["message"]
+    assert after.status == 200 and after.text == "after"
+    assert health.status_code == 200
+
+
+async def test_when_the_model_process_dies_what_is_in_flight_fails_and_health_says_why(
+    tmp_path: Path,
+) -> None:
+    factory = in_a_process(MockRunner, mode="echo", delay_s=0.01)
+    with serving(factory, tmp_path=tmp_path, max_concurrent=1, max_queue_size=8) as url:
+        async with ready_client(url) as client:
+            async with OpenStream(client, user_says(LONG, stream=True)) as running:
+                await running.read_until(has_content)
+                waiting = asyncio.create_task(send(client, user_says("w", stream=False)))
+                await wait_load(client, processing=1, waiting=1)
+                [pid] = model_processes()
+                os.kill(pid, signal.SIGKILL)
+                streamed = await running.read_to_end()
+            queued = await waiting
+            health = await client.get("/health")
+            refused = await send(client, user_says("new", stream=True))
+            figures = await wait_load(client, processing=0, waiting=0)
+    assert streamed.status == 200 and streamed.events[-1].is_done
+    [error] = [
+        e.data["error"] for e in streamed.events if isinstance(e.data, dict) and "error" in e.data
+    ]
+    assert error["type"] == "engine_error" and "model process exited" in error["message"]
+    assert queued.status == 503 and queued.error and queued.error["type"] == "service_unavailable"
+    assert health.status_code == 503
+    assert health.json()["status"] == "failed" and "model process exited" in health.json()["error"]
+    assert refused.status == 503 and refused.error
+    assert "model process exited" in refused.error["message"]
+    assert figures["state"] == "failed"
+    assert model_processes() == []
+
+
+def load_that_fails() -> Runner:
+    raise ValueError("no model folder at /nowhere")
+
+
+def test_a_load_that_fails_in_the_model_process_raises_its_message() -> None:
+    with pytest.raises(ModelLoadError, match="no model folder at /nowhere"):
+        ProcessRunner(load_that_fails)
+    assert model_processes() == []
+
+
+def test_a_server_killed_outright_leaves_no_model_process(tmp_path: Path) -> None:
+    script = (
+        "import functools, sys, time\n"
+        "from chatqueue.engine.mock import MockConfig, MockRunner\n"
+        "from chatqueue.engine.process_runner import ProcessRunner\n"
+        "runner = ProcessRunner(functools.partial(MockRunner, MockConfig()))\n"
+        "print(runner.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    server = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert server.stdout is not None
+    child = int(server.stdout.readline())
+    assert Path(f"/proc/{child}").exists()
+    server.kill()
+    server.wait()
+    deadline = time.monotonic() + SAFETY_S
+    while _is_running(child):
+        assert time.monotonic() < deadline, "the model process outlived its server"
+        time.sleep(0.02)
+
+
+def _is_running(pid: int) -> bool:
+    """Alive and not a zombie (it is not our child: init reaps it)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
