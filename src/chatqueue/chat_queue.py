@@ -23,6 +23,7 @@ from chatqueue.errors import (
     ServiceUnavailable,
     ShuttingDown,
 )
+from chatqueue.loop_lag import sample_loop_lag
 from chatqueue.metrics import Metrics
 from chatqueue.scheduler import Request, Scheduler
 from chatqueue.types import ChatMessage, Finished, FinishReason, SamplingParams
@@ -85,6 +86,7 @@ class ChatQueue:
         self.max_prompt_tokens = max_prompt_tokens
         self.max_unread_tokens = max_unread_tokens
         self._watchdog: asyncio.Task[None] | None = None
+        self._lag_sampler: asyncio.Task[None] | None = None
         self.metrics = Metrics(clock=clock)
         self.scheduler = Scheduler(
             max_concurrent=max_concurrent,
@@ -110,6 +112,9 @@ class ChatQueue:
         if not self._is_started:
             self._is_started = True
             self._engine.start(asyncio.get_running_loop())
+            self._lag_sampler = asyncio.create_task(
+                sample_loop_lag(lambda _, lag: self.metrics.loop_lag.observe(lag))
+            )
             if self.step_timeout_s is not None:
                 self._watchdog = asyncio.create_task(self._watch(self.step_timeout_s))
 
@@ -128,8 +133,9 @@ class ChatQueue:
     async def stop(self, timeout_s: float = 30.0) -> None:
         """Stop admitting, let what is in flight finish for up to `timeout_s`, abort the rest."""
         self._engine.close_admission()
-        if self._watchdog is not None:
-            self._watchdog.cancel()
+        for task in (self._watchdog, self._lag_sampler):
+            if task is not None:
+                task.cancel()
         if self._is_started:
             is_idle = await asyncio.to_thread(self._engine.wait_idle, timeout_s)
             if not is_idle:

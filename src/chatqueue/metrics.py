@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from chatqueue.loop_lag import LAG_BUCKETS
+
 _WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -77,6 +79,12 @@ class Metrics:
             registry=r,
         )
         self.steps = Counter("chatqueue_engine_steps", "Engine steps run", registry=r)
+        self.loop_lag = Histogram(
+            "chatqueue_event_loop_lag_seconds",
+            "How late a timer on the event loop fired (sampled every 100 ms)",
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
         self._tokens = _Window(window_s, clock)
         self._waits = _Window(window_s * 6, clock)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import httpx
 import pytest
@@ -248,3 +249,27 @@ async def test_server_caps_on_max_tokens_and_prompt_tokens() -> None:
         await cq.submit(HELLO)  # 7 prompt tokens
     assert cq.load().waiting == 0 and cq.load().processing == 0
     await cq.stop()
+
+
+async def test_a_blocked_event_loop_shows_in_the_lag_histogram() -> None:
+    cq = queue()
+    await cq.start_queue_worker()
+    try:
+        late = "chatqueue_event_loop_lag_seconds_bucket"
+        registry = cq.metrics.registry
+
+        def num_late() -> float:  # samples more than 100 ms late
+            count = registry.get_sample_value("chatqueue_event_loop_lag_seconds_count") or 0.0
+            return count - (registry.get_sample_value(late, {"le": "0.1"}) or 0.0)
+
+        before = num_late()
+        await asyncio.sleep(0)  # the sampler task runs up to its first timer
+        # a handler that blocks the loop: the sampler's timer fires at least 0.2 s late
+        time.sleep(0.3)  # noqa: ASYNC251
+        for _ in range(500):
+            if num_late() > before:
+                break
+            await asyncio.sleep(0.01)
+        assert num_late() == before + 1
+    finally:
+        await cq.stop()
