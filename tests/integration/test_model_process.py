@@ -24,7 +24,8 @@ import pytest
 
 from chatqueue.engine.mock import LOREM, MockConfig, MockRunner
 from chatqueue.engine.process_runner import ModelLoadError, ProcessRunner
-from chatqueue.engine.runner import Runner, StepBatch
+from chatqueue.engine.runner import NewSequence, Runner, StepBatch
+from chatqueue.types import ChatMessage, SamplingParams
 from tests.integration.http_helpers import (
     SAFETY_S,
     OpenStream,
@@ -181,3 +182,17 @@ def _is_running(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return "\nState:\tZ" not in status
+
+
+def test_signals_for_the_whole_group_leave_the_model_process_to_its_server() -> None:
+    runner = ProcessRunner(functools.partial(MockRunner, MockConfig(mode="echo")))
+    prompt = runner.tokenizer.apply_chat_template([ChatMessage("user", "still here")])
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, a service manager stopping the group
+        os.kill(runner.pid, sig)
+    first = runner.step(
+        StepBatch(new=[NewSequence(1, prompt, SamplingParams())], running=[], released=[])
+    )
+    second = runner.step(StepBatch(new=[], running=[1], released=[]))
+    assert runner.tokenizer.decode([first[1], second[1]]) == "still here"
+    runner.close()
+    assert model_processes() == []

@@ -19,8 +19,10 @@ log = logging.getLogger(__name__)
 
 
 def serve(conn: Connection) -> None:
-    # Ctrl-C reaches the whole process group; the server drains its requests, then closes us.
+    # Ctrl-C reaches the whole process group, and a service manager may signal every process of
+    # the service: the server drains its requests, then closes us (or its end of the socket does).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     load, log_level = conn.recv()
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
