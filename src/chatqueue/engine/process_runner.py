@@ -9,9 +9,9 @@ releases the GIL. Scheduling, detokenizing and admission stay in the server proc
 about queueing changes: the child sees `StepBatch`es and answers token ids (vLLM's engine-core
 split, one level lower).
 
-The child (`process_child.py`) is a plain `python -m chatqueue.engine.process_child FD` (not multiprocessing's spawn,
-which would re-run the embedding app's main module in the child). It exits when its socket closes,
-so a server killed outright leaves no model process behind.
+The child (`process_child.py`) is a plain `python -m chatqueue.engine.process_child FD`, not
+multiprocessing's spawn, which would re-run the embedding app's main module in the child. It
+exits when its socket closes, so a server killed outright leaves no model process behind.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ class ProcessRunner:
         try:
             code = self._proc.wait(5)
         except subprocess.TimeoutExpired:
-            code = None
+            return RunnerLost("The model process closed its connection.")
         return RunnerLost(f"The model process exited (exit code {code}).")
 
     def _kill(self) -> None:
