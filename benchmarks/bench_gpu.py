@@ -12,7 +12,7 @@ configurations alternated, after a warm-up. Prints:
     p50/p99 and inter-token p99; for a server with the model in its own process (the default)
     and one with it on the server's engine thread (`--model-process off`), one after the other.
 
-    python benchmarks/bench_gpu.py [--quick] [--out DIR]
+    python benchmarks/bench_gpu.py [--quick] [--out DIR] [--parts floor,throughput,http] [--model-process on,off]
     .venv/bin/python benchmarks/bench_gpu.py --cpu     # a small model on the CPU, anywhere
 """
 
@@ -292,7 +292,7 @@ def correctness_fp32() -> None:
 
 
 def http_part(  # type: ignore[no-untyped-def]
-    model, quick: bool, modes: list[str], profile_dir: str | None = None
+    model, modes: list[str], profile_dir: str | None = None
 ) -> None:
     """In-process tokens/s, then a server per `--model-process` mode, one after the other."""
     n = HTTP_STREAMS
@@ -551,7 +551,7 @@ def main() -> None:
         )
     if "http" in parts:
         modes = args.model_process.split(",")
-        http_part(model, args.quick, modes, args.out if args.profile_server else None)
+        http_part(model, modes, args.out if args.profile_server else None)
     Path(args.out, "bench_gpu.json").write_text(json.dumps(RESULTS, indent=1))
     log(json.dumps(RESULTS))
 
