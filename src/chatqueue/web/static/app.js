@@ -97,15 +97,27 @@ function api(url, options = {}) {
   return fetch(url, { ...options, headers });
 }
 
+// Set while the history is fetched again after a key change: a message sent meanwhile would be
+// wiped from the page when the history arrives, so sending waits for it.
+let isReloading = false;
+
 $("key-form").addEventListener("submit", async (event) => {
   event.preventDefault();
   const key = event.target.elements.key.value.trim();
   if (key) localStorage.setItem(KEY_ITEM, key);
   else localStorage.removeItem(KEY_ITEM);
   event.target.elements.key.value = "";
-  setStatus(key ? "API key saved in this browser." : "API key removed.");
-  await loadHistory();
-  await loadParams();
+  isReloading = true;
+  sendBtn.disabled = true;
+  try {
+    if (await loadHistory()) {
+      setStatus(key ? "API key saved in this browser." : "API key removed.");
+      await loadParams();
+    }
+  } finally {
+    isReloading = false;
+    sendBtn.disabled = false;
+  }
 });
 
 async function errorText(res) {
@@ -255,17 +267,19 @@ async function newChat() {
   input.focus();
 }
 
+// The conversation as the server has it; false (and why, in the status line) if it would not say.
 async function loadHistory() {
   const res = await api("/chat/history");
   if (!res.ok) {
     setStatus(await errorText(res));
-    return;
+    return false;
   }
   const body = await res.json();
   messagesEl.replaceChildren();
   for (const m of body.messages) {
     addMessage(m.role, m.content, { messageId: m.message_id, interrupted: m.interrupted });
   }
+  return true;
 }
 
 const paramsForm = $("params-form");
@@ -312,7 +326,7 @@ paramsForm.addEventListener("submit", async (event) => {
 $("composer").addEventListener("submit", (event) => {
   event.preventDefault();
   const text = input.value.trim();
-  if (!text || controller) return;
+  if (!text || controller || isReloading) return;
   input.value = "";
   send(text);
 });
