@@ -99,3 +99,15 @@ __all__ = [
     "stream_chat",
     "summary",
 ]
+
+
+def load_in_process(model: str | None = None):  # type: ignore[no-untyped-def]
+    """The default model (or `model`), fp32 on the CPU, tokenizer and model in this process: what
+    `chatqueue serve --model-process off` runs. Returns a TokenizedRunner."""
+    from chatqueue.api.build import load_hf
+    from chatqueue.config import Settings
+
+    settings = Settings(
+        engine="hf", model=model, device="cpu", dtype="float32", model_process="off"
+    )
+    return load_hf(settings)

@@ -34,7 +34,7 @@ def measure(args: argparse.Namespace, pacing: int, tmp: Path) -> tuple[list[floa
     flags = [
         "--engine", "mock", "--mock-mode", "lorem", "--mock-lorem-tokens", str(args.tokens),
         "--mock-delay", str(args.delay), "--max-concurrent", str(args.streams),
-        "--max-queue", str(args.streams), "--admit-per-tick", str(pacing),
+        "--max-queue-size", str(args.streams), "--admit-per-tick", str(pacing),
         "--log-level", "warning",
     ]  # fmt: skip
     with running_server(*flags, tmp_path=tmp) as srv:

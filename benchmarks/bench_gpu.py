@@ -195,9 +195,10 @@ def hf_cb_tokens_per_s(model, n: int) -> float:  # type: ignore[no-untyped-def]
 def sequential_tokens_per_s(model) -> float:  # type: ignore[no-untyped-def]
     """`--batching off`: 8 requests of 64 tokens, each running its own forward in turn."""
     from chatqueue.engine.hf.runner import HFSequentialRunner
+    from chatqueue.engine.runner import TokenizedRunner
     from gpu_model import PromptTokenizer
 
-    runner = HFSequentialRunner(model=model, tokenizer=PromptTokenizer(), model_name="seq")
+    runner = TokenizedRunner(HFSequentialRunner(model), PromptTokenizer(), "seq")
 
     async def go() -> float:
         cq = ChatQueue(runner, max_concurrent=8, max_queue_size=8)

@@ -87,12 +87,12 @@ def in_process(args: argparse.Namespace, n: int) -> tuple[float, float]:
     import torch
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
+    from _common import load_in_process
     from chatqueue import ChatMessage, ChatQueue, SamplingParams
-    from chatqueue.engine.hf.loader import load_hf_runner
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    runner = load_hf_runner(model=args.model, device="cpu", dtype="float32", batching=True)
+    runner = load_in_process(args.model)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
     msgs = [[ChatMessage("user", p)] for p in prompts(n)]
 
@@ -108,7 +108,7 @@ def in_process(args: argparse.Namespace, n: int) -> tuple[float, float]:
         await cq.stop()
         return sum(d.usage.completion_tokens for d in done) / elapsed
 
-    model = runner.model  # type: ignore[attr-defined]
+    model = runner.model.model  # the HF model under our batched runner
     ids = [runner.tokenizer.apply_chat_template(m) for m in msgs]
     ours_tps = asyncio.run(ours())  # stopping the queue closes the runner
     gen = GenerationConfig(
@@ -147,7 +147,7 @@ def main() -> None:
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
     top = max(args.concurrency)
-    flags = ["--max-concurrent", str(top), "--max-queue", str(top), "--log-level", "warning"]
+    flags = ["--max-concurrent", str(top), "--max-queue-size", str(top), "--log-level", "warning"]
     if args.model:
         flags += ["--model", args.model]
     if args.torch_threads:

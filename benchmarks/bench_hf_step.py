@@ -22,8 +22,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 from transformers import DynamicCache
 
+from _common import load_in_process
 from bench_hf_batching import prompts
-from chatqueue.engine.hf.loader import load_hf_runner
 from chatqueue.engine.hf.runner import HFBatchedRunner
 from chatqueue.engine.runner import NewSequence, StepBatch
 from chatqueue.types import ChatMessage, SamplingParams
@@ -125,10 +125,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    runner = load_hf_runner(model=None, device="cpu", dtype="float32", batching=True)
+    loaded = load_in_process()
+    runner = loaded.model
     assert isinstance(runner, HFBatchedRunner)
     ids = [
-        runner.tokenizer.apply_chat_template([ChatMessage("user", p)]) for p in prompts(args.batch)
+        loaded.tokenizer.apply_chat_template([ChatMessage("user", p)]) for p in prompts(args.batch)
     ]
     one_round(runner, ids, 4)  # warm up
     print(

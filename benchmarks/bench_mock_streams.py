@@ -52,7 +52,7 @@ def main() -> None:
         str(args.tokens),
         "--max-concurrent",
         str(args.streams),
-        "--max-queue",
+        "--max-queue-size",
         str(args.streams),
         "--log-level",
         "warning",

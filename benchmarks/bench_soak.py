@@ -164,14 +164,14 @@ def main() -> None:
     p.add_argument("--warmup-s", type=float, default=60.0, help="at most a quarter of the run")
     p.add_argument("--clients", type=int, default=48, help="concurrent clients")
     p.add_argument("--max-concurrent", type=int, default=8)
-    p.add_argument("--max-queue", type=int, default=32, help="below --clients: some get 429s")
+    p.add_argument("--max-queue-size", type=int, default=32, help="below --clients: some get 429s")
     p.add_argument("--mock-delay", type=float, default=0.005)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     admin_key = secrets.token_urlsafe(16)
     flags = (
         "--engine", "mock", "--mock-delay", str(args.mock_delay),
-        "--max-concurrent", str(args.max_concurrent), "--max-queue", str(args.max_queue),
+        "--max-concurrent", str(args.max_concurrent), "--max-queue-size", str(args.max_queue),
         "--admin-key", admin_key, "--log-level", "warning", "--history", "memory",
     )  # fmt: skip
     with TemporaryDirectory() as tmp, running_server(*flags, tmp_path=Path(tmp)) as server:

@@ -80,6 +80,9 @@ class PromptTokenizer:
         return "".join(f" w{t % 1000}" for t in token_ids)
 
 
+MODEL_NAME = "llama-1b-random"
+
+
 def static_runner(
     model: LlamaForCausalLM,
     *,
@@ -88,17 +91,17 @@ def static_runner(
     chunk: int = 2048,
     attention: str = "auto",
 ):
-    from chatqueue.engine.hf.static_runner import StaticCacheRunner
+    from chatqueue.engine.hf.static import StaticCacheRunner
+    from chatqueue.engine.runner import TokenizedRunner
 
-    return StaticCacheRunner(
+    runner = StaticCacheRunner(
         model=model,
-        tokenizer=PromptTokenizer(),
-        model_name="llama-1b-random",
         max_batch=max_batch,
         max_len=max_len,
         prefill_chunk=chunk,
         attention=attention,
     )
+    return TokenizedRunner(runner, PromptTokenizer(), MODEL_NAME)
 
 
 def _log_gc_pauses(where: str, longer_than_s: float = 0.01) -> None:
@@ -141,16 +144,22 @@ def main() -> None:
     import uvicorn
 
     import gpu_model  # this file by its module name: the model process unpickles from it
-    from chatqueue.chat_queue import ChatQueue
+    from chatqueue import ChatQueue
     from chatqueue.config import Settings
-    from chatqueue.engine.process_runner import ProcessRunner
+    from chatqueue.engine.process.runner import ProcessRunner
     from chatqueue.server.app import create_app
 
     in_child = args.model_process == "on"
     load = functools.partial(
         gpu_model.served_runner, args.max_concurrent, args.max_len, args.cpu, in_child
     )
-    runner = functools.partial(ProcessRunner, load) if in_child else load
+    runner = (
+        functools.partial(
+            ProcessRunner, load, tokenizer=gpu_model.PromptTokenizer(), model_name=MODEL_NAME
+        )
+        if in_child
+        else load
+    )
     _log_gc_pauses("server process")
     cq = ChatQueue(runner, max_concurrent=args.max_concurrent, max_queue_size=args.max_concurrent)
     settings = Settings(engine="mock", port=args.port, log_level="warning")
@@ -165,7 +174,7 @@ def _add_lag_recorder(app) -> None:  # type: ignore[no-untyped-def]
     sampler, here with every sample kept); GET /bench/lag returns [(perf_counter, lag_s)]."""
     import asyncio
 
-    from chatqueue.loop_lag import sample_loop_lag
+    from chatqueue.api.monitor import sample_loop_lag
 
     samples: list[tuple[float, float]] = []
     tasks: list[asyncio.Task[None]] = []

@@ -4,7 +4,7 @@
     curl -N localhost:9000/chat -H 'content-type: application/json' \
          -d '{"messages": [{"role": "user", "content": "hello there"}]}'
 
-Swap the MockRunner for `chatqueue.runners.runner_for(Settings())` to serve the default model.
+Swap the MockRunner for `chatqueue.api.build.runner_for(Settings())` to serve the default model.
 """
 
 from __future__ import annotations

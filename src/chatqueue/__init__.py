@@ -1,9 +1,9 @@
 """chatqueue: serve a language model as a streaming chat to many people at once."""
 
-from chatqueue.chat_queue import ChatQueue, FinishInfo, LoadInfo
+from chatqueue.api import FinishInfo, LoadInfo, RequestStream
 from chatqueue.config import Settings
 from chatqueue.engine.mock import MockConfig, MockRunner
-from chatqueue.engine.stream import RequestStream
+from chatqueue.server.embedding import ChatQueue
 from chatqueue.types import (
     ChatMessage,
     Event,

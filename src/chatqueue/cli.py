@@ -58,7 +58,9 @@ def serve(
         str | None, typer.Option(help="on (the model in its own process) or off [on]")
     ] = None,
     max_concurrent: Annotated[int | None, typer.Option(help="Generations at once [8]")] = None,
-    max_queue: Annotated[int | None, typer.Option(help="Requests waiting at most [64]")] = None,
+    max_queue_size: Annotated[
+        int | None, typer.Option(help="Requests waiting at most [64]")
+    ] = None,
     max_queue_per_user: Annotated[
         int | None, typer.Option(help="Waiting per user [no cap]")
     ] = None,
@@ -158,7 +160,7 @@ def chat(
 ) -> None:
     """Chat in the console; the reply streams as it is generated."""
     from chatqueue.console import LocalChat, RemoteChat, run_console
-    from chatqueue.sessions.types import ChatParams
+    from chatqueue.history.types import ChatParams
 
     wanted = {"temperature": temperature, "max_tokens": max_tokens}
     wanted = {k: v for k, v in wanted.items() if v is not None}

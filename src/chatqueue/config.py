@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -51,7 +52,7 @@ class Settings(BaseSettings):
 
     # the queues
     max_concurrent: int = Field(8, ge=1, description="Generations running at once")
-    max_queue: int = Field(64, ge=0, description="Requests waiting at most")
+    max_queue_size: int = Field(64, ge=0, description="Requests waiting at most")
 
     # holding under load
     max_queue_per_user: int | None = Field(None, ge=1, description="Waiting requests per user")
@@ -87,6 +88,19 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=default_data_dir)
     session_secret: str | None = Field(None, description="Signs cookies; default: in data_dir")
     system_prompt: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _deprecated_names(cls, data: object) -> object:
+        """`max_queue` (flag, CHATQUEUE_MAX_QUEUE) is the old name of `max_queue_size`."""
+        if isinstance(data, dict):
+            old = data.pop("max_queue", None) or os.environ.get("CHATQUEUE_MAX_QUEUE")
+            if old is not None and "max_queue_size" not in data:
+                warnings.warn(
+                    "max_queue is deprecated; use max_queue_size", DeprecationWarning, stacklevel=2
+                )
+                data["max_queue_size"] = old
+        return data
 
     @field_validator("history")
     @classmethod

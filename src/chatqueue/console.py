@@ -12,10 +12,11 @@ from typing import Any, Protocol
 
 import httpx
 
+from chatqueue.api.build import chat_queue_for
+from chatqueue.chat import ChatService
 from chatqueue.config import Settings
-from chatqueue.sessions.conversation import ChatService
-from chatqueue.sessions.memory import MemoryStore
-from chatqueue.sessions.types import ChatParams
+from chatqueue.history.memory import MemoryStore
+from chatqueue.history.types import ChatParams
 from chatqueue.types import Finished, FinishReason, Queued, Token
 
 HELP = "Type a message. /new starts over, /quit (or Ctrl-D) leaves, Ctrl-C stops a reply."
@@ -47,8 +48,6 @@ class LocalChat:
     """The model in this process, history in memory."""
 
     def __init__(self, settings: Settings, params: ChatParams) -> None:
-        from chatqueue.server.app import chat_queue_for
-
         self._cq = chat_queue_for(settings)
         self._service = ChatService(self._cq, MemoryStore(), system_prompt=settings.system_prompt)
         self._params = params

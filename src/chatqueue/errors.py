@@ -1,25 +1,29 @@
-"""Small exception classes that carry their HTTP status; one handler turns them into responses."""
+"""What went wrong, by kind. Small exception classes that say what happened (and, where it applies,
+when to retry); they know no HTTP. The server maps each class to a status code in one table
+(`server/errors.py`)."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class ChatQueueError(Exception):
-    status_code: int = 500
-    error_type: str = "server_error"
+    """`kind` names what happened (the `type` of the error a client sees); `param` the request
+    field at fault, if one is; `retry_after_s` when trying again may work."""
 
-    def __init__(self, message: str, *, param: str | None = None) -> None:
+    kind: ClassVar[str] = "server_error"
+
+    def __init__(
+        self, message: str, *, param: str | None = None, retry_after_s: int | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {}
+        self.retry_after_s = retry_after_s
 
 
 class InvalidRequest(ChatQueueError):
-    status_code = 400
-    error_type = "invalid_request_error"
+    kind = "invalid_request_error"
 
 
 class PromptTooLong(InvalidRequest):
@@ -35,64 +39,70 @@ class PromptTooLong(InvalidRequest):
 
 
 class NotFound(ChatQueueError):
-    status_code = 404
-    error_type = "not_found"
+    kind = "not_found"
 
 
 class Unauthorized(ChatQueueError):
-    status_code = 401
-    error_type = "authentication_error"
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"WWW-Authenticate": "Bearer"}
+    kind = "authentication_error"
 
 
 class PayloadTooLarge(ChatQueueError):
-    status_code = 413
-    error_type = "request_too_large"
+    kind = "request_too_large"
 
 
 class QueueFull(ChatQueueError):
-    """Admission refused: the waiting queue is at its bound. Carries a Retry-After in seconds."""
+    """Admission refused: running and waiting are at their bounds. Always says when to retry."""
 
-    status_code = 429
-    error_type = "queue_full"
+    kind = "queue_full"
 
     def __init__(self, message: str, *, retry_after_s: int) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after_s)}
+        super().__init__(message, retry_after_s=retry_after_s)
 
 
 class UserQueueFull(QueueFull):
-    error_type = "user_queue_full"
+    kind = "user_queue_full"
 
 
 class ServiceUnavailable(ChatQueueError):
-    status_code = 503
-    error_type = "service_unavailable"
+    """The model cannot take requests now: it failed, or it does not answer."""
+
+    kind = "service_unavailable"
 
 
 class NotReady(ServiceUnavailable):
-    error_type = "loading"
+    kind = "loading"
 
 
 class ShuttingDown(ServiceUnavailable):
-    error_type = "shutting_down"
+    kind = "shutting_down"
 
 
 class QueueTimeout(ServiceUnavailable):
     """The request waited past its queue deadline and never took a slot."""
 
-    error_type = "queue_timeout"
+    kind = "queue_timeout"
 
 
 class EngineError(ChatQueueError):
     """The model runner failed while this request was in its step."""
 
-    status_code = 500
-    error_type = "engine_error"
+    kind = "engine_error"
+
+
+class Aborted(ChatQueueError):
+    """The request ended before it finished, without an error of the server's: its reader left
+    or fell too far behind."""
+
+    kind = "server_error"  # NOTE: what clients have always seen for it
+
+    def __init__(self, message: str = "The request was aborted before it finished.") -> None:
+        super().__init__(message)
+
+
+class ClientGone(ChatQueueError):
+    """The client disconnected before the answer was ready: a finish reason, not a failure."""
+
+    kind = "client_closed_request"
+
+    def __init__(self) -> None:
+        super().__init__("The client closed the connection before the answer was ready.")

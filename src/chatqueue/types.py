@@ -6,6 +6,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Literal
 
+from chatqueue.errors import ChatQueueError
+
 Role = Literal["system", "user", "assistant"]
 
 
@@ -79,10 +81,13 @@ class Token:
 
 @dataclass(frozen=True, slots=True)
 class Finished:
+    """The end. `error` says why a request ended with ERROR (always set then), or why the server
+    cut it short with ABORT (None: its client left)."""
+
     reason: FinishReason
     usage: Usage
     text: str = ""  # the whole completion
-    error: Exception | None = field(default=None, compare=False)
+    error: ChatQueueError | None = field(default=None, compare=False)
 
 
 Event = Queued | Started | Token | Finished

@@ -12,7 +12,7 @@ from typing import Any
 
 import uvicorn
 
-from chatqueue.chat_queue import ChatQueue
+from chatqueue import ChatQueue
 from chatqueue.config import Settings
 from chatqueue.engine.mock import MockConfig, MockRunner
 from chatqueue.engine.runner import Runner, StepBatch

@@ -30,7 +30,16 @@ QUEUE_FIGURES = (
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    flags = ("--engine", "mock", "--mock-delay", "0", "--max-concurrent", "2", "--max-queue", "2")
+    flags = (
+        "--engine",
+        "mock",
+        "--mock-delay",
+        "0",
+        "--max-concurrent",
+        "2",
+        "--max-queue-size",
+        "2",
+    )
     with running_server(*flags, tmp_path=tmp_path_factory.mktemp("bad_input")) as server:
         yield server
 

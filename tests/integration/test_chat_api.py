@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 from fastapi import FastAPI
 
-from chatqueue.chat_queue import ChatQueue
+from chatqueue import ChatQueue
 from chatqueue.config import Settings
 from chatqueue.engine.mock import MockConfig, MockRunner
 from chatqueue.server.app import create_app

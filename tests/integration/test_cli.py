@@ -23,7 +23,7 @@ def test_bench_reports_what_the_clients_saw(tmp_path: Path) -> None:
         "0.001",
         "--max-concurrent",
         "2",
-        "--max-queue",
+        "--max-queue-size",
         "2",
     )
     with running_server(*args, tmp_path=tmp_path) as srv:
@@ -42,9 +42,9 @@ def test_flags_win_over_environment_which_wins_over_defaults(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("CHATQUEUE_MAX_CONCURRENT", "3")
-    monkeypatch.setenv("CHATQUEUE_MAX_QUEUE", "7")
-    s = _settings(max_concurrent=5, max_queue=None)
-    assert (s.max_concurrent, s.max_queue, s.shutdown_timeout) == (5, 7, 30.0)
+    monkeypatch.setenv("CHATQUEUE_MAX_QUEUE_SIZE", "7")
+    s = _settings(max_concurrent=5, max_queue_size=None)
+    assert (s.max_concurrent, s.max_queue_size, s.shutdown_timeout) == (5, 7, 30.0)
 
 
 def test_bad_settings_exit_2_with_a_clear_message() -> None:

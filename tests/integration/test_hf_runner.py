@@ -23,16 +23,24 @@ from transformers import (
 from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
 from transformers.utils.quantization_config import GgufConfig
 
+from chatqueue.api.build import load_hf
+from chatqueue.config import Settings
 from chatqueue.engine.hf import gguf_cache
-from chatqueue.engine.hf.loader import load_hf_runner
 from chatqueue.engine.hf.runner import HFBatchedRunner, HFSequentialRunner
-from chatqueue.engine.hf.tokenizer import HFTokenizer, MissingChatTemplate
-from chatqueue.engine.runner import NewSequence, Runner, StepBatch
+from chatqueue.engine.runner import ModelRunner, NewSequence, StepBatch, TokenizedRunner
+from chatqueue.text.hf_tokenizer import HFTokenizer, MissingChatTemplate
 from chatqueue.types import ChatMessage, SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0)
 TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}<|assistant|>"
 RunnerClass = type[HFBatchedRunner] | type[HFSequentialRunner]
+
+
+def load_in_process(**settings: object) -> TokenizedRunner:
+    """What `chatqueue serve --model-process off` loads (the tokenizer and the model here)."""
+    runner = load_hf(Settings(engine="hf", model_process="off", **settings))  # type: ignore[arg-type]
+    assert isinstance(runner, TokenizedRunner)
+    return runner
 
 
 def tiny_llama() -> LlamaForCausalLM:
@@ -95,7 +103,7 @@ def reference(model: PreTrainedModel, prompt: list[int], max_new_tokens: int) ->
 
 
 def drive(
-    runner: Runner,
+    runner: ModelRunner,
     prompts: list[list[int]],
     *,
     joins: dict[int, list[int]],
@@ -111,10 +119,10 @@ def drive(
     while step <= max(joins) or running:
         new = [NewSequence(i, prompts[i], params(i)) for i in joins.get(step, [])]
         sampled = runner.step(StepBatch(new=new, running=list(running), released=released))
-        assert set(sampled) == set(running) | {n.seq_id for n in new}
-        for seq_id, token in sampled.items():
-            outputs[seq_id].append(token)
-        running += [n.seq_id for n in new]
+        assert set(sampled) == set(running) | {n.rid for n in new}
+        for rid, token in sampled.items():
+            outputs[rid].append(token)
+        running += [n.rid for n in new]
         released = [i for i in running if len(outputs[i]) >= budget(i)]
         running = [i for i in running if i not in released]
         step += 1
@@ -122,11 +130,8 @@ def drive(
     return outputs
 
 
-def make_runner(runner_class: RunnerClass, model: PreTrainedModel) -> Runner:
-    tokenizer = HFTokenizer(
-        tiny_tokenizer(), model_name="tiny", eos_token_ids=[2], chat_template=TEMPLATE
-    )
-    return runner_class(model=model, tokenizer=tokenizer, model_name="tiny")
+def make_runner(runner_class: RunnerClass, model: PreTrainedModel) -> ModelRunner:
+    return runner_class(model)
 
 
 @pytest.mark.parametrize("runner_class", [HFBatchedRunner, HFSequentialRunner])
@@ -247,27 +252,27 @@ def test_tokenizer_encodes_and_decodes_from_two_threads_at_once() -> None:
 def test_loader_uses_the_chat_template_file(tiny_folder: Path, tmp_path: Path) -> None:
     template_file = tmp_path / "template.jinja"
     template_file.write_text(TEMPLATE)
-    runner = load_hf_runner(
-        model=str(tiny_folder), device="cpu", dtype="float32", chat_template=str(template_file)
+    runner = load_in_process(
+        model=str(tiny_folder), device="cpu", dtype="float32", chat_template=template_file
     )
     prompt = runner.tokenizer.apply_chat_template([ChatMessage("user", "how are you")])
     assert runner.tokenizer.decode(prompt) == "<|user|>how are you<|assistant|>"
     assert runner.tokenizer.eos_token_ids == frozenset({2})
     assert runner.context_window == 256
     assert runner.model_name == tiny_folder.name
-    assert isinstance(runner, HFBatchedRunner)
+    assert isinstance(runner.model, HFBatchedRunner)
     sampled = runner.step(StepBatch(new=[NewSequence(0, prompt, GREEDY)], running=[], released=[]))
     assert list(sampled) == [0]
 
 
 def test_loader_refuses_a_model_without_chat_template(tiny_folder: Path) -> None:
     with pytest.raises(MissingChatTemplate):
-        load_hf_runner(model=str(tiny_folder), device="cpu", dtype="float32")
+        load_in_process(model=str(tiny_folder), device="cpu", dtype="float32")
 
 
 def test_loader_refuses_a_folder_that_is_not_a_model(tmp_path: Path) -> None:
     with pytest.raises(gguf_cache.ModelNotFound):
-        load_hf_runner(model=str(tmp_path), device="cpu")
+        load_in_process(model=str(tmp_path), device="cpu")
 
 
 @pytest.fixture
@@ -303,7 +308,7 @@ def test_gguf_is_converted_once_into_the_cache(fake_gguf: list[str], tmp_path: P
     assert folder == cache / "models" / gguf_cache.DEFAULT_MODEL_NAME
     assert "quantization_config" not in (folder / "config.json").read_text()
 
-    runner = load_hf_runner(model=None, device="cpu", dtype="float32", cache_dir=cache)
+    runner = load_in_process(model=None, device="cpu", dtype="float32", cache=cache)
     assert fake_gguf == ["model", "tokenizer"]  # loaded from the cache, not converted again
     assert runner.model_name == gguf_cache.DEFAULT_MODEL_NAME
     assert runner.tokenizer.eos_token_ids == frozenset({2})  # filled into the generation config
@@ -334,23 +339,23 @@ def smollm2_folder() -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2(smollm2_folder: Path) -> HFBatchedRunner:
-    runner = load_hf_runner(model=None, device="cpu", dtype="float32", batching=True)
-    assert isinstance(runner, HFBatchedRunner)
+def smollm2(smollm2_folder: Path) -> TokenizedRunner:
+    runner = load_in_process(model=None, device="cpu", dtype="float32", batching="on")
+    assert isinstance(runner.model, HFBatchedRunner)
     return runner
 
 
 @pytest.mark.model
 @pytest.mark.parametrize("runner_class", [HFBatchedRunner, HFSequentialRunner])
 def test_smollm2_greedy_equals_generate_alone(
-    runner_class: RunnerClass, smollm2: HFBatchedRunner
+    runner_class: RunnerClass, smollm2: TokenizedRunner
 ) -> None:
-    runner = runner_class(
-        model=smollm2.model, tokenizer=smollm2.tokenizer, model_name=smollm2.model_name
-    )
+    assert isinstance(smollm2.model, HFBatchedRunner)
+    model = smollm2.model.model
+    runner = TokenizedRunner(runner_class(model), smollm2.tokenizer, smollm2.model_name)
     questions = ["What is 2+2?", "Name a color.", "Write a haiku about the sea.", "Hi"]
     prompts = [runner.tokenizer.apply_chat_template([ChatMessage("user", q)]) for q in questions]
-    expected = {i: reference(smollm2.model, p, 16) for i, p in enumerate(prompts)}
+    expected = {i: reference(model, p, 16) for i, p in enumerate(prompts)}
 
     got = drive(
         runner,
@@ -365,7 +370,7 @@ def test_smollm2_greedy_equals_generate_alone(
 
 @pytest.mark.model
 def test_smollm2_cache_is_a_plain_checkpoint(
-    smollm2: HFBatchedRunner, smollm2_folder: Path
+    smollm2: TokenizedRunner, smollm2_folder: Path
 ) -> None:
     before = {p.name: p.stat().st_mtime_ns for p in smollm2_folder.iterdir()}
     assert gguf_cache.default_model_folder() == smollm2_folder

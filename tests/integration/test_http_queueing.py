@@ -40,7 +40,7 @@ def mock_lorem(*, max_concurrent: int, max_queue: int, words: int, delay_s: floa
     return [
         "--engine", "mock", "--mock-mode", "lorem", "--mock-lorem-tokens", str(words),
         "--mock-delay", str(delay_s),
-        "--max-concurrent", str(max_concurrent), "--max-queue", str(max_queue),
+        "--max-concurrent", str(max_concurrent), "--max-queue-size", str(max_queue),
     ]  # fmt: skip
 
 

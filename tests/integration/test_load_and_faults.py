@@ -107,7 +107,7 @@ async def _opened_at_exit(runner: GatedRunner) -> AsyncIterator[None]:
 def churn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     flags = (
         "--engine", "mock", "--mock-delay", "0.002", "--max-concurrent", "8",
-        "--max-queue", "200", "--admin-key", ADMIN, "--log-level", "warning",
+        "--max-queue-size", "200", "--admin-key", ADMIN, "--log-level", "warning",
     )  # fmt: skip
     with running_server(*flags, tmp_path=tmp_path_factory.mktemp("churn")) as server:
         yield server
@@ -215,7 +215,7 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     keys.write_text(json.dumps(KEYS))
     flags = (
         "--engine", "mock", "--mock-delay", "0.01", "--max-concurrent", "1",
-        "--max-queue", "64", "--api-keys", str(keys),
+        "--max-queue-size", "64", "--api-keys", str(keys),
     )  # fmt: skip
     with running_server(*flags, tmp_path=tmp) as server:
         yield server

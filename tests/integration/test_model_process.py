@@ -15,16 +15,16 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
-from chatqueue.engine.mock import LOREM, MockConfig, MockRunner
-from chatqueue.engine.process_runner import ModelLoadError, ProcessRunner
-from chatqueue.engine.runner import NewSequence, Runner, StepBatch
+from chatqueue.engine.mock import LOREM, MockConfig, MockRunner, MockTokenizer
+from chatqueue.engine.process.runner import ModelLoadError, ProcessRunner
+from chatqueue.engine.runner import ModelRunner, NewSequence, Runner, StepBatch
 from chatqueue.types import ChatMessage, SamplingParams
 from tests.integration.http_helpers import (
     SAFETY_S,
@@ -41,7 +41,12 @@ LONG = " ".join(["w"] * 2000)  # echoed a word a step: outlasts the test, which 
 
 def in_a_process(runner_class: type[MockRunner], **config: object) -> functools.partial[Runner]:
     load = functools.partial(runner_class, MockConfig(**config))  # type: ignore[arg-type]
-    return functools.partial(ProcessRunner, load)
+    return functools.partial(process_runner, load)
+
+
+def process_runner(load: Callable[[], ModelRunner]) -> ProcessRunner:
+    """The mock model in its own process; the server keeps its own mock tokenizer."""
+    return ProcessRunner(load, tokenizer=MockTokenizer(), model_name="mock")
 
 
 def model_processes() -> list[int]:
@@ -50,7 +55,7 @@ def model_processes() -> list[int]:
     for task in Path("/proc/self/task").iterdir():
         for pid in (task / "children").read_text().split():
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if b"chatqueue.engine.process_child" in cmdline:
+            if b"chatqueue.engine.process.child" in cmdline:
                 pids.append(int(pid))
     return pids
 
@@ -144,13 +149,13 @@ async def test_when_the_model_process_dies_what_is_in_flight_fails_and_health_sa
     assert model_processes() == []
 
 
-def load_that_fails() -> Runner:
+def load_that_fails() -> ModelRunner:
     raise ValueError("no model folder at /nowhere")
 
 
 def test_a_load_that_fails_in_the_model_process_raises_its_message() -> None:
     with pytest.raises(ModelLoadError, match="no model folder at /nowhere"):
-        ProcessRunner(load_that_fails)
+        process_runner(load_that_fails)
     assert model_processes() == []
 
 
@@ -158,8 +163,10 @@ def test_a_server_killed_outright_leaves_no_model_process(tmp_path: Path) -> Non
     script = (
         "import functools, sys, time\n"
         "from chatqueue.engine.mock import MockConfig, MockRunner\n"
-        "from chatqueue.engine.process_runner import ProcessRunner\n"
-        "runner = ProcessRunner(functools.partial(MockRunner, MockConfig()))\n"
+        "from chatqueue.engine.mock import MockTokenizer\n"
+        "from chatqueue.engine.process.runner import ProcessRunner\n"
+        "load = functools.partial(MockRunner, MockConfig())\n"
+        "runner = ProcessRunner(load, tokenizer=MockTokenizer(), model_name='mock')\n"
         "print(runner.pid, flush=True)\n"
         "time.sleep(600)\n"
     )
@@ -185,7 +192,7 @@ def _is_running(pid: int) -> bool:
 
 
 def test_signals_for_the_whole_group_leave_the_model_process_to_its_server() -> None:
-    runner = ProcessRunner(functools.partial(MockRunner, MockConfig(mode="echo")))
+    runner = process_runner(functools.partial(MockRunner, MockConfig(mode="echo")))
     prompt = runner.tokenizer.apply_chat_template([ChatMessage("user", "still here")])
     for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, a service manager stopping the group
         os.kill(runner.pid, sig)

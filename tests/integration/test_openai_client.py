@@ -29,7 +29,7 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     # One slot and no queue: a second request while one runs is a 429 at once.
     flags = (
         "--engine", "mock", "--mock-mode", "echo", "--mock-delay", "0.005",
-        "--max-concurrent", "1", "--max-queue", "0",
+        "--max-concurrent", "1", "--max-queue-size", "0",
     )  # fmt: skip
     with running_server(*flags, tmp_path=tmp_path_factory.mktemp("openai")) as server:
         yield server

@@ -26,7 +26,7 @@ schema = schemathesis.openapi.from_dict(_OWN)
 @pytest.fixture(scope="module")
 def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     flags = (
-        "--engine", "mock", "--mock-delay", "0", "--max-concurrent", "4", "--max-queue", "16",
+        "--engine", "mock", "--mock-delay", "0", "--max-concurrent", "4", "--max-queue-size", "16",
         "--history", "memory", "--max-tokens-cap", "64",
     )  # fmt: skip
     with running_server(*flags, tmp_path=tmp_path_factory.mktemp("fuzzed")) as server:

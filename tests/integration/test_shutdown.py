@@ -28,7 +28,7 @@ def mock_lorem(*, words: int, delay_s: float, max_concurrent: int, max_queue: in
     return [
         "--engine", "mock", "--mock-mode", "lorem", "--mock-lorem-tokens", str(words),
         "--mock-delay", str(delay_s),
-        "--max-concurrent", str(max_concurrent), "--max-queue", str(max_queue),
+        "--max-concurrent", str(max_concurrent), "--max-queue-size", str(max_queue),
     ]  # fmt: skip
 
 

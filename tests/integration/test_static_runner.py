@@ -8,22 +8,16 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-from chatqueue.engine.hf.static_runner import StaticCacheRunner, UnsupportedModel
-from chatqueue.engine.hf.tokenizer import HFTokenizer
+from chatqueue.engine.hf.static import StaticCacheRunner, UnsupportedModel
 from chatqueue.engine.runner import NewSequence, StepBatch
 from chatqueue.types import SamplingParams
-from tests.integration.test_hf_runner import TEMPLATE, reference, tiny_llama, tiny_tokenizer
+from tests.integration.test_hf_runner import reference, tiny_llama
 
 GREEDY = SamplingParams(temperature=0.0)
 
 
 def make(model: LlamaForCausalLM, **kw: int | str) -> StaticCacheRunner:
-    tokenizer = HFTokenizer(
-        tiny_tokenizer(), model_name="t", eos_token_ids=[2], chat_template=TEMPLATE
-    )
-    return StaticCacheRunner(
-        model=model, tokenizer=tokenizer, model_name="t", use_cuda_graphs=False, **kw
-    )
+    return StaticCacheRunner(model=model, use_cuda_graphs=False, **kw)
 
 
 def drive(
@@ -42,10 +36,10 @@ def drive(
     while step <= max(joins) or running:
         new = [NewSequence(i, prompts[i], params) for i in joins.get(step, [])]
         sampled = runner.step(StepBatch(new=new, running=list(running), released=released))
-        assert set(sampled) <= set(running) | {n.seq_id for n in new}
-        for seq_id, token in sampled.items():
-            outputs[seq_id].append(token)
-        running += [n.seq_id for n in new]
+        assert set(sampled) <= set(running) | {n.rid for n in new}
+        for rid, token in sampled.items():
+            outputs[rid].append(token)
+        running += [n.rid for n in new]
         released = [i for i in running if len(outputs[i]) >= budget[i]]
         running = [i for i in running if i not in released]
         step += 1

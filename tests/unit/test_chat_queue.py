@@ -33,6 +33,7 @@ from chatqueue.errors import (
     ServiceUnavailable,
     ShuttingDown,
 )
+from chatqueue.server.errors import headers_of
 
 HELLO = [ChatMessage("user", "one two three four")]
 
@@ -104,7 +105,7 @@ async def test_full_queue_refuses_with_retry_after() -> None:
     await cq.submit(HELLO)
     with pytest.raises(QueueFull) as exc:
         await cq.submit(HELLO)
-    assert exc.value.headers["Retry-After"] == "1"
+    assert headers_of(exc.value)["Retry-After"] == "1"
     await cq.stop(timeout_s=0)
 
 

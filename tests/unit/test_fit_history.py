@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from chatqueue.chat.window import fit_history
 from chatqueue.engine.mock import MockTokenizer
-from chatqueue.sessions.types import Turn
-from chatqueue.sessions.window import fit_history
+from chatqueue.history.types import Turn
 from chatqueue.types import ChatMessage
 
 tokenizer = MockTokenizer()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from chatqueue.sessions import ChatParams, Feedback, HistoryStore, Turn, open_store
+from chatqueue.history import ChatParams, Feedback, HistoryStore, Turn, open_store
 from chatqueue.types import ChatMessage
 from tests.chat_helpers import redis_server
 

@@ -8,6 +8,7 @@ import pytest
 
 from chatqueue.errors import QueueFull, ShuttingDown, UserQueueFull
 from chatqueue.scheduler import Request, RequestState, Scheduler
+from chatqueue.server.errors import status_of
 from chatqueue.types import FinishReason
 
 _ids = itertools.count(1)
@@ -51,7 +52,7 @@ def test_bound_is_exact_a_burst_of_free_slots_plus_queue_is_accepted_whole() -> 
         s.add(req(), 0)
     with pytest.raises(QueueFull) as exc:
         s.add(req(), 0)
-    assert exc.value.status_code == 429 and exc.value.retry_after_s >= 1
+    assert status_of(exc.value) == 429 and exc.value.retry_after_s >= 1
     s.schedule(0)
     assert s.num_running == 3 and s.num_waiting == 4
 

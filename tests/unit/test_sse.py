@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from chatqueue.engine.stream import RequestStream
+from chatqueue.api import RequestStream
 from chatqueue.server.sse import EventStreamResponse
 
 

@@ -59,8 +59,21 @@ def test_earliest_of_several_stops_wins() -> None:
     assert StopStrings(["b", "a"]).push("xxaxb") == ("xx", True)
 
 
+class Nobody:
+    def push(self, event: object) -> None:
+        pass
+
+
 def seq(text_limit: int = 100, **kw: object) -> GenSequence:
-    return GenSequence([1, 2], SamplingParams(**kw), text_limit, ByteTokenizer())  # type: ignore[arg-type]
+    return GenSequence(
+        rid=1,
+        arrival=0.0,
+        prompt_ids=[1, 2],
+        params=SamplingParams(**kw),  # type: ignore[arg-type]
+        max_new_tokens=text_limit,
+        tokenizer=ByteTokenizer(),
+        sink=Nobody(),
+    )
 
 
 def test_sequence_finishes_on_eos_length_and_stop() -> None:

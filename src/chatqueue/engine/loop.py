@@ -1,48 +1,37 @@
-"""The engine loop: one thread that schedules, runs the model a step at a time, and hands events
-to the event loop. The asyncio side never waits on the model; it only takes a short lock to admit
-or abort."""
+"""The engine: one thread that schedules, runs the model a step at a time, and hands the events to
+the event loop.
+
+NOTE: which thread runs what.
+- The event loop calls `start`, `add`, `abort`, `close_admission`, `abort_everything` and
+  `check_hung` (from the watchdog task). Each takes the condition's lock for a few microseconds
+  to change the scheduler, never waits on the model, and delivers what it ends itself.
+- The engine thread (`_run`) loads the model (when given a factory), then loops in `_step`:
+  schedule under the lock, run the model outside it, account for the tokens under it again, and
+  send the step's events to the event loop in one hop (`HandOver`).
+- A worker thread of the event loop (`asyncio.to_thread`) calls `wait_idle` and `stop`, which
+  block.
+- Streams see events only on the event loop (`HandOver.deliver`), so nothing a client reads
+  is touched by two threads.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import gc
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 
+from chatqueue.engine.handover import HandOver, Outbox
 from chatqueue.engine.runner import NewSequence, Runner, RunnerLost, StepBatch
 from chatqueue.engine.sequence import Sequence, Step
-from chatqueue.engine.stream import RequestStream
-from chatqueue.errors import (
-    ChatQueueError,
-    EngineError,
-    QueueTimeout,
-    ServiceUnavailable,
-)
+from chatqueue.errors import ChatQueueError, EngineError, QueueTimeout, ServiceUnavailable
 from chatqueue.metrics import Metrics
-from chatqueue.scheduler import Request, SchedulePlan, Scheduler
-from chatqueue.types import Event, Finished, FinishReason, Queued, Started, Token, Usage
+from chatqueue.scheduler import SchedulePlan, Scheduler
+from chatqueue.types import Finished, FinishReason, Queued, Started, Token
 
 log = logging.getLogger(__name__)
-
-Outbox = list[tuple["Job", Event]]
-_DELIVERY_SLICE = 32  # events handed to streams per event-loop iteration
-
-
-@dataclass(eq=False)
-class Job:
-    """One request across the layers: the scheduler's record, its generation, the caller's end."""
-
-    request: Request
-    sequence: Sequence
-    stream: RequestStream
-    last_position: int | None = None
-    first_token_at: float | None = None
-    abort_error: ChatQueueError | None = None  # why the server cut it short; None: client left
-    is_failed: bool = False  # told of an error while its step was still running (a hang)
 
 
 class EngineState(enum.StrEnum):
@@ -56,62 +45,56 @@ class Engine:
     def __init__(
         self,
         *,
-        scheduler: Scheduler,
+        scheduler: Scheduler[Sequence],
         runner: Runner | Callable[[], Runner],
         metrics: Metrics,
         clock: Callable[[], float],
-        on_finished: Callable[[Job, Finished], None] | None = None,
+        on_finished: Callable[[Sequence, Finished], None] | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.metrics = metrics
         self._runner_source = runner
         self._clock = clock
-        self._on_finished = on_finished
+        self._handover = HandOver(on_finished)
         self._cond = threading.Condition()
-        self._jobs: dict[int, Job] = {}
         self._positions_dirty = False
         self._is_stopping = False
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self.runner: Runner | None = runner if isinstance(runner, Runner) else None
         self.state = EngineState.LOADING
         self.load_error: BaseException | None = None
         self.loaded = threading.Event()  # set once loading ended, well or not
         self._step_started: float | None = None
-        self._step_jobs: list[Job] = []
+        self._step_seqs: list[Sequence] = []
         self.is_hung = False
 
-    # -- asyncio side (short critical sections only) --------------------------------------
+    # -- the event loop's side (short critical sections only) -----------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         assert self._thread is None, "engine already started"
-        self._loop = loop
+        self._handover.bind(loop)
         self._thread = threading.Thread(target=self._run, name="chatqueue-engine", daemon=True)
         self._thread.start()
 
-    def add(self, job: Job, now: float) -> None:
+    def add(self, seq: Sequence, now: float) -> None:
         with self._cond:
             if self.state is EngineState.FAILED:
                 raise ServiceUnavailable(f"The model is not available: {self.load_error}")
-            self.scheduler.add(job.request, now)  # raises QueueFull, ShuttingDown, ...
-            self._jobs[job.request.rid] = job
+            self.scheduler.add(seq, now)  # raises QueueFull, ShuttingDown, ...
             self._positions_dirty = True
             self.metrics.waiting.set(self.scheduler.num_waiting)
             self._cond.notify()
 
-    def abort(self, job: Job) -> None:
-        """Abort from the event loop. A waiting request is told at once; a running one at the
-        next step, when its slot is free."""
+    def abort(self, seq: Sequence) -> None:
+        """A waiting request is told at once; a running one at the next step, when its slot is
+        free. One that already ended is left alone."""
         with self._cond:
-            if job.request.rid not in self._jobs:
-                return
-            left_queue = self.scheduler.abort(job.request)
+            left_queue = self.scheduler.abort(seq)
             if left_queue:
-                del self._jobs[job.request.rid]
                 self._positions_dirty = True
                 self.metrics.waiting.set(self.scheduler.num_waiting)
             self._cond.notify()
         if left_queue:
-            self._deliver([(job, self._finished(job, FinishReason.ABORT))])
+            self._handover.deliver([(seq, self._finished(seq, FinishReason.ABORT))])
 
     def close_admission(self) -> None:
         with self._cond:
@@ -121,17 +104,13 @@ class Engine:
         """Shutdown past its grace period: the queue is emptied, running requests end at the
         next step."""
         with self._cond:
-            gone = self.scheduler.expire_all_waiting(FinishReason.ERROR)
-            outbox: Outbox = []
-            for req in gone:
-                job = self._jobs.pop(req.rid)
-                outbox.append((job, self._finished(job, FinishReason.ERROR, error)))
-            for job in self._jobs.values():
-                job.abort_error = error
-                self.scheduler.abort(job.request)
+            outbox = self._expire_waiting(error)
+            for seq in self.scheduler.running:
+                seq.abort_error = error
+                self.scheduler.abort(seq)
             self._positions_dirty = True
             self._cond.notify()
-        self._deliver(outbox)
+        self._handover.deliver(outbox)
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Blocking: wait until nothing is running or waiting. True if that happened in time."""
@@ -140,7 +119,7 @@ class Engine:
 
     def check_hung(self, now: float, step_timeout_s: float) -> bool:
         """From the watchdog: if the step in flight has run past `step_timeout_s`, fail every
-        waiting and running request with 503 instead of leaving them hanging. True while hung."""
+        waiting and running request instead of leaving them hanging. True while hung."""
         with self._cond:
             started = self._step_started
             if self.is_hung or started is None or now - started <= step_timeout_s:
@@ -149,15 +128,12 @@ class Engine:
             error = ServiceUnavailable(
                 f"The model has not answered for {now - started:.0f} s; the request was failed."
             )
-            outbox: Outbox = []
-            for req in self.scheduler.expire_all_waiting(FinishReason.ERROR):
-                job = self._jobs.pop(req.rid)
-                outbox.append((job, self._finished(job, FinishReason.ERROR, error)))
-            for job in self._step_jobs:
-                job.is_failed = True
-                outbox.append((job, self._finished(job, FinishReason.ERROR, error)))
+            outbox = self._expire_waiting(error)
+            for seq in self._step_seqs:
+                seq.is_failed = True
+                outbox.append((seq, self._finished(seq, FinishReason.ERROR, error)))
         log.error("a step has run for %.1f s: failing the requests in flight", now - started)
-        self._deliver(outbox)
+        self._handover.deliver(outbox)
         return True
 
     def stop(self, join_timeout_s: float | None = None) -> None:
@@ -213,156 +189,122 @@ class Engine:
             outbox = self._plan_events(plan, now)
             if not self.scheduler.has_work:
                 self._cond.notify_all()  # wake `wait_idle`
-        self._hand_over(outbox)
+        self._handover.send(outbox)
 
         batch = StepBatch(
-            new=[
-                NewSequence(
-                    r.rid, self._jobs[r.rid].sequence.prompt_ids, self._jobs[r.rid].sequence.params
-                )
-                for r in plan.admitted
-            ],
-            running=[r.rid for r in plan.running],
-            released=[r.rid for r in plan.released],
+            new=[NewSequence(s.rid, s.prompt_ids, s.params) for s in plan.admitted],
+            running=[s.rid for s in plan.running],
+            released=[s.rid for s in plan.released],
         )
         if batch.is_empty and not batch.released:
             return True
-        jobs = [self._jobs[r.rid] for r in plan.batch]
+        seqs = plan.batch
         with self._cond:
-            self._step_started, self._step_jobs = self._clock(), jobs
+            self._step_started, self._step_seqs = self._clock(), seqs
         try:
             tokens = runner.step(batch)
         except RunnerLost as exc:
             log.error("%s Failing every request; the engine stops.", exc)
-            self._fail_everything(jobs, exc)
+            self._fail_everything(seqs, exc)
             return False
         except Exception as exc:
-            log.exception("the runner failed a step of %s requests", len(jobs))
-            error = EngineError(f"The model failed while generating: {exc}")
-            self._finish_step(jobs, {}, error)
+            log.exception("the runner failed a step of %s requests", len(seqs))
+            self._finish_step(seqs, {}, EngineError(f"The model failed while generating: {exc}"))
             return True
         finally:
             with self._cond:
-                self._step_started, self._step_jobs = None, []
+                self._step_started, self._step_seqs = None, []
                 self.is_hung = False
         self.metrics.steps.inc()
-        self._finish_step(jobs, tokens, None)
+        self._finish_step(seqs, tokens, None)
         return True
 
-    def _fail_everything(self, jobs: list[Job], exc: RunnerLost) -> None:
+    def _fail_everything(self, seqs: list[Sequence], exc: RunnerLost) -> None:
         """The runner is gone: the step's requests fail, the waiting ones too, /health says
         failed (with why) and new requests get 503."""
         with self._cond:
             self.load_error = exc
             self.state = EngineState.FAILED  # `add` refuses from now on
-        self._finish_step(jobs, {}, EngineError(f"The model failed while generating: {exc}"))
-        unavailable = ServiceUnavailable(f"The model is not available: {exc}")
+        self._finish_step(seqs, {}, EngineError(f"The model failed while generating: {exc}"))
         with self._cond:
-            gone = self.scheduler.expire_all_waiting(FinishReason.ERROR)
-            outbox: Outbox = [
-                (job, self._finished(job, FinishReason.ERROR, unavailable))
-                for job in (self._jobs.pop(req.rid) for req in gone)
-            ]
+            outbox = self._expire_waiting(ServiceUnavailable(f"The model is not available: {exc}"))
             self._cond.notify_all()  # wake `wait_idle`
-        self._hand_over(outbox)
+        self._handover.send(outbox)
+
+    def _expire_waiting(self, error: ChatQueueError) -> Outbox:
+        """Under the lock: empty the queue, each waiting request ending with `error`."""
+        return [
+            (seq, self._finished(seq, FinishReason.ERROR, error))
+            for seq in self.scheduler.expire_all_waiting(FinishReason.ERROR)
+        ]
 
     def _wait_timeout(self) -> float | None:
         deadline = self.scheduler.next_deadline()
         return None if deadline is None else max(0.0, deadline - self._clock())
 
-    def _plan_events(self, plan: SchedulePlan, now: float) -> Outbox:
+    def _plan_events(self, plan: SchedulePlan[Sequence], now: float) -> Outbox:
         """Under the lock: the events a schedule produces (leavers, starters, new positions)."""
         outbox: Outbox = []
-        for req in plan.expired:
-            job = self._jobs.pop(req.rid)
+        for seq in plan.expired:
             error = QueueTimeout(
-                f"The request waited {now - req.arrival:.1f} s in the queue, past its deadline, "
+                f"The request waited {now - seq.arrival:.1f} s in the queue, past its deadline, "
                 "and was not started."
             )
-            outbox.append((job, self._finished(job, FinishReason.ERROR, error)))
-        for req in plan.aborted:
-            job = self._jobs.pop(req.rid)
-            outbox.append((job, self._finished(job, FinishReason.ABORT, job.abort_error)))
-        for req in plan.admitted:
-            wait = now - req.arrival
+            outbox.append((seq, self._finished(seq, FinishReason.ERROR, error)))
+        for seq in plan.aborted:
+            outbox.append((seq, self._finished(seq, FinishReason.ABORT, seq.abort_error)))
+        for seq in plan.admitted:
+            wait = now - seq.arrival
             self.metrics.observe_queue_wait(wait)
-            self.metrics.prompt_tokens.inc(self._jobs[req.rid].sequence.num_prompt_tokens)
-            outbox.append((self._jobs[req.rid], Started(wait)))
+            self.metrics.prompt_tokens.inc(seq.num_prompt_tokens)
+            outbox.append((seq, Started(wait)))
         if self._positions_dirty or plan.admitted or plan.expired or plan.released:
             self._positions_dirty = False
-            for req, position in self.scheduler.positions():
-                job = self._jobs[req.rid]
-                if job.last_position != position:
-                    job.last_position = position
-                    outbox.append((job, Queued(position, self.scheduler.eta(position, now))))
+            for seq, position in self.scheduler.positions():
+                if seq.last_position != position:
+                    seq.last_position = position
+                    outbox.append((seq, Queued(position, self.scheduler.eta(position, now))))
         self.metrics.running.set(self.scheduler.num_running)
         self.metrics.waiting.set(self.scheduler.num_waiting)
         return outbox
 
     def _finish_step(
-        self, jobs: list[Job], tokens: dict[int, int], error: ChatQueueError | None
+        self, seqs: list[Sequence], tokens: dict[int, int], error: ChatQueueError | None
     ) -> None:
         now = self._clock()
         outbox: Outbox = []
-        ended: list[tuple[Job, FinishReason]] = []
+        ended: list[tuple[Sequence, FinishReason]] = []
         num_tokens = 0
-        for job in jobs:
-            rid = job.request.rid
-            if job.is_failed:  # its client was already told (hang)
-                ended.append((job, FinishReason.ERROR))
+        for seq in seqs:
+            if seq.is_failed:  # its client was already told (hang)
+                ended.append((seq, FinishReason.ERROR))
                 continue
             if error is not None:
                 step = Step("", FinishReason.ERROR)
-            elif rid in tokens:
-                before = job.sequence.num_output_tokens
-                step = job.sequence.append(tokens[rid])
-                num_tokens += job.sequence.num_output_tokens - before  # EOS is not output
-                if job.first_token_at is None:
-                    job.first_token_at = now
-                    self.metrics.ttft.observe(now - job.request.arrival)
+            elif seq.rid in tokens:
+                before = seq.num_output_tokens
+                step = seq.append(tokens[seq.rid])
+                num_tokens += seq.num_output_tokens - before  # EOS is not output
+                if seq.first_token_at is None:
+                    seq.first_token_at = now
+                    self.metrics.ttft.observe(now - seq.arrival)
             else:
                 continue  # still prefilling in chunks
             if step.text:
-                outbox.append((job, Token(step.text)))
+                outbox.append((seq, Token(step.text)))
             if step.finish is not None:
-                ended.append((job, step.finish))
-                outbox.append((job, self._finished(job, step.finish, error)))
+                ended.append((seq, step.finish))
+                outbox.append((seq, self._finished(seq, step.finish, error)))
         self.metrics.observe_tokens(num_tokens)
         if ended:
             with self._cond:
-                for job, reason in ended:
-                    self.scheduler.finish(job.request, reason, now)
-                    del self._jobs[job.request.rid]
+                for seq, reason in ended:
+                    self.scheduler.finish(seq, reason, now)
                 self._positions_dirty = True
-        self._hand_over(outbox)
+        self._handover.send(outbox)
 
     def _finished(
-        self, job: Job, reason: FinishReason, error: ChatQueueError | None = None
+        self, seq: Sequence, reason: FinishReason, error: ChatQueueError | None = None
     ) -> Finished:
-        seq = job.sequence
         self.metrics.finished.labels(reason.value).inc()
-        usage = Usage(seq.num_prompt_tokens, seq.num_output_tokens)
-        return Finished(reason, usage, seq.text, error)
-
-    # -- handing events to the event loop -------------------------------------------------
-    def _hand_over(self, outbox: Outbox) -> None:
-        """From the engine thread: one hop to the event loop for a whole step's events."""
-        if not outbox or self._loop is None:
-            return
-        with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody listens
-            self._loop.call_soon_threadsafe(self._deliver, outbox)
-
-    def _deliver(self, outbox: Outbox) -> None:
-        """On the event loop.
-
-        NOTE: every stream woken here runs its SSE write in the same loop iteration, before the
-        loop polls its sockets again. 256 streams woken at once kept /health (and new requests)
-        waiting ~10 ms a step; handing the step's events over in slices lets the loop poll
-        between them."""
-        for job, event in outbox[:_DELIVERY_SLICE]:
-            job.stream.push(event)
-            if isinstance(event, Finished) and self._on_finished is not None:
-                self._on_finished(job, event)
-        if len(outbox) > _DELIVERY_SLICE:
-            assert self._loop is not None
-            self._loop.call_soon(self._deliver, outbox[_DELIVERY_SLICE:])
+        return seq.finished(reason, error)

@@ -118,9 +118,8 @@ class MockRunner:
     def __init__(self, config: MockConfig | None = None) -> None:
         self.config = config or MockConfig()
         self._tokenizer = MockTokenizer()
-        self._plans: dict[int, list[int]] = {}  # seq_id -> the reply it will give, then END
+        self._plans: dict[int, list[int]] = {}  # rid -> the reply it will give, then END
         self._cursor: dict[int, int] = {}
-        self.num_steps = 0
 
     @property
     def model_name(self) -> str:
@@ -135,28 +134,27 @@ class MockRunner:
         return self.config.context_window
 
     def step(self, batch: StepBatch) -> dict[int, int]:
-        for seq_id in batch.released:
-            self._plans.pop(seq_id, None)
-            self._cursor.pop(seq_id, None)
+        for rid in batch.released:
+            self._plans.pop(rid, None)
+            self._cursor.pop(rid, None)
         if batch.is_empty:
             return {}
-        self.num_steps += 1
         for new in batch.new:
-            self._plans[new.seq_id] = self._plan(new.prompt_ids)
-            self._cursor[new.seq_id] = 0
+            self._plans[new.rid] = self._plan(new.prompt_ids)
+            self._cursor[new.rid] = 0
         delay = self.config.delay_s + (self.config.first_token_delay_s if batch.new else 0.0)
         if delay > 0:
             time.sleep(delay)
-        seq_ids = [n.seq_id for n in batch.new] + list(batch.running)
-        return {seq_id: self._next(seq_id) for seq_id in seq_ids}
+        rids = [n.rid for n in batch.new] + list(batch.running)
+        return {rid: self._next(rid) for rid in rids}
 
     def close(self) -> None:
         self._plans.clear()
         self._cursor.clear()
 
-    def _next(self, seq_id: int) -> int:
-        plan, i = self._plans[seq_id], self._cursor[seq_id]
-        self._cursor[seq_id] = i + 1
+    def _next(self, rid: int) -> int:
+        plan, i = self._plans[rid], self._cursor[rid]
+        self._cursor[rid] = i + 1
         return plan[i] if i < len(plan) else END
 
     def _plan(self, prompt_ids: Sequence[int]) -> list[int]:

@@ -1,4 +1,9 @@
-"""The contract between the engine loop and a model: runners see batches, never single requests."""
+"""The contract between the engine loop and a model: runners see batches, never single requests.
+
+Two levels. A `ModelRunner` holds the model and advances batches (what the model process runs).
+A `Runner` is what the engine drives: a ModelRunner together with the tokenizer the server
+detokenizes with and the name it serves under.
+"""
 
 from __future__ import annotations
 
@@ -6,29 +11,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from chatqueue.types import ChatMessage, SamplingParams
-
-
-@runtime_checkable
-class Tokenizer(Protocol):
-    """What the engine needs of a tokenizer. Encoding runs on a tokenizer thread, decoding on the
-    engine thread; an implementation must allow both at once (HF runners keep two instances)."""
-
-    @property
-    def eos_token_ids(self) -> frozenset[int]: ...
-
-    def apply_chat_template(self, messages: Sequence[ChatMessage]) -> list[int]:
-        """The prompt token ids for a conversation, ending where the assistant's reply begins."""
-        ...
-
-    def decode(self, token_ids: Sequence[int]) -> str: ...
+from chatqueue.text.tokenizer import Tokenizer
+from chatqueue.types import SamplingParams
 
 
 @dataclass(frozen=True, slots=True)
 class NewSequence:
     """A request admitted this step: the runner prefills it and samples its first token."""
 
-    seq_id: int
+    rid: int
     prompt_ids: Sequence[int]
     params: SamplingParams
 
@@ -36,7 +27,8 @@ class NewSequence:
 @dataclass(frozen=True, slots=True)
 class StepBatch:
     """One step of work. `released` are freed first (finished or aborted since the last step), then
-    `new` are prefilled and `running` decode one token each, together where the runner can."""
+    `new` are prefilled and `running` decode one token each, together where the runner can. Every
+    sequence is named by its request's id (`rid`)."""
 
     new: Sequence[NewSequence]
     running: Sequence[int]
@@ -48,19 +40,14 @@ class StepBatch:
 
 
 class RunnerLost(Exception):
-    """Raised by `Runner.step` when the runner can take no further step (its process died). The
-    engine fails every request it holds, reports itself failed and stops."""
+    """Raised by `step` when the runner can take no further step (its process died). The engine
+    fails every request it holds, reports itself failed and stops."""
 
 
 @runtime_checkable
-class Runner(Protocol):
-    """A model behind the engine loop. Every method but `tokenizer` runs on the engine thread."""
-
-    @property
-    def model_name(self) -> str: ...
-
-    @property
-    def tokenizer(self) -> Tokenizer: ...
+class ModelRunner(Protocol):
+    """A model that advances batches. Every method runs on the engine thread (or in the model
+    process, behind a ProcessRunner)."""
 
     @property
     def context_window(self) -> int:
@@ -68,10 +55,40 @@ class Runner(Protocol):
         ...
 
     def step(self, batch: StepBatch) -> dict[int, int]:
-        """Advance the batch one token. Returns seq_id -> the token sampled for it. A sequence still
+        """Advance the batch one token. Returns rid -> the token sampled for it. A sequence still
         prefilling in chunks may be missing; every other sequence in the batch must be present."""
         ...
 
     def close(self) -> None:
-        """Free the model's memory. Called once, on the engine thread, when the worker stops."""
+        """Free the model's memory. Called once, when the worker stops."""
         ...
+
+
+@runtime_checkable
+class Runner(ModelRunner, Protocol):
+    """What the engine drives. `tokenizer` is used off the engine thread too (tokenizing)."""
+
+    @property
+    def model_name(self) -> str: ...
+
+    @property
+    def tokenizer(self) -> Tokenizer: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizedRunner:
+    """A ModelRunner in this process, with the tokenizer and name the server loaded for it."""
+
+    model: ModelRunner
+    tokenizer: Tokenizer
+    model_name: str
+
+    @property
+    def context_window(self) -> int:
+        return self.model.context_window
+
+    def step(self, batch: StepBatch) -> dict[int, int]:
+        return self.model.step(batch)
+
+    def close(self) -> None:
+        self.model.close()

@@ -16,6 +16,9 @@ class RequestState(enum.Enum):
 
 @dataclass(eq=False, slots=True)
 class Request:
+    """`rid` is the request's one id, from admission to the runner's rows. The engine's
+    Sequence extends this record; the scheduler reads and sets only the fields here."""
+
     rid: int
     arrival: float
     user: str = ""
@@ -26,11 +29,3 @@ class Request:
     started_at: float | None = None
     finish_reason: FinishReason | None = None
     abort_requested: bool = False  # running, to leave at the next step
-
-    @property
-    def is_finished(self) -> bool:
-        return self.state is RequestState.FINISHED
-
-    @property
-    def queue_wait(self) -> float | None:
-        return None if self.started_at is None else self.started_at - self.arrival

@@ -13,28 +13,32 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Generic
 
 from chatqueue.errors import QueueFull, ShuttingDown, UserQueueFull
 from chatqueue.scheduler.drain import DrainRate
-from chatqueue.scheduler.request import Request, RequestState
-from chatqueue.scheduler.waiting import WaitingQueue
+from chatqueue.scheduler.request import RequestState
+from chatqueue.scheduler.waiting import R, WaitingQueue
 from chatqueue.types import FinishReason
 
 
 @dataclass(slots=True)
-class SchedulePlan:
-    admitted: list[Request] = field(default_factory=list)  # WAITING -> RUNNING now: prefill
-    running: list[Request] = field(default_factory=list)  # were running already: decode
-    released: list[Request] = field(default_factory=list)  # left RUNNING since last step
-    aborted: list[Request] = field(default_factory=list)  # released by abort: not yet told
-    expired: list[Request] = field(default_factory=list)  # left the queue at their deadline
+class SchedulePlan(Generic[R]):
+    admitted: list[R] = field(default_factory=list)  # WAITING -> RUNNING now: prefill
+    running: list[R] = field(default_factory=list)  # were running already: decode
+    released: list[R] = field(default_factory=list)  # left RUNNING since last step
+    aborted: list[R] = field(default_factory=list)  # released by abort: not yet told
+    expired: list[R] = field(default_factory=list)  # left the queue at their deadline
 
     @property
-    def batch(self) -> list[Request]:
+    def batch(self) -> list[R]:
         return self.admitted + self.running
 
 
-class Scheduler:
+class Scheduler(Generic[R]):
+    """Holds requests of type R (a Request or a subclass: the engine's Sequence), so what it
+    hands back in a plan is the caller's own object."""
+
     def __init__(
         self,
         *,
@@ -51,9 +55,9 @@ class Scheduler:
         self.max_queue_per_user = max_queue_per_user
         self.retry_after_fallback_s = retry_after_fallback_s
         self.drain = DrainRate(drain_window_s)
-        self.waiting = WaitingQueue()
-        self._running: dict[int, Request] = {}
-        self._released: list[Request] = []
+        self.waiting: WaitingQueue[R] = WaitingQueue()
+        self._running: dict[int, R] = {}
+        self._released: list[R] = []
         self._num_aborting = 0
         self._is_closed = False
 
@@ -88,10 +92,15 @@ class Scheduler:
         deadlines = [r.deadline for r in self.waiting.in_order() if r.deadline is not None]
         return min(deadlines, default=None)
 
+    @property
+    def running(self) -> list[R]:
+        return list(self._running.values())
+
     # -- admission ------------------------------------------------------------------------
-    def add(self, req: Request, now: float) -> None:
-        """Admit `req` to the waiting queue, or raise the one error that says why not."""
-        assert req.state is RequestState.WAITING
+    def check_room(self, now: float) -> None:
+        """Raise the error that says why a new request would be refused now, if one would be
+        (closed, or full). Callers check early, before paying for tokenization; `add` checks
+        again."""
         if self._is_closed:
             raise ShuttingDown("The server is shutting down and takes no new requests.")
         if self.is_full:
@@ -100,6 +109,11 @@ class Scheduler:
                 f"{self.max_queue_size} waiting). Retry later.",
                 retry_after_s=self.retry_after(now),
             )
+
+    def add(self, req: R, now: float) -> None:
+        """Admit `req` to the waiting queue, or raise the one error that says why not."""
+        assert req.state is RequestState.WAITING
+        self.check_room(now)
         cap = req.max_queue_per_user or self.max_queue_per_user
         if cap is not None and req.user and self.waiting.count_for(req.user) >= cap:
             raise UserQueueFull(
@@ -115,7 +129,7 @@ class Scheduler:
         self._is_closed = True
 
     # -- leaving --------------------------------------------------------------------------
-    def abort(self, req: Request) -> bool:
+    def abort(self, req: R) -> bool:
         """Abort in either state. True if it left the queue now (the caller tells its client);
         a running request leaves at the next step and comes back in `SchedulePlan.aborted`."""
         if req.state is RequestState.WAITING:
@@ -127,7 +141,7 @@ class Scheduler:
             self._num_aborting += 1
         return False
 
-    def finish(self, req: Request, reason: FinishReason, now: float) -> None:
+    def finish(self, req: R, reason: FinishReason, now: float) -> None:
         """The engine saw this running request end (stop, length, error): free its slot."""
         assert req.state is RequestState.RUNNING, f"request {req.rid} is {req.state}"
         if req.abort_requested:
@@ -138,7 +152,7 @@ class Scheduler:
         if reason is not FinishReason.ERROR:
             self.drain.record(now)
 
-    def expire_all_waiting(self, reason: FinishReason) -> list[Request]:
+    def expire_all_waiting(self, reason: FinishReason) -> list[R]:
         """Empty the queue (shutdown, a hung runner). The caller tells each client why."""
         gone = list(self.waiting.in_order())
         for req in gone:
@@ -147,8 +161,8 @@ class Scheduler:
         return gone
 
     # -- the step -------------------------------------------------------------------------
-    def schedule(self, now: float) -> SchedulePlan:
-        plan = SchedulePlan(expired=self._expire(now))
+    def schedule(self, now: float) -> SchedulePlan[R]:
+        plan: SchedulePlan[R] = SchedulePlan(expired=self._expire(now))
         plan.aborted = self._release_aborted(now)
         plan.released, self._released = self._released, []
         plan.running = list(self._running.values())
@@ -162,7 +176,7 @@ class Scheduler:
             self.drain.mark_idle()
         return plan
 
-    def _expire(self, now: float) -> list[Request]:
+    def _expire(self, now: float) -> list[R]:
         expired = [
             r for r in self.waiting.in_order() if r.deadline is not None and r.deadline <= now
         ]
@@ -171,19 +185,19 @@ class Scheduler:
             self._finish(req, FinishReason.ERROR)
         return expired
 
-    def _release_aborted(self, now: float) -> list[Request]:
+    def _release_aborted(self, now: float) -> list[R]:
         aborted = [r for r in self._running.values() if r.abort_requested]
         for req in aborted:
             self.finish(req, FinishReason.ABORT, now)
         return aborted
 
     @staticmethod
-    def _finish(req: Request, reason: FinishReason) -> None:
+    def _finish(req: R, reason: FinishReason) -> None:
         req.state = RequestState.FINISHED
         req.finish_reason = reason
 
     # -- where the waiting stand ----------------------------------------------------------
-    def positions(self) -> list[tuple[Request, int]]:
+    def positions(self) -> list[tuple[R, int]]:
         """Waiting requests with their 1-based place in admission order."""
         return [(req, i) for i, req in enumerate(self.waiting.in_order(), start=1)]
 

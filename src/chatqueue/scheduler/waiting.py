@@ -4,23 +4,26 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Iterator
+from typing import Generic, TypeVar
 
 from chatqueue.scheduler.request import Request
 
+R = TypeVar("R", bound=Request)
 
-class _Level:
+
+class _Level(Generic[R]):
     """One priority level: a rotation of users, each with a FIFO of requests."""
 
     def __init__(self) -> None:
-        self.users: OrderedDict[str, deque[Request]] = OrderedDict()
+        self.users: OrderedDict[str, deque[R]] = OrderedDict()
 
     def __len__(self) -> int:
         return sum(len(q) for q in self.users.values())
 
-    def push(self, req: Request) -> None:
+    def push(self, req: R) -> None:
         self.users.setdefault(req.user, deque()).append(req)
 
-    def pop(self) -> Request:
+    def pop(self) -> R:
         user, q = next(iter(self.users.items()))
         req = q.popleft()
         if q:
@@ -29,13 +32,13 @@ class _Level:
             del self.users[user]
         return req
 
-    def remove(self, req: Request) -> None:
+    def remove(self, req: R) -> None:
         q = self.users[req.user]
         q.remove(req)
         if not q:
             del self.users[req.user]
 
-    def in_order(self) -> Iterator[Request]:
+    def in_order(self) -> Iterator[R]:
         """The order `pop` would hand requests out in: round k takes each user's k-th request."""
         queues = list(self.users.values())
         depth = max((len(q) for q in queues), default=0)
@@ -45,9 +48,9 @@ class _Level:
                     yield q[k]
 
 
-class WaitingQueue:
+class WaitingQueue(Generic[R]):
     def __init__(self) -> None:
-        self._levels: dict[int, _Level] = {}
+        self._levels: dict[int, _Level[R]] = {}
         self._count = 0
         self._per_user: dict[str, int] = {}
 
@@ -57,12 +60,12 @@ class WaitingQueue:
     def count_for(self, user: str) -> int:
         return self._per_user.get(user, 0)
 
-    def push(self, req: Request) -> None:
-        self._levels.setdefault(req.priority, _Level()).push(req)
+    def push(self, req: R) -> None:
+        self._levels.setdefault(req.priority, _Level[R]()).push(req)
         self._count += 1
         self._per_user[req.user] = self._per_user.get(req.user, 0) + 1
 
-    def pop(self) -> Request:
+    def pop(self) -> R:
         level_key = max(self._levels)
         level = self._levels[level_key]
         req = level.pop()
@@ -71,18 +74,18 @@ class WaitingQueue:
         self._forget(req)
         return req
 
-    def remove(self, req: Request) -> None:
+    def remove(self, req: R) -> None:
         level = self._levels[req.priority]
         level.remove(req)
         if not level.users:
             del self._levels[req.priority]
         self._forget(req)
 
-    def in_order(self) -> Iterator[Request]:
+    def in_order(self) -> Iterator[R]:
         for key in sorted(self._levels, reverse=True):
             yield from self._levels[key].in_order()
 
-    def _forget(self, req: Request) -> None:
+    def _forget(self, req: R) -> None:
         self._count -= 1
         left = self._per_user[req.user] - 1
         if left:

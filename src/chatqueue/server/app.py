@@ -8,35 +8,24 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
-from chatqueue.chat_queue import ChatQueue
+from chatqueue import api
+from chatqueue.api.build import chat_queue_for
 from chatqueue.config import Settings
-from chatqueue.runners import runner_for
 from chatqueue.server import chat_routes, openai_routes, ops
 from chatqueue.server.auth import Keyring
+from chatqueue.server.embedding import ChatQueue
 from chatqueue.server.errors import install_error_handlers
 from chatqueue.server.limits import BodySizeLimit
 from chatqueue.server.pacing import ArrivalPacer
 
 
-def chat_queue_for(settings: Settings) -> ChatQueue:
-    return ChatQueue(
-        runner_for(settings),
-        max_concurrent=settings.max_concurrent,
-        max_queue_size=settings.max_queue,
-        max_queue_per_user=settings.max_queue_per_user,
-        queue_timeout_s=settings.queue_timeout,
-        step_timeout_s=settings.step_timeout,
-        max_tokens_cap=settings.max_tokens_cap,
-        max_prompt_tokens=settings.max_prompt_tokens,
-        max_unread_tokens=settings.max_unread_tokens,
-    )
-
-
-def create_app(settings: Settings | None = None, *, chat_queue: ChatQueue | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, chat_queue: api.ChatQueue | None = None
+) -> FastAPI:
     """Raises KeyFileError (before anything starts) when the --api-keys file is bad."""
     settings = settings or Settings()
     keyring = Keyring.from_settings(settings)
-    cq = chat_queue or chat_queue_for(settings)
+    cq = chat_queue or chat_queue_for(settings, ChatQueue)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -16,9 +16,11 @@ import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
 from starlette.middleware.sessions import SessionMiddleware
 
-from chatqueue.chat_queue import ChatQueue
+from chatqueue.api import ChatQueue
+from chatqueue.chat import ChatService, Reply
 from chatqueue.config import Settings
 from chatqueue.errors import InvalidRequest, NotFound
+from chatqueue.history import ChatParams, Feedback, HistoryStore, Turn, open_store
 from chatqueue.server import sse
 from chatqueue.server.auth import identity
 from chatqueue.server.chat_schemas import MAX_TOP_K, ChatIn, ConversationIn, FeedbackIn, ParamsIn
@@ -30,8 +32,6 @@ from chatqueue.server.chat_session import (
     session_secret,
 )
 from chatqueue.server.chat_stream import chat_events
-from chatqueue.sessions import ChatParams, Feedback, HistoryStore, Turn, open_store
-from chatqueue.sessions.conversation import ChatService, Reply
 from chatqueue.types import ChatMessage
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ async def put_params(body: ParamsIn, request: Request) -> dict[str, Any]:
     session = chat_session(request)
     service = _service(request)
     params = body.merged(await _params(service, session.session_id))
-    most = _max_tokens_limit(service)
+    most = service.chat_queue.token_budget.most_chat_reply_tokens
     if params.max_tokens is not None and params.max_tokens > most:
         raise InvalidRequest(
             f"max_tokens: at most {most} here (half the model's context, or the server's cap).",
@@ -145,23 +145,17 @@ async def put_params(body: ParamsIn, request: Request) -> dict[str, Any]:
     return _params_out(service, params)
 
 
-def _max_tokens_limit(service: ChatService) -> int:
-    """Half the context (the other half is for the history), within the server's cap."""
-    cq = service.chat_queue
-    most = max(cq.context_window // 2, 1)
-    return min(most, cq.max_tokens_cap) if cq.max_tokens_cap is not None else most
-
-
 def _params_out(service: ChatService, params: ChatParams) -> dict[str, Any]:
+    budget = service.chat_queue.token_budget
     limits = {
         "temperature": [0, 2],
         "top_p": [0, 1],
         "top_k": [0, MAX_TOP_K],
-        "max_tokens": [1, _max_tokens_limit(service)],
+        "max_tokens": [1, budget.most_chat_reply_tokens],
     }
     return {
         "params": dataclasses.asdict(params),
-        "default_max_tokens": service.reply_room(ChatParams()),
+        "default_max_tokens": budget.chat_reply_tokens(None),
         "limits": limits,
     }
 

@@ -6,7 +6,7 @@ import dataclasses
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from chatqueue.sessions.types import ChatParams
+from chatqueue.history.types import ChatParams
 
 MAX_MESSAGE_CHARS = 32_000
 MAX_TOP_K = 1000

@@ -1,25 +1,21 @@
 """The chat event stream (SSE): `queued`, `token`, `done`, `error`. What the web page reads, and
-what `ChatQueue.handle_chat_stream_request` returns to an embedding app."""
+what an embedding app's route returns (`handle_chat_stream_request`, the ChatStream way)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import ValidationError
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
-from chatqueue.engine.stream import RequestStream
+from chatqueue.api import ChatQueue, RequestStream
 from chatqueue.errors import ChatQueueError, InvalidRequest
 from chatqueue.server import sse
-from chatqueue.server.errors import error_body, error_response
+from chatqueue.server.errors import error_of, error_response, usage_json
 from chatqueue.server.schemas import ChatStreamRequest
 from chatqueue.types import Finished, FinishReason, Queued, Token
-
-if TYPE_CHECKING:
-    from chatqueue.chat_queue import ChatQueue
 
 
 async def chat_events(
@@ -40,37 +36,29 @@ async def chat_events(
                 yield sse.event("token", {"text": ev.text})
             elif isinstance(ev, Finished):
                 extra = on_done(ev) if on_done is not None else {}
-                if ev.reason is FinishReason.ERROR:
-                    err = ev.error if isinstance(ev.error, ChatQueueError) else None
-                    yield sse.event(
-                        "error",
-                        {
-                            "type": err.error_type if err else "server_error",
-                            "message": err.message if err else "The generation failed.",
-                        },
-                    )
+                err = error_of(ev) if ev.reason is FinishReason.ERROR else None
+                if err is not None:
+                    yield sse.event("error", {"type": err.kind, "message": err.message})
                 else:
-                    usage = {
-                        "prompt_tokens": ev.usage.prompt_tokens,
-                        "completion_tokens": ev.usage.completion_tokens,
-                    }
+                    usage = usage_json(ev.usage)
                     yield sse.event(
                         "done", {"finish_reason": ev.reason.value, "usage": usage, **extra}
                     )
 
 
-async def chat_stream_response(cq: ChatQueue, request: Request) -> Response:
+async def handle_chat_stream_request(chat_queue: ChatQueue, request: Request) -> Response:
+    """Turn a Starlette request (JSON: messages + sampling fields) into an SSE response of chat
+    events: queued, token, done, error. Errors before the stream opens are JSON responses."""
     try:
-        raw = await request.body()
         try:
-            body = ChatStreamRequest.model_validate_json(raw)
+            body = ChatStreamRequest.model_validate_json(await request.body())
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(x) for x in first.get("loc", ()))
             raise InvalidRequest(f"{where}: {first.get('msg')}" if where else first["msg"]) from exc
-        stream = await cq.submit(body.chat_messages(), body.sampling_params(), user=body.user or "")
+        stream = await chat_queue.submit(
+            body.chat_messages(), body.sampling_params(), user=body.user or ""
+        )
     except ChatQueueError as exc:
         return error_response(exc)
-    except json.JSONDecodeError:
-        return JSONResponse(error_body("Invalid JSON.", "invalid_request_error"), status_code=400)
     return sse.EventStreamResponse(chat_events(stream), stream=stream)

@@ -1,4 +1,5 @@
-"""One error shape everywhere (OpenAI's): {"error": {"message", "type", "param", "code"}}."""
+"""Domain errors -> HTTP, in one table, and one error shape everywhere (OpenAI's):
+{"error": {"message", "type", "param", "code"}}."""
 
 from __future__ import annotations
 
@@ -10,21 +11,76 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from chatqueue.errors import ChatQueueError
+from chatqueue.errors import (
+    Aborted,
+    ChatQueueError,
+    ClientGone,
+    EngineError,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    QueueFull,
+    ServiceUnavailable,
+    Unauthorized,
+)
+from chatqueue.types import Finished, FinishReason, Usage
 
 log = logging.getLogger(__name__)
+
+# The one table: each kind of error (and its subclasses, unless listed themselves) -> a status.
+STATUS: dict[type[ChatQueueError], int] = {
+    InvalidRequest: 400,  # PromptTooLong too
+    Unauthorized: 401,
+    NotFound: 404,
+    PayloadTooLarge: 413,
+    QueueFull: 429,  # UserQueueFull too
+    ClientGone: 499,  # nginx's "client closed request": nobody reads it, the access log does
+    EngineError: 500,
+    Aborted: 500,
+    ServiceUnavailable: 503,  # NotReady, ShuttingDown, QueueTimeout too
+    ChatQueueError: 500,
+}
+
+
+def status_of(exc: ChatQueueError) -> int:
+    return next(STATUS[cls] for cls in type(exc).__mro__ if cls in STATUS)
+
+
+def headers_of(exc: ChatQueueError) -> dict[str, str]:
+    headers = {}
+    if exc.retry_after_s is not None:
+        headers["Retry-After"] = str(exc.retry_after_s)
+    if isinstance(exc, Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"
+    return headers
 
 
 def error_body(message: str, error_type: str, param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": error_type, "param": param, "code": error_type}}
 
 
+def error_json(exc: ChatQueueError) -> dict[str, Any]:
+    return error_body(exc.message, exc.kind, exc.param)
+
+
 def error_response(exc: ChatQueueError) -> JSONResponse:
-    return JSONResponse(
-        error_body(exc.message, exc.error_type, exc.param),
-        status_code=exc.status_code,
-        headers=exc.headers,
-    )
+    return JSONResponse(error_json(exc), status_code=status_of(exc), headers=headers_of(exc))
+
+
+def error_of(finished: Finished) -> ChatQueueError | None:
+    """Why a request ended without its answer (ERROR, or ABORT by the server or a lagging
+    reader), or None if it ended well."""
+    if finished.reason is FinishReason.ERROR or finished.reason is FinishReason.ABORT:
+        return finished.error or Aborted()
+    return None
+
+
+def usage_json(usage: Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:

@@ -10,15 +10,14 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from chatqueue.chat_queue import ChatQueue
-from chatqueue.engine.stream import RequestStream
-from chatqueue.errors import ChatQueueError, InvalidRequest
+from chatqueue.api import ChatQueue, RequestStream
+from chatqueue.errors import InvalidRequest
 from chatqueue.server import sse
 from chatqueue.server.auth import Caller, identity
-from chatqueue.server.errors import error_body
+from chatqueue.server.errors import error_json, error_of, usage_json
 from chatqueue.server.limits import check_num_messages
 from chatqueue.server.schemas import ChatCompletionRequest
-from chatqueue.types import Finished, FinishReason, Queued, Started, Token, Usage
+from chatqueue.types import Finished, Queued, Started, Token, Usage
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(identity)])
 
@@ -64,8 +63,9 @@ async def chat_completions(
         )
     async with stream:
         finished = await sse.unless_disconnected(request, stream.collect())
-    if finished.reason is FinishReason.ERROR or finished.reason is FinishReason.ABORT:
-        raise _error_of(finished)
+    error = error_of(finished)
+    if error is not None:
+        raise error
     return JSONResponse(chunks.completion(finished))
 
 
@@ -83,20 +83,14 @@ async def _stream(
                 case Token(text):
                     yield chunks.content_line(text)
                 case Finished(reason=reason, usage=usage):
-                    if reason is FinishReason.ERROR or reason is FinishReason.ABORT:
-                        err = _error_of(event)
-                        yield sse.data(error_body(err.message, err.error_type))
+                    error = error_of(event)
+                    if error is not None:
+                        yield sse.data(error_json(error))
                     else:
                         yield sse.data(chunks.chunk({}, finish_reason=reason.value))
                         if include_usage:
                             yield sse.data(chunks.usage_chunk(usage))
                     yield "data: [DONE]\n\n"
-
-
-def _error_of(finished: Finished) -> ChatQueueError:
-    if isinstance(finished.error, ChatQueueError):
-        return finished.error
-    return ChatQueueError("The request was aborted before it finished.")
 
 
 class _Chunks:
@@ -122,7 +116,7 @@ class _Chunks:
         return self._content_head + json.dumps(text, ensure_ascii=False) + self._content_tail
 
     def usage_chunk(self, usage: Usage) -> dict[str, Any]:
-        return {**self._head("chat.completion.chunk"), "choices": [], "usage": _usage(usage)}
+        return {**self._head("chat.completion.chunk"), "choices": [], "usage": usage_json(usage)}
 
     def completion(self, finished: Finished) -> dict[str, Any]:
         message = {"role": "assistant", "content": finished.text}
@@ -135,13 +129,5 @@ class _Chunks:
         return {
             **self._head("chat.completion"),
             "choices": [choice],
-            "usage": _usage(finished.usage),
+            "usage": usage_json(finished.usage),
         }
-
-
-def _usage(usage: Usage) -> dict[str, int]:
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-    }

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 from typing import Any
 
@@ -11,7 +10,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from chatqueue.chat_queue import ChatQueue
+from chatqueue.api import ChatQueue
 from chatqueue.server.auth import admin, keyring
 
 router = APIRouter(tags=["operations"])
@@ -34,7 +33,7 @@ async def health(request: Request) -> JSONResponse:
 
 @router.get("/load", dependencies=[Depends(admin)])
 async def load(request: Request) -> dict[str, Any]:
-    figures = dataclasses.asdict(_cq(request).load())
+    figures = _cq(request).load().as_json()
     if keyring(request).has_admin_key:  # only the operator sees the process's insides
         figures["debug"] = {"tasks": len(asyncio.all_tasks()), "open_fds": _num_open_fds()}
     return figures

@@ -16,7 +16,7 @@ from types import FrameType
 
 import uvicorn
 
-from chatqueue.chat_queue import ChatQueue
+from chatqueue.api import ChatQueue
 from chatqueue.config import Settings
 from chatqueue.server.app import create_app
 

@@ -11,8 +11,8 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from chatqueue.engine.stream import RequestStream
-from chatqueue.errors import ChatQueueError
+from chatqueue.api import RequestStream
+from chatqueue.errors import ClientGone
 
 T = TypeVar("T")
 
@@ -53,17 +53,6 @@ class EventStreamResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self._stream.aclose()
-
-
-class ClientGone(ChatQueueError):
-    """The client disconnected before the answer was ready: a finish reason, not a server error.
-    Nobody reads the response; 499 is what the access log shows (nginx's "client closed")."""
-
-    status_code = 499
-    error_type = "client_closed_request"
-
-    def __init__(self) -> None:
-        super().__init__("The client closed the connection before the answer was ready.")
 
 
 async def until_disconnect(request: Request) -> None:

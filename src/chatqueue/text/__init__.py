@@ -1,1 +1,1 @@
-"""Text on the way out: incremental detokenization and stop strings."""
+"""Text in and out: the Tokenizer protocol, incremental detokenization and stop strings."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from chatqueue.engine.runner import Tokenizer
+from chatqueue.text.tokenizer import Tokenizer
 
 _REPLACEMENT = "\ufffd"
 

@@ -51,7 +51,7 @@ class Forward:
         sampling = SamplingBatch.create(requests, vocab_size=logits.shape[-1], device=self.device)
         tokens = sampling.sample(logits)
         batch = KVBatch.create(
-            seq_ids=[s.seq_id for s in sequences],
+            rids=[s.rid for s in sequences],
             cache=cache,
             attention_mask=attention_mask,
             lengths=lengths,

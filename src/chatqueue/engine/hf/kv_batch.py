@@ -27,7 +27,7 @@ class UnsupportedCache(RuntimeError):
 
 @dataclass(slots=True)
 class KVBatch:
-    seq_ids: list[int]
+    rids: list[int]
     cache: DynamicCache  # GrowingLayers where rows join and leave (see `make_growing`)
     mask_buffer: torch.Tensor  # [B, capacity] long; the first `width` columns are the mask
     width: int  # columns in use: the longest row's history
@@ -40,7 +40,7 @@ class KVBatch:
     def create(
         cls,
         *,
-        seq_ids: list[int],
+        rids: list[int],
         cache: DynamicCache,
         attention_mask: torch.Tensor,
         lengths: list[int],
@@ -48,7 +48,7 @@ class KVBatch:
         sampling: SamplingBatch,
     ) -> KVBatch:
         return cls(
-            seq_ids=seq_ids,
+            rids=rids,
             cache=cache,
             mask_buffer=_with_room(attention_mask, dim=1),
             width=int(attention_mask.shape[1]),
@@ -59,7 +59,7 @@ class KVBatch:
         )
 
     def __len__(self) -> int:
-        return len(self.seq_ids)
+        return len(self.rids)
 
     @property
     def attention_mask(self) -> torch.Tensor:
@@ -93,7 +93,7 @@ class KVBatch:
             )
         mask = self.attention_mask[:, start:].index_select(0, index)
         return KVBatch(
-            seq_ids=[self.seq_ids[r] for r in rows],
+            rids=[self.rids[r] for r in rows],
             cache=self.cache,
             mask_buffer=_with_room(mask, dim=1),
             width=int(mask.shape[1]),
@@ -116,7 +116,7 @@ class KVBatch:
                 width,
             )
         return KVBatch(
-            seq_ids=self.seq_ids + other.seq_ids,
+            rids=self.rids + other.rids,
             cache=self.cache,
             mask_buffer=_stack_right_aligned(
                 self.attention_mask, other.attention_mask, width=width, dim=1

@@ -1,4 +1,6 @@
-"""Build a transformers runner from local files only: the default GGUF model, or any HF model folder."""
+"""Build a transformers ModelRunner from local files only: the default GGUF model (converted once into
+the cache), or any HF model folder. The tokenizer is not loaded here: the server loads its own
+(`text/hf_tokenizer.py`), and the model may live in another process."""
 
 from __future__ import annotations
 
@@ -10,68 +12,53 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    GenerationConfig,
-    PreTrainedModel,
-)
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from chatqueue.config import Settings
 from chatqueue.engine.hf.gguf_cache import (
     DEFAULT_MODEL_NAME,
     ModelNotFound,
     default_model_folder,
 )
 from chatqueue.engine.hf.runner import HFBatchedRunner, HFSequentialRunner
-from chatqueue.engine.hf.static_runner import StaticCacheRunner, UnsupportedModel, check_supported
-from chatqueue.engine.hf.tokenizer import HFTokenizer
-from chatqueue.engine.runner import Runner
+from chatqueue.engine.hf.static import StaticCacheRunner, UnsupportedModel, check_supported
+from chatqueue.engine.runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
 
-def load_hf_runner(
-    *,
-    model: str | None = None,
-    device: str = "auto",
-    dtype: str = "auto",
-    batching: bool = True,
-    chat_template: str | None = None,
-    cache_dir: Path | None = None,
-    kv_cache: str = "auto",
-    max_batch: int = 8,
-    max_model_len: int | None = None,
-    prefill_chunk: int = 512,
-    attention: str = "auto",
-) -> Runner:
-    """A runner for `model` (a local HF model folder; None: the default SmolLM2 GGUF, converted once
-    into `cache_dir`). `chat_template` is a file holding a Jinja template, for models without one.
+def model_folder(model: str | None, cache_dir: Path | None = None) -> tuple[Path, str]:
+    """The local folder of `model` (None: the default SmolLM2 GGUF, converted once into
+    `cache_dir`) and the name it is served under by default."""
+    if model is None:
+        return default_model_folder(cache_dir), DEFAULT_MODEL_NAME
+    folder = Path(model).expanduser()
+    if not (folder / "config.json").is_file():
+        raise ModelNotFound(f"{model} is not a local Hugging Face model folder (no config.json)")
+    return folder, folder.name
+
+
+def load_model_runner(settings: Settings, folder: Path) -> ModelRunner:
+    """The runner Settings ask for, over the model in `folder`.
 
     `kv_cache`: "static" (slots of a fixed-size cache, decode captured as CUDA graphs on a GPU,
     chunked prefill; Llama-family models), "dynamic" (any model), or "auto": static on CUDA where
     the model allows it, else dynamic. `attention` (static cache): "triton" reads only the
     columns each row holds (CUDA), "sdpa" all of them under a mask, "auto" Triton where it runs."""
-    folder = default_model_folder(cache_dir) if model is None else _local_folder(model)
-    name = DEFAULT_MODEL_NAME if model is None else folder.name
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
-    template = Path(chat_template).read_text(encoding="utf-8") if chat_template else None
-    tokenizer = load_tokenizer(folder, model_name=name, chat_template=template)
-    hf_model = load_model(folder, device=torch_device, dtype=torch_dtype)
-    log.info("loaded %s on %s as %s (batching %s)", name, torch_device, torch_dtype, batching)
-    if batching and _wants_static(kv_cache, hf_model, torch_device):
-        max_len = min(max_model_len or 4096, _context_window(hf_model))
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    batching = settings.batching == "on"
+    model = load_model(folder, device=device, dtype=dtype)
+    log.info("loaded %s on %s as %s (batching %s)", folder.name, device, dtype, settings.batching)
+    if batching and _wants_static(settings.kv_cache, model, device):
         return StaticCacheRunner(
-            model=hf_model,
-            tokenizer=tokenizer,
-            model_name=name,
-            max_batch=max_batch,
-            max_len=max_len,
-            prefill_chunk=prefill_chunk,
-            attention=attention,
+            model=model,
+            max_batch=settings.max_concurrent,
+            max_len=min(settings.max_model_len or 4096, _context_window(model)),
+            prefill_chunk=settings.prefill_chunk,
+            attention=settings.attention,
         )
-    runner_class = HFBatchedRunner if batching else HFSequentialRunner
-    return runner_class(model=hf_model, tokenizer=tokenizer, model_name=name)
+    return HFBatchedRunner(model) if batching else HFSequentialRunner(model)
 
 
 def _wants_static(kv_cache: str, model: PreTrainedModel, device: torch.device) -> bool:
@@ -100,16 +87,6 @@ def load_model(folder: Path, *, device: torch.device, dtype: torch.dtype) -> Pre
     return model
 
 
-def load_tokenizer(folder: Path, *, model_name: str, chat_template: str | None) -> HFTokenizer:
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    return HFTokenizer(
-        tokenizer,
-        model_name=model_name,
-        eos_token_ids=_generation_eos_ids(folder),
-        chat_template=chat_template,
-    )
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -128,23 +105,3 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in dtypes:
         raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {name!r}")
     return dtypes[name]
-
-
-def _local_folder(model: str) -> Path:
-    folder = Path(model).expanduser()
-    if not (folder / "config.json").is_file():
-        raise ModelNotFound(f"{model} is not a local Hugging Face model folder (no config.json)")
-    return folder
-
-
-def _generation_eos_ids(folder: Path) -> set[int]:
-    """EOS ids from generation_config.json, which may hold one id or a list (chat models often end
-    turns with a token other than the tokenizer's eos)."""
-    try:
-        config = GenerationConfig.from_pretrained(folder, local_files_only=True)
-    except OSError:
-        return set()
-    eos = config.eos_token_id
-    if eos is None:
-        return set()
-    return {int(eos)} if isinstance(eos, int) else {int(i) for i in eos}

@@ -17,37 +17,22 @@ from transformers import PreTrainedModel
 
 from chatqueue.engine.hf.forward import Forward
 from chatqueue.engine.hf.kv_batch import KVBatch
-from chatqueue.engine.runner import StepBatch, Tokenizer
+from chatqueue.engine.runner import StepBatch
 
 
 class _HFRunner:
+    """A ModelRunner over any transformers causal LM (the dynamic cache)."""
+
     _spliceable: ClassVar[bool]  # rows of one cache join and leave (batched), or never do
 
-    def __init__(
-        self,
-        *,
-        model: PreTrainedModel,
-        tokenizer: Tokenizer,
-        model_name: str,
-        context_window: int | None = None,
-    ) -> None:
+    def __init__(self, model: PreTrainedModel, *, context_window: int | None = None) -> None:
         self._forward = Forward(model, spliceable=self._spliceable)
         self._start()
-        self._tokenizer = tokenizer
-        self._model_name = model_name
         self._context_window = context_window or _context_window_of(model)
 
     def _start(self) -> None:
         """Set up the per-sequence state (the runner is empty)."""
         raise NotImplementedError
-
-    @property
-    def model_name(self) -> str:
-        return self._model_name
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        return self._tokenizer
 
     @property
     def model(self) -> PreTrainedModel:
@@ -76,30 +61,30 @@ class HFBatchedRunner(_HFRunner):
 
     def step(self, batch: StepBatch) -> dict[int, int]:
         self._release(batch.released)
-        held = self._batch.seq_ids if self._batch is not None else []
+        held = self._batch.rids if self._batch is not None else []
         assert sorted(held) == sorted(batch.running), (
             f"running {sorted(batch.running)} != sequences held {sorted(held)}"
         )
-        seq_ids: list[int] = []
+        rids: list[int] = []
         sampled: list[torch.Tensor] = []
         with torch.inference_mode():
             if self._batch is not None:
-                seq_ids += self._batch.seq_ids
+                rids += self._batch.rids
                 sampled.append(self._forward.decode(self._batch))
             if batch.new:
                 joining, tokens = self._forward.prefill(batch.new)
-                seq_ids += joining.seq_ids
+                rids += joining.rids
                 sampled.append(tokens)
                 self._batch = joining if self._batch is None else self._batch.concat(joining)
         if not sampled:
             return {}
-        return dict(zip(seq_ids, torch.cat(sampled).tolist(), strict=True))
+        return dict(zip(rids, torch.cat(sampled).tolist(), strict=True))
 
     def _release(self, released: Sequence[int]) -> None:
         if self._batch is None:
             return
         gone = set(released)
-        keep = [row for row, seq_id in enumerate(self._batch.seq_ids) if seq_id not in gone]
+        keep = [row for row, rid in enumerate(self._batch.rids) if rid not in gone]
         if len(keep) == len(self._batch):
             return
         with torch.inference_mode():
@@ -116,25 +101,25 @@ class HFSequentialRunner(_HFRunner):
         self._sequences = {}
 
     def step(self, batch: StepBatch) -> dict[int, int]:
-        for seq_id in batch.released:
-            self._sequences.pop(seq_id, None)
+        for rid in batch.released:
+            self._sequences.pop(rid, None)
         assert sorted(self._sequences) == sorted(batch.running), (
             f"running {sorted(batch.running)} != sequences held {sorted(self._sequences)}"
         )
-        seq_ids: list[int] = []
+        rids: list[int] = []
         sampled: list[torch.Tensor] = []
         with torch.inference_mode():
-            for seq_id in batch.running:
-                seq_ids.append(seq_id)
-                sampled.append(self._forward.decode(self._sequences[seq_id]))
+            for rid in batch.running:
+                rids.append(rid)
+                sampled.append(self._forward.decode(self._sequences[rid]))
             for new in batch.new:
                 alone, tokens = self._forward.prefill([new])
-                self._sequences[new.seq_id] = alone
-                seq_ids.append(new.seq_id)
+                self._sequences[new.rid] = alone
+                rids.append(new.rid)
                 sampled.append(tokens)
         if not sampled:
             return {}
-        return dict(zip(seq_ids, torch.cat(sampled).tolist(), strict=True))
+        return dict(zip(rids, torch.cat(sampled).tolist(), strict=True))
 
 
 def _context_window_of(model: PreTrainedModel) -> int:

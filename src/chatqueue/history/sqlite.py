@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from chatqueue.sessions.types import (
+from chatqueue.history.types import (
     ChatParams,
     Feedback,
     Turn,

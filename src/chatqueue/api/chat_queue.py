@@ -1,36 +1,30 @@
-"""The embedding API, the ChatStream way: create it, start its worker, hand it requests."""
+"""The embedding API, the ChatStream way: create it, start its worker, hand it requests.
+
+A thin façade: admission is the scheduler's `check_room` and the `TokenBudget`; the engine runs
+the steps off the event loop; each request's events come back on a RequestStream.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import secrets
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
-from chatqueue.engine.loop import Engine, EngineState, Job
+from chatqueue.api.admission import TokenBudget
+from chatqueue.api.monitor import sample_loop_lag, watch_steps
+from chatqueue.api.stream import RequestStream
+from chatqueue.engine.loop import Engine, EngineState
 from chatqueue.engine.runner import Runner
-from chatqueue.engine.sequence import Sequence as GenSequence
-from chatqueue.engine.stream import RequestStream
-from chatqueue.errors import (
-    InvalidRequest,
-    NotReady,
-    PromptTooLong,
-    QueueFull,
-    ServiceUnavailable,
-    ShuttingDown,
-)
-from chatqueue.loop_lag import sample_loop_lag
+from chatqueue.engine.sequence import Sequence as EngineSequence
+from chatqueue.errors import NotReady, QueueFull, ServiceUnavailable, ShuttingDown
 from chatqueue.metrics import Metrics
-from chatqueue.scheduler import Request, Scheduler
+from chatqueue.scheduler import Scheduler
 from chatqueue.types import ChatMessage, Finished, FinishReason, SamplingParams
-
-if TYPE_CHECKING:
-    from starlette.requests import Request as HttpRequest
-    from starlette.responses import Response
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,15 +39,30 @@ class FinishInfo:
 
 @dataclass(frozen=True, slots=True)
 class LoadInfo:
-    processing: int
+    processing: int  # running now
     waiting: int
-    max_processing: int
-    max_waiting: int
+    max_concurrent: int
+    max_queue_size: int
     tokens_per_s: float
     mean_queue_wait_s: float | None
     drain_rate_per_s: float | None
     retry_after_s: int
     state: str
+
+    @property
+    def max_processing(self) -> int:
+        """Deprecated name of `max_concurrent`."""
+        return self.max_concurrent
+
+    @property
+    def max_waiting(self) -> int:
+        """Deprecated name of `max_queue_size`."""
+        return self.max_queue_size
+
+    def as_json(self) -> dict[str, Any]:
+        """/load's body; `max_processing` and `max_waiting` are the deprecated names, kept."""
+        body = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        return {**body, "max_processing": self.max_concurrent, "max_waiting": self.max_queue_size}
 
 
 class ChatQueue:
@@ -85,10 +94,9 @@ class ChatQueue:
         self.max_tokens_cap = max_tokens_cap
         self.max_prompt_tokens = max_prompt_tokens
         self.max_unread_tokens = max_unread_tokens
-        self._watchdog: asyncio.Task[None] | None = None
-        self._lag_sampler: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self.metrics = Metrics(clock=clock)
-        self.scheduler = Scheduler(
+        self.scheduler: Scheduler[EngineSequence] = Scheduler(
             max_concurrent=max_concurrent,
             max_queue_size=max_queue_size,
             max_queue_per_user=max_queue_per_user,
@@ -101,6 +109,7 @@ class ChatQueue:
             on_finished=self._finished,
         )
         self._rids = itertools.count(1)
+        self._id_prefix = secrets.token_hex(6)  # request ids stay unique across restarts
         # NOTE: one thread tokenizes, so the engine thread never does and HF tokenizers are never
         # entered from two threads at once for encoding.
         self._tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="chatqueue-tokenizer")
@@ -109,20 +118,15 @@ class ChatQueue:
     # -- life cycle -----------------------------------------------------------------------
     async def start_queue_worker(self) -> None:
         """Start the engine thread (which loads the model, if given a factory). Returns at once."""
-        if not self._is_started:
-            self._is_started = True
-            self._engine.start(asyncio.get_running_loop())
-            self._lag_sampler = asyncio.create_task(
-                sample_loop_lag(lambda _, lag: self.metrics.loop_lag.observe(lag))
-            )
-            if self.step_timeout_s is not None:
-                self._watchdog = asyncio.create_task(self._watch(self.step_timeout_s))
-
-    async def _watch(self, step_timeout_s: float) -> None:
-        """Fail what is in flight if a step hangs, rather than leave every client hanging."""
-        while True:
-            await asyncio.sleep(min(1.0, step_timeout_s / 4))
-            self._engine.check_hung(self._clock(), step_timeout_s)
+        if self._is_started:
+            return
+        self._is_started = True
+        self._engine.start(asyncio.get_running_loop())
+        lag = sample_loop_lag(lambda _, lag_s: self.metrics.loop_lag.observe(lag_s))
+        self._tasks.append(asyncio.create_task(lag))
+        if self.step_timeout_s is not None:
+            watch = watch_steps(self._engine.check_hung, self._clock, self.step_timeout_s)
+            self._tasks.append(asyncio.create_task(watch))
 
     async def wait_ready(self, timeout_s: float | None = None) -> None:
         """Wait for the model to load; raises NotReady if it failed or `timeout_s` passed."""
@@ -133,9 +137,8 @@ class ChatQueue:
     async def stop(self, timeout_s: float = 30.0) -> None:
         """Stop admitting, let what is in flight finish for up to `timeout_s`, abort the rest."""
         self._engine.close_admission()
-        for task in (self._watchdog, self._lag_sampler):
-            if task is not None:
-                task.cancel()
+        for task in self._tasks:
+            task.cancel()
         if self._is_started:
             is_idle = await asyncio.to_thread(self._engine.wait_idle, timeout_s)
             if not is_idle:
@@ -145,6 +148,7 @@ class ChatQueue:
             await asyncio.to_thread(self._engine.stop, 30.0)
         self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
+    # -- state ----------------------------------------------------------------------------
     @property
     def state(self) -> EngineState:
         return self._engine.state
@@ -163,11 +167,8 @@ class ChatQueue:
         return self._engine.load_error
 
     @property
-    def is_ready(self) -> bool:
-        return self._engine.state is EngineState.READY and not self.scheduler.is_closed
-
-    @property
     def runner(self) -> Runner:
+        """The loaded runner; raises the 503 error that says why there is none yet."""
         if self._engine.state is EngineState.FAILED:
             raise ServiceUnavailable(f"The model is not available: {self._engine.load_error}")
         if self._engine.runner is None or self._engine.state is not EngineState.READY:
@@ -177,6 +178,14 @@ class ChatQueue:
     @property
     def model_name(self) -> str:
         return self.runner.model_name
+
+    @property
+    def context_window(self) -> int:
+        return self.runner.context_window
+
+    @property
+    def token_budget(self) -> TokenBudget:
+        return TokenBudget(self.context_window, self.max_prompt_tokens, self.max_tokens_cap)
 
     # -- requests -------------------------------------------------------------------------
     async def submit(
@@ -190,7 +199,7 @@ class ChatQueue:
         max_queue_per_user: int | None = None,
     ) -> RequestStream:
         """Admit a chat request; returns its event stream (async iterator), or raises the typed
-        error that says why not (QueueFull: 429, ShuttingDown/NotReady: 503, PromptTooLong: 400).
+        error that says why not (QueueFull, ShuttingDown, NotReady, PromptTooLong, ...).
         Close the stream (or leave its `async with`) to abort the request.
 
         `user` and `priority` order the queue (higher priority first, users in turn);
@@ -198,35 +207,35 @@ class ChatQueue:
         replaces the server's cap on this user's waiting requests (an API key's own)."""
         arrival = self._clock()
         params = params or SamplingParams()
-        runner = self._admission_precheck(arrival)
-        prompt_ids = await self.encode(messages)
-        if self.max_prompt_tokens is not None and len(prompt_ids) > self.max_prompt_tokens:
-            raise InvalidRequest(
-                f"The prompt is {len(prompt_ids)} tokens; this server takes at most "
-                f"{self.max_prompt_tokens}.",
-                param="messages",
-            )
-        max_new = self._max_new_tokens(len(prompt_ids), params, runner.context_window)
-        timeouts = [t for t in (self.queue_timeout_s, queue_timeout_s) if t is not None]
-        deadline = arrival + min(timeouts) if timeouts else None
-        stream = RequestStream(
-            f"chatcmpl-{uuid.uuid4().hex[:24]}",
-            on_abandon=lambda: self._engine.abort(job),
-            max_unread_tokens=self.max_unread_tokens,
-        )
-        request = Request(
-            rid=next(self._rids),
-            arrival=arrival,
-            user=user,
-            priority=priority,
-            deadline=deadline,
-            max_queue_per_user=max_queue_per_user,
-        )
-        job = Job(request, GenSequence(prompt_ids, params, max_new, runner.tokenizer), stream)
         try:
-            self._engine.add(job, self._clock())
+            runner = self._admissible_runner(arrival)  # before paying for tokenization
+            prompt_ids = await self.encode(messages)
+            budget = self.token_budget
+            budget.check_prompt(len(prompt_ids))
+            max_new = budget.max_new_tokens(len(prompt_ids), params.max_tokens)
+            rid = next(self._rids)
+            stream = RequestStream(
+                f"chatcmpl-{self._id_prefix}{rid:012x}",
+                on_abandon=lambda: self._engine.abort(seq),
+                max_unread_tokens=self.max_unread_tokens,
+            )
+            timeouts = [t for t in (self.queue_timeout_s, queue_timeout_s) if t is not None]
+            seq = EngineSequence(
+                rid=rid,
+                arrival=arrival,
+                user=user,
+                priority=priority,
+                deadline=arrival + min(timeouts) if timeouts else None,
+                max_queue_per_user=max_queue_per_user,
+                prompt_ids=prompt_ids,
+                params=params,
+                max_new_tokens=max_new,
+                tokenizer=runner.tokenizer,
+                sink=stream,
+            )
+            self._engine.add(seq, self._clock())
         except QueueFull as exc:
-            self.metrics.rejected.labels(exc.error_type).inc()
+            self.metrics.rejected.labels(exc.kind).inc()
             raise
         return stream
 
@@ -238,54 +247,21 @@ class ChatQueue:
             self._tokenizer_pool, tokenizer.apply_chat_template, list(messages)
         )
 
-    @property
-    def context_window(self) -> int:
-        return self.runner.context_window
-
-    def _admission_precheck(self, now: float) -> Runner:
-        """Refuse early what admission would refuse, before paying for tokenization."""
-        if self.scheduler.is_closed:
-            raise ShuttingDown("The server is shutting down and takes no new requests.")
-        if self._engine.is_hung:
-            raise ServiceUnavailable("The model is not responding. Retry later.")
-        runner = self.runner
-        s = self.scheduler
-        if s.is_full:
-            self.metrics.rejected.labels(QueueFull.error_type).inc()
-            raise QueueFull(
-                f"The server is at capacity ({s.max_concurrent} running, {s.max_queue_size} "
-                "waiting). Retry later.",
-                retry_after_s=s.retry_after(now),
-            )
+    def _admissible_runner(self, now: float) -> Runner:
+        """The runner, or the error admission would raise now (shutting down, hung, loading or
+        failed, full: in that order)."""
+        if not self.scheduler.is_closed:
+            if self._engine.is_hung:
+                raise ServiceUnavailable("The model is not responding. Retry later.")
+            runner = self.runner
+        self.scheduler.check_room(now)
         return runner
 
-    def _max_new_tokens(self, num_prompt: int, params: SamplingParams, context_window: int) -> int:
-        cap = self.max_tokens_cap
-        if cap is not None and params.max_tokens is not None and params.max_tokens > cap:
-            raise InvalidRequest(
-                f"max_tokens is {params.max_tokens}; this server allows at most {cap}.",
-                param="max_tokens",
-            )
-        room = context_window - num_prompt
-        wanted = params.max_tokens if params.max_tokens is not None else min(room, cap or room)
-        if wanted < 1 or num_prompt + wanted > context_window:
-            raise PromptTooLong(
-                prompt_tokens=num_prompt, max_tokens=max(wanted, 1), context_window=context_window
-            )
-        return wanted
-
-    def _finished(self, job: Job, finished: Finished) -> None:
+    def _finished(self, seq: EngineSequence, finished: Finished) -> None:
         if self._on_finish is not None:
-            self._on_finish(
-                FinishInfo(job.stream.request_id, job.request.user, finished.reason, finished)
-            )
-
-    async def handle_chat_stream_request(self, request: HttpRequest) -> Response:
-        """Turn a Starlette request (JSON: messages + sampling fields) into an SSE response of
-        chat events: queued, token, done, error."""
-        from chatqueue.server.chat_stream import chat_stream_response
-
-        return await chat_stream_response(self, request)
+            stream = seq.sink
+            assert isinstance(stream, RequestStream)
+            self._on_finish(FinishInfo(stream.request_id, seq.user, finished.reason, finished))
 
     # -- figures --------------------------------------------------------------------------
     def load(self) -> LoadInfo:
@@ -294,14 +270,11 @@ class ChatQueue:
         return LoadInfo(
             processing=s.num_running,
             waiting=s.num_waiting,
-            max_processing=s.max_concurrent,
-            max_waiting=s.max_queue_size,
+            max_concurrent=s.max_concurrent,
+            max_queue_size=s.max_queue_size,
             tokens_per_s=round(self.metrics.tokens_per_s, 2),
             mean_queue_wait_s=self.metrics.mean_queue_wait_s,
             drain_rate_per_s=s.drain.rate(now),
             retry_after_s=s.retry_after(now),
             state=self.health,
         )
-
-
-__all__ = ["ChatQueue", "FinishInfo", "LoadInfo", "ServiceUnavailable"]

@@ -4,21 +4,16 @@ reply (complete or interrupted) when it ends. Used by the chat routes and the co
 from __future__ import annotations
 
 import dataclasses
-import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from chatqueue.chat_queue import ChatQueue
-from chatqueue.engine.stream import RequestStream
+from chatqueue.api import ChatQueue, RequestStream
+from chatqueue.chat.window import fit_history
 from chatqueue.errors import InvalidRequest
-from chatqueue.sessions.store import HistoryStore
-from chatqueue.sessions.types import ChatParams, Turn, new_message_id
-from chatqueue.sessions.window import fit_history
+from chatqueue.history import HistoryStore
+from chatqueue.history.types import ChatParams, Turn, new_message_id
 from chatqueue.types import Finished, FinishReason
 
-log = logging.getLogger(__name__)
-
-DEFAULT_REPLY_TOKENS = 512
 _COMPLETE = (FinishReason.STOP, FinishReason.LENGTH)
 
 
@@ -79,21 +74,10 @@ class ChatService:
         store: HistoryStore,
         *,
         system_prompt: str | None = None,
-        default_reply_tokens: int = DEFAULT_REPLY_TOKENS,
     ) -> None:
         self.chat_queue = chat_queue
         self.store = store
         self.system_prompt = system_prompt
-        self.default_reply_tokens = default_reply_tokens
-
-    def reply_room(self, params: ChatParams) -> int:
-        """The reply's max_tokens, kept free when fitting the history: the session's, else the
-        default, within a quarter of the context and the server's cap."""
-        if params.max_tokens is not None:
-            return params.max_tokens
-        room = min(self.default_reply_tokens, max(self.chat_queue.context_window // 4, 1))
-        cap = self.chat_queue.max_tokens_cap
-        return min(room, cap) if cap is not None else room
 
     async def start(
         self,
@@ -119,8 +103,8 @@ class ChatService:
                 raise InvalidRequest("The message is empty.", param="message")
             new_turn = Turn("user", message)
             prompt_turns, keep = [*history, new_turn], 0
-        room = self.reply_room(params)
         cq = self.chat_queue
+        room = cq.token_budget.chat_reply_tokens(params.max_tokens)
         fitted = await fit_history(
             prompt_turns,
             system=self.system_prompt,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from chatqueue.sessions.types import Turn
+from chatqueue.history.types import Turn
 from chatqueue.types import ChatMessage
 
 Encode = Callable[[Sequence[ChatMessage]], Awaitable[list[int]]]

@@ -33,7 +33,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from chatqueue.engine.hf.sampling import SamplingBatch, SamplingRequest
-from chatqueue.engine.runner import NewSequence, StepBatch, Tokenizer
+from chatqueue.engine.runner import NewSequence, StepBatch
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,6 @@ class StaticCacheRunner:
         self,
         *,
         model: PreTrainedModel,
-        tokenizer: Tokenizer,
-        model_name: str,
         max_batch: int,
         max_len: int,
         prefill_chunk: int = 512,
@@ -82,8 +80,6 @@ class StaticCacheRunner:
         of them under a mask; "auto" is Triton where it can run."""
         check_supported(model, max_len)
         self.model = model
-        self._tokenizer = tokenizer
-        self._model_name = model_name
         self.max_batch = max_batch
         self.max_len = max_len
         self.prefill_chunk = prefill_chunk
@@ -110,7 +106,7 @@ class StaticCacheRunner:
         self._pos = torch.zeros(max_batch, dtype=torch.long, device=dev)
         self._col_t = torch.zeros(1, dtype=torch.long, device=dev)
         self._col = 0  # host mirror of _col_t
-        self._rows: list[int] = []  # seq_id of each packed row
+        self._rows: list[int] = []  # rid of each packed row
         self._starts: list[int] = []  # host mirror of _start for the packed rows
         self._sampling: SamplingBatch | None = None
         self._prefills: deque[_Prefill] = deque()
@@ -132,15 +128,7 @@ class StaticCacheRunner:
         if graphs:
             self._capture_graphs()
 
-    # -- the Runner contract --------------------------------------------------------------
-    @property
-    def model_name(self) -> str:
-        return self._model_name
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        return self._tokenizer
-
+    # -- the ModelRunner contract ---------------------------------------------------------
     @property
     def context_window(self) -> int:
         return self.max_len
@@ -148,7 +136,7 @@ class StaticCacheRunner:
     def step(self, batch: StepBatch) -> dict[int, int]:
         with torch.inference_mode():
             self._release(batch.released)
-            held = set(self._rows) | {p.new.seq_id for p in self._prefills}
+            held = set(self._rows) | {p.new.rid for p in self._prefills}
             assert held == set(batch.running), f"running {batch.running} != held {sorted(held)}"
             assert len(held) + len(batch.new) <= self.max_batch, "more sequences than slots"
             self._prefills.extend(_Prefill(new) for new in batch.new)
@@ -169,17 +157,17 @@ class StaticCacheRunner:
     # -- rows -----------------------------------------------------------------------------
     def _release(self, released: Sequence[int]) -> None:
         gone = set(released)
-        self._prefills = deque(p for p in self._prefills if p.new.seq_id not in gone)
+        self._prefills = deque(p for p in self._prefills if p.new.rid not in gone)
         before = list(self._rows)
-        for seq_id in [s for s in before if s in gone]:
-            row, last = self._rows.index(seq_id), len(self._rows) - 1
+        for rid in [s for s in before if s in gone]:
+            row, last = self._rows.index(rid), len(self._rows) - 1
             if row != last:
                 self._move_row(last, row)
             self._rows.pop()
             self._starts.pop()
         if self._sampling is not None and self._rows != before:
             # the sampling rows follow the KV rows' new packed order
-            keep = [before.index(seq_id) for seq_id in self._rows]
+            keep = [before.index(rid) for rid in self._rows]
             self._sampling = self._sampling.select(keep) if keep else None
 
     def _move_row(self, src: int, dst: int) -> None:
@@ -208,7 +196,7 @@ class StaticCacheRunner:
         self._start[row] = start
         self._ids[row] = first_token
         self._pos[row] = n
-        self._rows.append(prefill.new.seq_id)
+        self._rows.append(prefill.new.rid)
         self._starts.append(start)
 
     def _set_col(self, col: int) -> None:
@@ -359,7 +347,7 @@ class StaticCacheRunner:
             prefill.cache = cache
             self._add_row(prefill, token)
         self._sampling = joining if self._sampling is None else self._sampling.concat(joining)
-        return {p.new.seq_id: t for p, t in zip(prefills, tokens.tolist(), strict=True)}
+        return {p.new.rid: t for p, t in zip(prefills, tokens.tolist(), strict=True)}
 
     def _prefill_group(self, group: list[_Prefill]) -> dict[int, int]:
         """Whole prompts, left-padded into one forward; each row's KV is then its last columns."""

@@ -8,7 +8,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from chatqueue.sessions.types import (
+from chatqueue.history.types import (
     ChatParams,
     Feedback,
     Turn,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from chatqueue.sessions.types import ChatParams, Feedback, Turn
+from chatqueue.history.types import ChatParams, Feedback, Turn
 
 
 class HistoryStore(Protocol):
@@ -43,13 +43,13 @@ class HistoryStore(Protocol):
 def open_store(history: str, data_dir: Path) -> HistoryStore:
     """`history` is Settings.history: sqlite (a file in `data_dir`), memory, or a redis URL."""
     if history == "memory":
-        from chatqueue.sessions.memory import MemoryStore
+        from chatqueue.history.memory import MemoryStore
 
         return MemoryStore()
     if history == "sqlite":
-        from chatqueue.sessions.sqlite import SqliteStore
+        from chatqueue.history.sqlite import SqliteStore
 
         return SqliteStore(data_dir / "history.sqlite3")
-    from chatqueue.sessions.redis import RedisStore
+    from chatqueue.history.redis import RedisStore
 
     return RedisStore(history)

@@ -9,9 +9,10 @@ releases the GIL. Scheduling, detokenizing and admission stay in the server proc
 about queueing changes: the child sees `StepBatch`es and answers token ids (vLLM's engine-core
 split, one level lower).
 
-The child (`process_child.py`) is a plain `python -m chatqueue.engine.process_child FD`, not
+The child (`child.py`) is a plain `python -m chatqueue.engine.process.child FD`, not
 multiprocessing's spawn, which would re-run the embedding app's main module in the child. It
-exits when its socket closes, so a server killed outright leaves no model process behind.
+exits when its socket closes, so a server killed outright leaves no model process behind. The
+tokenizer never crosses: the server loads its own (the child has no use for one).
 """
 
 from __future__ import annotations
@@ -24,15 +25,23 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import cast
+from typing import Any
 
-from chatqueue.engine.runner import Runner, RunnerLost, StepBatch, Tokenizer
+from chatqueue.engine.process.messages import (
+    Close,
+    Load,
+    LoadFailed,
+    LoadReply,
+    Ready,
+    StepDone,
+    StepFailed,
+    StepReply,
+)
+from chatqueue.engine.runner import ModelRunner, RunnerLost, StepBatch
+from chatqueue.text.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-CLOSE = None  # the message that tells the child to free the model and exit
 
 
 class ModelLoadError(RuntimeError):
@@ -43,26 +52,27 @@ class StepError(RuntimeError):
     """A step raised in the child; the runner is still usable (as when it raises in-process)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Ready:
-    """The child's first answer: what the server needs of the runner besides its steps."""
-
-    model_name: str
-    context_window: int
-    tokenizer: Tokenizer
-
-
 class ProcessRunner:
-    """Starts the child, which calls `load()` (a picklable callable: a module-level function or a
-    functools.partial of one) and serves steps. Blocks until the model is loaded; raises
-    ModelLoadError if it fails. Every method runs on the engine thread; `tokenizer` is a copy
-    unpickled here, used by the tokenizer thread and the detokenizer."""
+    """A Runner whose model lives in a child process. The child calls `load()` (a picklable
+    callable: a module-level function or a functools.partial of one) and serves steps.
 
-    def __init__(self, load: Callable[[], Runner], *, log_level: str = "info") -> None:
+    Blocks until the model is loaded; raises ModelLoadError if it fails. Every method runs on the
+    engine thread."""
+
+    def __init__(
+        self,
+        load: Callable[[], ModelRunner],
+        *,
+        tokenizer: Tokenizer,
+        model_name: str,
+        log_level: str = "info",
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.model_name = model_name
         ours, theirs = socket.socketpair()
         with ours, theirs:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "chatqueue.engine.process_child", str(theirs.fileno())],
+                [sys.executable, "-m", "chatqueue.engine.process.child", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 # the server's import path: chatqueue, and the module `load` comes from, import
                 # there as they did here (a source checkout, a benchmark's folder)
@@ -71,27 +81,20 @@ class ProcessRunner:
             self._conn = Connection(ours.detach())
         atexit.register(self._kill)  # an engine thread stuck past exit must not orphan the child
         try:
-            self._conn.send((load, log_level))
-            kind, payload = self._recv()
+            self._conn.send(Load(load, log_level))
+            ready: LoadReply = self._recv()
         except RunnerLost as exc:
             self._kill()
             raise ModelLoadError(str(exc)) from exc
-        if kind != "ready":
+        if isinstance(ready, LoadFailed):
             self._kill()
-            raise ModelLoadError(str(payload))
-        self._ready = cast(Ready, payload)
-
-    @property
-    def model_name(self) -> str:
-        return self._ready.model_name
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        return self._ready.tokenizer
+            raise ModelLoadError(ready.reason)
+        assert isinstance(ready, Ready), ready
+        self._context_window = ready.context_window
 
     @property
     def context_window(self) -> int:
-        return self._ready.context_window
+        return self._context_window
 
     @property
     def pid(self) -> int:
@@ -102,26 +105,26 @@ class ProcessRunner:
             self._conn.send(batch)
         except OSError as exc:
             raise self._lost() from exc
-        kind, payload = self._recv()
-        if kind == "error":
-            raise StepError(str(payload))
-        return cast(dict[int, int], payload)
+        reply: StepReply = self._recv()
+        if isinstance(reply, StepFailed):
+            raise StepError(reply.reason)
+        assert isinstance(reply, StepDone), reply
+        return reply.tokens
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
-            self._conn.send(CLOSE)
+            self._conn.send(Close())
         try:
             self._proc.wait(30)
         except subprocess.TimeoutExpired:
             log.warning("the model process did not exit in 30 s; killing it")
         self._kill()
 
-    def _recv(self) -> tuple[str, object]:
+    def _recv(self) -> Any:
         try:
-            reply: tuple[str, object] = self._conn.recv()
+            return self._conn.recv()
         except (EOFError, OSError) as exc:
             raise self._lost() from exc
-        return reply
 
     def _lost(self) -> RunnerLost:
         try:

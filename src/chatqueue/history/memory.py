@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from chatqueue.sessions.types import ChatParams, Feedback, Turn
+from chatqueue.history.types import ChatParams, Feedback, Turn
 
 
 class MemoryStore:

@@ -1,12 +1,18 @@
-"""The engine's `Tokenizer` over a Hugging Face tokenizer, safe to encode and decode at the same time."""
+"""`Tokenizer` over a Hugging Face tokenizer, safe to encode and decode at the same time, and its
+loading from a local model folder (the server process loads it; the model process never does)."""
 
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from transformers import PreTrainedTokenizerBase
+# Offline before transformers is imported: huggingface_hub reads this once, at import.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
 from chatqueue.types import ChatMessage
 
@@ -76,3 +82,27 @@ def _as_ids(encoded: Any) -> list[int]:
         assert len(encoded) == 1, "one conversation in, one prompt out"
         encoded = encoded[0]
     return [int(token_id) for token_id in encoded]
+
+
+def load_tokenizer(folder: Path, *, model_name: str, chat_template: str | None) -> HFTokenizer:
+    """The tokenizer of a local HF model folder, with EOS ids from its generation config."""
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return HFTokenizer(
+        tokenizer,
+        model_name=model_name,
+        eos_token_ids=generation_eos_ids(folder),
+        chat_template=chat_template,
+    )
+
+
+def generation_eos_ids(folder: Path) -> set[int]:
+    """EOS ids from generation_config.json, which may hold one id or a list (chat models often end
+    turns with a token other than the tokenizer's eos)."""
+    try:
+        config = GenerationConfig.from_pretrained(folder, local_files_only=True)
+    except OSError:
+        return set()
+    eos = config.eos_token_id
+    if eos is None:
+        return set()
+    return {int(eos)} if isinstance(eos, int) else {int(i) for i in eos}

@@ -1,4 +1,5 @@
-"""The caller's end of one request: an async iterator of events, fed from the engine thread."""
+"""The caller's end of one request: an async iterator of events, fed on the event loop by the
+engine's hand-over (it is the engine's EventSink)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ from chatqueue.types import Event, Finished, Token
 class RequestStream:
     """Events for one request, in order, ending with `Finished`.
 
-    Fed on the event loop (the engine hands events over with `call_soon_threadsafe`). Consecutive
-    tokens a slow reader has not taken yet are merged into one, so the buffer stays small however
-    far behind the reader is; one more than `max_unread_tokens` behind is aborted. Closing the stream before `Finished` aborts the request: a client
-    that went away is just another finish reason.
+    Consecutive tokens a slow reader has not taken yet are merged into one, so the buffer stays
+    small however far behind the reader is; one more than `max_unread_tokens` behind is aborted.
+    Closing the stream before `Finished` aborts the request: a client that went away is just
+    another finish reason.
     """
 
     def __init__(

@@ -1,0 +1,81 @@
+"""Settings -> a runner and a ChatQueue. The transformers side is imported only when used, so the
+mock engine starts without importing torch."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+
+from chatqueue.api.chat_queue import ChatQueue
+from chatqueue.config import Settings
+from chatqueue.engine.mock import MockConfig, MockRunner
+from chatqueue.engine.process import ProcessRunner
+from chatqueue.engine.runner import ModelRunner, Runner, TokenizedRunner
+
+
+def chat_queue_for(settings: Settings, queue_class: type[ChatQueue] = ChatQueue) -> ChatQueue:
+    return queue_class(
+        runner_for(settings),
+        max_concurrent=settings.max_concurrent,
+        max_queue_size=settings.max_queue_size,
+        max_queue_per_user=settings.max_queue_per_user,
+        queue_timeout_s=settings.queue_timeout,
+        step_timeout_s=settings.step_timeout,
+        max_tokens_cap=settings.max_tokens_cap,
+        max_prompt_tokens=settings.max_prompt_tokens,
+        max_unread_tokens=settings.max_unread_tokens,
+    )
+
+
+def runner_for(settings: Settings) -> Runner | Callable[[], Runner]:
+    """A ready mock runner, or a factory the engine thread calls to load the model."""
+    if settings.engine == "mock":
+        return MockRunner(
+            MockConfig(
+                mode=settings.mock_mode,
+                delay_s=settings.mock_delay,
+                first_token_delay_s=settings.mock_first_token_delay,
+                lorem_tokens=settings.mock_lorem_tokens,
+                model_name=settings.served_model_name or "mock",
+            )
+        )
+    return functools.partial(load_hf, settings)
+
+
+def load_hf(settings: Settings) -> Runner:
+    """On the engine thread: find the model's folder (converting the default GGUF once), load the
+    tokenizer in this process, and the model here or in its own process."""
+    from chatqueue.engine.hf.loader import model_folder
+    from chatqueue.text.hf_tokenizer import load_tokenizer
+
+    folder, name = model_folder(settings.model, settings.cache)
+    name = settings.served_model_name or name
+    template = (
+        settings.chat_template.read_text(encoding="utf-8") if settings.chat_template else None
+    )
+    tokenizer = load_tokenizer(folder, model_name=name, chat_template=template)
+    load = functools.partial(load_model, settings, str(folder))
+    if settings.model_process == "off":
+        return TokenizedRunner(load(), tokenizer, name)
+    return ProcessRunner(load, tokenizer=tokenizer, model_name=name, log_level=settings.log_level)
+
+
+def load_model(settings: Settings, folder: str) -> ModelRunner:
+    """The model runner (module-level, so the model process can unpickle it)."""
+    from pathlib import Path
+
+    import torch
+
+    from chatqueue.engine.hf.loader import load_model_runner
+
+    torch.set_num_threads(settings.torch_threads or default_torch_threads())
+    return load_model_runner(settings, Path(folder))
+
+
+def default_torch_threads() -> int:
+    """Every core but one, which the event loop and the tokenizer need.
+    NOTE: measured on 2 vCPUs (benchmarks/RESULTS.md, issue 3): 1 torch thread served 1.5x the
+    tokens/s of 2 and halved the event loop's p99 lag, since a second OpenMP thread only fought
+    the event loop for the other core."""
+    return max(1, (os.cpu_count() or 1) - 1)

@@ -1,0 +1,67 @@
+"""The model process: `python -m chatqueue.engine.process.child FD`, started by ProcessRunner.
+
+It loads the model by calling what the server sent (`Load`), answers `Ready`, then takes one
+StepBatch at a time and answers `StepDone` or `StepFailed`; it exits on `Close` or when the
+socket closes.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import signal
+import sys
+from multiprocessing.connection import Connection
+
+from chatqueue.engine.process.messages import (
+    Close,
+    Load,
+    LoadFailed,
+    Ready,
+    StepDone,
+    StepFailed,
+    StepReply,
+)
+from chatqueue.engine.runner import ModelRunner, StepBatch
+
+log = logging.getLogger(__name__)
+
+
+def serve(conn: Connection) -> None:
+    # Ctrl-C reaches the whole process group, and a service manager may signal every process of
+    # the service: the server drains its requests, then closes us (or its end of the socket does).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    load: Load = conn.recv()
+    logging.basicConfig(
+        level=load.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        runner: ModelRunner = load.load()
+    except BaseException as exc:
+        log.exception("loading the model failed")
+        conn.send(LoadFailed(str(exc) or type(exc).__name__))
+        return
+    conn.send(Ready(runner.context_window))
+    gc.collect()
+    gc.freeze()  # what loading left is never walked again (see Engine._run)
+    try:
+        while True:
+            try:
+                message: StepBatch | Close = conn.recv()
+            except EOFError:  # the server is gone
+                break
+            if isinstance(message, Close):
+                break
+            try:
+                reply: StepReply = StepDone(runner.step(message))
+            except Exception as exc:
+                log.exception("a step failed")
+                reply = StepFailed(f"{type(exc).__name__}: {exc}")
+            conn.send(reply)
+    finally:
+        runner.close()
+
+
+if __name__ == "__main__":
+    serve(Connection(int(sys.argv[1])))

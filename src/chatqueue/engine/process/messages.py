@@ -1,0 +1,52 @@
+"""What crosses the socket between the server (ProcessRunner) and the model process (child).
+
+server -> child: `Load` once, then a `StepBatch` a step, then `Close`.
+child -> server: `Ready` or `LoadFailed` once, then `StepDone` or `StepFailed` for each step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from chatqueue.engine.runner import ModelRunner
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """Build the model: `load` is picklable (a module-level function, or a functools.partial
+    of one)."""
+
+    load: Callable[[], ModelRunner]
+    log_level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Free the model and exit."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    context_window: int
+
+
+@dataclass(frozen=True, slots=True)
+class LoadFailed:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class StepDone:
+    tokens: dict[int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class StepFailed:
+    """The step raised; the model is still usable (as when a step raises in-process)."""
+
+    reason: str
+
+
+LoadReply = Ready | LoadFailed
+StepReply = StepDone | StepFailed

@@ -1,0 +1,23 @@
+"""What the server needs of a tokenizer: chat templates in, text out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+from chatqueue.types import ChatMessage
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """Encoding runs on the tokenizer thread, decoding on the engine thread; an implementation
+    must allow both at once (HFTokenizer keeps two instances)."""
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]: ...
+
+    def apply_chat_template(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """The prompt token ids for a conversation, ending where the assistant's reply begins."""
+        ...
+
+    def decode(self, token_ids: Sequence[int]) -> str: ...
