@@ -92,17 +92,17 @@ class ChatService:
         message). Raises what admission raises (QueueFull, PromptTooLong, ...) with the history
         untouched."""
         history = await self.store.turns(conversation_id)
+        new_turn: Turn | None = None
         if regenerate:
             users = [i for i, t in enumerate(history) if t.role == "user"]
             if not users:
                 raise InvalidRequest("There is no message to regenerate a reply to.")
-            keep = users[-1] + 1
-            prompt_turns, new_turn = history[:keep], Turn("user", "")
+            prompt_turns = history[: users[-1] + 1]
         else:
             if not message:
                 raise InvalidRequest("The message is empty.", param="message")
             new_turn = Turn("user", message)
-            prompt_turns, keep = [*history, new_turn], 0
+            prompt_turns = [*history, new_turn]
         cq = self.chat_queue
         room = cq.token_budget.chat_reply_tokens(params.max_tokens)
         fitted = await fit_history(
@@ -115,8 +115,8 @@ class ChatService:
         stream = await cq.submit(fitted.messages, sampling, user=user)
         try:
             # Admitted: only now change the history, so a refused request leaves it as it was.
-            if regenerate:
-                await self.store.truncate(conversation_id, keep)
+            if new_turn is None:
+                await self.store.truncate(conversation_id, len(prompt_turns))
             else:
                 await self.store.append(conversation_id, new_turn)
         except BaseException:
