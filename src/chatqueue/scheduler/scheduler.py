@@ -12,6 +12,7 @@ waiting leaves the queue at once. Every step's releases are handed to the runner
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass, field
 from typing import Generic
 
@@ -47,6 +48,7 @@ class Scheduler(Generic[R]):
         max_queue_per_user: int | None = None,
         drain_window_s: float = 60.0,
         retry_after_fallback_s: int = 1,
+        rng: random.Random | None = None,
     ) -> None:
         assert max_concurrent >= 1, "max_concurrent must be at least 1"
         assert max_queue_size >= 0, "max_queue_size must not be negative"
@@ -54,6 +56,7 @@ class Scheduler(Generic[R]):
         self.max_queue_size = max_queue_size
         self.max_queue_per_user = max_queue_per_user
         self.retry_after_fallback_s = retry_after_fallback_s
+        self._rng = rng or random.Random()
         self.drain = DrainRate(drain_window_s)
         self.waiting: WaitingQueue[R] = WaitingQueue()
         self._running: dict[int, R] = {}
@@ -107,7 +110,7 @@ class Scheduler(Generic[R]):
             raise QueueFull(
                 f"The server is at capacity ({self.max_concurrent} running, "
                 f"{self.max_queue_size} waiting). Retry later.",
-                retry_after_s=self.retry_after(now),
+                retry_after_s=self.retry_after_spread(now),
             )
 
     def add(self, req: R, now: float) -> None:
@@ -119,7 +122,7 @@ class Scheduler(Generic[R]):
             raise UserQueueFull(
                 f"You already have {cap} requests waiting, the most one user may queue. "
                 "Retry when one has started.",
-                retry_after_s=self.retry_after(now),
+                retry_after_s=self.retry_after_spread(now),
             )
         self.drain.mark_busy(now)
         self.waiting.push(req)
@@ -215,3 +218,17 @@ class Scheduler(Generic[R]):
         if rate is None:
             return self.retry_after_fallback_s
         return max(1, math.ceil(1.0 / rate))
+
+    def retry_after_spread(self, now: float) -> int:
+        """What a refused client is told: a time drawn at random between one completion and the
+        drain of everything waiting now, at the measured rate.
+
+        NOTE: why spread. Told the time of one completion, every client refused during a burst
+        came back in the same second (3,400 refusals all said 1 while the queue took 20 s to
+        drain), to be refused again. Spread over the time the queue needs, the retries arrive
+        about as fast as places free up."""
+        rate = self.drain.rate(now)
+        if rate is None:
+            return self.retry_after_fallback_s
+        drained = (len(self.waiting) + 1) / rate
+        return max(1, math.ceil(self._rng.uniform(1.0 / rate, max(1.0 / rate, drained))))
