@@ -46,6 +46,12 @@ class Unauthorized(ChatQueueError):
     kind = "authentication_error"
 
 
+class Forbidden(ChatQueueError):
+    """Refused whoever asks: e.g. a request another site's page made with the user's cookie."""
+
+    kind = "forbidden"
+
+
 class PayloadTooLarge(ChatQueueError):
     kind = "request_too_large"
 

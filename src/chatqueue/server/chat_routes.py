@@ -32,6 +32,7 @@ from chatqueue.server.chat_session import (
     session_secret,
 )
 from chatqueue.server.chat_stream import chat_events
+from chatqueue.server.origin import same_origin
 from chatqueue.types import ChatMessage
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,8 @@ def install(app: FastAPI, settings: Settings, chat_queue: ChatQueue) -> HistoryS
         max_age=SESSION_MAX_AGE_S,
         same_site="lax",
     )
-    app.include_router(router, dependencies=[Depends(identity)])  # API keys, when set
+    # API keys when set; never a state change sent by another site's page
+    app.include_router(router, dependencies=[Depends(identity), Depends(same_origin)])
     mount_page(app)
     return store
 

@@ -16,6 +16,7 @@ from chatqueue.errors import (
     ChatQueueError,
     ClientGone,
     EngineError,
+    Forbidden,
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 STATUS: dict[type[ChatQueueError], int] = {
     InvalidRequest: 400,  # PromptTooLong too
     Unauthorized: 401,
+    Forbidden: 403,
     NotFound: 404,
     PayloadTooLarge: 413,
     QueueFull: 429,  # UserQueueFull too
