@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -54,6 +55,10 @@ class SqliteStore:
 
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # NOTE: conversations are private: the file is the owner's alone (SQLite gives its -wal
+        # and -shm files the same mode), also when an older version made it world-readable.
+        os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
+        os.chmod(self.path, 0o600)
         db = sqlite3.connect(self.path, check_same_thread=False, timeout=10)
         # NOTE: WAL lets server processes on the same file read while one writes.
         db.execute("PRAGMA journal_mode=WAL")

@@ -1,0 +1,37 @@
+"""Conversations on disk are their owner's alone."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+from chatqueue.history.sqlite import SqliteStore
+from chatqueue.history.types import Turn
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+async def test_the_sqlite_files_are_readable_by_their_owner_only(tmp_path: Path) -> None:
+    path = tmp_path / "history.sqlite3"
+    store = SqliteStore(path)
+    try:
+        await store.append("c1", Turn("user", "a secret"))
+        files = sorted(tmp_path.glob("history.sqlite3*"))
+        assert path in files and len(files) >= 2  # the database and its write-ahead log
+        assert {f.name: mode(f) for f in files} == {f.name: 0o600 for f in files}
+    finally:
+        await store.close()
+
+
+async def test_a_world_readable_file_from_before_is_made_private(tmp_path: Path) -> None:
+    path = tmp_path / "history.sqlite3"
+    path.touch(mode=0o644)
+    path.chmod(0o644)
+    store = SqliteStore(path)
+    try:
+        await store.append("c1", Turn("user", "hello"))
+        assert mode(path) == 0o600
+    finally:
+        await store.close()
