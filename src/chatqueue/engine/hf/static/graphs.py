@@ -1,0 +1,64 @@
+"""The decode step made fast: compiled by Inductor, then captured as a CUDA graph at each of a set of
+batch sizes (buckets); a batch runs at the smallest bucket that holds it, the rows past it idle."""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512)
+
+DecodeStep = Callable[[int], torch.Tensor]
+"""Rows [0, b) one token on: b -> their logits [b, vocab]; capturable."""
+
+
+@dataclass(frozen=True, slots=True)
+class CapturedStep:
+    graph: torch.cuda.CUDAGraph
+    logits: torch.Tensor  # the graph's output, rewritten in place by every replay
+
+
+class DecodeGraphs:
+    def __init__(self, forward: DecodeStep, *, max_batch: int, compile: bool) -> None:
+        self.buckets = [b for b in _BUCKETS if b < max_batch] + [max_batch]
+        self.captured: dict[int, CapturedStep] = {}
+        # NOTE: a decode step is mostly tiny kernels (norms, RoPE, residuals) at small batches;
+        # Inductor fuses them, and the CUDA graphs then replay the fused step.
+        self.step: DecodeStep = torch.compile(forward, dynamic=True) if compile else forward
+
+    def run(self, n: int) -> torch.Tensor:
+        """Rows [0, n) one token on; returns logits of at least n rows."""
+        bucket = self.buckets[bisect.bisect_left(self.buckets, n)]
+        if bucket in self.captured:
+            captured = self.captured[bucket]
+            captured.graph.replay()
+            return captured.logits
+        return self.step(bucket)
+
+    def capture(self) -> None:
+        """Capture the step at every bucket size. The warm-up and captured steps write into the
+        cache's buffers: call it before any sequence holds a row, and reset them after."""
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+        with torch.inference_mode():
+            for b in reversed(self.buckets):
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    for _ in range(2):  # warm-up: compiled, kernels chosen, workspaces made
+                        self.step(b)
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = self.step(b)
+                self.captured[b] = CapturedStep(graph, logits)
+            torch.cuda.synchronize()
+        log.info("captured decode graphs for batch sizes %s", self.buckets)
+
+    def clear(self) -> None:
+        self.captured.clear()

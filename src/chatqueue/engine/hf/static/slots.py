@@ -1,0 +1,146 @@
+"""The static KV cache: fixed-size buffers, one row (slot) per running sequence.
+
+NOTE: how the static cache works. Every running sequence owns one row (slot) of fixed-size KV
+buffers [slots, kv_heads, max_len, head_dim] per layer; the running rows are kept packed at the
+front (a leaving row is replaced by the last one). All rows write their next token's KV into the
+same column, `col`, which moves right one column a step; where a token sits in its sequence is its
+own position id (RoPE is applied before the cache). So every row's entries are one run of columns
+ending at `col`: [start, col), with its own `start`. A joining sequence's prompt is copied
+right-aligned just left of `col` (moving `col` right first if the prompt is longer), rows never
+wait for one another, and the decode step has the same shapes every time, which is what lets it
+be captured once per batch size and replayed. When `col` reaches the end of the buffer, all rows
+shift left together by the same amount (one copy a layer), until the longest starts at column 0.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Set
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from chatqueue.engine.runner import NewSequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class KvShape:
+    """What one row holds per layer: `kv_heads` heads of `head_dim` per column."""
+
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+
+
+class KvSlots:
+    """The KV buffers and, per packed row, its sequence, first column, next token and position.
+    Tensors here are the decode step's inputs: they are written in place, never replaced, so
+    that captured CUDA graphs keep reading them."""
+
+    def __init__(
+        self,
+        *,
+        shape: KvShape,
+        max_batch: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.shape, self.max_len, self.dtype, self.device = shape, max_len, dtype, device
+        kv_shape = (max_batch, shape.kv_heads, max_len, shape.head_dim)
+        self.k = [
+            torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(shape.num_layers)
+        ]
+        self.v = [
+            torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(shape.num_layers)
+        ]
+        # the first column each row holds; its entries run from there to `col`
+        self.start = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.ids = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.pos = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.col_t = torch.zeros(1, dtype=torch.long, device=device)
+        self.col = 0  # host mirror of col_t
+        self.rids: list[int] = []  # rid of each packed row
+        self.starts: list[int] = []  # host mirror of start for the packed rows
+        self.num_compactions = 0
+
+    def release(self, gone: Set[int]) -> None:
+        """Free the rows of `gone`, the last row moving into each hole."""
+        for rid in [s for s in self.rids if s in gone]:
+            row, last = self.rids.index(rid), len(self.rids) - 1
+            if row != last:
+                self._move_row(last, row)
+            self.rids.pop()
+            self.starts.pop()
+
+    def _move_row(self, src: int, dst: int) -> None:
+        for buffers in (self.k, self.v):
+            for layer in buffers:
+                layer[dst].copy_(layer[src])
+        for t in (self.start, self.ids, self.pos):
+            t[dst].copy_(t[src])
+        self.rids[dst] = self.rids[src]
+        self.starts[dst] = self.starts[src]
+
+    def add(self, new: NewSequence, cache: DynamicCache, first_token: torch.Tensor) -> None:
+        """Copy a prefilled prompt right-aligned just left of `col`; it decodes from next step."""
+        n = len(new.prompt_ids)
+        self.compact_if_full()
+        if self.col < n:  # rows end at `col`: move them right to make room for the prompt
+            self._shift(n - self.col)
+        row = len(self.rids)
+        start = self.col - n
+        for i, layer in enumerate(cache.layers):
+            assert isinstance(layer, DynamicLayer) and layer.keys is not None
+            assert layer.values is not None
+            self.k[i][row, :, start : self.col].copy_(layer.keys[0])
+            self.v[i][row, :, start : self.col].copy_(layer.values[0])
+        self.start[row] = start
+        self.ids[row] = first_token
+        self.pos[row] = n
+        self.rids.append(new.rid)
+        self.starts.append(start)
+
+    def set_col(self, col: int) -> None:
+        self.col = col
+        self.col_t.fill_(col)
+
+    def stepped(self) -> None:
+        """The decode step moved `col_t` on the device; follow it here without a sync."""
+        self.col += 1
+
+    def reset(self) -> None:
+        """Forget what warm-up steps wrote; only valid while no row is held."""
+        self.start.zero_()
+        self.pos.zero_()
+        self.set_col(0)
+
+    def clear(self) -> None:
+        self.k.clear()
+        self.v.clear()
+
+    def compact_if_full(self) -> None:
+        if self.col >= self.max_len:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Shift every row left by the same amount, so the longest row starts at column 0."""
+        shift = min(self.starts, default=self.col)
+        assert shift > 0, "a sequence outgrew max_len"
+        self._shift(-shift)
+        self.num_compactions += 1
+        log.debug("compacted the static cache to %s columns", self.col)
+
+    def _shift(self, delta: int) -> None:
+        """Move every row's entries `delta` columns (left if negative), `col` with them."""
+        lo = max(0, -delta)
+        for buffers in (self.k, self.v):
+            for layer in buffers:
+                layer[:, :, lo + delta : self.col + delta].copy_(layer[:, :, lo : self.col].clone())
+        self.start.add_(delta)
+        self.starts = [start + delta for start in self.starts]
+        self.set_col(self.col + delta)
