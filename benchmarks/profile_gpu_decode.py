@@ -24,6 +24,7 @@ from gpu_model import build_model, static_runner
 def main() -> None:
     model = build_model()
     runner = static_runner(model, max_batch=64, max_len=512)
+    static = runner.model  # the StaticCacheRunner inside the TokenizedRunner
     greedy = SamplingParams(temperature=0, ignore_eos=True)
     g = torch.Generator().manual_seed(0)
     for b in (1, 64):
@@ -35,7 +36,7 @@ def main() -> None:
         runner.step(StepBatch(new=news, running=[], released=[]))
         for _ in range(10):
             runner.step(StepBatch(new=[], running=ids, released=[]))
-        graph, _ = runner._graphs[b]
+        graph = static.graphs.captured[b].graph
         times = []
         for _ in range(30):
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -58,15 +59,15 @@ def main() -> None:
             torch.inference_mode(),
             torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof,
         ):
-            runner._decode_fn(b)  # the compiled step, as the graphs replay it
+            static.graphs.step(b)  # the compiled step, as the graphs replay it
             torch.cuda.synchronize()
         print(
             prof.key_averages().table(
                 sort_by="cuda_time_total", row_limit=25, max_name_column_width=90
             )
         )
-        runner._col -= 1  # the eager step above moved the write column; keep host and device
-        runner._col_t.fill_(runner._col)  # in agreement for the release below
+        # the profiled step above moved the write column; keep host and device in agreement
+        static.slots.set_col(static.slots.col - 1)
         runner.step(StepBatch(new=[], running=[], released=ids))
 
 
