@@ -82,7 +82,7 @@ def decode_ms(runner, batch: int, steps: int = 48) -> tuple[float, float]:  # ty
     steps = min(steps, NEW_TOKENS - 1)  # what fits the cache
     greedy = SamplingParams(temperature=0, ignore_eos=True)
     news = [NewSequence(i, p, greedy) for i, p in enumerate(prompts(batch))]
-    ids = [n.seq_id for n in news]
+    ids = [n.rid for n in news]
     got = runner.step(StepBatch(new=news, running=[], released=[]))
     while len(got) < batch:  # chunked prefill may take several steps
         got |= runner.step(StepBatch(new=[], running=ids, released=[]))
@@ -271,7 +271,7 @@ def correctness_fp32() -> None:
         for k, v in got.items():
             if len(outs[k]) < 24:
                 outs[k].append(v)
-        running += [n.seq_id for n in new]
+        running += [n.rid for n in new]
     same = 0
     for i, p in enumerate(ps):
         ref = model.generate(

@@ -32,7 +32,7 @@ def main() -> None:
             NewSequence(i, torch.randint(1000, 9000, (256,), generator=g).tolist(), greedy)
             for i in range(b)
         ]
-        ids = [n.seq_id for n in news]
+        ids = [n.rid for n in news]
         runner.step(StepBatch(new=news, running=[], released=[]))
         for _ in range(10):
             runner.step(StepBatch(new=[], running=ids, released=[]))
