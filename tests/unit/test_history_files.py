@@ -13,14 +13,18 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
+def modes_of(folder: Path, pattern: str) -> dict[str, int]:
+    return {f.name: mode(f) for f in folder.glob(pattern)}
+
+
 async def test_the_sqlite_files_are_readable_by_their_owner_only(tmp_path: Path) -> None:
     path = tmp_path / "history.sqlite3"
     store = SqliteStore(path)
     try:
         await store.append("c1", Turn("user", "a secret"))
-        files = sorted(tmp_path.glob("history.sqlite3*"))
-        assert path in files and len(files) >= 2  # the database and its write-ahead log
-        assert {f.name: mode(f) for f in files} == {f.name: 0o600 for f in files}
+        modes = modes_of(tmp_path, "history.sqlite3*")
+        assert path.name in modes and len(modes) >= 2  # the database and its write-ahead log
+        assert modes == dict.fromkeys(modes, 0o600)
     finally:
         await store.close()
 
