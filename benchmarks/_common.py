@@ -15,7 +15,7 @@ import aiohttp
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.serving import Server, running_server
+from tests.support.servers import Server, running_server
 
 
 def pct(values: list[float], q: float) -> float:

@@ -25,7 +25,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from chatqueue.engine.mock import LOREM
-from tests.serving import Server, running_server
+from tests.support.servers import Server, running_server
 
 KINDS = ("stream", "plain", "leave_stream", "leave_plain")
 WEIGHTS = (45, 30, 15, 10)

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from chatqueue.config import Settings
-from tests.integration.http_helpers import (
+from tests.support.http import (
     COMPLETIONS,
     HELLO,
     SAFETY_S,
@@ -26,8 +26,8 @@ from tests.integration.http_helpers import (
     is_queued,
     wait_load,
 )
-from tests.integration.outcomes import send, user_says
-from tests.serving import CHATQUEUE, Server, running_server
+from tests.support.outcomes import send, user_says
+from tests.support.servers import CHATQUEUE, Server, running_server
 
 ALICE = "sk-alice-0123456789"
 ADMIN = "adm-9876543210"

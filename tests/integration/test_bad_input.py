@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.http_helpers import (
+from tests.support.http import (
     COMPLETIONS,
     HELLO,
     SAFETY_S,
@@ -18,7 +18,7 @@ from tests.integration.http_helpers import (
     metric,
     metrics,
 )
-from tests.serving import Server, running_server
+from tests.support.servers import Server, running_server
 
 # Counters that move for anything that reached the queue, admitted or refused.
 QUEUE_FIGURES = (

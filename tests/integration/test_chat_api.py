@@ -16,7 +16,7 @@ from chatqueue import ChatQueue
 from chatqueue.config import Settings
 from chatqueue.engine.mock import MockConfig, MockRunner
 from chatqueue.server.app import create_app
-from tests.chat_helpers import done_of, reply_text, sse_events
+from tests.support.chat import done_of, reply_text, sse_events
 
 Events = list[tuple[str, dict[str, Any]]]
 

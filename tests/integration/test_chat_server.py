@@ -10,8 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.chat_helpers import SAFETY_S, chat, redis_server
-from tests.serving import running_server
+from tests.support.chat import chat
+from tests.support.http import SAFETY_S
+from tests.support.servers import redis_server, running_server
 
 MOCK = ("--engine", "mock", "--mock-mode", "echo")
 

@@ -6,7 +6,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from tests.serving import CHATQUEUE, running_server
+from tests.support.servers import CHATQUEUE, running_server
 
 SAFETY_S = 60.0  # a safety net against hangs, never a measurement
 

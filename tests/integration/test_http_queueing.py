@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import httpx
 import pytest
 
-from tests.integration.http_helpers import (
+from tests.support.http import (
     COMPLETIONS,
     SAFETY_S,
     OpenStream,
@@ -29,7 +29,7 @@ from tests.integration.http_helpers import (
     read_stream,
     wait_load,
 )
-from tests.serving import Server, running_server
+from tests.support.servers import Server, running_server
 
 NUM_WORDS = 20
 MAX_CONCURRENT = 2

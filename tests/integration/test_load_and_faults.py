@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from chatqueue.engine.mock import MockConfig, MockRunner
-from tests.integration.http_helpers import (
+from tests.support.http import (
     COMPLETIONS,
     SAFETY_S,
     OpenStream,
@@ -37,9 +37,9 @@ from tests.integration.http_helpers import (
     until,
     wait_load,
 )
-from tests.integration.inprocess import FailingRunner, GatedRunner, HangingRunner, serving
-from tests.integration.outcomes import send, user_says
-from tests.serving import Server, running_server
+from tests.support.inprocess import FailingRunner, GatedRunner, HangingRunner, serving
+from tests.support.outcomes import send, user_says
+from tests.support.servers import Server, running_server
 
 ADMIN = "admin-secret"
 KEYS = {

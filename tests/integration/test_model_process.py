@@ -26,15 +26,15 @@ from chatqueue.engine.mock import LOREM, MockConfig, MockRunner, MockTokenizer
 from chatqueue.engine.process.runner import ModelLoadError, ProcessRunner
 from chatqueue.engine.runner import ModelRunner, NewSequence, Runner, StepBatch
 from chatqueue.types import ChatMessage, SamplingParams
-from tests.integration.http_helpers import (
+from tests.support.http import (
     SAFETY_S,
     OpenStream,
     has_content,
     until,
     wait_load,
 )
-from tests.integration.inprocess import serving
-from tests.integration.outcomes import send, user_says
+from tests.support.inprocess import serving
+from tests.support.outcomes import send, user_says
 
 LONG = " ".join(["w"] * 2000)  # echoed a word a step: outlasts the test, which ends it
 

@@ -23,8 +23,8 @@ from chatqueue.config import Settings
 from chatqueue.engine.mock import MockRunner
 from chatqueue.engine.runner import Runner
 from chatqueue.server.app import create_app
-from tests.integration.http_helpers import COMPLETIONS, SAFETY_S, assert_no_server_errors
-from tests.serving import Server, running_server
+from tests.support.http import COMPLETIONS, SAFETY_S, assert_no_server_errors
+from tests.support.servers import Server, running_server
 
 TIMEOUT_S = 60.0  # a safety net for the slow CPU, never a measurement
 CONTEXT_WINDOW = 8192  # SmolLM2's max_position_embeddings

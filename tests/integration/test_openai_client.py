@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.http_helpers import (
+from tests.support.http import (
     COMPLETIONS,
     SAFETY_S,
     OpenStream,
@@ -18,7 +18,7 @@ from tests.integration.http_helpers import (
     has_content,
     read_stream,
 )
-from tests.serving import Server, running_server
+from tests.support.servers import Server, running_server
 
 MESSAGE = "the quick brown fox jumps over the lazy dog"
 LONG = " ".join(["word"] * 400)  # echoed back: holds the one slot until the test lets go

@@ -13,8 +13,8 @@ import schemathesis
 
 from chatqueue.config import Settings
 from chatqueue.server.app import create_app
-from tests.integration.http_helpers import assert_no_server_errors
-from tests.serving import Server, running_server
+from tests.support.http import assert_no_server_errors
+from tests.support.servers import Server, running_server
 
 # NOTE: the schema is what the app serves at /openapi.json, taken at import time (schemathesis
 # parametrizes at collection; its fixture-based loader does not work with pytest 9). The server

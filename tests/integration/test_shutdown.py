@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.integration.http_helpers import (
+from tests.support.http import (
     COMPLETIONS,
     SAFETY_S,
     OpenStream,
@@ -21,7 +21,7 @@ from tests.integration.http_helpers import (
     is_queued,
     lorem,
 )
-from tests.serving import Server, running_server
+from tests.support.servers import Server, running_server
 
 
 def mock_lorem(*, words: int, delay_s: float, max_concurrent: int, max_queue: int) -> list[str]:

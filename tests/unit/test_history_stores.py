@@ -9,7 +9,7 @@ import pytest
 
 from chatqueue.history import ChatParams, Feedback, HistoryStore, Turn, open_store
 from chatqueue.types import ChatMessage
-from tests.chat_helpers import redis_server
+from tests.support.servers import redis_server
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from tests.integration.http_helpers import COMPLETIONS, SseEvent, error_of, sse_events
+from tests.support.http import COMPLETIONS, SseEvent, error_of, sse_events
 
 
 @dataclass

@@ -17,8 +17,8 @@ from chatqueue.config import Settings
 from chatqueue.engine.mock import MockConfig, MockRunner
 from chatqueue.engine.runner import Runner, StepBatch
 from chatqueue.server.app import create_app
-from tests.integration.http_helpers import SAFETY_S
-from tests.serving import free_port
+from tests.support.http import SAFETY_S
+from tests.support.servers import free_port
 
 
 @contextmanager

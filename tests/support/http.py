@@ -1,4 +1,5 @@
-"""What the integration tests share: reading SSE off a real socket, /load and /metrics figures."""
+"""Talking to the OpenAI routes over HTTP: request bodies, reading SSE off a socket, /load and
+/metrics figures, and polling until something holds."""
 
 from __future__ import annotations
 

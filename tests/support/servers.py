@@ -1,0 +1,135 @@
+"""Real servers on free ports: `chatqueue serve` for tests that talk HTTP to it, `redis-server`
+for the Redis history store."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.http import SAFETY_S
+
+CHATQUEUE = str(Path(sys.executable).with_name("chatqueue"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def load(self) -> dict[str, object]:
+        return dict(httpx.get(f"{self.url}/load", timeout=10).json())
+
+    def wait_idle(self, timeout_s: float = 10.0) -> dict[str, object]:
+        """Until /load shows nothing running or waiting; returns that /load."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            load = self.load()
+            if load["processing"] == 0 and load["waiting"] == 0:
+                return load
+            if time.monotonic() > deadline:
+                raise AssertionError(f"server not idle after {timeout_s} s: {load}")
+            time.sleep(0.02)
+
+    def terminate(self, timeout_s: float = 30.0) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout_s)
+
+
+@contextmanager
+def running_server(
+    *args: str,
+    tmp_path: Path,
+    ready_timeout_s: float = 120.0,
+    env: dict[str, str] | None = None,
+    health_log: list[httpx.Response] | None = None,
+) -> Iterator[Server]:
+    """Start `chatqueue serve ARGS` on a free port and wait for /health to say ok. Every /health
+    answer seen while waiting, from the moment the process starts, is appended to `health_log`."""
+    port = free_port()
+    log_path = tmp_path / f"server-{port}.log"
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [CHATQUEUE, "serve", "--host", "127.0.0.1", "--port", str(port), *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+        )
+    server = Server(proc, f"http://127.0.0.1:{port}", log_path)
+    try:
+        _wait_healthy(server, ready_timeout_s, health_log if health_log is not None else [])
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def _wait_healthy(server: Server, timeout_s: float, answers: list[httpx.Response]) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"server exited early:\n{server.log()}")
+        try:
+            answers.append(httpx.get(f"{server.url}/health", timeout=2))
+            if answers[-1].status_code == 200:
+                return
+        except httpx.TransportError:
+            pass  # not listening yet
+        time.sleep(0.05)
+    raise TimeoutError(f"server not healthy after {timeout_s} s:\n{server.log()}")
+
+
+@contextmanager
+def redis_server() -> Iterator[str]:
+    """`redis-server` on a free port, nothing saved; yields its redis:// URL."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.fail("redis-server is not installed (make test installs it)")
+    port = free_port()
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for_port(port, proc)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + SAFETY_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("redis-server exited early")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError("redis-server did not start")
