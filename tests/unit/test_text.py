@@ -95,12 +95,3 @@ def test_sequence_finishes_on_eos_length_and_stop() -> None:
 def test_ignore_eos_keeps_generating() -> None:
     s = seq(ignore_eos=True)
     assert s.append(256).finish is None
-
-
-def test_fast_content_chunk_is_the_plain_chunk_byte_for_byte() -> None:
-    from chatqueue.server import sse
-    from chatqueue.server.openai_routes import _Chunks
-
-    chunks = _Chunks("chatcmpl-1", "m")
-    for text in ["", "hi", ' "quoted"\n', "東京 🗼", "\\"]:
-        assert chunks.content_line(text) == sse.data(chunks.chunk({"content": text}))

@@ -1,4 +1,5 @@
-"""SSE responses own their request stream: however the response ends, the request is closed."""
+"""SSE: a response owns its request stream (however the response ends, the request is closed), and
+the fast path for content chunks writes what the plain path would."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from chatqueue.api import RequestStream
+from chatqueue.server import sse
+from chatqueue.server.openai_routes import _Chunks
 from chatqueue.server.sse import EventStreamResponse
 
 
@@ -28,3 +31,9 @@ async def test_a_client_gone_before_the_body_started_still_aborts_the_request() 
     response = EventStreamResponse(body(), stream=stream)
     await asyncio.wait_for(response(scope, receive, send), 5)  # type: ignore[arg-type]
     assert started == [] and abandoned == [True]
+
+
+def test_fast_content_chunk_is_the_plain_chunk_byte_for_byte() -> None:
+    chunks = _Chunks("chatcmpl-1", "m")
+    for text in ["", "hi", ' "quoted"\n', "東京 🗼", "\\"]:
+        assert chunks.content_line(text) == sse.data(chunks.chunk({"content": text}))
