@@ -7,7 +7,7 @@ SYSDEPS := $(VENV)/.sysdeps
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARGS ?=
 
-.PHONY: install serve test check lint format typecheck bench clean
+.PHONY: install serve test test-fast check lint format typecheck bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,6 +33,10 @@ serve: install
 
 test: install $(SYSDEPS)
 	$(BIN)/pytest -q $(ARGS)
+
+# The unit tests alone: no Redis, no browser, no model, no network; seconds, not minutes.
+test-fast: install
+	$(BIN)/pytest -q tests/unit $(ARGS)
 
 lint: install
 	$(BIN)/ruff check .
