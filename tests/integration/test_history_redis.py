@@ -1,5 +1,5 @@
 """The HistoryStore contract against a real Redis (memory and SQLite run it in
-tests/unit/test_history_stores.py)."""
+tests/unit/history/test_history_stores.py)."""
 
 from __future__ import annotations
 
