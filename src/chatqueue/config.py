@@ -6,7 +6,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -23,41 +23,70 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "chatqueue"
 
 
+# A renamed setting: old name -> new name. The old keyword, flag and CHATQUEUE_<OLD> variable
+# keep working, with a DeprecationWarning.
+RENAMED: dict[str, str] = {"max_queue": "max_queue_size"}
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CHATQUEUE_", frozen=True, extra="forbid")
 
     # the model
-    engine: Literal["hf", "mock"] = "hf"
-    model: str | None = Field(None, description="Local Hugging Face model folder; default SmolLM2")
-    served_model_name: str | None = None
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    batching: Literal["on", "off"] = "on"
-    chat_template: Path | None = None
-    torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch")
-    kv_cache: Literal["auto", "static", "dynamic"] = "auto"
-    max_model_len: int | None = Field(None, ge=16, description="Static cache length per slot")
+    engine: Literal["hf", "mock"] = Field(
+        "hf", description="hf: a transformers model; mock: a fake one, for tests and load"
+    )
+    model: str | None = Field(None, description="Local Hugging Face model folder; default: SmolLM2")
+    served_model_name: str | None = Field(None, description="Model id on /v1; default: the model's")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: CUDA when torch sees one"
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: float32 on CPU, bfloat16 on CUDA"
+    )
+    batching: Literal["on", "off"] = Field(
+        "on", description="on: continuous batching; off: one request at a time, batch 1"
+    )
+    chat_template: Path | None = Field(None, description="Jinja chat template, for models without")
+    torch_threads: int | None = Field(
+        None, ge=1, description="CPU threads for torch; default: all cores but one"
+    )
+    kv_cache: Literal["auto", "static", "dynamic"] = Field(
+        "auto", description="auto: static on CUDA for Llama-family models, else dynamic"
+    )
+    max_model_len: int | None = Field(
+        None, ge=16, description="Static cache tokens a slot (prompt + reply); default: 4096"
+    )
     prefill_chunk: int = Field(512, ge=1, description="Most prompt tokens prefilled a step")
-    attention: Literal["auto", "triton", "sdpa"] = "auto"
+    attention: Literal["auto", "triton", "sdpa"] = Field(
+        "auto", description="Static-cache decode attention; auto: Triton where it runs, else SDPA"
+    )
     model_process: Literal["on", "off"] = Field(
         "on", description="The model in its own process (hf engine), off the event loop's GIL"
     )
     cache: Path = Field(default_factory=default_cache, description="Converted-model cache")
 
     # the mock engine
-    mock_mode: Literal["echo", "lorem"] = "echo"
-    mock_delay: float = Field(0.02, ge=0, description="Seconds per step")
-    mock_first_token_delay: float = Field(0.0, ge=0)
-    mock_lorem_tokens: int = Field(32, ge=1)
+    mock_mode: Literal["echo", "lorem"] = Field(
+        "echo", description="Mock replies: the last user message again, or a fixed lorem text"
+    )
+    mock_delay: float = Field(0.02, ge=0, description="Mock seconds per step")
+    mock_first_token_delay: float = Field(0.0, ge=0, description="Mock seconds of prefill")
+    mock_lorem_tokens: int = Field(32, ge=1, description="Mock lorem reply length, tokens")
 
     # the queues
     max_concurrent: int = Field(8, ge=1, description="Generations running at once")
-    max_queue_size: int = Field(64, ge=0, description="Requests waiting at most")
+    max_queue_size: int = Field(64, ge=0, description="Requests waiting at most; one more: 429")
 
     # holding under load
-    max_queue_per_user: int | None = Field(None, ge=1, description="Waiting requests per user")
-    queue_timeout: float | None = Field(None, gt=0, description="Most seconds in the queue")
-    step_timeout: float | None = Field(None, gt=0, description="A step longer than this: hung")
+    max_queue_per_user: int | None = Field(
+        None, ge=1, description="Waiting requests per user; default: no cap"
+    )
+    queue_timeout: float | None = Field(
+        None, gt=0, description="Most seconds in the queue, then 503; default: none"
+    )
+    step_timeout: float | None = Field(
+        None, gt=0, description="A model step longer than this, s, is a hang; default: none"
+    )
     max_unread_tokens: int = Field(4096, ge=1, description="A reader this far behind is cut")
     admit_per_tick: int = Field(
         2, ge=0, description="New POST requests let in per event-loop iteration; 0: no pacing"
@@ -66,41 +95,46 @@ class Settings(BaseSettings):
     # access and limits
     # NOTE: secrets, so that printing or logging the settings never shows a key.
     api_key: SecretStr | None = Field(None, description="One key for /v1 and /chat (Bearer)")
-    api_keys: Path | None = Field(None, description="JSON file: key -> name, priority, limits")
+    api_keys: Path | None = Field(
+        None, description='JSON file: {"<key>": {"name", "priority", "max_queue"}}'
+    )
     admin_key: SecretStr | None = Field(None, description="Guards /metrics and /load when set")
-    max_body_bytes: int = Field(1_000_000, ge=1024)
-    max_prompt_tokens: int | None = Field(None, ge=1)
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body, bytes")
+    max_prompt_tokens: int | None = Field(None, ge=1, description="Longest prompt; default: none")
     max_tokens_cap: int | None = Field(None, ge=1, description="Most max_tokens a request gets")
-    max_messages: int = Field(512, ge=1)
+    max_messages: int = Field(512, ge=1, description="Most messages in a request")
     timeout_keep_alive: float = Field(5.0, gt=0, description="Idle connection timeout, s")
     cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
-        (), description="Allowed origins; none by default"
+        (), description="Allowed origins, comma-separated or repeated; default: none (CORS off)"
     )
 
     # the server
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    shutdown_timeout: float = Field(30.0, ge=0, description="Grace for running requests")
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    host: str = Field("127.0.0.1", description="Address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on")
+    shutdown_timeout: float = Field(30.0, ge=0, description="Grace for running requests, s")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
 
     # the chat product
     history: str = Field("sqlite", description="sqlite, memory or redis://host:port/db")
-    data_dir: Path = Field(default_factory=default_data_dir)
+    data_dir: Path = Field(
+        default_factory=default_data_dir, description="Conversations, feedback, session secret"
+    )
     session_secret: str | None = Field(None, description="Signs cookies; default: in data_dir")
-    system_prompt: str | None = None
+    system_prompt: str | None = Field(None, description="Put first in every chat's prompt")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _deprecated_names(cls, data: object) -> object:
-        """`max_queue` (flag, CHATQUEUE_MAX_QUEUE) is the old name of `max_queue_size`."""
-        if isinstance(data, dict):
-            old = data.pop("max_queue", None) or os.environ.get("CHATQUEUE_MAX_QUEUE")
-            if old is not None and "max_queue_size" not in data:
-                warnings.warn(
-                    "max_queue is deprecated; use max_queue_size", DeprecationWarning, stacklevel=2
-                )
-                data["max_queue_size"] = old
-        return data
+    def __init__(self, **values: Any) -> None:
+        """A renamed setting's old name still counts, below its new one: keyword (flag) new, then
+        keyword old, then CHATQUEUE_<NEW>, then CHATQUEUE_<OLD>, then the default."""
+        environ = {k.upper(): v for k, v in os.environ.items()}
+        for old, new in RENAMED.items():
+            if old in values:
+                _warn_renamed(old, new)
+                values.setdefault(new, values.pop(old))
+            if f"CHATQUEUE_{old.upper()}" in environ:
+                _warn_renamed(old, new)
+                if f"CHATQUEUE_{new.upper()}" not in environ:
+                    values.setdefault(new, environ[f"CHATQUEUE_{old.upper()}"])
+        super().__init__(**values)
 
     @field_validator("history")
     @classmethod
@@ -125,3 +159,10 @@ class Settings(BaseSettings):
         if self.engine == "mock" and self.model is not None:
             raise ValueError("--model goes with --engine hf, not the mock engine")
         return self
+
+
+def _warn_renamed(old: str, new: str) -> None:
+    def names(name: str) -> str:
+        return f"{name} (--{name.replace('_', '-')}, CHATQUEUE_{name.upper()})"
+
+    warnings.warn(f"{names(old)} is deprecated; use {names(new)}", DeprecationWarning, stacklevel=3)
