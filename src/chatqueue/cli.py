@@ -1,19 +1,29 @@
-"""`chatqueue serve | chat | bench`."""
+"""`chatqueue serve | chat | bench`. The settings' flags are made from config.Settings, where each
+is written once."""
 
 from __future__ import annotations
 
+import inspect
 import os
+import types
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, TypeVar, Union, cast, get_args, get_origin
 
 import typer
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
+from pydantic.fields import FieldInfo
+from rich.markup import escape
 
-from chatqueue.config import Settings
+from chatqueue.config import RENAMED, Settings
 
 app = typer.Typer(
     help="Serve a language model as a streaming chat to many people at once.", no_args_is_help=True
 )
+
+Command = TypeVar("Command", bound=Callable[..., None])
 
 
 @app.callback()
@@ -21,10 +31,78 @@ def _main() -> None:
     """chatqueue: a bounded request queue and continuous batching in front of one model."""
 
 
+def settings_flags(*names: str) -> Callable[[Command], Command]:
+    """Gives a command a flag for each named Settings field (every field when none is named),
+    after its own parameters; the command takes them in its **kwargs, None where not given."""
+
+    def add(command: Command) -> Command:
+        own = inspect.signature(command, eval_str=True).parameters.values()
+        flags = _flags(names or tuple(Settings.model_fields))
+        params = [p for p in own if p.kind is not p.VAR_KEYWORD] + flags
+        # typer reads a command's parameters from its signature.
+        cast(Any, command).__signature__ = inspect.Signature(params)
+        return command
+
+    return add
+
+
+def _flags(names: tuple[str, ...]) -> list[inspect.Parameter]:
+    fields = Settings.model_fields
+    flags = [_flag(name, fields[name]) for name in names]
+    renamed = [(old, new) for old, new in RENAMED.items() if new in names]
+    return flags + [_flag(old, fields[new], renamed_to=new) for old, new in renamed]
+
+
+def _flag(name: str, field: FieldInfo, *, renamed_to: str | None = None) -> inspect.Parameter:
+    """--kebab-case; typer only parses the value, Settings validates it."""
+    kind, choices = _flag_type(field.annotation)
+    flag = "--" + name.replace("_", "-")
+    if kind is bool:
+        flag += f"/--no-{flag[2:]}"
+    if renamed_to is None:
+        text = _help(f"CHATQUEUE_{name.upper()}", field, choices)
+    else:
+        text = f"Deprecated: use --{renamed_to.replace('_', '-')}"
+    option = typer.Option(None, flag, help=text, show_default=False, hidden=renamed_to is not None)
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind | None
+    )
+
+
+def _flag_type(annotation: Any) -> tuple[Any, tuple[str, ...]]:
+    """What typer parses a field's flag as, and the values it may take where they are few."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        (annotation,) = (a for a in get_args(annotation) if a is not type(None))
+    if get_origin(annotation) is Literal:
+        return str, get_args(annotation)
+    if get_origin(annotation) is tuple and get_args(annotation) == (str, ...):
+        return list[str], ()  # a repeated flag
+    if annotation is SecretStr:
+        return str, ()
+    if annotation in (bool, int, float, str, Path):
+        return annotation, ()
+    raise TypeError(f"no flag for a setting of type {annotation}")
+
+
+def _help(env: str, field: FieldInfo, choices: tuple[str, ...]) -> str:
+    # NOTE: choices, env var and default go in the text, not in typer's columns: a column of
+    # choices squeezed the help to 23 characters at 80 columns, too few for most env var names;
+    # and typer shows an env var only where click itself reads it, while Settings reads them here.
+    notes = [f"[env var: {env}]"]
+    if choices:
+        notes.insert(0, f"[choices: {', '.join(choices)}]")
+    default = field.get_default(call_default_factory=True)
+    if default not in (None, ()):
+        notes.append(f"[default: {default}]")
+    text = " ".join([field.description or "", *notes])
+    return escape(text) if app.rich_markup_mode == "rich" else text
+
+
 def _settings(**given: Any) -> Settings:
     """Flags given on the command line win over CHATQUEUE_* variables, which win over defaults."""
     try:
-        return Settings(**{k: v for k, v in given.items() if v is not None})
+        with _deprecations_on_stderr():
+            return Settings(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:
         for err in exc.errors():
             where = ".".join(str(x) for x in err["loc"]) or "settings"
@@ -32,77 +110,26 @@ def _settings(**given: Any) -> Settings:
         raise typer.Exit(2) from exc
 
 
+@contextmanager
+def _deprecations_on_stderr() -> Iterator[None]:
+    """Says on stderr what is deprecated (DeprecationWarning is silent outside __main__), and still
+    warns, for callers that look for warnings."""
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DeprecationWarning)
+            yield
+    finally:
+        for w in caught:
+            typer.echo(f"warning: {w.message}", err=True)
+            warnings.warn(w.message, stacklevel=3)
+
+
 @app.command()
-def serve(
-    engine: Annotated[str | None, typer.Option(help="hf (a transformers model) or mock")] = None,
-    model: Annotated[
-        str | None, typer.Option(help="Local HF model folder [default: SmolLM2]")
-    ] = None,
-    served_model_name: Annotated[str | None, typer.Option(help="Model id on /v1")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
-    dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16, float16")] = None,
-    batching: Annotated[str | None, typer.Option(help="on (continuous batching) or off")] = None,
-    chat_template: Annotated[Path | None, typer.Option(help="Jinja chat template file")] = None,
-    torch_threads: Annotated[
-        int | None, typer.Option(help="CPU threads for torch [all cores but one]")
-    ] = None,
-    kv_cache: Annotated[
-        str | None, typer.Option(help="auto (static on CUDA for Llama-family), static, dynamic")
-    ] = None,
-    max_model_len: Annotated[int | None, typer.Option(help="Static cache length [4096]")] = None,
-    prefill_chunk: Annotated[int | None, typer.Option(help="Prompt tokens a step [512]")] = None,
-    attention: Annotated[
-        str | None, typer.Option(help="Static-cache decode attention: auto, triton, sdpa")
-    ] = None,
-    model_process: Annotated[
-        str | None, typer.Option(help="on (the model in its own process) or off [on]")
-    ] = None,
-    max_concurrent: Annotated[int | None, typer.Option(help="Generations at once [8]")] = None,
-    max_queue_size: Annotated[
-        int | None, typer.Option(help="Requests waiting at most [64]")
-    ] = None,
-    max_queue_per_user: Annotated[
-        int | None, typer.Option(help="Waiting per user [no cap]")
-    ] = None,
-    queue_timeout: Annotated[float | None, typer.Option(help="Most s in the queue [none]")] = None,
-    step_timeout: Annotated[
-        float | None, typer.Option(help="A step this long: hung [none]")
-    ] = None,
-    max_unread_tokens: Annotated[
-        int | None, typer.Option(help="Cut readers this far behind")
-    ] = None,
-    admit_per_tick: Annotated[
-        int | None, typer.Option(help="New requests let in per loop iteration; 0: off [2]")
-    ] = None,
-    api_key: Annotated[str | None, typer.Option(help="Bearer key for /v1 and /chat")] = None,
-    api_keys: Annotated[
-        Path | None, typer.Option(help='JSON: {"<key>": {"name", "priority", "max_queue"}}')
-    ] = None,
-    admin_key: Annotated[str | None, typer.Option(help="Bearer key for /metrics, /load")] = None,
-    max_body_bytes: Annotated[int | None, typer.Option(help="Largest body [1000000]")] = None,
-    max_prompt_tokens: Annotated[int | None, typer.Option(help="Longest prompt [none]")] = None,
-    max_tokens_cap: Annotated[int | None, typer.Option(help="Most max_tokens [none]")] = None,
-    max_messages: Annotated[int | None, typer.Option(help="Most messages [512]")] = None,
-    timeout_keep_alive: Annotated[float | None, typer.Option(help="Idle connection s [5]")] = None,
-    cors_origins: Annotated[
-        list[str] | None, typer.Option(help="Allowed origins, comma-separated or repeated")
-    ] = None,
-    mock_mode: Annotated[str | None, typer.Option(help="echo or lorem")] = None,
-    mock_delay: Annotated[float | None, typer.Option(help="Mock seconds per step [0.02]")] = None,
-    mock_first_token_delay: Annotated[float | None, typer.Option(help="Mock prefill s")] = None,
-    mock_lorem_tokens: Annotated[int | None, typer.Option(help="Mock lorem length")] = None,
-    host: Annotated[str | None, typer.Option(help="[127.0.0.1]")] = None,
-    port: Annotated[int | None, typer.Option(help="[8000]")] = None,
-    shutdown_timeout: Annotated[float | None, typer.Option(help="Drain grace, s [30]")] = None,
-    log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error")] = None,
-    history: Annotated[str | None, typer.Option(help="sqlite, memory or redis://h:p/db")] = None,
-    data_dir: Annotated[
-        Path | None, typer.Option(help="Chat history, secret [~/.local/share]")
-    ] = None,
-    system_prompt: Annotated[str | None, typer.Option(help="System prompt of /chat")] = None,
-) -> None:
-    """Run the HTTP server. Every flag can also come from CHATQUEUE_<FLAG> in the environment."""
-    given = dict(locals())
+@settings_flags()
+def serve(**given: Any) -> None:
+    """Run the HTTP server. Every flag can also come from CHATQUEUE_<FLAG> in the environment; a
+    flag given wins."""
     # NOTE: OpenMP threads that spin while waiting made 2-thread CPU forwards here intermittently
     # 30x slower next to the busy event loop; passive waiting must be set before torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -145,20 +172,17 @@ def bench(
 
 
 @app.command()
+@settings_flags("engine", "model", "device", "mock_mode", "mock_delay", "system_prompt")
 def chat(
     url: Annotated[
         str | None, typer.Option(help="A running server (http://host:port); else in-process")
     ] = None,
-    engine: Annotated[str | None, typer.Option(help="hf or mock (in-process)")] = None,
-    model: Annotated[str | None, typer.Option(help="Local HF model folder (in-process)")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (in-process)")] = None,
-    mock_mode: Annotated[str | None, typer.Option(help="echo or lorem")] = None,
-    mock_delay: Annotated[float | None, typer.Option(help="Mock seconds per step")] = None,
-    system_prompt: Annotated[str | None, typer.Option(help="System prompt (in-process)")] = None,
     temperature: Annotated[float | None, typer.Option(help="Sampling temperature")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Most tokens a reply takes")] = None,
+    **in_process: Any,
 ) -> None:
-    """Chat in the console; the reply streams as it is generated."""
+    """Chat in the console; the reply streams as it is generated. Without --url the model runs in
+    this process, with the settings' flags below."""
     from chatqueue.console import LocalChat, RemoteChat, run_console
     from chatqueue.history.types import ChatParams
 
@@ -167,12 +191,9 @@ def chat(
     if url is not None:
         run_console(RemoteChat(url, wanted))
         return
-    settings = _settings(
-        engine=engine,
-        model=model,
-        device=device,
-        mock_mode=mock_mode,
-        mock_delay=mock_delay,
-        system_prompt=system_prompt,
-    )
+    settings = _settings(**in_process)
     run_console(LocalChat(settings, ChatParams(**wanted)))  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    app()

@@ -52,3 +52,15 @@ def test_bad_settings_exit_2_with_a_clear_message() -> None:
         [CHATQUEUE, "serve", "--max-concurrent", "0"], capture_output=True, text=True, timeout=60
     )
     assert r.returncode == 2 and "max_concurrent" in r.stderr
+
+
+def test_the_deprecated_flag_is_told_once_on_stderr() -> None:
+    r = subprocess.run(
+        [CHATQUEUE, "serve", "--max-queue", "7", "--max-concurrent", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "error: max_concurrent" in r.stderr
+    assert r.stderr.count("deprecated") == 1
+    assert "warning: max_queue (--max-queue, CHATQUEUE_MAX_QUEUE) is deprecated" in r.stderr
