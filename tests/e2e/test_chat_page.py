@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from playwright.sync_api import (
+    APIResponse,
     Browser,
     BrowserContext,
     Dialog,
@@ -166,6 +167,21 @@ def test_reload_keeps_the_conversation(context: BrowserContext) -> None:
     expect(page.locator(".message")).to_have_count(0)
 
 
+def test_a_message_sent_before_the_history_arrives_is_kept(context: BrowserContext) -> None:
+    page = context.new_page()
+    held: list[tuple[Route, APIResponse]] = []  # the empty history, answered once sent
+    page.route("**/chat/history", lambda route: held.append((route, route.fetch())))
+    page.goto("/")
+    send(page, "sent early")
+    expect(page.locator("#input")).to_have_value("")
+    expect(page.locator("#stop")).to_be_visible()
+    assert len(held) == 1
+    route, empty_history = held[0]
+    route.fulfill(response=empty_history)
+    expect(page.locator(".message.assistant .text")).to_have_text("sent early")
+    expect(page.locator(".message.user .text")).to_have_text(["sent early"])
+
+
 def test_model_output_is_text_never_markup(context: BrowserContext) -> None:
     page = open_page(context)
     dialogs: list[str] = []
@@ -221,10 +237,26 @@ def test_on_a_server_with_an_api_key_the_page_asks_for_it_then_works(
         send(page, "no key yet")  # refused: the reply bubble says why
         expect(page.locator(".message.assistant").last).to_contain_text("needs an API key")
 
+        # The parameters, fetched again with the key, answer only once the reply is in: sending
+        # must not wait for them.
+        held: list[Route] = []
+        page.route(
+            "**/chat/params",
+            lambda route: (
+                held.append(route)
+                if route.request.headers.get("authorization")
+                else route.continue_()
+            ),
+        )
         page.locator("#settings summary").click()
         page.fill("#key-form input[name=key]", "page-secret")
         page.locator("#key-form button").click()
         expect(page.locator("#status")).to_contain_text("API key saved")
         send(page, "now with the key")
         expect(page.locator(".message.assistant .text").last).to_have_text("now with the key")
+        assert len(held) == 1
+        held[0].continue_()
+        expect(page.locator("#params-form input[name=max_tokens]")).to_have_attribute(
+            "placeholder", re.compile(r"default \d+")
+        )
         ctx.close()

@@ -97,27 +97,14 @@ function api(url, options = {}) {
   return fetch(url, { ...options, headers });
 }
 
-// Set while the history is fetched again after a key change: a message sent meanwhile would be
-// wiped from the page when the history arrives, so sending waits for it.
-let isReloading = false;
-
 $("key-form").addEventListener("submit", async (event) => {
   event.preventDefault();
   const key = event.target.elements.key.value.trim();
   if (key) localStorage.setItem(KEY_ITEM, key);
   else localStorage.removeItem(KEY_ITEM);
   event.target.elements.key.value = "";
-  isReloading = true;
-  sendBtn.disabled = true;
-  try {
-    if (await loadHistory()) {
-      setStatus(key ? "API key saved in this browser." : "API key removed.");
-      await loadParams();
-    }
-  } finally {
-    isReloading = false;
-    sendBtn.disabled = false;
-  }
+  if (await showHistory()) setStatus(key ? "API key saved in this browser." : "API key removed.");
+  await loadParams();
 });
 
 async function errorText(res) {
@@ -172,14 +159,21 @@ function queuedText(position, etaS) {
 }
 
 // Ask for a reply and stream it into a new assistant message. On 429 wait Retry-After and retry.
-async function ask(request) {
+// `prepare` changes the page for this request once it shows the server's conversation.
+async function ask(request, prepare) {
   if (controller) return;
   controller = new AbortController();
   const signal = controller.signal;
   setBusy(true);
-  const reply = addMessage("assistant", "");
+  let reply = null;
   let isDone = false;
   try {
+    // NOTE: showing the history replaces every message on the page, so a request made while it is
+    // fetched (at start, after a key change) waits for it; else its messages would be wiped.
+    await historyShown();
+    if (signal.aborted) return; // Stop or New chat before it was sent
+    prepare();
+    reply = addMessage("assistant", "");
     let res;
     for (;;) {
       res = await api("/chat", {
@@ -244,15 +238,14 @@ async function ask(request) {
 }
 
 function send(text) {
-  addMessage("user", text);
-  return ask({ message: text });
+  return ask({ message: text }, () => addMessage("user", text));
 }
 
 function regenerate() {
-  if (controller) return;
-  const last = messagesEl.lastElementChild;
-  if (last && last.classList.contains("assistant")) last.remove();
-  return ask({ regenerate: true });
+  return ask({ regenerate: true }, () => {
+    const last = messagesEl.lastElementChild;
+    if (last && last.classList.contains("assistant")) last.remove();
+  });
 }
 
 async function newChat() {
@@ -267,14 +260,46 @@ async function newChat() {
   input.focus();
 }
 
-// The conversation as the server has it; false (and why, in the status line) if it would not say.
-async function loadHistory() {
+// The latest fetch of the history (at start, after each key change) and how many there were: an
+// older fetch that answers late must not replace what a newer one shows.
+let historyFetch = Promise.resolve(true);
+let numHistoryFetches = 0;
+
+// Fetch the conversation as the server has it and show it; false (and why, in the status line) if
+// the server would not say. <body data-ready> is set while the page shows the latest one.
+function showHistory() {
+  const seq = ++numHistoryFetches;
+  const isLatest = () => seq === numHistoryFetches;
+  delete document.body.dataset.ready;
+  historyFetch = loadHistory(isLatest)
+    .catch(() => {
+      if (isLatest()) setStatus("The server could not be reached.");
+      return false;
+    })
+    .finally(() => {
+      if (isLatest()) document.body.dataset.ready = "true";
+    });
+  return historyFetch;
+}
+
+// Until the latest fetch of the history, including any started while waiting, is shown.
+async function historyShown() {
+  let pending;
+  do {
+    pending = historyFetch;
+    await pending;
+  } while (pending !== historyFetch);
+}
+
+async function loadHistory(isLatest) {
   const res = await api("/chat/history");
+  if (!isLatest()) return false;
   if (!res.ok) {
     setStatus(await errorText(res));
     return false;
   }
   const body = await res.json();
+  if (!isLatest()) return false;
   messagesEl.replaceChildren();
   for (const m of body.messages) {
     addMessage(m.role, m.content, { messageId: m.message_id, interrupted: m.interrupted });
@@ -326,7 +351,7 @@ paramsForm.addEventListener("submit", async (event) => {
 $("composer").addEventListener("submit", (event) => {
   event.preventDefault();
   const text = input.value.trim();
-  if (!text || controller || isReloading) return;
+  if (!text || controller) return;
   input.value = "";
   send(text);
 });
@@ -341,5 +366,5 @@ input.addEventListener("keydown", (event) => {
 stopBtn.addEventListener("click", () => controller && controller.abort());
 $("new-chat").addEventListener("click", newChat);
 
-loadHistory();
+showHistory();
 loadParams();
