@@ -69,7 +69,13 @@ def open_page(context: BrowserContext) -> Page:
     page = context.new_page()
     page.goto("/")
     expect(page.locator("#send")).to_be_visible()
+    wait_ready(page)
     return page
+
+
+def wait_ready(page: Page) -> None:
+    """Until the page shows the conversation as the server has it."""
+    expect(page.locator("body")).to_have_attribute("data-ready", "true")
 
 
 def send(page: Page, text: str) -> None:
@@ -164,6 +170,7 @@ def test_reload_keeps_the_conversation(context: BrowserContext) -> None:
     expect(page.locator(".message")).to_have_count(0)
     page.reload()
     expect(page.locator("#send")).to_be_visible()
+    wait_ready(page)  # else no message could just mean no history yet
     expect(page.locator(".message")).to_have_count(0)
 
 
