@@ -19,7 +19,7 @@ from playwright.sync_api import (
     sync_playwright,
 )
 
-from tests.serving import Server, running_server
+from tests.support.servers import Server, running_server
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from chatqueue.cli import _settings
-from tests.serving import CHATQUEUE, running_server
+from tests.support.servers import CHATQUEUE, running_server
 
 
 def test_bench_reports_what_the_clients_saw(tmp_path: Path) -> None:
