@@ -85,7 +85,16 @@ class Settings(BaseSettings):
         None, gt=0, description="Most seconds in the queue, then 503; default: none"
     )
     step_timeout: float | None = Field(
-        None, gt=0, description="A model step longer than this, s, is a hang; default: none"
+        None,
+        gt=0,
+        description="A model step longer than this, s, is a hang; "
+        "default: 20x the longest recent step, at least 30 s",
+    )
+    model_restarts: int = Field(
+        5,
+        ge=0,
+        description="Restarts of a dead or hung model process within 10 minutes, then failed; "
+        "0: never restart",
     )
     max_unread_tokens: int = Field(4096, ge=1, description="A reader this far behind is cut")
     admit_per_tick: int = Field(

@@ -95,6 +95,13 @@ class EngineError(ChatQueueError):
     kind = "engine_error"
 
 
+class EngineRestarted(EngineError):
+    """The model process died (or hung and was killed) while this request ran; it is being
+    restarted, and the requests that were waiting will run once it is back."""
+
+    kind = "engine_restarted"
+
+
 class Aborted(ChatQueueError):
     """The request ended before it finished, without an error of the server's: its reader left
     or fell too far behind."""

@@ -78,6 +78,15 @@ class Metrics:
             registry=r,
         )
         self.steps = Counter("chatqueue_engine_steps", "Engine steps run", registry=r)
+        self.model_restarts = Counter(
+            "chatqueue_model_restarts", "Times the model process was started again", registry=r
+        )
+        self.model_exits = Counter(
+            "chatqueue_model_exits",
+            "Times the model process went away, by why (killed by SIGKILL, exit code 1, ...)",
+            ["reason"],
+            registry=r,
+        )
         self.loop_lag = Histogram(
             "chatqueue_event_loop_lag_seconds",
             "How late a timer on the event loop fired (sampled every 100 ms)",

@@ -1,6 +1,7 @@
 """The model in its own process (`--model-process on`, the default for the hf engine): the same
-replies as in-process, a step's error kept to its requests, a dead model process failing what is in
-flight with /health saying why, and no model process left behind by a server killed outright.
+replies as in-process, a step's error kept to its requests, a dead or hung model process restarted
+with the waiting requests keeping their places (or, with restarts off or spent, failing what is in
+flight with /health saying why), and no model process left behind by a server killed outright.
 
 Runners here are the mock's (a real child process, real sockets); the real model goes through the
 same path in test_model_server.py.
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -30,6 +31,9 @@ from tests.support.http import (
     SAFETY_S,
     OpenStream,
     has_content,
+    load,
+    metric,
+    metrics,
     until,
     wait_load,
 )
@@ -118,11 +122,12 @@ async def test_a_failing_step_in_the_model_process_fails_only_its_requests(
     assert health.status_code == 200
 
 
-async def test_when_the_model_process_dies_what_is_in_flight_fails_and_health_says_why(
+async def test_without_restarts_a_dead_model_process_fails_what_is_in_flight_and_health_says_why(
     tmp_path: Path,
 ) -> None:
     factory = in_a_process(MockRunner, mode="echo", delay_s=0.01)
-    with serving(factory, tmp_path=tmp_path, max_concurrent=1, max_queue_size=8) as url:
+    no_restarts = {"max_concurrent": 1, "max_queue_size": 8, "max_model_restarts": 0}
+    with serving(factory, tmp_path=tmp_path, **no_restarts) as url:
         async with ready_client(url) as client:
             async with OpenStream(client, user_says(LONG, stream=True)) as running:
                 await running.read_until(has_content)
@@ -202,4 +207,141 @@ def test_signals_for_the_whole_group_leave_the_model_process_to_its_server() -> 
     second = runner.step(StepBatch(new=[], running=[1], released=[]))
     assert runner.tokenizer.decode([first[1], second[1]]) == "still here"
     runner.close()
+    assert model_processes() == []
+
+
+# -- healing: the model process comes back ------------------------------------------------
+
+
+class LoadsWhileAllowed(MockRunner):
+    """A mock model whose loading waits while `<folder>/hold` exists and fails while
+    `<folder>/refuse` exists: the test decides how a restart goes."""
+
+    def __init__(self, folder: str, config: MockConfig) -> None:
+        while (Path(folder) / "hold").exists():
+            time.sleep(0.01)
+        if (Path(folder) / "refuse").exists():
+            raise RuntimeError("the model folder is gone")
+        super().__init__(config)
+
+
+def healing_server(tmp_path: Path, **queue: object) -> AbstractContextManager[str]:
+    config = MockConfig(mode="echo", delay_s=0.01)
+    load = functools.partial(LoadsWhileAllowed, str(tmp_path), config)
+    factory = functools.partial(process_runner, load)
+    fields = {"max_concurrent": 1, "max_queue_size": 8, **queue}
+    return serving(factory, tmp_path=tmp_path, **fields)
+
+
+async def health_of(client: httpx.AsyncClient) -> httpx.Response:
+    return await client.get("/health")
+
+
+async def test_a_killed_model_process_comes_back_and_the_waiting_keep_their_places(
+    tmp_path: Path,
+) -> None:
+    with healing_server(tmp_path) as url:
+        async with ready_client(url) as client:
+            [first_pid] = model_processes()
+            async with OpenStream(client, user_says(LONG, stream=True)) as running:
+                await running.read_until(has_content)
+                waiting = [
+                    asyncio.create_task(send(client, user_says(f"w{i}", stream=i == 1)))
+                    for i in range(2)
+                ]
+                await wait_load(client, processing=1, waiting=2)
+                (tmp_path / "hold").touch()  # the restart waits until the test has looked
+                os.kill(first_pid, signal.SIGKILL)
+                cut = await running.read_to_end()
+                await until(
+                    lambda: has_status(client, "restarting"), "/health never said restarting"
+                )
+                during = await health_of(client)
+                refused = await send(client, user_says("new", stream=False))
+                still = await load(client)
+                (tmp_path / "hold").unlink()
+            replies = await asyncio.gather(*waiting)
+            after = await health_of(client)
+            figures = await metrics(client)
+            fresh = await send(client, user_says("fresh", stream=True))
+            [second_pid] = model_processes()
+    [error] = [
+        e.data["error"] for e in cut.events if isinstance(e.data, dict) and "error" in e.data
+    ]
+    assert error["type"] == "engine_restarted" and "killed by SIGKILL" in error["message"]
+    assert cut.events[-1].is_done
+    assert during.status_code == 503 and during.json()["status"] == "restarting"
+    assert int(during.headers["Retry-After"]) >= 1
+    assert during.json()["last_model_exit"] == "exited (killed by SIGKILL)"
+    assert refused.status == 503 and refused.error
+    assert "restarted" in refused.error["message"]
+    assert (still["waiting"], still["state"]) == (2, "restarting")  # the queue kept its places
+    assert [(r.status, r.text) for r in replies] == [(200, "w0"), (200, "w1")]
+    assert after.status_code == 200 and after.json()["last_model_exit"]
+    assert metric(figures, "chatqueue_model_restarts_total") == 1
+    assert metric(figures, "chatqueue_model_exits_total", reason="exited (killed by SIGKILL)") == 1
+    assert (fresh.status, fresh.text) == (200, "fresh")
+    assert second_pid != first_pid
+
+
+async def has_status(client: httpx.AsyncClient, status: str) -> bool:
+    return bool((await health_of(client)).json()["status"] == status)
+
+
+async def test_a_model_process_that_dies_while_idle_is_restarted_before_anyone_asks(
+    tmp_path: Path,
+) -> None:
+    with healing_server(tmp_path) as url:
+        async with ready_client(url) as client:
+            [first_pid] = model_processes()
+            os.kill(first_pid, signal.SIGKILL)
+            await until(lambda: came_back(client), "the model process did not come back")
+            reply = await send(client, user_says("hello again", stream=False))
+    assert (reply.status, reply.text) == (200, "hello again")
+
+
+async def came_back(client: httpx.AsyncClient) -> bool:
+    health = await health_of(client)
+    return health.status_code == 200 and "last_model_exit" in health.json()
+
+
+async def test_a_hung_model_process_is_killed_and_restarted(tmp_path: Path) -> None:
+    with healing_server(tmp_path, step_timeout_s=0.5) as url:
+        async with ready_client(url) as client:
+            [first_pid] = model_processes()
+            async with OpenStream(client, user_says(LONG, stream=True)) as running:
+                await running.read_until(has_content)
+                waiting = asyncio.create_task(send(client, user_says("after", stream=False)))
+                await wait_load(client, processing=1, waiting=1)
+                os.kill(first_pid, signal.SIGSTOP)  # hangs: alive, answering nothing
+                cut = await running.read_to_end()
+            reply = await waiting
+            health = await health_of(client)
+    [error] = [
+        e.data["error"] for e in cut.events if isinstance(e.data, dict) and "error" in e.data
+    ]
+    assert error["type"] == "engine_restarted"
+    assert (reply.status, reply.text) == (200, "after")
+    assert health.status_code == 200 and "SIGKILL" in health.json()["last_model_exit"]
+    assert first_pid not in model_processes()
+
+
+async def test_a_model_that_cannot_be_loaded_again_leaves_the_server_failed(
+    tmp_path: Path,
+) -> None:
+    with healing_server(tmp_path, max_model_restarts=2) as url:
+        async with ready_client(url) as client:
+            [pid] = model_processes()
+            (tmp_path / "refuse").touch()
+            async with OpenStream(client, user_says(LONG, stream=True)) as running:
+                await running.read_until(has_content)
+                waiting = asyncio.create_task(send(client, user_says("w", stream=False)))
+                await wait_load(client, processing=1, waiting=1)
+                os.kill(pid, signal.SIGKILL)
+                await running.read_to_end()
+            queued = await waiting
+            await until(lambda: has_status(client, "failed"), "/health never said failed")
+            figures = await metrics(client)
+    assert queued.status == 503
+    assert metric(figures, "chatqueue_model_restarts_total") == 2  # then no more
     assert model_processes() == []

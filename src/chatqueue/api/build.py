@@ -22,6 +22,7 @@ def chat_queue_for(settings: Settings, queue_class: type[ChatQueue] = ChatQueue)
         max_queue_per_user=settings.max_queue_per_user,
         queue_timeout_s=settings.queue_timeout,
         step_timeout_s=settings.step_timeout,
+        max_model_restarts=settings.model_restarts,
         max_tokens_cap=settings.max_tokens_cap,
         max_prompt_tokens=settings.max_prompt_tokens,
         max_unread_tokens=settings.max_unread_tokens,

@@ -18,13 +18,15 @@ from typing import Any
 from chatqueue.api.admission import TokenBudget
 from chatqueue.api.monitor import sample_loop_lag, watch_steps
 from chatqueue.api.stream import RequestStream
-from chatqueue.engine.loop import Engine, EngineState
+from chatqueue.engine.loop import Engine, EngineState, RestartPolicy
 from chatqueue.engine.runner import Runner
 from chatqueue.engine.sequence import Sequence as EngineSequence
 from chatqueue.errors import NotReady, QueueFull, ServiceUnavailable, ShuttingDown
 from chatqueue.metrics import Metrics
 from chatqueue.scheduler import Scheduler
 from chatqueue.types import ChatMessage, Finished, FinishReason, SamplingParams
+
+ABORT_GRACE_S = 0.5  # for the aborted requests' last step, once the grace period is over
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +83,7 @@ class ChatQueue:
         max_queue_per_user: int | None = None,
         queue_timeout_s: float | None = None,
         step_timeout_s: float | None = None,
+        max_model_restarts: int = 5,
         max_tokens_cap: int | None = None,
         max_prompt_tokens: int | None = None,
         max_unread_tokens: int = 4096,
@@ -107,6 +110,7 @@ class ChatQueue:
             metrics=self.metrics,
             clock=clock,
             on_finished=self._finished,
+            restart_policy=RestartPolicy(max_restarts=max_model_restarts),
         )
         self._rids = itertools.count(1)
         self._id_prefix = secrets.token_hex(6)  # request ids stay unique across restarts
@@ -114,6 +118,7 @@ class ChatQueue:
         # entered from two threads at once for encoding.
         self._tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="chatqueue-tokenizer")
         self._is_started = False
+        self._is_stopped = False
 
     # -- life cycle -----------------------------------------------------------------------
     async def start_queue_worker(self) -> None:
@@ -124,9 +129,10 @@ class ChatQueue:
         self._engine.start(asyncio.get_running_loop())
         lag = sample_loop_lag(lambda _, lag_s: self.metrics.loop_lag.observe(lag_s))
         self._tasks.append(asyncio.create_task(lag))
-        if self.step_timeout_s is not None:
-            watch = watch_steps(self._engine.check_hung, self._clock, self.step_timeout_s)
-            self._tasks.append(asyncio.create_task(watch))
+        fixed = self.step_timeout_s
+        timeout = self._engine.step_timeout if fixed is None else (lambda: fixed)
+        watch = watch_steps(self._engine.check_hung, self._clock, timeout)
+        self._tasks.append(asyncio.create_task(watch))
 
     async def wait_ready(self, timeout_s: float | None = None) -> None:
         """Wait for the model to load; raises NotReady if it failed or `timeout_s` passed."""
@@ -135,17 +141,26 @@ class ChatQueue:
             raise NotReady(f"The model is not ready: {self._engine.load_error or 'loading'}")
 
     async def stop(self, timeout_s: float = 30.0) -> None:
-        """Stop admitting, let what is in flight finish for up to `timeout_s`, abort the rest."""
+        """Stop admitting, let what is in flight finish for up to `timeout_s`, abort the rest.
+        A second call returns at once."""
+        if self._is_stopped:
+            return
+        self._is_stopped = True
         self._engine.close_admission()
         for task in self._tasks:
             task.cancel()
         if self._is_started:
+            deadline = time.monotonic() + timeout_s
             is_idle = await asyncio.to_thread(self._engine.wait_idle, timeout_s)
             if not is_idle:
                 self._engine.abort_everything(
                     ShuttingDown("The server shut down before this request could finish.")
                 )
-            await asyncio.to_thread(self._engine.stop, 30.0)
+            # NOTE: never past the grace period (a model still loading or a step that hangs
+            # would hold a join for good); the thread is a daemon, and a model process is
+            # killed when this process exits.
+            left = max(ABORT_GRACE_S, deadline - time.monotonic())
+            await asyncio.to_thread(self._engine.stop, left)
         self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- state ----------------------------------------------------------------------------
@@ -155,7 +170,7 @@ class ChatQueue:
 
     @property
     def health(self) -> str:
-        """ready, loading, failed, unhealthy (a step hangs) or shutting_down."""
+        """ready, loading, restarting, failed, unhealthy (a step hangs) or shutting_down."""
         if self.scheduler.is_closed:
             return "shutting_down"
         if self._engine.is_hung:
@@ -167,10 +182,23 @@ class ChatQueue:
         return self._engine.load_error
 
     @property
+    def last_model_exit(self) -> str | None:
+        """Why the model process last went away (`killed by SIGKILL`, `exit code 1`), if ever."""
+        return self._engine.last_exit
+
+    def unavailable_error(self) -> ServiceUnavailable | None:
+        """While the model restarts, the 503 to answer (with its Retry-After); else None."""
+        if self._engine.state is EngineState.RESTARTING:
+            return self._engine.restarting_error()
+        return None
+
+    @property
     def runner(self) -> Runner:
         """The loaded runner; raises the 503 error that says why there is none yet."""
         if self._engine.state is EngineState.FAILED:
             raise ServiceUnavailable(f"The model is not available: {self._engine.load_error}")
+        if self._engine.state is EngineState.RESTARTING:
+            raise self._engine.restarting_error()
         if self._engine.runner is None or self._engine.state is not EngineState.READY:
             raise NotReady("The model is still loading. Retry in a few seconds.")
         return self._engine.runner

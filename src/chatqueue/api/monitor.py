@@ -22,10 +22,13 @@ async def sample_loop_lag(on_sample: Callable[[float, float], None], period_s: f
 
 
 async def watch_steps(
-    check_hung: Callable[[float, float], bool], clock: Callable[[], float], step_timeout_s: float
+    check_hung: Callable[[float, float], bool],
+    clock: Callable[[], float],
+    step_timeout_s: Callable[[], float],
 ) -> None:
-    """Forever: ask `check_hung(now, step_timeout_s)` a few times per timeout, so that a step that
-    hangs fails what is in flight rather than leave every client hanging. Cancel to stop."""
+    """Forever: ask `check_hung(now, step_timeout_s())` a few times per timeout, so that a step
+    that hangs is ended rather than leave every client hanging. Cancel to stop."""
     while True:
-        await asyncio.sleep(min(1.0, step_timeout_s / 4))
-        check_hung(clock(), step_timeout_s)
+        timeout_s = step_timeout_s()
+        await asyncio.sleep(min(1.0, timeout_s / 4))
+        check_hung(clock(), timeout_s)

@@ -7,7 +7,9 @@ NOTE: which thread runs what.
   to change the scheduler, never waits on the model, and delivers what it ends itself.
 - The engine thread (`_run`) loads the model (when given a factory), then loops in `_step`:
   schedule under the lock, run the model outside it, account for the tokens under it again, and
-  send the step's events to the event loop in one hop (`HandOver`).
+  send the step's events to the event loop in one hop (`HandOver`). When a restartable model
+  (its own process) dies or is killed for hanging, the same thread restarts it (`_heal`): the
+  running requests end with `EngineRestarted`, the waiting ones keep their places.
 - A worker thread of the event loop (`asyncio.to_thread`) calls `wait_idle` and `stop`, which
   block.
 - Streams see events only on the event loop (`HandOver.deliver`), so nothing a client reads
@@ -17,16 +19,26 @@ NOTE: which thread runs what.
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import gc
 import logging
+import math
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from chatqueue.engine.handover import HandOver, Outbox
-from chatqueue.engine.runner import NewSequence, Runner, RunnerLost, StepBatch
+from chatqueue.engine.runner import NewSequence, Restartable, Runner, RunnerLost, StepBatch
 from chatqueue.engine.sequence import Sequence, Step
-from chatqueue.errors import ChatQueueError, EngineError, QueueTimeout, ServiceUnavailable
+from chatqueue.errors import (
+    ChatQueueError,
+    EngineError,
+    EngineRestarted,
+    QueueTimeout,
+    ServiceUnavailable,
+)
 from chatqueue.metrics import Metrics
 from chatqueue.scheduler import SchedulePlan, Scheduler
 from chatqueue.types import Finished, FinishReason, Queued, Started, Token
@@ -37,8 +49,26 @@ log = logging.getLogger(__name__)
 class EngineState(enum.StrEnum):
     LOADING = "loading"
     READY = "ready"
+    RESTARTING = "restarting"
     FAILED = "failed"
     STOPPED = "stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class RestartPolicy:
+    """At most `max_restarts` within `window_s` (then the engine fails for good), each attempt
+    after a back-off that doubles from `first_backoff_s` up to `max_backoff_s`."""
+
+    max_restarts: int = 5
+    window_s: float = 600.0
+    first_backoff_s: float = 0.5
+    max_backoff_s: float = 10.0
+
+
+# A step hangs when it runs this many times the longest recent step, and never before this.
+AUTO_TIMEOUT_STEPS = 20
+AUTO_TIMEOUT_FLOOR_S = 30.0
+IDLE_CHECK_S = 1.0  # how often an idle engine makes sure its model process is alive
 
 
 class Engine:
@@ -50,11 +80,18 @@ class Engine:
         metrics: Metrics,
         clock: Callable[[], float],
         on_finished: Callable[[Sequence, Finished], None] | None = None,
+        restart_policy: RestartPolicy | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.metrics = metrics
         self._runner_source = runner
         self._clock = clock
+        self._restart_policy = restart_policy or RestartPolicy()
+        self._restarts: collections.deque[float] = collections.deque()
+        self.last_exit: str | None = None  # why the model process last went away
+        self.restarting_since: float | None = None
+        self._step_times: collections.deque[float] = collections.deque(maxlen=256)
+        self._load_time_s = 0.0  # the model's last (re)load took this long
         self._handover = HandOver(on_finished)
         self._cond = threading.Condition()
         self._positions_dirty = False
@@ -67,6 +104,9 @@ class Engine:
         self._step_started: float | None = None
         self._step_seqs: list[Sequence] = []
         self.is_hung = False
+        self._has_ended = False  # the engine thread has returned
+        self.lost: RunnerLost | None = None  # set by `_step` when the model went away
+        self._lost_step_seqs: list[Sequence] = []
 
     # -- the event loop's side (short critical sections only) -----------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -79,6 +119,8 @@ class Engine:
         with self._cond:
             if self.state is EngineState.FAILED:
                 raise ServiceUnavailable(f"The model is not available: {self.load_error}")
+            if self.state is EngineState.RESTARTING:
+                raise self.restarting_error()
             self.scheduler.add(seq, now)  # raises QueueFull, ShuttingDown, ...
             self._positions_dirty = True
             self.metrics.waiting.set(self.scheduler.num_waiting)
@@ -113,18 +155,47 @@ class Engine:
         self._handover.deliver(outbox)
 
     def wait_idle(self, timeout_s: float) -> bool:
-        """Blocking: wait until nothing is running or waiting. True if that happened in time."""
+        """Blocking: wait until nothing is running or waiting, or the engine has stopped for
+        good. True if that happened in time."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self.scheduler.has_work, timeout_s)
+            return self._cond.wait_for(
+                lambda: not self.scheduler.has_work or self._has_ended, timeout_s
+            )
+
+    def step_timeout(self) -> float:
+        """The watchdog's limit when none is set: many times the longest recent step (a
+        model's steps vary with batch and prompt), and never less than a floor."""
+        with self._cond:
+            longest = max(self._step_times, default=0.0)
+        return max(AUTO_TIMEOUT_FLOOR_S, AUTO_TIMEOUT_STEPS * longest)
+
+    def restarting_error(self) -> ServiceUnavailable:
+        return ServiceUnavailable(
+            f"The model process stopped ({self.last_exit}) and is being restarted. Retry soon.",
+            retry_after_s=self._restart_eta_s(),
+        )
+
+    def _restart_eta_s(self) -> int:
+        """Seconds until the model is likely back: its last load's time, less what has passed."""
+        since = self.restarting_since
+        elapsed = 0.0 if since is None else self._clock() - since
+        expected = self._restart_policy.first_backoff_s + self._load_time_s
+        return max(1, math.ceil(expected - elapsed))
 
     def check_hung(self, now: float, step_timeout_s: float) -> bool:
-        """From the watchdog: if the step in flight has run past `step_timeout_s`, fail every
-        waiting and running request instead of leaving them hanging. True while hung."""
+        """From the watchdog: if the step in flight has run past `step_timeout_s`, end it: a
+        restartable model is killed (and restarted, the waiting keeping their places); else
+        every waiting and running request fails instead of hanging. True while hung."""
         with self._cond:
             started = self._step_started
             if self.is_hung or started is None or now - started <= step_timeout_s:
                 return self.is_hung
             self.is_hung = True
+            runner = self.runner
+            if isinstance(runner, Restartable) and self._can_restart(now):
+                log.error("a step has run for %.1f s: killing the model process", now - started)
+                runner.kill()  # the step in flight raises RunnerLost: see `_heal`
+                return True
             error = ServiceUnavailable(
                 f"The model has not answered for {now - started:.0f} s; the request was failed."
             )
@@ -146,6 +217,14 @@ class Engine:
 
     # -- the engine thread ----------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            with self._cond:
+                self._has_ended = True
+                self._cond.notify_all()  # wake `wait_idle`: nothing will run any more
+
+    def _serve(self) -> None:
         runner = self._load()
         if runner is None:
             return
@@ -155,7 +234,7 @@ class Engine:
         gc.collect()
         gc.freeze()
         try:
-            while self._step(runner):
+            while self._step(runner) or self._heal(runner):
                 pass
         finally:
             runner.close()
@@ -164,10 +243,12 @@ class Engine:
                 self.state = EngineState.STOPPED
 
     def _load(self) -> Runner | None:
+        began = time.perf_counter()
         try:
             if self.runner is None:
                 assert callable(self._runner_source)
                 self.runner = self._runner_source()  # type: ignore[call-arg]
+            self._load_time_s = time.perf_counter() - began
             self.state = EngineState.READY
         except BaseException as exc:
             log.exception("loading the model failed")
@@ -178,11 +259,19 @@ class Engine:
         return self.runner if self.state is EngineState.READY else None
 
     def _step(self, runner: Runner) -> bool:
-        """One step: schedule, run the model, hand out the results. False when it is time to stop."""
+        """One step: schedule, run the model, hand out the results. False when it is time to
+        stop, or the model is lost (`self.lost` says why)."""
         with self._cond:
             while not (self.scheduler.has_work or self._positions_dirty or self._is_stopping):
-                self._cond.wait(self._wait_timeout())
+                self._cond.wait(self._wait_timeout(runner))
+                if not self.scheduler.has_work and isinstance(runner, Restartable):
+                    try:
+                        runner.check_alive()
+                    except RunnerLost as exc:  # died while idle: heal before anyone asks
+                        self.lost = exc
+                        return False
             if self._is_stopping and not self.scheduler.has_work:
+                self.lost = None
                 return False
             now = self._clock()
             plan = self.scheduler.schedule(now)
@@ -201,11 +290,12 @@ class Engine:
         seqs = plan.batch
         with self._cond:
             self._step_started, self._step_seqs = self._clock(), seqs
+        began = time.perf_counter()
         try:
             tokens = runner.step(batch)
         except RunnerLost as exc:
-            log.error("%s Failing every request; the engine stops.", exc)
-            self._fail_everything(seqs, exc)
+            self.lost = exc
+            self._lost_step_seqs = seqs
             return False
         except Exception as exc:
             log.exception("the runner failed a step of %s requests", len(seqs))
@@ -215,9 +305,70 @@ class Engine:
             with self._cond:
                 self._step_started, self._step_seqs = None, []
                 self.is_hung = False
+        self._step_times.append(time.perf_counter() - began)
         self.metrics.steps.inc()
         self._finish_step(seqs, tokens, None)
         return True
+
+    # -- when the model is lost -----------------------------------------------------------
+    def _heal(self, runner: Runner) -> bool:
+        """After `_step` returned False: True if the model was lost and has been restarted
+        (the loop goes on); False to stop (asked to, or the model is gone for good)."""
+        exc, self.lost = self.lost, None
+        if exc is None:
+            return False
+        seqs, self._lost_step_seqs = self._lost_step_seqs, []
+        self.last_exit = str(exc).removeprefix("The model process ").rstrip(".")
+        self.metrics.model_exits.labels(self.last_exit).inc()
+        if not (isinstance(runner, Restartable) and self._can_restart(self._clock())):
+            log.error("%s Failing every request; the engine stops.", exc)
+            self._fail_everything(seqs, exc)
+            return False
+        log.error("%s Restarting it; the waiting requests keep their places.", exc)
+        with self._cond:
+            self.state = EngineState.RESTARTING
+            self.restarting_since = self._clock()
+        self._finish_step(
+            seqs, {}, EngineRestarted(f"{exc} It is being restarted; this reply was cut short.")
+        )
+        if not self._restart(runner):
+            self._fail_everything([], exc)
+            return False
+        with self._cond:
+            self.state = EngineState.READY
+            self.restarting_since = None
+            self.is_hung = False
+            self._positions_dirty = True
+            self._cond.notify_all()
+        return True
+
+    def _can_restart(self, now: float) -> bool:
+        policy = self._restart_policy
+        while self._restarts and self._restarts[0] < now - policy.window_s:
+            self._restarts.popleft()
+        return len(self._restarts) < policy.max_restarts
+
+    def _restart(self, runner: Restartable) -> bool:
+        """Start the model again, backing off between attempts; False once the policy says no
+        more (or the engine is asked to stop)."""
+        policy = self._restart_policy
+        backoff = policy.first_backoff_s
+        while self._can_restart(self._clock()) and not self._is_stopping:
+            time.sleep(backoff)
+            self._restarts.append(self._clock())
+            self.metrics.model_restarts.inc()
+            began = time.perf_counter()
+            try:
+                runner.restart()
+                self._load_time_s = time.perf_counter() - began
+            except Exception as exc:
+                log.error("restarting the model failed: %s", exc)
+                self.last_exit = f"restart failed: {exc}"
+                backoff = min(policy.max_backoff_s, backoff * 2)
+                continue
+            log.info("the model process is back")
+            return True
+        return False
 
     def _fail_everything(self, seqs: list[Sequence], exc: RunnerLost) -> None:
         """The runner is gone: the step's requests fail, the waiting ones too, /health says
@@ -238,9 +389,12 @@ class Engine:
             for seq in self.scheduler.expire_all_waiting(FinishReason.ERROR)
         ]
 
-    def _wait_timeout(self) -> float | None:
+    def _wait_timeout(self, runner: Runner) -> float | None:
         deadline = self.scheduler.next_deadline()
-        return None if deadline is None else max(0.0, deadline - self._clock())
+        wait = None if deadline is None else max(0.0, deadline - self._clock())
+        if isinstance(runner, Restartable):
+            wait = IDLE_CHECK_S if wait is None else min(wait, IDLE_CHECK_S)
+        return wait
 
     def _plan_events(self, plan: SchedulePlan[Sequence], now: float) -> Outbox:
         """Under the lock: the events a schedule produces (leavers, starters, new positions)."""

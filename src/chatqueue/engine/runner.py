@@ -92,3 +92,21 @@ class TokenizedRunner:
 
     def close(self) -> None:
         self.model.close()
+
+
+@runtime_checkable
+class Restartable(Protocol):
+    """A runner whose model lives apart (its own process) and can be started again when it dies
+    or hangs. `kill` may be called from any thread; the others run on the engine thread."""
+
+    def check_alive(self) -> None:
+        """Raise RunnerLost if the model is gone (checked while the engine is idle)."""
+        ...
+
+    def kill(self) -> None:
+        """End the model at once (it hangs); the step in flight then raises RunnerLost."""
+        ...
+
+    def restart(self) -> None:
+        """Start the model anew (blocking); raises if it cannot be loaded."""
+        ...

@@ -16,6 +16,7 @@ from chatqueue.errors import (
     ChatQueueError,
     ClientGone,
     EngineError,
+    EngineRestarted,
     Forbidden,
     InvalidRequest,
     NotFound,
@@ -37,6 +38,7 @@ STATUS: dict[type[ChatQueueError], int] = {
     PayloadTooLarge: 413,
     QueueFull: 429,  # UserQueueFull too
     ClientGone: 499,  # nginx's "client closed request": nobody reads it, the access log does
+    EngineRestarted: 503,  # cut short by a model process restart: retrying works
     EngineError: 500,
     Aborted: 500,
     ServiceUnavailable: 503,  # NotReady, ShuttingDown, QueueTimeout too

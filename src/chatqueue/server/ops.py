@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from chatqueue.api import ChatQueue
 from chatqueue.server.auth import admin, keyring
+from chatqueue.server.errors import headers_of
 
 router = APIRouter(tags=["operations"])
 
@@ -26,9 +27,14 @@ async def health(request: Request) -> JSONResponse:
     cq = _cq(request)
     status = cq.health
     body: dict[str, Any] = {"status": "ok" if status == "ready" else status}
+    headers: dict[str, str] = {}
     if status == "failed":
         body["error"] = str(cq.load_error)
-    return JSONResponse(body, status_code=200 if status == "ready" else 503)
+    if cq.last_model_exit is not None:
+        body["last_model_exit"] = cq.last_model_exit
+    if (restarting := cq.unavailable_error()) is not None:
+        headers = headers_of(restarting)
+    return JSONResponse(body, status_code=200 if status == "ready" else 503, headers=headers)
 
 
 @router.get("/load", dependencies=[Depends(admin)])

@@ -24,7 +24,7 @@ from chatqueue import (
     Started,
     Token,
 )
-from chatqueue.engine.runner import StepBatch
+from chatqueue.engine.runner import RunnerLost, StepBatch
 from chatqueue.errors import (
     InvalidRequest,
     PromptTooLong,
@@ -274,3 +274,22 @@ async def test_a_blocked_event_loop_shows_in_the_lag_histogram() -> None:
         assert num_late() == before + 1
     finally:
         await cq.stop()
+
+
+class LosesItsModel(MockRunner):
+    """A model that is gone at its first step (as a model process that died)."""
+
+    def step(self, batch: StepBatch) -> dict[int, int]:
+        raise RunnerLost("The model process exited (killed by SIGKILL).")
+
+
+async def test_stop_after_the_model_is_lost_returns_without_waiting_out_its_timeout() -> None:
+    cq = ChatQueue(LosesItsModel(), max_model_restarts=0)
+    await cq.start_queue_worker()
+    finished = await (await cq.submit(HELLO)).collect()
+    assert finished.reason is FinishReason.ERROR and cq.health == "failed"
+    # A stop that waited for its grace period here (what a lost model left "running") would
+    # outlast this safety net by far; a second stop (the app's lifespan after the signal
+    # handler's drain) returns at once too.
+    await asyncio.wait_for(cq.stop(timeout_s=3600), timeout=10)
+    await asyncio.wait_for(cq.stop(timeout_s=3600), timeout=10)

@@ -21,6 +21,7 @@ import atexit
 import contextlib
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -69,6 +70,11 @@ class ProcessRunner:
     ) -> None:
         self.tokenizer = tokenizer
         self.model_name = model_name
+        self._load = load
+        self._log_level = log_level
+        self._start()
+
+    def _start(self) -> None:
         ours, theirs = socket.socketpair()
         with ours, theirs:
             self._proc = subprocess.Popen(
@@ -81,7 +87,7 @@ class ProcessRunner:
             self._conn = Connection(ours.detach())
         atexit.register(self._kill)  # an engine thread stuck past exit must not orphan the child
         try:
-            self._conn.send(Load(load, log_level))
+            self._conn.send(Load(self._load, self._log_level))
             ready: LoadReply = self._recv()
         except RunnerLost as exc:
             self._kill()
@@ -111,6 +117,19 @@ class ProcessRunner:
         assert isinstance(reply, StepDone), reply
         return reply.tokens
 
+    # -- Restartable ----------------------------------------------------------------------
+    def check_alive(self) -> None:
+        if self._proc.poll() is not None:
+            raise self._lost()
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self._proc.kill()
+
+    def restart(self) -> None:
+        self._kill()
+        self._start()
+
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self._conn.send(Close())
@@ -131,7 +150,7 @@ class ProcessRunner:
             code = self._proc.wait(5)
         except subprocess.TimeoutExpired:
             return RunnerLost("The model process closed its connection.")
-        return RunnerLost(f"The model process exited (exit code {code}).")
+        return RunnerLost(f"The model process exited ({exit_reason(code)}).")
 
     def _kill(self) -> None:
         if self._proc.poll() is None:
@@ -139,3 +158,11 @@ class ProcessRunner:
             self._proc.wait()
         self._conn.close()
         atexit.unregister(self._kill)
+
+
+def exit_reason(code: int) -> str:
+    """`exit code 1`, or `killed by SIGKILL` for a process a signal ended (Popen's -9)."""
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
