@@ -25,7 +25,7 @@ import pytest
 
 from chatqueue.engine.mock import LOREM, MockConfig, MockRunner, MockTokenizer
 from chatqueue.engine.process.runner import ModelLoadError, ProcessRunner
-from chatqueue.engine.runner import ModelRunner, NewSequence, Runner, StepBatch
+from chatqueue.engine.runner import ModelRunner, NewSequence, Runner, RunnerLost, StepBatch
 from chatqueue.types import ChatMessage, SamplingParams
 from tests.support.http import (
     SAFETY_S,
@@ -344,4 +344,24 @@ async def test_a_model_that_cannot_be_loaded_again_leaves_the_server_failed(
             figures = await metrics(client)
     assert queued.status == 503
     assert metric(figures, "chatqueue_model_restarts_total") == 2  # then no more
+    assert model_processes() == []
+
+
+def test_a_restart_takes_the_spare_process_whose_imports_are_done() -> None:
+    load = functools.partial(MockRunner, MockConfig(mode="echo"))
+    runner = ProcessRunner(load, tokenizer=MockTokenizer(), model_name="mock", preload=("json",))
+    first, spare = runner.pid, runner.spare_pid
+    assert spare is not None and spare != first
+    os.kill(first, signal.SIGKILL)
+    with pytest.raises(RunnerLost):
+        runner.step(StepBatch(new=[], running=[], released=[]))
+    runner.restart()
+    assert runner.pid == spare  # the spare became the model process
+    assert runner.spare_pid not in (None, first, spare)  # and a new spare waits
+    prompt = runner.tokenizer.apply_chat_template([ChatMessage("user", "again")])
+    first_token = runner.step(
+        StepBatch(new=[NewSequence(1, prompt, SamplingParams())], running=[], released=[])
+    )
+    assert runner.tokenizer.decode([first_token[1]]) == "again"
+    runner.close()
     assert model_processes() == []

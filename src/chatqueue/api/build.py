@@ -59,7 +59,13 @@ def load_hf(settings: Settings) -> Runner:
     load = functools.partial(load_model, settings, str(folder))
     if settings.model_process == "off":
         return TokenizedRunner(load(), tokenizer, name)
-    return ProcessRunner(load, tokenizer=tokenizer, model_name=name, log_level=settings.log_level)
+    return ProcessRunner(
+        load,
+        tokenizer=tokenizer,
+        model_name=name,
+        log_level=settings.log_level,
+        preload=("torch", "transformers", "chatqueue.engine.hf.loader"),
+    )
 
 
 def load_model(settings: Settings, folder: str) -> ModelRunner:

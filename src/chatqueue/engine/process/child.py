@@ -1,6 +1,7 @@
 """The model process: `python -m chatqueue.engine.process.child FD`, started by ProcessRunner.
 
-It loads the model by calling what the server sent (`Load`), answers `Ready`, then takes one
+It imports what the server names (`Preload`: a spare child does this ahead of need), loads the
+model by calling what the server sent (`Load`), answers `Ready`, then takes one
 StepBatch at a time and answers `StepDone` or `StepFailed`; it exits on `Close` or when the
 socket closes.
 """
@@ -8,6 +9,7 @@ socket closes.
 from __future__ import annotations
 
 import gc
+import importlib
 import logging
 import signal
 import sys
@@ -17,6 +19,7 @@ from chatqueue.engine.process.messages import (
     Close,
     Load,
     LoadFailed,
+    Preload,
     Ready,
     StepDone,
     StepFailed,
@@ -32,7 +35,13 @@ def serve(conn: Connection) -> None:
     # the service: the server drains its requests, then closes us (or its end of the socket does).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    load: Load = conn.recv()
+    preload: Preload = conn.recv()
+    for module in preload.modules:
+        importlib.import_module(module)
+    try:
+        load: Load = conn.recv()
+    except EOFError:  # a spare never used: the server closed it
+        return
     logging.basicConfig(
         level=load.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

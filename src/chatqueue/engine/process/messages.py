@@ -1,6 +1,7 @@
 """What crosses the socket between the server (ProcessRunner) and the model process (child).
 
-server -> child: `Load` once, then a `StepBatch` a step, then `Close`.
+server -> child: `Preload` at once, `Load` once (a spare child waits for it), then a `StepBatch`
+a step, then `Close`.
 child -> server: `Ready` or `LoadFailed` once, then `StepDone` or `StepFailed` for each step.
 """
 
@@ -10,6 +11,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from chatqueue.engine.runner import ModelRunner
+
+
+@dataclass(frozen=True, slots=True)
+class Preload:
+    """Import these modules now (the slow part of a start), then wait for `Load`."""
+
+    modules: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

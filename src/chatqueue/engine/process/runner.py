@@ -34,6 +34,7 @@ from chatqueue.engine.process.messages import (
     Load,
     LoadFailed,
     LoadReply,
+    Preload,
     Ready,
     StepDone,
     StepFailed,
@@ -53,12 +54,43 @@ class StepError(RuntimeError):
     """A step raised in the child; the runner is still usable (as when it raises in-process)."""
 
 
+class _Child:
+    """One model process and our end of its socket. Started with `preload` imported (the heavy
+    modules), it then waits for its `Load`."""
+
+    def __init__(self, preload: tuple[str, ...]) -> None:
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "chatqueue.engine.process.child", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                # the server's import path: chatqueue, and the module `load` comes from, import
+                # there as they did here (a source checkout, a benchmark's folder)
+                env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+            )
+            self.conn = Connection(ours.detach())
+        atexit.register(self.kill)  # an engine thread stuck past exit must not orphan it
+        with contextlib.suppress(OSError):  # a child dead at once shows when it is loaded
+            self.conn.send(Preload(preload))
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.conn.close()
+        atexit.unregister(self.kill)
+
+
 class ProcessRunner:
     """A Runner whose model lives in a child process. The child calls `load()` (a picklable
     callable: a module-level function or a functools.partial of one) and serves steps.
 
+    With `preload` (module names, e.g. torch), a spare child is kept with those modules imported,
+    so that a restart after a death only loads the weights: importing torch and transformers is
+    most of a small model's start.
+
     Blocks until the model is loaded; raises ModelLoadError if it fails. Every method runs on the
-    engine thread."""
+    engine thread but `kill`, which any thread may call."""
 
     def __init__(
         self,
@@ -67,36 +99,31 @@ class ProcessRunner:
         tokenizer: Tokenizer,
         model_name: str,
         log_level: str = "info",
+        preload: tuple[str, ...] = (),
     ) -> None:
         self.tokenizer = tokenizer
         self.model_name = model_name
         self._load = load
         self._log_level = log_level
+        self._preload = preload
+        self._spare: _Child | None = None
         self._start()
 
     def _start(self) -> None:
-        ours, theirs = socket.socketpair()
-        with ours, theirs:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "chatqueue.engine.process.child", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),),
-                # the server's import path: chatqueue, and the module `load` comes from, import
-                # there as they did here (a source checkout, a benchmark's folder)
-                env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
-            )
-            self._conn = Connection(ours.detach())
-        atexit.register(self._kill)  # an engine thread stuck past exit must not orphan the child
+        self._child, self._spare = self._spare or _Child(self._preload), None
         try:
-            self._conn.send(Load(self._load, self._log_level))
+            self._child.conn.send(Load(self._load, self._log_level))
             ready: LoadReply = self._recv()
-        except RunnerLost as exc:
-            self._kill()
+        except (RunnerLost, OSError) as exc:
+            self._child.kill()
             raise ModelLoadError(str(exc)) from exc
         if isinstance(ready, LoadFailed):
-            self._kill()
+            self._child.kill()
             raise ModelLoadError(ready.reason)
         assert isinstance(ready, Ready), ready
         self._context_window = ready.context_window
+        if self._preload:
+            self._spare = _Child(self._preload)
 
     @property
     def context_window(self) -> int:
@@ -104,11 +131,15 @@ class ProcessRunner:
 
     @property
     def pid(self) -> int:
-        return self._proc.pid
+        return self._child.proc.pid
+
+    @property
+    def spare_pid(self) -> int | None:
+        return None if self._spare is None else self._spare.proc.pid
 
     def step(self, batch: StepBatch) -> dict[int, int]:
         try:
-            self._conn.send(batch)
+            self._child.conn.send(batch)
         except OSError as exc:
             raise self._lost() from exc
         reply: StepReply = self._recv()
@@ -119,45 +150,40 @@ class ProcessRunner:
 
     # -- Restartable ----------------------------------------------------------------------
     def check_alive(self) -> None:
-        if self._proc.poll() is not None:
+        if self._child.proc.poll() is not None:
             raise self._lost()
 
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
-            self._proc.kill()
+            self._child.proc.kill()
 
     def restart(self) -> None:
-        self._kill()
+        self._child.kill()
         self._start()
 
     def close(self) -> None:
+        if self._spare is not None:
+            self._spare.kill()
         with contextlib.suppress(OSError):
-            self._conn.send(Close())
+            self._child.conn.send(Close())
         try:
-            self._proc.wait(30)
+            self._child.proc.wait(30)
         except subprocess.TimeoutExpired:
             log.warning("the model process did not exit in 30 s; killing it")
-        self._kill()
+        self._child.kill()
 
     def _recv(self) -> Any:
         try:
-            return self._conn.recv()
+            return self._child.conn.recv()
         except (EOFError, OSError) as exc:
             raise self._lost() from exc
 
     def _lost(self) -> RunnerLost:
         try:
-            code = self._proc.wait(5)
+            code = self._child.proc.wait(5)
         except subprocess.TimeoutExpired:
             return RunnerLost("The model process closed its connection.")
         return RunnerLost(f"The model process exited ({exit_reason(code)}).")
-
-    def _kill(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait()
-        self._conn.close()
-        atexit.unregister(self._kill)
 
 
 def exit_reason(code: int) -> str:

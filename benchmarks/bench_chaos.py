@@ -1,0 +1,198 @@
+"""Chaos: under steady load, SIGKILL the model process again and again, at random moments.
+
+A real `chatqueue serve` on the default model (the model in its own process), a fixed number of
+clients each sending streamed chats one after another, and the model process killed `--kills`
+times, each at a random moment once the server is back. Prints:
+  - requests completed; ended with a clear error (an error event, or a JSON error with a status);
+    lost (the connection ended with neither: must be 0); hung (no end within the safety time:
+    must be 0);
+  - seconds from each kill to /health ok again (p50, max);
+  - the requests that were waiting in the queue at a kill: how many completed afterwards, and
+    whether they started in the order of their queue positions.
+
+    .venv/bin/python benchmarks/bench_chaos.py [--kills 20] [--clients 10] [--max-concurrent 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import random
+import signal
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from _common import running_server
+
+HUNG_S = 120.0  # a request with no end after this long counts as hung
+
+
+@dataclass
+class Request:
+    started: float
+    positions: list[int] = field(default_factory=list)
+    first_content: float | None = None
+    ended: float | None = None
+    outcome: str = "running"  # completed | error | lost | hung
+    error: str = ""
+
+
+def model_process(server_pid: int) -> int:
+    """The server's model process: the oldest of its model-process children (the spare, kept
+    ready for a restart, starts after it)."""
+    pids = []
+    for task in Path(f"/proc/{server_pid}/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            if b"chatqueue.engine.process.child" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(int(pid))
+    return min(pids, key=lambda pid: int(Path(f"/proc/{pid}/stat").read_text().split()[21]))
+
+
+async def one_chat(client: httpx.AsyncClient, number: int, requests: list[Request]) -> None:
+    req = Request(time.perf_counter())
+    requests.append(req)
+    body = {
+        "messages": [{"role": "user", "content": f"Say something about the number {number}."}],
+        "stream": True,
+        "max_tokens": 24,
+        "temperature": 0,
+    }
+    try:
+        async with asyncio.timeout(HUNG_S):
+            async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                if r.status_code != 200:
+                    req.outcome, req.error = "error", (await r.aread()).decode()[:200]
+                    return
+                async for line in r.aiter_lines():
+                    if line.startswith(": queued position="):
+                        req.positions.append(int(line.split("=")[1].split()[0]))
+                    elif line.startswith("data: {"):
+                        chunk = json.loads(line[6:])
+                        if "error" in chunk:
+                            req.outcome, req.error = "error", chunk["error"]["type"]
+                        elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                            req.first_content = req.first_content or time.perf_counter()
+                        elif chunk["choices"] and chunk["choices"][0]["finish_reason"]:
+                            req.outcome = "completed"
+                    elif line == "data: [DONE]" and req.outcome == "running":
+                        req.outcome = "lost"  # [DONE] with neither a finish nor an error
+        if req.outcome == "running":
+            req.outcome = "lost"
+    except TimeoutError:
+        req.outcome = "hung"
+    except httpx.HTTPError as exc:
+        req.outcome, req.error = "lost", type(exc).__name__
+    finally:
+        req.ended = time.perf_counter()
+
+
+async def client_loop(url: str, stop: asyncio.Event, requests: list[Request], base: int) -> None:
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(30, read=None)) as client:
+        n = 0
+        while not stop.is_set():
+            await one_chat(client, base + n, requests)
+            n += 1
+
+
+async def wait_health(client: httpx.AsyncClient, status: str) -> None:
+    while True:
+        try:
+            if (await client.get("/health")).json()["status"] == status:
+                return
+        except httpx.HTTPError:
+            pass
+        await asyncio.sleep(0.02)
+
+
+async def chaos(url: str, server_pid: int, args: argparse.Namespace) -> None:
+    rng = random.Random(args.seed)
+    requests: list[Request] = []
+    stop = asyncio.Event()
+    clients = [
+        asyncio.create_task(client_loop(url, stop, requests, 1000 * i)) for i in range(args.clients)
+    ]
+    recoveries: list[float] = []
+    at_kills: list[list[Request]] = []
+    async with httpx.AsyncClient(base_url=url, timeout=10) as probe:
+        await asyncio.sleep(3.0)  # load is steady
+        for k in range(args.kills):
+            await asyncio.sleep(rng.uniform(0.5, 3.0))
+            pid = model_process(server_pid)
+            waiting = [r for r in requests if r.ended is None and r.first_content is None]
+            at_kills.append([r for r in waiting if r.positions])
+            os.kill(pid, signal.SIGKILL)
+            killed = time.perf_counter()
+            await wait_health(probe, "restarting")  # noticed within a step, or a second idle
+            await wait_health(probe, "ok")
+            recoveries.append(time.perf_counter() - killed)
+            print(f"kill {k + 1}: back in {recoveries[-1]:.2f} s", flush=True)
+        stop.set()
+        await asyncio.gather(*clients)
+    report(requests, recoveries, at_kills)
+
+
+def report(requests: list[Request], recoveries: list[float], at_kills: list[list[Request]]) -> None:
+    counts = {
+        o: sum(r.outcome == o for r in requests) for o in ("completed", "error", "lost", "hung")
+    }
+    errors: dict[str, int] = {}
+    for r in requests:
+        if r.outcome == "error":
+            kind = r.error if len(r.error) < 40 else "refused: " + r.error[:60]
+            errors[kind] = errors.get(kind, 0) + 1
+    print(f"requests {len(requests)}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    print(f"errors by type: {errors}")
+    ordered = sorted(recoveries)
+    print(
+        f"kill -> ready: p50 {statistics.median(ordered):.2f} s, max {ordered[-1]:.2f} s "
+        f"over {len(ordered)} kills"
+    )
+    waiting = [r for batch in at_kills for r in batch]
+    kept = sum(r.outcome == "completed" for r in waiting)
+    in_order = all(_in_order(batch) for batch in at_kills)
+    print(
+        f"waiting at a kill: {len(waiting)}, completed afterwards: {kept}; "
+        f"started in queue order: {'yes' if in_order else 'no'}"
+    )
+
+
+def _in_order(batch: list[Request]) -> bool:
+    """Requests that waited together start in the order of their last known positions (those
+    admitted in one step start together: 50 ms of slack)."""
+    started = [r for r in sorted(batch, key=lambda r: r.positions[-1]) if r.first_content]
+    return all(
+        a.first_content <= b.first_content + 0.05  # type: ignore[operator]
+        for a, b in itertools.pairwise(started)
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kills", type=int, default=20)
+    ap.add_argument("--clients", type=int, default=10)
+    ap.add_argument("--max-concurrent", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=12)
+    args = ap.parse_args()
+    flags = (
+        "--max-concurrent", str(args.max_concurrent), "--max-queue-size", "32",
+        "--model-restarts", str(args.kills + 5), "--log-level", "warning",
+    )  # fmt: skip
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        running_server(*flags, tmp_path=Path(tmp), ready_timeout_s=600) as server,
+    ):
+        asyncio.run(chaos(server.url, server.process.pid, args))
+        lines = [ln for ln in server.log().splitlines() if "Traceback" in ln]
+        print(f"tracebacks in the server log: {len(lines)}")
+
+
+if __name__ == "__main__":
+    main()
