@@ -31,6 +31,7 @@ from pathlib import Path
 import httpx
 
 from _common import running_server
+from tests.support.servers import model_process
 
 HUNG_S = 120.0  # a request with no end after this long counts as hung
 
@@ -43,17 +44,6 @@ class Request:
     ended: float | None = None
     outcome: str = "running"  # completed | error | lost | hung
     error: str = ""
-
-
-def model_process(server_pid: int) -> int:
-    """The server's model process: the oldest of its model-process children (the spare, kept
-    ready for a restart, starts after it)."""
-    pids = []
-    for task in Path(f"/proc/{server_pid}/task").iterdir():
-        for pid in (task / "children").read_text().split():
-            if b"chatqueue.engine.process.child" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                pids.append(int(pid))
-    return min(pids, key=lambda pid: int(Path(f"/proc/{pid}/stat").read_text().split()[21]))
 
 
 async def one_chat(client: httpx.AsyncClient, number: int, requests: list[Request]) -> None:

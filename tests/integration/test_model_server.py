@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,7 +28,7 @@ from chatqueue.engine.mock import MockRunner
 from chatqueue.engine.runner import Runner
 from chatqueue.server.app import create_app
 from tests.support.http import COMPLETIONS, SAFETY_S, assert_no_server_errors
-from tests.support.servers import Server, running_server
+from tests.support.servers import Server, model_process, running_server
 
 TIMEOUT_S = 60.0  # a safety net for the slow CPU, never a measurement
 CONTEXT_WINDOW = 8192  # SmolLM2's max_position_embeddings
@@ -243,3 +247,21 @@ async def test_health_and_requests_are_503_loading_until_the_model_is_ready() ->
     finally:
         loaded.set()
         await cq.stop(SAFETY_S)
+
+
+@pytest.mark.model
+async def test_the_real_model_process_comes_back_after_a_kill(tmp_path: Path) -> None:
+    question = "What is the capital of Japan? Answer in one word."
+    with running_server("--max-concurrent", "2", tmp_path=tmp_path) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=TIMEOUT_S) as client:
+            before = text_of(await complete(client, question, temperature=0, max_tokens=8))
+            os.kill(model_process(server.process.pid), signal.SIGKILL)
+            deadline = time.monotonic() + TIMEOUT_S
+            while (health := await client.get("/health")).status_code != 200 or (
+                "last_model_exit" not in health.json()
+            ):
+                assert time.monotonic() < deadline, "the model process did not come back"
+                await asyncio.sleep(0.05)
+            after = text_of(await complete(client, question, temperature=0, max_tokens=8))
+    assert "Tokyo" in before and after == before
+    assert health.json()["last_model_exit"] == "exited (killed by SIGKILL)"

@@ -102,6 +102,18 @@ def _wait_healthy(server: Server, timeout_s: float, answers: list[httpx.Response
     raise TimeoutError(f"server not healthy after {timeout_s} s:\n{server.log()}")
 
 
+def model_process(server_pid: int) -> int:
+    """A server's model process: the oldest of its model-process children (the spare, kept ready
+    for a restart, starts after it)."""
+    pids = [
+        int(pid)
+        for task in Path(f"/proc/{server_pid}/task").iterdir()
+        for pid in (task / "children").read_text().split()
+        if b"chatqueue.engine.process.child" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    return min(pids, key=lambda pid: int(Path(f"/proc/{pid}/stat").read_text().split()[21]))
+
+
 @contextmanager
 def redis_server() -> Iterator[str]:
     """`redis-server` on a free port, nothing saved; yields its redis:// URL."""
