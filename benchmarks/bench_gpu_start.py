@@ -1,0 +1,136 @@
+"""How long `chatqueue serve --model DIR` takes to become ready on a GPU, and to come back after its
+model process is killed.
+
+A Llama-3.2-1B-shaped model with random bf16 weights, saved once as a local HF folder (with a
+small tokenizer and a chat template). Three figures, in one run:
+  - cold start: an empty chatqueue cache (nothing compiled yet): load, compile the decode step,
+    capture its CUDA graphs;
+  - warm start: the same model again, the compiled code in the cache (a new server process);
+  - restart: the model process SIGKILLed under the warm server, until /health is ok again (the
+    spare process, which has torch imported, and the cache).
+Each server answers one request before it is timed as done.
+
+    python3 benchmarks/bench_gpu_start.py [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from tests.support.servers import free_port, model_process  # noqa: E402
+
+TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}<|assistant|>"
+
+
+def make_model_folder(folder: Path) -> None:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from gpu_model import build_model
+
+    if (folder / "config.json").is_file():
+        return
+    model = build_model("cuda", torch.bfloat16)
+    model.save_pretrained(folder)
+    del model
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=["<pad>", "<bos>", "<|end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(["What is the capital of Japan? Tokyo."] * 8, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<bos>", eos_token="<|end|>"
+    )
+    fast.chat_template = TEMPLATE
+    fast.save_pretrained(folder)
+
+
+def wait_status(url: str, status: str, proc: subprocess.Popen[bytes], limit_s: float) -> None:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the server exited"
+        try:
+            if httpx.get(f"{url}/health", timeout=5).json().get("status") == status:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"/health never said {status}")
+
+
+def ask(url: str) -> int:
+    body = {
+        "messages": [{"role": "user", "content": "What is the capital of Japan?"}],
+        "max_tokens": 16,
+        "ignore_eos": True,
+    }
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+    r.raise_for_status()
+    return int(r.json()["usage"]["completion_tokens"])
+
+
+def start(folder: Path, cache: Path, log: Path) -> tuple[subprocess.Popen[bytes], str, float]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "chatqueue.cli", "serve", "--model", str(folder)]
+    cmd += ["--cache", str(cache), "--max-concurrent", "64", "--port", str(port)]
+    t0 = time.perf_counter()
+    with log.open("ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    wait_status(url, "ok", proc, 900)
+    assert ask(url) == 16
+    return proc, url, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", default=os.environ.get("OUT", "/tmp/cq-start"))
+    args = ap.parse_args()
+    work = Path(args.work)
+    folder, cache, log = Path("/tmp/cq-llama1b"), work / "cache", work / "servers.log"
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    make_model_folder(folder)
+    print(f"model folder ready in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    proc, _, cold = start(folder, cache, log)
+    print(f"cold start (empty cache): {cold:.1f} s to ready and one answer", flush=True)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(120)
+
+    proc, url, warm = start(folder, cache, log)
+    print(f"warm start (cache kept): {warm:.1f} s", flush=True)
+    killed = time.perf_counter()
+    os.kill(model_process(proc.pid), signal.SIGKILL)
+    wait_status(url, "restarting", proc, 60)
+    wait_status(url, "ok", proc, 900)
+    assert ask(url) == 16
+    restart = time.perf_counter() - killed
+    print(f"restart after SIGKILL: {restart:.1f} s to ok and one answer", flush=True)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(120)
+    print(
+        f"| cold start | warm start | restart |\n| {cold:.1f} s | {warm:.1f} s | {restart:.1f} s |"
+    )
+
+
+if __name__ == "__main__":
+    main()
