@@ -105,6 +105,44 @@ JSON_BODIES: dict[str, Any] = {
     "stream not a bool": with_field(stream="sometimes"),
     "stream_options not an object": with_field(stream=True, stream_options="usage"),
     "prompt past the context window": with_field(max_tokens=1_000_000),
+    # strict types, as OpenAI's: no coercion between strings, numbers and booleans, and no float
+    # for an integer field, even a whole one
+    "stream a string true": with_field(stream="true"),
+    "stream 1": with_field(stream=1),
+    "ignore_eos a string": with_field(ignore_eos="yes"),
+    "ignore_eos 1": with_field(ignore_eos=1),
+    "include_usage a string": with_field(stream=True, stream_options={"include_usage": "true"}),
+    "max_tokens a whole float": with_field(max_tokens=5.0),
+    "max_tokens true": with_field(max_tokens=True),
+    "seed a whole float": with_field(seed=7.0),
+    "top_k a whole float": with_field(top_k=5.0),
+    "top_p a numeric string": with_field(top_p="0.5"),
+    "n true": with_field(n=True),
+    "n a whole float": with_field(n=1.0),
+    "user a number": with_field(user=5),
+    "model a number": with_field(model=5),
+    "stop 5": with_field(stop=5),
+    "stop a list of numbers": with_field(stop=[5]),
+    "queue_timeout a string": with_field(queue_timeout="5"),
+    "content 5": with_message(content=5),
+    "content true": with_message(content=True),
+    "content part text a number": with_message(content=[{"type": "text", "text": 5}]),
+    "name a number": with_message(name=5),
+}
+
+# Each strict case above names its field in `param`, OpenAI's way: the JSON path, without the
+# validator's own words (no "str" or "list[TextPart]" of a union tried in turn).
+NAMED_FIELDS: dict[str, str] = {
+    "stream a string true": "stream",
+    "stream 1": "stream",
+    "ignore_eos a string": "ignore_eos",
+    "temperature a numeric string": "temperature",
+    "max_tokens a whole float": "max_tokens",
+    "n true": "n",
+    "user a number": "user",
+    "stop 5": "stop",
+    "content 5": "messages.0.content",
+    "content part text a number": "messages.0.content.0.text",
 }
 
 RAW_BODIES: dict[str, bytes] = {
@@ -152,6 +190,22 @@ async def test_the_error_names_the_bad_field(client: httpx.AsyncClient) -> None:
         client, lambda: client.post(COMPLETIONS, json=with_field(model="gpt-4o"))
     )
     assert error["param"] == "model"
+
+
+@pytest.mark.parametrize("case", NAMED_FIELDS, ids=NAMED_FIELDS.keys())
+async def test_a_mistyped_field_is_named(client: httpx.AsyncClient, case: str) -> None:
+    error = await assert_refused_at_the_edge(
+        client, lambda: client.post(COMPLETIONS, json=JSON_BODIES[case])
+    )
+    assert error["param"] == NAMED_FIELDS[case]
+    assert NAMED_FIELDS[case] in error["message"]
+
+
+async def test_whole_numbers_still_go_in_float_fields(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        COMPLETIONS, json=with_field(max_tokens=5, temperature=1, top_p=1, queue_timeout=5)
+    )
+    assert response.status_code == 200, response.text
 
 
 async def test_a_good_request_still_works_after_the_bad_ones(client: httpx.AsyncClient) -> None:

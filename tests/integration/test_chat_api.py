@@ -128,6 +128,32 @@ async def test_params_are_per_session_and_checked_against_the_limits(tmp_path: P
         assert reply_text(await chat(other, "one two three four")) == "one two three four"
 
 
+async def test_chat_bodies_are_strict_about_types(tmp_path: Path) -> None:
+    """No coercion between strings, numbers and booleans, as on the OpenAI route."""
+    bad_bodies = [
+        ("POST", "/chat", {"message": 5}, "message"),
+        ("POST", "/chat", {"message": "hi", "regenerate": "yes"}, "regenerate"),
+        ("POST", "/chat", {"message": "hi", "regenerate": 1}, "regenerate"),
+        ("POST", "/chat", {"message": "hi", "conversation_id": 5}, "conversation_id"),
+        ("POST", "/chat/clear", {"conversation_id": 5}, "conversation_id"),
+        ("PUT", "/chat/params", {"temperature": "0.5"}, "temperature"),
+        ("PUT", "/chat/params", {"top_k": 5.0}, "top_k"),
+        ("PUT", "/chat/params", {"max_tokens": "5"}, "max_tokens"),
+        ("PUT", "/chat/params", {"max_tokens": True}, "max_tokens"),
+        ("POST", "/chat/feedback", {"message_id": "m", "like": 1}, "like"),
+        ("POST", "/chat/feedback", {"message_id": 5, "like": True}, "message_id"),
+        ("POST", "/chat/feedback", {"message_id": "m", "like": True, "comment": 5}, "comment"),
+    ]
+    async with chat_app(tmp_path) as app, client(app) as c:
+        for method, path, body, field in bad_bodies:
+            res = await c.request(method, path, json=body)
+            assert res.status_code == 400, (path, body, res.text)
+            assert res.json()["error"]["type"] == "invalid_request_error"
+            assert res.json()["error"]["param"] == field, (path, body)
+        res = await c.put("/chat/params", json={"temperature": 1, "top_p": 1})
+        assert res.status_code == 200, res.text
+
+
 async def test_feedback_is_stored_with_the_prompt_and_the_params(tmp_path: Path) -> None:
     async with chat_app(tmp_path, system_prompt="Be kind.") as app, client(app) as c:
         await c.put("/chat/params", json={"temperature": 0.3})

@@ -11,9 +11,13 @@ from chatqueue.history.types import ChatParams
 MAX_MESSAGE_CHARS = 32_000
 MAX_TOP_K = 1000
 
+# NOTE: strict like the OpenAI bodies (schemas.py): "regenerate": "yes", "like": 1 or
+# "max_tokens": 5.0 are 400s, never coerced.
+STRICT = ConfigDict(strict=True, extra="forbid")
+
 
 class ChatIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     message: str | None = Field(None, max_length=MAX_MESSAGE_CHARS)
     conversation_id: str | None = Field(None, max_length=200)
@@ -21,7 +25,7 @@ class ChatIn(BaseModel):
 
 
 class ConversationIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     conversation_id: str | None = Field(None, max_length=200)
 
@@ -29,7 +33,7 @@ class ConversationIn(BaseModel):
 class ParamsIn(BaseModel):
     """A partial update: fields left out keep their value; `max_tokens: null` is the default."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -45,7 +49,7 @@ class ParamsIn(BaseModel):
 
 
 class FeedbackIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     message_id: str = Field(max_length=100)
     like: bool

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -87,16 +88,23 @@ def usage_json(usage: Usage) -> dict[str, int]:
     }
 
 
+# The validator's own steps in an error's location, not fields of the body: the members of a
+# union tried in turn ("str", "list[TextPart]", "function-after[...]"), model names.
+_NOT_A_FIELD = re.compile(r"^(str|int|float|bool|none|[a-z-]+\[.*\]|[A-Z]\w*)$")
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    parts, param = [], None
+    parts: dict[str, None] = {}  # in order, once each: a union's members repeat the field
+    param = None
     for err in exc.errors():
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        where = ".".join(loc)
+        where = ".".join(x for x in loc if not _NOT_A_FIELD.match(x))
         if err.get("type") == "json_invalid":
-            parts.append("The body is not valid JSON.")
+            parts["The body is not valid JSON."] = None
             continue
-        param = param or where or None
-        parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+        if param is None or where.startswith(f"{param}."):  # the first field, most precisely
+            param = where or None
+        parts[f"{where}: {err.get('msg')}" if where else str(err.get("msg"))] = None
     return " ".join(parts) or "Invalid request.", param
 
 

@@ -22,13 +22,23 @@ def _encodable(v: str) -> str:
 Text = Annotated[str, AfterValidator(_encodable)]
 
 
+# NOTE: every body model is strict, as OpenAI's API is: no coercion between strings, numbers and
+# booleans ("stream": "true", "stream": 1, "temperature": "0.5", "content": 5 are 400s), and an
+# integer field refuses a float even when it is whole ("max_tokens": 5.0), as OpenAI does
+# ("expected an integer, but got a decimal number"). A float field takes an integer (JSON has one
+# number type; OpenAI takes "temperature": 1).
+STRICT = ConfigDict(strict=True, extra="ignore")
+
+
 class TextPart(BaseModel):
+    model_config = STRICT
+
     type: Literal["text"]
     text: str
 
 
 class MessageIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
@@ -51,19 +61,19 @@ class MessageIn(BaseModel):
 class SamplingFields(BaseModel):
     """OpenAI's sampling fields, plus top_k and repetition_penalty as extensions.
 
-    Numbers are strict, as OpenAI's are: `"max_tokens": "5"` is a 400, not a quiet 5."""
+    Strict, as OpenAI's are: `"max_tokens": "5"` is a 400, not a quiet 5."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
-    max_tokens: int | None = Field(None, ge=1, strict=True)
-    max_completion_tokens: int | None = Field(None, ge=1, strict=True)
-    temperature: float | None = Field(None, ge=0, le=2, strict=True)
-    top_p: float | None = Field(None, gt=0, le=1, strict=True)
-    top_k: int | None = Field(None, ge=0, strict=True)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2, strict=True)
-    presence_penalty: float | None = Field(None, ge=-2, le=2, strict=True)
-    repetition_penalty: float | None = Field(None, gt=0, le=10, strict=True)
-    seed: int | None = Field(None, strict=True)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    seed: int | None = Field(None)
     stop: str | list[str] | None = None
     ignore_eos: bool = False
 
@@ -94,6 +104,8 @@ class SamplingFields(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = STRICT
+
     include_usage: bool = False
 
 
@@ -102,12 +114,11 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[MessageIn] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(None, ge=1, le=1, strict=True, description="Only 1 is supported")
+    n: int | None = Field(None, ge=1, le=1, description="Only 1 is supported")
     user: Text | None = Field(None, max_length=256)
     queue_timeout: float | None = Field(
         None,
         gt=0,
-        strict=True,
         allow_inf_nan=False,
         description="Extension: most seconds to wait in the queue; may only lower the server's",
     )
