@@ -15,6 +15,7 @@ from chatqueue.server import chat_routes, openai_routes, ops
 from chatqueue.server.auth import Keyring
 from chatqueue.server.embedding import ChatQueue
 from chatqueue.server.errors import install_error_handlers
+from chatqueue.server.headers import SecurityHeaders
 from chatqueue.server.limits import BodySizeLimit
 from chatqueue.server.pacing import ArrivalPacer
 
@@ -49,9 +50,10 @@ def create_app(
 
 
 def _install_limits(app: FastAPI, settings: Settings) -> None:
-    """Outermost: arrival pacing (before any other work is spent on a request), CORS (so that
-    even a 413 carries its headers), then the body limit."""
+    """Outermost: arrival pacing (before any other work is spent on a request), security headers
+    and CORS (so that even a 413 carries them), then the body limit."""
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(SecurityHeaders)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
