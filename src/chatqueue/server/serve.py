@@ -12,6 +12,7 @@ import logging
 import math
 import signal
 import sys
+import urllib.parse
 from types import FrameType
 
 import uvicorn
@@ -21,6 +22,40 @@ from chatqueue.config import Settings
 from chatqueue.server.app import create_app
 
 log = logging.getLogger(__name__)
+
+
+# Query parameters that are secrets: a conversation id is the bearer token of its conversation
+# (GET /chat/history?conversation_id=...). Their values never reach the access log.
+SECRET_QUERY_PARAMS = frozenset({"conversation_id"})
+REDACTED = "[redacted]"
+
+
+class RedactSecrets(logging.Filter):
+    """On "uvicorn.access": the secret query parameters' values in a logged path, redacted.
+
+    NOTE: a filter rather than an access-log format of our own: uvicorn keeps its format (and
+    whatever handlers --log-config gives it), and only the one argument that carries the path
+    changes. uvicorn logs `'%s - "%s %s HTTP/%s" %d'` with the path and query third; a name is
+    matched as the app reads it (percent-decoded), so `conversation%5Fid=` is caught too."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str):
+            record.args = (*args[:2], redact_query(args[2]), *args[3:])
+        return True
+
+
+def redact_query(path: str) -> str:
+    head, sep, query = path.partition("?")
+    if not sep:
+        return path
+    parts = []
+    for part in query.split("&"):
+        name = part.partition("=")[0]
+        if urllib.parse.unquote_plus(name) in SECRET_QUERY_PARAMS:
+            part = f"{name}={REDACTED}"
+        parts.append(part)
+    return f"{head}?{'&'.join(parts)}"
 
 
 class _DrainingServer(uvicorn.Server):
@@ -70,4 +105,5 @@ def serve(settings: Settings) -> None:
         timeout_graceful_shutdown=5,
         timeout_keep_alive=math.ceil(settings.timeout_keep_alive),  # uvicorn takes whole seconds
     )
+    logging.getLogger("uvicorn.access").addFilter(RedactSecrets())  # after Config set logging up
     _DrainingServer(config, app.state.chat_queue, settings.shutdown_timeout).run()
