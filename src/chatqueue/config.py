@@ -113,6 +113,12 @@ class Settings(BaseSettings):
     max_tokens_cap: int | None = Field(None, ge=1, description="Most max_tokens a request gets")
     max_messages: int = Field(512, ge=1, description="Most messages in a request")
     timeout_keep_alive: float = Field(5.0, gt=0, description="Idle connection timeout, s")
+    header_timeout: float = Field(
+        10.0, gt=0, description="Most seconds to receive a request's line and headers"
+    )
+    body_timeout: float = Field(
+        30.0, gt=0, description="Most seconds to receive a request's body after its headers"
+    )
     cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
         (), description="Allowed origins, comma-separated or repeated; default: none (CORS off)"
     )

@@ -3,7 +3,10 @@ per-user cap without keys, and slow connections."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import select
+import socket
 import time
 from collections.abc import Iterator
 
@@ -70,3 +73,86 @@ def test_keys_prompts_and_conversation_ids_stay_out_of_the_log(keyed: Server) ->
     assert "/chat/history?conversation%5Fid=[redacted]" in log
     assert cid not in log and KEY not in log and prompt not in log
     assert_no_server_errors(log)
+
+
+# -- slow connections ---------------------------------------------------------------------------
+SLOW_S = 0.5  # the header and body timeouts of the `slow` server
+
+
+@pytest.fixture(scope="module")
+def slow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("edge_slow")
+    flags = ("--header-timeout", str(SLOW_S), "--body-timeout", str(SLOW_S), "--data-dir", str(tmp))
+    with running_server(*MOCK, *flags, tmp_path=tmp) as s:
+        yield s
+
+
+def connect(server: Server) -> socket.socket:
+    host, port = server.url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=SAFETY_S)
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (the socket's timeout, a
+    safety net, raises if it never does)."""
+    received = b""
+    while chunk := sock.recv(4096):
+        received += chunk
+    return received
+
+
+def test_a_request_whose_headers_never_end_is_closed(slow: Server) -> None:
+    with connect(slow) as sock:
+        started = time.monotonic()
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\n")
+        assert read_until_closed(sock) == b""
+        assert time.monotonic() - started >= SLOW_S * 0.9
+
+
+def test_headers_trickled_a_byte_at_a_time_are_closed_at_the_deadline(slow: Server) -> None:
+    request = b"GET /health HTTP/1.1\r\nHost: test\r\n" + b"X-Slow: " + b"a" * 10_000
+    with connect(slow) as sock:
+        started = time.monotonic()
+        for byte in request:
+            sock.sendall(bytes([byte]))
+            readable, _, _ = select.select([sock], [], [], SLOW_S / 5)  # the trickle's pace
+            if readable:
+                break
+        else:
+            raise AssertionError("still open after the whole trickle")
+        assert read_until_closed(sock) == b""
+        assert SLOW_S * 0.9 <= time.monotonic() - started < SAFETY_S
+
+
+def test_a_body_that_never_ends_is_closed(slow: Server) -> None:
+    with connect(slow) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\n"
+            b'Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"messages": '
+        )
+        assert read_until_closed(sock) == b""
+    assert_no_server_errors(slow.log())
+
+
+def test_a_kept_alive_connection_gets_the_same_deadline_for_its_next_request(slow: Server) -> None:
+    with connect(slow) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
+        received = b""
+        while b'"ok"' not in received:
+            received += sock.recv(4096)
+        sock.sendall(b"GET /health HTTP/1.1\r\nHo")
+        assert read_until_closed(sock) == b""
+
+
+def test_normal_requests_go_through_beside_slow_ones(slow: Server) -> None:
+    with contextlib.ExitStack() as stack:
+        stragglers = [stack.enter_context(connect(slow)) for _ in range(20)]
+        for sock in stragglers:
+            sock.sendall(b"GET /health HTTP/1.1\r\n")
+        with httpx.Client(base_url=slow.url, timeout=SAFETY_S) as c:
+            assert c.get("/health").status_code == 200
+            body = {"messages": [{"role": "user", "content": "on time"}]}
+            reply = c.post(COMPLETIONS, json=body)
+            assert reply.json()["choices"][0]["message"]["content"] == "on time"
+        for sock in stragglers:
+            assert read_until_closed(sock) == b""

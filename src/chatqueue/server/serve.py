@@ -20,6 +20,7 @@ import uvicorn
 from chatqueue.api import ChatQueue
 from chatqueue.config import Settings
 from chatqueue.server.app import create_app
+from chatqueue.server.connections import timed_protocol
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,9 @@ def serve(settings: Settings) -> None:
         log_level=settings.log_level,
         timeout_graceful_shutdown=5,
         timeout_keep_alive=math.ceil(settings.timeout_keep_alive),  # uvicorn takes whole seconds
+        http=timed_protocol(
+            header_timeout_s=settings.header_timeout, body_timeout_s=settings.body_timeout
+        ),
     )
     logging.getLogger("uvicorn.access").addFilter(RedactSecrets())  # after Config set logging up
     _DrainingServer(config, app.state.chat_queue, settings.shutdown_timeout).run()
