@@ -105,7 +105,7 @@ class Settings(BaseSettings):
     # NOTE: secrets, so that printing or logging the settings never shows a key.
     api_key: SecretStr | None = Field(None, description="One key for /v1 and /chat (Bearer)")
     api_keys: Path | None = Field(
-        None, description='JSON file: {"<key>": {"name", "priority", "max_queue"}}'
+        None, description='JSON file: {"<key>": {"name", "priority", "max_queue", "rate_limit"}}'
     )
     admin_key: SecretStr | None = Field(None, description="Guards /metrics and /load when set")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body, bytes")
@@ -118,6 +118,9 @@ class Settings(BaseSettings):
     )
     body_timeout: float = Field(
         30.0, gt=0, description="Most seconds to receive a request's body after its headers"
+    )
+    rate_limit: float | None = Field(
+        None, gt=0, description="Requests a minute per caller (key holder, else address)"
     )
     cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
         (), description="Allowed origins, comma-separated or repeated; default: none (CORS off)"

@@ -69,6 +69,15 @@ class UserQueueFull(QueueFull):
     kind = "user_queue_full"
 
 
+class RateLimited(ChatQueueError):
+    """The caller sent more requests a minute than its rate limit. Says when the next may go."""
+
+    kind = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message, retry_after_s=retry_after_s)
+
+
 class ServiceUnavailable(ChatQueueError):
     """The model cannot take requests now: it failed, or it does not answer."""
 

@@ -9,6 +9,7 @@ import select
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -156,3 +157,51 @@ def test_normal_requests_go_through_beside_slow_ones(slow: Server) -> None:
             assert reply.json()["choices"][0]["message"]["content"] == "on time"
         for sock in stragglers:
             assert read_until_closed(sock) == b""
+
+
+# -- rate limits --------------------------------------------------------------------------------
+LIMITED = "sk-limited-0123456789"
+
+
+@pytest.fixture(scope="module")
+def rate_limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("edge_rate")
+    with running_server(*MOCK, "--rate-limit", "3", "--data-dir", str(tmp), tmp_path=tmp) as s:
+        yield s
+
+
+def from_address(server: Server, address: str) -> httpx.Client:
+    transport = httpx.HTTPTransport(local_address=address)
+    return httpx.Client(base_url=server.url, transport=transport, timeout=SAFETY_S)
+
+
+def test_an_address_over_the_rate_limit_gets_a_429_with_retry_after(rate_limited: Server) -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    with from_address(rate_limited, "127.0.0.1") as c, from_address(rate_limited, "127.0.0.2") as d:
+        assert [c.post(COMPLETIONS, json=body).status_code for _ in range(3)] == [200] * 3
+        refused = c.post(COMPLETIONS, json=body)
+        also_refused = c.get("/chat/history")
+        other_address = d.post(COMPLETIONS, json=body)
+        assert c.get("/health").status_code == 200  # not an API route: never limited
+    assert refused.status_code == 429 and also_refused.status_code == 429
+    assert refused.json()["error"]["type"] == "rate_limited"
+    assert refused.headers["retry-after"] == "20"  # 3 a minute: the next token in 20 s
+    assert other_address.status_code == 200
+
+
+def test_a_keys_own_rate_limit_counts_per_key_holder(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({LIMITED: {"name": "slow", "rate_limit": 2}, KEY: {"name": "c"}}))
+    flags = ("--api-keys", str(keys), "--data-dir", str(tmp_path))
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    with running_server(*MOCK, *flags, tmp_path=tmp_path) as s:
+        with from_address(s, "127.0.0.1") as c, from_address(s, "127.0.0.2") as d:
+            first = c.post(COMPLETIONS, json=body, headers=bearer(LIMITED))
+            second = d.post(COMPLETIONS, json=body, headers=bearer(LIMITED))  # same key, anywhere
+            refused = c.post(COMPLETIONS, json=body, headers=bearer(LIMITED))
+            others = [c.post(COMPLETIONS, json=body, headers=bearer(KEY)) for _ in range(5)]
+        log = s.log()
+    assert (first.status_code, second.status_code, refused.status_code) == (200, 200, 429)
+    assert refused.headers["retry-after"] == "30"
+    assert [r.status_code for r in others] == [200] * 5  # no --rate-limit: the others are free
+    assert LIMITED not in log

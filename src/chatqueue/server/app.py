@@ -18,6 +18,7 @@ from chatqueue.server.errors import install_error_handlers
 from chatqueue.server.headers import SecurityHeaders
 from chatqueue.server.limits import BodySizeLimit
 from chatqueue.server.pacing import ArrivalPacer
+from chatqueue.server.ratelimit import RateLimiter
 
 
 def create_app(
@@ -41,6 +42,7 @@ def create_app(
     app.state.chat_queue = cq
     app.state.settings = settings
     app.state.keyring = keyring
+    app.state.rate_limiter = RateLimiter()
     install_error_handlers(app)
     app.include_router(openai_routes.router)
     app.include_router(ops.router)

@@ -6,7 +6,7 @@ fairness falls back to the OpenAI `user` field (or the chat session). `--api-key
 key's holder, who is then the user the queue takes turns between, with a priority and an optional
 cap of their own:
 
-    {"sk-alice-...": {"name": "alice", "priority": 0, "max_queue": 4}}
+    {"sk-alice-...": {"name": "alice", "priority": 0, "max_queue": 4, "rate_limit": 60}}
 
 Keys are kept only as SHA-256 digests and compared with `hmac.compare_digest` against every
 configured key, so neither the timing nor any message or log line tells one key from another.
@@ -27,6 +27,7 @@ from pydantic_core import ErrorDetails
 
 from chatqueue.config import Settings
 from chatqueue.errors import Unauthorized
+from chatqueue.server.ratelimit import RateLimiter
 
 
 class KeyFileError(ValueError):
@@ -41,6 +42,7 @@ class KeyHolder(BaseModel):
     name: str = Field(min_length=1, max_length=256)
     priority: int = 0
     max_queue: int | None = Field(None, ge=1, description="Waiting requests; over the server's")
+    rate_limit: float | None = Field(None, gt=0, description="Requests a minute; over the server's")
 
 
 _KEY_FILE = TypeAdapter(dict[str, KeyHolder])
@@ -53,6 +55,7 @@ class Identity:
     name: str | None = None
     priority: int = 0
     max_queue: int | None = None
+    rate_limit: float | None = None  # requests a minute, in place of --rate-limit
 
     def user(self, fallback: str | None = None) -> str:
         """The user the queue takes turns between: the key's holder, else `fallback` (the OpenAI
@@ -114,7 +117,7 @@ class Keyring:
             holders[settings.api_key.get_secret_value()] = ANONYMOUS
         if settings.api_keys is not None:
             for key, h in load_key_file(settings.api_keys).items():
-                holders[key] = Identity(h.name, h.priority, h.max_queue)
+                holders[key] = Identity(h.name, h.priority, h.max_queue, h.rate_limit)
         admin = settings.admin_key.get_secret_value() if settings.admin_key else None
         return cls(holders, admin_key=admin)
 
@@ -162,8 +165,23 @@ def keyring(request: Request) -> Keyring:
 
 async def identity(request: Request) -> Identity:
     """FastAPI dependency: who is calling; raises 401 when keys are configured and the request
-    carries none of them. `Depends(identity)` on a router guards all its routes."""
-    return keyring(request).identify(request.headers.get("authorization"))
+    carries none of them, 429 RateLimited when the caller is over its rate limit (if one is set).
+    `Depends(identity)` on a router guards all its routes."""
+    who = keyring(request).identify(request.headers.get("authorization"))
+    settings: Settings = request.app.state.settings
+    per_minute = who.rate_limit or settings.rate_limit
+    if per_minute is not None:
+        limiter: RateLimiter = request.app.state.rate_limiter
+        limiter.take(caller_of(request, who), per_minute)
+    return who
+
+
+def caller_of(request: Request, who: Identity) -> str:
+    """Whom a limit counts against: the key's holder when the key names one, else the client's
+    address (behind a proxy: the proxy's, unless uvicorn is told to trust its headers)."""
+    if who.name is not None:
+        return f"key:{who.name}"
+    return f"address:{request.client.host if request.client else ''}"
 
 
 async def admin(request: Request) -> None:

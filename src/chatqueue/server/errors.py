@@ -23,6 +23,7 @@ from chatqueue.errors import (
     NotFound,
     PayloadTooLarge,
     QueueFull,
+    RateLimited,
     ServiceUnavailable,
     Unauthorized,
 )
@@ -38,6 +39,7 @@ STATUS: dict[type[ChatQueueError], int] = {
     NotFound: 404,
     PayloadTooLarge: 413,
     QueueFull: 429,  # UserQueueFull too
+    RateLimited: 429,
     ClientGone: 499,  # nginx's "client closed request": nobody reads it, the access log does
     EngineRestarted: 503,  # cut short by a model process restart: retrying works
     EngineError: 500,
