@@ -118,7 +118,8 @@ class Scheduler(Generic[R]):
         assert req.state is RequestState.WAITING
         self.check_room(now)
         cap = req.max_queue_per_user or self.max_queue_per_user
-        if cap is not None and req.user and self.waiting.count_for(req.user) >= cap:
+        key = req.counted_as
+        if cap is not None and key and self.waiting.count_for(key) >= cap:
             raise UserQueueFull(
                 f"You already have {cap} requests waiting, the most one user may queue. "
                 "Retry when one has started.",

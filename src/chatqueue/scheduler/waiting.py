@@ -57,13 +57,14 @@ class WaitingQueue(Generic[R]):
     def __len__(self) -> int:
         return self._count
 
-    def count_for(self, user: str) -> int:
-        return self._per_user.get(user, 0)
+    def count_for(self, key: str) -> int:
+        """Waiting requests counted as `key` (a request's `counted_as`)."""
+        return self._per_user.get(key, 0)
 
     def push(self, req: R) -> None:
         self._levels.setdefault(req.priority, _Level[R]()).push(req)
         self._count += 1
-        self._per_user[req.user] = self._per_user.get(req.user, 0) + 1
+        self._per_user[req.counted_as] = self._per_user.get(req.counted_as, 0) + 1
 
     def pop(self) -> R:
         level_key = max(self._levels)
@@ -87,8 +88,8 @@ class WaitingQueue(Generic[R]):
 
     def _forget(self, req: R) -> None:
         self._count -= 1
-        left = self._per_user[req.user] - 1
+        left = self._per_user[req.counted_as] - 1
         if left:
-            self._per_user[req.user] = left
+            self._per_user[req.counted_as] = left
         else:
-            del self._per_user[req.user]
+            del self._per_user[req.counted_as]

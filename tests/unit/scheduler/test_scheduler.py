@@ -197,6 +197,23 @@ def test_a_request_may_carry_its_users_own_cap() -> None:
         s.add(Request(rid=next(_ids), arrival=0, user="b", max_queue_per_user=3), 0)
 
 
+def test_the_cap_counts_a_requests_cap_key_when_it_has_one() -> None:
+    """A client that names another `user` on every request still counts as its cap key; the
+    users still take turns."""
+    s = make(max_concurrent=1, max_queue_size=10, max_queue_per_user=2)
+    first, second = (Request(rid=next(_ids), arrival=0, user=u, cap_key="addr") for u in "xy")
+    s.add(first, 0)
+    s.add(second, 0)
+    with pytest.raises(UserQueueFull):
+        s.add(Request(rid=next(_ids), arrival=0, user="z", cap_key="addr"), 0)
+    s.add(Request(rid=next(_ids), arrival=0, user="z", cap_key="other"), 0)
+    plan = s.schedule(0)
+    assert plan.batch == [first]
+    s.add(Request(rid=next(_ids), arrival=0, user="w", cap_key="addr"), 0)  # a place came free
+    with pytest.raises(UserQueueFull):
+        s.add(Request(rid=next(_ids), arrival=0, user="x", cap_key="addr"), 0)
+
+
 def test_deadline_expiry_leaves_the_queue_without_taking_a_slot() -> None:
     s = make(max_concurrent=1, max_queue_size=5)
     a, b = req(), req(deadline=5.0)
