@@ -270,10 +270,36 @@ async def test_a_user_over_the_per_user_cap_is_a_429(open_srv: Server) -> None:
             )
             await s.read_until(is_queued)
         refused = await c.post(COMPLETIONS, json=user_says("x", user="u", stream=False))
+        # NOTE: without keys the cap counts per client address: another user is another address
+        other_address = httpx.AsyncHTTPTransport(local_address="127.0.0.2")
+        d = await stack.enter_async_context(
+            httpx.AsyncClient(base_url=open_srv.url, timeout=SAFETY_S, transport=other_address)
+        )
         other = await stack.enter_async_context(
-            OpenStream(c, user_says("x", stream=True, user="v"))
+            OpenStream(d, user_says("x", stream=True, user="v"))
         )
         await other.read_until(is_queued)
+        await stack.aclose()
+        await wait_load(c, processing=0, waiting=0)
+    assert refused.status_code == 429 and "retry-after" in refused.headers
+    assert error_of(refused)["type"] == "user_queue_full"
+
+
+async def test_without_keys_a_new_user_field_each_request_does_not_lift_the_cap(
+    open_srv: Server,
+) -> None:
+    async with (
+        httpx.AsyncClient(base_url=open_srv.url, timeout=SAFETY_S) as c,
+        AsyncExitStack() as stack,
+    ):
+        running = await stack.enter_async_context(OpenStream(c, user_says(LONG, stream=True)))
+        await running.read_until(has_content)
+        for name in ("flood-1", "flood-2"):
+            s = await stack.enter_async_context(
+                OpenStream(c, user_says("x", stream=True, user=name))
+            )
+            await s.read_until(is_queued)
+        refused = await c.post(COMPLETIONS, json=user_says("x", user="flood-3", stream=False))
         await stack.aclose()
         await wait_load(c, processing=0, waiting=0)
     assert refused.status_code == 429 and "retry-after" in refused.headers

@@ -225,6 +225,7 @@ class ChatQueue:
         priority: int = 0,
         queue_timeout_s: float | None = None,
         max_queue_per_user: int | None = None,
+        cap_key: str | None = None,
     ) -> RequestStream:
         """Admit a chat request; returns its event stream (async iterator), or raises the typed
         error that says why not (QueueFull, ShuttingDown, NotReady, PromptTooLong, ...).
@@ -232,7 +233,8 @@ class ChatQueue:
 
         `user` and `priority` order the queue (higher priority first, users in turn);
         `queue_timeout_s` may only lower the server's queue-wait deadline; `max_queue_per_user`
-        replaces the server's cap on this user's waiting requests (an API key's own)."""
+        replaces the server's cap on this user's waiting requests (an API key's own); `cap_key`,
+        when given, is whom that cap counts against instead of `user`."""
         arrival = self._clock()
         params = params or SamplingParams()
         try:
@@ -255,6 +257,7 @@ class ChatQueue:
                 priority=priority,
                 deadline=arrival + min(timeouts) if timeouts else None,
                 max_queue_per_user=max_queue_per_user,
+                cap_key=cap_key,
                 prompt_ids=prompt_ids,
                 params=params,
                 max_new_tokens=max_new,

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from chatqueue.api import ChatQueue, RequestStream
 from chatqueue.errors import InvalidRequest
 from chatqueue.server import sse
-from chatqueue.server.auth import Caller, identity
+from chatqueue.server.auth import Caller, caller_of, identity
 from chatqueue.server.errors import error_json, error_of, usage_json
 from chatqueue.server.limits import check_num_messages
 from chatqueue.server.schemas import ChatCompletionRequest
@@ -54,6 +54,9 @@ async def chat_completions(
         priority=who.priority,
         queue_timeout_s=body.queue_timeout,
         max_queue_per_user=who.max_queue,
+        # NOTE: without a key that names the caller, `user` is whatever the body says; the cap
+        # counts per client address, which a request cannot change (`user` still takes turns).
+        cap_key=None if who.name is not None else caller_of(request, who),
     )
     chunks = _Chunks(stream.request_id, cq.model_name)
     if body.stream:
