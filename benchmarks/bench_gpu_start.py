@@ -102,10 +102,11 @@ def start(folder: Path, cache: Path, log: Path) -> tuple[subprocess.Popen[bytes]
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--work", default=os.environ.get("OUT", "/tmp/cq-start"))
+    ap.add_argument("--work", default="/tmp/cq-start")
     args = ap.parse_args()
     work = Path(args.work)
-    folder, cache, log = Path("/tmp/cq-llama1b"), work / "cache", work / "servers.log"
+    folder, cache = Path("/tmp/cq-llama1b"), work / "cache"
+    log = Path(os.environ.get("OUT", work)) / "servers.log"
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     make_model_folder(folder)

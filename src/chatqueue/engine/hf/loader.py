@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 # Offline before transformers is imported: huggingface_hub reads this once, at import.
@@ -48,8 +49,16 @@ def load_model_runner(settings: Settings, folder: Path) -> ModelRunner:
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     batching = settings.batching == "on"
+    began = time.perf_counter()
     model = load_model(folder, device=device, dtype=dtype)
-    log.info("loaded %s on %s as %s (batching %s)", folder.name, device, dtype, settings.batching)
+    log.info(
+        "loaded %s on %s as %s in %.1f s (batching %s)",
+        folder.name,
+        device,
+        dtype,
+        time.perf_counter() - began,
+        settings.batching,
+    )
     if batching and _wants_static(settings.kv_cache, model, device):
         return StaticCacheRunner(
             model=model,

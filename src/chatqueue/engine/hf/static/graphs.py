@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,8 +47,10 @@ class DecodeGraphs:
         cache's buffers: call it before any sequence holds a row, and reset them after."""
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+        took: dict[int, float] = {}
         with torch.inference_mode():
             for b in reversed(self.buckets):
+                began = time.perf_counter()
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):
                     for _ in range(2):  # warm-up: compiled, kernels chosen, workspaces made
@@ -57,8 +60,14 @@ class DecodeGraphs:
                 with torch.cuda.graph(graph, pool=pool):
                     logits = self.step(b)
                 self.captured[b] = CapturedStep(graph, logits)
-            torch.cuda.synchronize()
-        log.info("captured decode graphs for batch sizes %s", self.buckets)
+                torch.cuda.synchronize()
+                took[b] = time.perf_counter() - began
+        log.info(
+            "captured decode graphs for batch sizes %s in %.1f s (compiling included): %s",
+            self.buckets,
+            sum(took.values()),
+            ", ".join(f"{b}: {t:.1f} s" for b, t in took.items()),
+        )
 
     def clear(self) -> None:
         self.captured.clear()
