@@ -98,6 +98,18 @@ class QueueTimeout(ServiceUnavailable):
     kind = "queue_timeout"
 
 
+class StoreUnavailable(ServiceUnavailable):
+    """The history store does not answer (Redis gone or frozen, a disk error): the chat routes
+    cannot read or keep a conversation. The model still serves /v1."""
+
+    kind = "history_unavailable"
+
+    def __init__(
+        self, message: str = "Conversation history is unavailable right now; try again shortly."
+    ) -> None:
+        super().__init__(message, retry_after_s=1)
+
+
 class EngineError(ChatQueueError):
     """The model runner failed while this request was in its step."""
 

@@ -76,3 +76,46 @@ class HistoryStoreContract:
         await store.add_feedback(second)
         assert await store.feedback(mid) == second
         assert await store.feedback("msg-none") is None
+
+    async def test_turns_appended_together_and_after_a_keep(
+        self, store: HistoryStore, request: pytest.FixtureRequest
+    ) -> None:
+        cid = conversation(request)
+        await store.append(cid, Turn("user", "q"), Turn("assistant", "a"))
+        await store.append(cid, Turn("user", "q2"), Turn("assistant", "a2"))
+        await store.append(cid, Turn("assistant", "a2 again"), keep=3)  # regenerate
+        assert [t.content for t in await store.turns(cid)] == ["q", "a", "q2", "a2 again"]
+
+    async def test_update_replaces_the_turn_with_the_same_message_id(
+        self, store: HistoryStore, request: pytest.FixtureRequest
+    ) -> None:
+        cid = conversation(request)
+        question, after = Turn("user", "q"), Turn("user", "next")
+        reply = Turn("assistant", "", interrupted=True, finish_reason="abort")
+        await store.append(cid, question, reply, after)
+        done = Turn("assistant", "all of it", message_id=reply.message_id, finish_reason="stop")
+        await store.update(cid, done)
+        assert await store.turns(cid) == [question, done, after]
+        await store.clear(cid)
+        await store.update(cid, done)  # a reply to a conversation cleared meanwhile
+        assert await store.turns(cid) == []
+
+    async def test_delete_removes_the_conversation_and_its_feedback(
+        self, store: HistoryStore, request: pytest.FixtureRequest
+    ) -> None:
+        cid = conversation(request)
+        reply = Turn("assistant", "a")
+        await store.append(cid, Turn("user", "q"), reply)
+        await store.append(cid + "-other", Turn("user", "kept"))
+        fb = Feedback(reply.message_id, cid, True, "", "a", (), None)
+        other_fb = Feedback(f"msg-{cid}-other", cid + "-other", False, "", "b", (), None)
+        await store.add_feedback(fb)
+        await store.add_feedback(other_fb)
+        await store.delete(cid)
+        assert await store.turns(cid) == []
+        assert await store.feedback(reply.message_id) is None
+        assert [t.content for t in await store.turns(cid + "-other")] == ["kept"]
+        assert await store.feedback(other_fb.message_id) == other_fb
+
+    async def test_a_store_that_answers_says_it_is_available(self, store: HistoryStore) -> None:
+        assert await store.is_available()

@@ -44,7 +44,7 @@ STATUS: dict[type[ChatQueueError], int] = {
     EngineRestarted: 503,  # cut short by a model process restart: retrying works
     EngineError: 500,
     Aborted: 500,
-    ServiceUnavailable: 503,  # NotReady, ShuttingDown, QueueTimeout too
+    ServiceUnavailable: 503,  # NotReady, ShuttingDown, QueueTimeout, StoreUnavailable too
     ChatQueueError: 500,
 }
 

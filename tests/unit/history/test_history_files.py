@@ -39,3 +39,20 @@ async def test_a_world_readable_file_from_before_is_made_private(tmp_path: Path)
         assert mode(path) == 0o600
     finally:
         await store.close()
+
+
+async def test_sqlite_commits_in_wal_mode_synced_in_full(tmp_path: Path) -> None:
+    # NOTE: WAL keeps the file openable after a kill -9; synchronous=FULL fsyncs the log at
+    # each commit, so a turn whose `done` was sent survives even a power cut.
+    store = SqliteStore(tmp_path / "history.sqlite3")
+    try:
+        await store.append("c1", Turn("user", "hello"))
+        pragmas = await store._run(
+            lambda db: (
+                db.execute("PRAGMA journal_mode").fetchone()[0],
+                db.execute("PRAGMA synchronous").fetchone()[0],
+            )
+        )
+        assert pragmas == ("wal", 2)  # 2: FULL
+    finally:
+        await store.close()
