@@ -62,12 +62,12 @@ class LocalChat:
             async with reply.stream:
                 async for event in reply.stream:
                     if isinstance(event, Token):
-                        reply.add_text(event.text)
+                        await reply.add_text(event.text)
                         yield event
                     elif isinstance(event, Queued):
                         yield event
                     elif isinstance(event, Finished):
-                        reply.finish(event)
+                        await reply.finish(event)
                         error = str(event.error) if event.reason is FinishReason.ERROR else None
                         yield ReplyEnd(event.reason.value, reply.dropped_turns, error)
         finally:

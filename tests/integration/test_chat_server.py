@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.chat import chat
+from tests.support.chat import chat, done_of
 from tests.support.http import SAFETY_S
 from tests.support.servers import redis_server, running_server
 
@@ -92,3 +92,44 @@ def test_two_servers_share_conversations_through_redis(tmp_path: Path, redis_url
             ]
         with httpx.Client(base_url=b.url) as stranger:
             assert history(stranger) == []
+
+
+def test_a_server_killed_mid_reply_keeps_every_done_turn_and_the_cut_reply(
+    tmp_path: Path,
+) -> None:
+    """kill -9 while a reply streams, three times: after each restart every reply whose `done`
+    came is there, the cut one is kept as far as it got and marked, and turns alternate."""
+    words = [f"w{i}" for i in range(2000)]
+    args = (*MOCK, "--mock-delay", "0.02", "--data-dir", str(tmp_path / "data"))
+    cid: dict[str, str] = {}
+    done_ids = []
+    for _ in range(3):
+        with (
+            running_server(*args, tmp_path=tmp_path) as server,
+            httpx.Client(base_url=server.url, timeout=SAFETY_S) as c,
+        ):
+            done = done_of(chat(c, "answered in full", **cid))
+            cid = {"conversation_id": done["conversation_id"]}
+            done_ids.append(done["message_id"])
+            body = {"message": " ".join(words), **cid}
+            with c.stream("POST", "/chat", json=body) as res:
+                tokens = (ln for ln in res.iter_lines() if ln.startswith("event: token"))
+                for _ in zip(range(60), tokens, strict=False):
+                    pass  # 60 tokens at >= 0.02 s each: past the first write of what streamed
+                server.process.kill()
+                server.process.wait(SAFETY_S)
+    with (
+        running_server(*args, tmp_path=tmp_path) as server,
+        httpx.Client(base_url=server.url, timeout=SAFETY_S) as c,
+    ):
+        res = c.get("/chat/history", params=cid)
+        messages = res.json()["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant"] * 6
+    done_replies = [m for m in messages if m["message_id"] in done_ids]
+    assert [m["content"] for m in done_replies] == ["answered in full"] * 3
+    assert not any(m["interrupted"] for m in done_replies)
+    cut = messages[3::4]
+    assert all(m["interrupted"] and m["finish_reason"] == "abort" for m in cut)
+    for m in cut:
+        kept = str(m["content"]).split()
+        assert kept and kept == words[: len(kept)], m

@@ -52,3 +52,19 @@ async def test_the_newest_message_is_kept_even_when_it_alone_is_too_long() -> No
     assert fitted.dropped_turns == 3
     assert [m.role for m in fitted.messages] == ["user"]
     assert fitted.num_tokens > 10  # admission then answers PromptTooLong
+
+
+async def test_a_user_message_that_never_got_a_reply_is_left_out_of_the_prompt() -> None:
+    # What a server killed mid-reply used to leave: a user turn with no reply after it.
+    turns = [
+        Turn("user", "asked before the crash"),
+        Turn("user", "asked again"),
+        Turn("assistant", "an answer"),
+        Turn("user", "one more"),
+        Turn("assistant", "", interrupted=True, finish_reason="abort"),  # died before any token
+        Turn("user", "last"),
+    ]
+    fitted = await fit_history(turns, system="sys", encode=encode, budget=1000)
+    roles = [m.role for m in fitted.messages]
+    assert roles == ["system", "user", "assistant", "user"]
+    assert [m.content for m in fitted.messages[1:]] == ["asked again", "an answer", "last"]

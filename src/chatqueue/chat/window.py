@@ -27,6 +27,7 @@ async def fit_history(
     `turns` ends with the user message to answer, which is always kept; if even that alone does
     not fit, the result is over budget and admission reports the prompt as too long.
     """
+    turns = alternating(turns)
     starts = [i for i, t in enumerate(turns) if t.role == "user"]
     assert starts, "a prompt needs a user message"
     if starts[0] != 0:
@@ -54,3 +55,22 @@ async def fit_history(
         else:
             lo = mid + 1
     return best
+
+
+def alternating(turns: Sequence[Turn]) -> list[Turn]:
+    """`turns` as a prompt may take them: user and assistant in turn, never two user messages in
+    a row.
+
+    NOTE: a user message with no reply after it is one the server died before answering (from
+    before replies were stored as they stream), or one whose reply was cut before its first
+    word. Left out of the prompt (the stored history keeps it): many chat templates refuse two
+    user messages in a row, and the user asked again anyway.
+    """
+    kept: list[Turn] = []
+    for t in turns:
+        if t.role == "assistant" and not t.content:
+            continue  # cut before its first word: no reply at all
+        if t.role == "user" and kept and kept[-1].role == "user":
+            kept.pop()
+        kept.append(t)
+    return kept

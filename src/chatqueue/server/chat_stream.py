@@ -3,7 +3,7 @@ what an embedding app's route returns (`handle_chat_stream_request`, the ChatStr
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from pydantic import ValidationError
@@ -21,21 +21,27 @@ from chatqueue.types import Finished, FinishReason, Queued, Token
 async def chat_events(
     stream: RequestStream,
     *,
-    on_done: Callable[[Finished], dict[str, Any]] | None = None,
-    on_token: Callable[[str], None] | None = None,
+    on_done: Callable[[Finished], Awaitable[dict[str, Any]]] | None = None,
+    on_token: Callable[[str], Awaitable[None]] | None = None,
 ) -> AsyncIterator[str]:
-    """SSE lines for one request. `on_done` may add fields to the `done` event; `on_token` sees
-    the text as it streams (what a client that goes away mid-reply has already been sent)."""
+    """SSE lines for one request. `on_done` runs before the `done` event is sent (the chat
+    routes store the reply there) and may add fields to it, or raise a ChatQueueError, sent as an
+    `error` event instead; `on_token` sees the text as it streams (what a client that goes away
+    mid-reply has already been sent)."""
     async with stream:
         async for ev in stream:
             if isinstance(ev, Queued):
                 yield sse.event("queued", {"position": ev.position, "eta_s": ev.eta_s})
             elif isinstance(ev, Token):
                 if on_token is not None:
-                    on_token(ev.text)
+                    await on_token(ev.text)
                 yield sse.event("token", {"text": ev.text})
             elif isinstance(ev, Finished):
-                extra = on_done(ev) if on_done is not None else {}
+                try:
+                    extra = await on_done(ev) if on_done is not None else {}
+                except ChatQueueError as exc:
+                    yield sse.event("error", {"type": exc.kind, "message": exc.message})
+                    return
                 err = error_of(ev) if ev.reason is FinishReason.ERROR else None
                 if err is not None:
                     yield sse.event("error", {"type": err.kind, "message": err.message})
