@@ -114,24 +114,67 @@ def model_process(server_pid: int) -> int:
     return min(pids, key=lambda pid: int(Path(f"/proc/{pid}/stat").read_text().split()[21]))
 
 
+@dataclass
+class RedisProcess:
+    """A `redis-server` the test may stop, start again on the same port, freeze and thaw."""
+
+    argv: list[str]
+    port: int
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        _wait_for_port(self.port, self.process)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)  # a frozen one could not stop
+            self.process.terminate()
+            self.process.wait(10)
+
+    def freeze(self) -> None:
+        """SIGSTOP: the port still accepts connections, nothing answers."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
+
 @contextmanager
-def redis_server() -> Iterator[str]:
-    """`redis-server` on a free port, nothing saved; yields its redis:// URL."""
+def redis_process(data_dir: Path | None = None) -> Iterator[RedisProcess]:
+    """`redis-server` on a free port. Nothing saved; with `data_dir`, an append-only file there,
+    fsynced at every write, so what it held survives a stop and start."""
     exe = shutil.which("redis-server")
     if exe is None:
         pytest.fail("redis-server is not installed (make test installs it)")
     port = free_port()
-    proc = subprocess.Popen(
-        [exe, "--port", str(port), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    argv = [exe, "--port", str(port), "--save", "", "--bind", "127.0.0.1"]
+    if data_dir is None:
+        argv += ["--appendonly", "no"]
+    else:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        argv += ["--dir", str(data_dir), "--appendonly", "yes", "--appendfsync", "always"]
+    redis = RedisProcess(argv, port)
+    redis.start()
     try:
-        _wait_for_port(port, proc)
-        yield f"redis://127.0.0.1:{port}/0"
+        yield redis
     finally:
-        proc.terminate()
-        proc.wait(10)
+        redis.stop()
+
+
+@contextmanager
+def redis_server() -> Iterator[str]:
+    """`redis-server` on a free port, nothing saved; yields its redis:// URL."""
+    with redis_process() as redis:
+        yield redis.url
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen[bytes]) -> None:

@@ -46,7 +46,7 @@ def create_app(
     install_error_handlers(app)
     app.include_router(openai_routes.router)
     app.include_router(ops.router)
-    history = chat_routes.install(app, settings, cq)
+    history = app.state.history = chat_routes.install(app, settings, cq)
     _install_limits(app, settings)
     return app
 

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from chatqueue.api import ChatQueue
+from chatqueue.history import HistoryStore
 from chatqueue.server.auth import admin, keyring
 from chatqueue.server.errors import headers_of
 
@@ -24,6 +25,9 @@ def _cq(request: Request) -> ChatQueue:
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
+    """The model's state sets the status code: 200 while it serves (/v1 works). A history store
+    that does not answer adds `"history": "unavailable"` (the /chat routes answer 503 then) but
+    leaves a serving model's 200: the process is fine and needs no restart."""
     cq = _cq(request)
     status = cq.health
     body: dict[str, Any] = {"status": "ok" if status == "ready" else status}
@@ -34,6 +38,9 @@ async def health(request: Request) -> JSONResponse:
         body["last_model_exit"] = cq.last_model_exit
     if (restarting := cq.unavailable_error()) is not None:
         headers = headers_of(restarting)
+    history: HistoryStore | None = getattr(request.app.state, "history", None)
+    if history is not None and not await history.is_available():
+        body["history"] = "unavailable"
     return JSONResponse(body, status_code=200 if status == "ready" else 503, headers=headers)
 
 
