@@ -139,6 +139,9 @@ class Settings(BaseSettings):
     )
     session_secret: str | None = Field(None, description="Signs cookies; default: in data_dir")
     system_prompt: str | None = Field(None, description="Put first in every chat's prompt")
+    history_ttl: int | None = Field(
+        None, ge=1, description="Seconds a conversation may sit unwritten, then it is removed"
+    )
 
     def __init__(self, **values: Any) -> None:
         """A renamed setting's old name still counts, below its new one: keyword (flag) new, then

@@ -4,6 +4,7 @@ sessions, conversation ids, parameters, feedback, regenerate, context overflow, 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -227,3 +228,50 @@ async def test_a_full_queue_is_a_json_429_before_the_stream_and_keeps_no_message
         finally:
             for c in clients:
                 await c.aclose()
+
+
+async def test_delete_removes_the_conversation_and_its_feedback(tmp_path: Path) -> None:
+    async with chat_app(tmp_path) as app, client(app) as c:
+        done = done_of(await chat(c, "forget me"))
+        cid, mid = done["conversation_id"], done["message_id"]
+        await c.post("/chat/feedback", json={"message_id": mid, "like": True})
+        res = await c.post("/chat/delete")
+        assert res.status_code == 200, res.text
+        assert res.json()["deleted"] == cid
+        store = app.state.chat_service.store
+        assert await store.turns(cid) == [] and await store.feedback(mid) is None
+        assert await history(c) == []
+        assert done_of(await chat(c, "fresh"))["conversation_id"] != cid  # a new one begins
+
+
+async def test_a_conversation_is_its_keys_alone(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"sk-alice-1": {"name": "alice"}, "sk-bob-22": {"name": "bob"}}))
+    alice, bob = {"Authorization": "Bearer sk-alice-1"}, {"Authorization": "Bearer sk-bob-22"}
+    async with chat_app(tmp_path, api_keys=keys) as app, client(app) as c:
+        c.headers.update(alice)
+        done = done_of(await chat(c, "alice's secret"))
+        cid, mid = done["conversation_id"], done["message_id"]
+        async with client(app) as b:
+            b.headers.update(bob)
+            named = {"conversation_id": cid}
+            refused = [
+                await b.get("/chat/history", params=named),
+                await b.post("/chat", json={"message": "mine now", **named}),
+                await b.post("/chat/clear", json=named),
+                await b.post("/chat/delete", json=named),
+                await b.post("/chat/feedback", json={"message_id": mid, "like": False, **named}),
+            ]
+            for res in refused:
+                assert res.status_code == 404, res.text
+                assert res.json()["error"]["type"] == "not_found"
+            made_up = await b.get("/chat/history", params={"conversation_id": "c1.x"})
+            assert made_up.json() == refused[0].json()  # the same answer: existence not told
+        # the same browser (cookie) with another key: not alice's conversation either
+        c.headers.update(bob)
+        assert await history(c) == []
+        c.headers.update(alice)
+        assert contents(await history(c, conversation_id=cid)) == [
+            ("user", "alice's secret"),
+            ("assistant", "alice's secret"),
+        ]

@@ -1,8 +1,10 @@
 """The chat product's API, what the page uses: POST /chat streams a reply (SSE `queued`, `token`,
-`done`, `error`) and keeps the conversation; clear, history, params and feedback beside it.
+`done`, `error`) and keeps the conversation; clear, delete, history, params and feedback
+beside it.
 
-Errors before the stream opens (queue full 429 with Retry-After, 503, 400, 404) are plain JSON
-error responses; once it is open, an `error` event.
+Errors before the stream opens (queue full 429 with Retry-After, 503 (history unavailable too),
+400, 404) are plain JSON error responses; once it is open, an `error` event. A conversation
+named by id must be the caller's (chat_session.py): another's is a 404, as an unknown one is.
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ from chatqueue.config import Settings
 from chatqueue.errors import InvalidRequest, NotFound
 from chatqueue.history import ChatParams, Feedback, HistoryStore, Turn, open_store
 from chatqueue.server import sse
-from chatqueue.server.auth import identity
+from chatqueue.server.auth import Caller, identity
 from chatqueue.server.chat_schemas import MAX_TOP_K, ChatIn, ConversationIn, FeedbackIn, ParamsIn
 from chatqueue.server.chat_session import (
     SESSION_COOKIE,
     SESSION_MAX_AGE_S,
     ConversationIds,
     chat_session,
+    owner_of,
     session_secret,
 )
 from chatqueue.server.chat_stream import chat_events
@@ -46,7 +49,7 @@ def install(app: FastAPI, settings: Settings, chat_queue: ChatQueue) -> HistoryS
     from chatqueue.web import mount_page
 
     secret = session_secret(settings)
-    store = open_store(settings.history, settings.data_dir)
+    store = open_store(settings.history, settings.data_dir, ttl_s=settings.history_ttl)
     app.state.chat_service = ChatService(chat_queue, store, system_prompt=settings.system_prompt)
     app.state.conversation_ids = ConversationIds(secret)
     app.add_middleware(
@@ -72,8 +75,8 @@ async def _params(service: ChatService, session_id: str) -> ChatParams:
 
 
 @router.post("", response_model=None)
-async def chat(body: ChatIn, request: Request) -> sse.EventStreamResponse:
-    session = chat_session(request, body.conversation_id)
+async def chat(body: ChatIn, request: Request, who: Caller) -> sse.EventStreamResponse:
+    session = chat_session(request, body.conversation_id, owner=owner_of(who))
     service = _service(request)
     reply = await service.start(
         session.conversation_id,
@@ -101,15 +104,32 @@ async def _events(reply: Reply) -> AsyncIterator[str]:
 
 
 @router.post("/clear")
-async def clear(request: Request, body: ConversationIn | None = None) -> dict[str, Any]:
-    session = chat_session(request, body.conversation_id if body else None)
+async def clear(
+    request: Request, who: Caller, body: ConversationIn | None = None
+) -> dict[str, Any]:
+    session = chat_session(request, body.conversation_id if body else None, owner=owner_of(who))
     await _service(request).store.clear(session.conversation_id)
     return {"conversation_id": session.conversation_id}
 
 
+@router.post("/delete")
+async def delete(
+    request: Request, who: Caller, body: ConversationIn | None = None
+) -> dict[str, Any]:
+    """The conversation and the feedback on its replies, gone; the session's current one (if
+    it was this) starts afresh under a new id."""
+    session = chat_session(request, body.conversation_id if body else None, owner=owner_of(who))
+    await _service(request).store.delete(session.conversation_id)
+    if request.session.get("conversation_id") == session.conversation_id:
+        del request.session["conversation_id"]
+    return {"deleted": session.conversation_id}
+
+
 @router.get("/history")
-async def history(request: Request, conversation_id: str | None = None) -> dict[str, Any]:
-    session = chat_session(request, conversation_id)
+async def history(
+    request: Request, who: Caller, conversation_id: str | None = None
+) -> dict[str, Any]:
+    session = chat_session(request, conversation_id, owner=owner_of(who))
     turns = await _service(request).store.turns(session.conversation_id)
     return {"conversation_id": session.conversation_id, "messages": [_turn_out(t) for t in turns]}
 
@@ -163,8 +183,8 @@ def _params_out(service: ChatService, params: ChatParams) -> dict[str, Any]:
 
 
 @router.post("/feedback")
-async def feedback(body: FeedbackIn, request: Request) -> dict[str, Any]:
-    session = chat_session(request, body.conversation_id)
+async def feedback(body: FeedbackIn, request: Request, who: Caller) -> dict[str, Any]:
+    session = chat_session(request, body.conversation_id, owner=owner_of(who))
     service = _service(request)
     turns = await service.store.turns(session.conversation_id)
     at = next((i for i, t in enumerate(turns) if t.message_id == body.message_id), None)

@@ -2,9 +2,14 @@
 
 The session cookie (Starlette's SessionMiddleware, signed with itsdangerous) holds a random
 session id, which keys the sampling parameters, and the page's current conversation id. A
-conversation id is a bearer token: random, signed by the server, so one cannot be guessed or
-made up, and whoever holds it may continue that conversation (that is how API callers, who may
-keep no cookies, go on with one).
+conversation id is random and signed by the server, so one cannot be guessed or made up.
+
+Whose it is: under --api-keys, the key holder's who made it. Their name is signed into the id
+(the signature covers the id and the owner; the id does not show the owner), so another key
+holder's request naming it fails the check and gets the same 404 as a made-up id: neither its
+existence nor its owner is told. With no keys, or one shared --api-key, which names no one, the
+id is a bearer token: whoever holds it may continue that conversation (that is how API callers,
+who may keep no cookies, go on with one), and only the session that made it is handed it.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from starlette.requests import Request
 
 from chatqueue.config import Settings
 from chatqueue.errors import NotFound
+from chatqueue.server.auth import Identity
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +63,29 @@ def _read_or_create(path: Path) -> str:
 
 
 class ConversationIds:
+    """`c<random>.<signature of the random part and the owner>`; the owner "" (no one named)
+    signs the random part alone, as ids were signed before owners were."""
+
     def __init__(self, secret: str) -> None:
         self._signer = Signer(secret, salt="chatqueue.conversation")
 
-    def new(self) -> str:
-        return self._signer.sign(f"c{secrets.token_hex(16)}").decode()
+    def new(self, owner: str = "") -> str:
+        value = f"c{secrets.token_hex(16)}"
+        return f"{value}.{self._signature(value, owner)}"
 
-    def is_valid(self, conversation_id: str) -> bool:
+    def is_valid(self, conversation_id: str, owner: str = "") -> bool:
+        value, _, signature = conversation_id.rpartition(".")
         try:
-            self._signer.unsign(conversation_id)
+            return self._signer.verify_signature(_signed(value, owner), signature)
         except BadSignature:
             return False
-        return True
+
+    def _signature(self, value: str, owner: str) -> str:
+        return self._signer.get_signature(_signed(value, owner)).decode()
+
+
+def _signed(value: str, owner: str) -> str:
+    return f"{value}\x00{owner}" if owner else value
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,18 +94,25 @@ class ChatSession:
     conversation_id: str
 
 
-def chat_session(request: Request, conversation_id: str | None = None) -> ChatSession:
+def owner_of(who: Identity) -> str:
+    """Whose conversations a caller's are: the key holder's name; "" when no key names one."""
+    return who.name or ""
+
+
+def chat_session(
+    request: Request, conversation_id: str | None = None, *, owner: str = ""
+) -> ChatSession:
     """The caller's session (made on first use) and the conversation it means: the one named,
-    else the session's current one (made on first use)."""
+    else the session's current one (made on first use); either must be `owner`'s, else 404."""
     ids: ConversationIds = request.app.state.conversation_ids
     session = request.session
     if not isinstance(session.get("sid"), str):
         session["sid"] = secrets.token_urlsafe(16)
     if conversation_id is not None:
-        if not ids.is_valid(conversation_id):
+        if not ids.is_valid(conversation_id, owner):
             raise NotFound("There is no conversation with this id.", param="conversation_id")
         return ChatSession(session["sid"], conversation_id)
     current = session.get("conversation_id")
-    if not isinstance(current, str) or not ids.is_valid(current):
-        current = session["conversation_id"] = ids.new()
+    if not isinstance(current, str) or not ids.is_valid(current, owner):
+        current = session["conversation_id"] = ids.new(owner)
     return ChatSession(session["sid"], current)
