@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -300,3 +300,32 @@ def test_on_a_server_with_an_api_key_the_page_asks_for_it_then_works(
             "placeholder", re.compile(r"default \d+")
         )
         ctx.close()
+
+
+def test_delete_asks_first_then_removes_the_conversation(context: BrowserContext) -> None:
+    page = open_page(context)
+    send(page, "delete me")
+    expect(page.locator(".message.assistant .text")).to_have_text("delete me")
+    expect(page.locator("#send")).to_be_visible()
+
+    asked: list[str] = []
+
+    def answer(accept: bool) -> Callable[[Dialog], None]:
+        def on_dialog(dialog: Dialog) -> None:
+            asked.append(dialog.message)
+            dialog.accept() if accept else dialog.dismiss()
+
+        return on_dialog
+
+    page.once("dialog", answer(False))
+    page.click("#delete-chat")
+    expect(page.locator(".message")).to_have_count(2)  # dismissed: nothing deleted
+    page.once("dialog", answer(True))
+    page.click("#delete-chat")
+    expect(page.locator(".message")).to_have_count(0)
+    expect(page.locator("#status")).to_have_text("Conversation deleted.")
+    assert len(asked) == 2 and "Delete this conversation?" in asked[0]
+    page.reload()
+    expect(page.locator("#send")).to_be_visible()
+    wait_ready(page)
+    expect(page.locator(".message")).to_have_count(0)

@@ -260,6 +260,21 @@ async function newChat() {
   input.focus();
 }
 
+// The conversation and the feedback on it, gone from the server, after the user confirms; the page
+// then starts a new one.
+async function deleteChat() {
+  if (!window.confirm("Delete this conversation? It is removed from the server and cannot be brought back.")) return;
+  if (controller) controller.abort();
+  const res = await api("/chat/delete", { method: "POST" });
+  if (!res.ok) {
+    setStatus(await errorText(res));
+    return;
+  }
+  messagesEl.replaceChildren();
+  setStatus("Conversation deleted.");
+  input.focus();
+}
+
 // The latest fetch of the history (at start, after each key change) and how many there were: an
 // older fetch that answers late must not replace what a newer one shows.
 let historyFetch = Promise.resolve(true);
@@ -365,6 +380,7 @@ input.addEventListener("keydown", (event) => {
 
 stopBtn.addEventListener("click", () => controller && controller.abort());
 $("new-chat").addEventListener("click", newChat);
+$("delete-chat").addEventListener("click", deleteChat);
 
 showHistory();
 loadParams();
