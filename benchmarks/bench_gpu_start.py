@@ -32,33 +32,19 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from tests.support.servers import free_port, model_process  # noqa: E402
 
-TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}<|assistant|>"
-
 
 def make_model_folder(folder: Path) -> None:
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     from gpu_model import build_model
+    from tests.integration.test_hf_runner import TEMPLATE, tiny_tokenizer
 
     if (folder / "config.json").is_file():
         return
     model = build_model("cuda", torch.bfloat16)
     model.save_pretrained(folder)
     del model
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=512,
-        special_tokens=["<pad>", "<bos>", "<|end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tokenizer.train_from_iterator(["What is the capital of Japan? Tokyo."] * 8, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<bos>", eos_token="<|end|>"
-    )
+    fast = tiny_tokenizer()
     fast.chat_template = TEMPLATE
     fast.save_pretrained(folder)
 
