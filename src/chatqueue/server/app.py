@@ -47,6 +47,7 @@ def create_app(
     app.include_router(openai_routes.router)
     app.include_router(ops.router)
     history = app.state.history = chat_routes.install(app, settings, cq)
+    app.state.history_health = ops.StoreHealth(history)
     _install_limits(app, settings)
     return app
 

@@ -25,6 +25,7 @@ from chatqueue.errors import (
     QueueFull,
     RateLimited,
     ServiceUnavailable,
+    StoreUnavailable,
     Unauthorized,
 )
 from chatqueue.types import Finished, FinishReason, Usage
@@ -113,6 +114,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ChatQueueError)
     async def _chatqueue(request: Request, exc: ChatQueueError) -> JSONResponse:
+        if isinstance(exc, StoreUnavailable) and hasattr(request.app.state, "history_health"):
+            request.app.state.history_health.note_failure()  # /health says so at once
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
