@@ -7,7 +7,7 @@ import json
 import socket
 import subprocess
 from collections.abc import AsyncIterator, Iterator
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -304,6 +304,43 @@ async def test_without_keys_a_new_user_field_each_request_does_not_lift_the_cap(
         await wait_load(c, processing=0, waiting=0)
     assert refused.status_code == 429 and "retry-after" in refused.headers
     assert error_of(refused)["type"] == "user_queue_full"
+
+
+async def test_without_keys_a_new_chat_session_each_request_does_not_lift_the_cap(
+    open_srv: Server,
+) -> None:
+    """/chat's user is the session cookie, which a client may drop every time: the cap counts
+    per client address there too."""
+    async with AsyncExitStack() as stack:
+        c = await stack.enter_async_context(
+            httpx.AsyncClient(base_url=open_srv.url, timeout=SAFETY_S)
+        )
+        running = await stack.enter_async_context(OpenStream(c, user_says(LONG, stream=True)))
+        await running.read_until(has_content)
+        for _ in range(2):  # each a new client: a new session, no cookie
+            fresh = await stack.enter_async_context(
+                httpx.AsyncClient(base_url=open_srv.url, timeout=SAFETY_S)
+            )
+            await stack.enter_async_context(chat_waiting(fresh))
+        async with httpx.AsyncClient(base_url=open_srv.url, timeout=SAFETY_S) as fresh:
+            refused = await fresh.post("/chat", json={"message": "one more"})
+        await stack.aclose()
+    async with httpx.AsyncClient(base_url=open_srv.url, timeout=SAFETY_S) as c:
+        await wait_load(c, processing=0, waiting=0)
+    assert refused.status_code == 429 and "retry-after" in refused.headers
+    assert error_of(refused)["type"] == "user_queue_full"
+
+
+@asynccontextmanager
+async def chat_waiting(client: httpx.AsyncClient) -> AsyncIterator[None]:
+    """A /chat reply held open by the test until it has been told its place in the queue."""
+    async with client.stream("POST", "/chat", json={"message": "x"}) as res:
+        assert res.status_code == 200
+        lines = res.aiter_lines()  # NOTE: kept: a line iterator left to the collector closes
+        async for line in lines:  # the response, and the server sees its client leave
+            if line == "event: queued":
+                break
+        yield
 
 
 def test_an_idle_keep_alive_connection_is_closed(open_srv: Server) -> None:

@@ -48,7 +48,7 @@ def runner_for(settings: Settings) -> Runner | Callable[[], Runner]:
 def load_hf(settings: Settings) -> Runner:
     """On the engine thread: find the model's folder (converting the default GGUF once), load the
     tokenizer in this process, and the model here or in its own process."""
-    from chatqueue.engine.hf.loader import model_folder
+    from chatqueue.engine.hf.gguf_cache import model_folder
     from chatqueue.text.hf_tokenizer import load_tokenizer
 
     folder, name = model_folder(settings.model, settings.cache)

@@ -115,11 +115,15 @@ class ChatService:
         params: ChatParams,
         *,
         user: str = "",
+        priority: int = 0,
+        max_queue_per_user: int | None = None,
+        cap_key: str | None = None,
         regenerate: bool = False,
     ) -> Reply:
         """Admit a reply to `message` (or, with `regenerate`, a new reply to the last user
         message). Raises what admission raises (QueueFull, PromptTooLong, ...) with the history
-        untouched."""
+        untouched. `user`, `priority`, `max_queue_per_user` and `cap_key` go to the queue as
+        `ChatQueue.submit` takes them."""
         history = await self.store.turns(conversation_id)
         new_turn: Turn | None = None
         if regenerate:
@@ -141,7 +145,14 @@ class ChatService:
             budget=cq.context_window - room,
         )
         sampling = dataclasses.replace(params.sampling_params(), max_tokens=room)
-        stream = await cq.submit(fitted.messages, sampling, user=user)
+        stream = await cq.submit(
+            fitted.messages,
+            sampling,
+            user=user,
+            priority=priority,
+            max_queue_per_user=max_queue_per_user,
+            cap_key=cap_key,
+        )
         reply = Reply(conversation_id, stream, params, fitted.dropped_turns, self.store)
         try:
             # Admitted: only now change the history, so a refused request leaves it as it was.

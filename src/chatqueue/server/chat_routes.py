@@ -24,7 +24,7 @@ from chatqueue.config import Settings
 from chatqueue.errors import InvalidRequest, NotFound
 from chatqueue.history import ChatParams, Feedback, HistoryStore, Turn, open_store
 from chatqueue.server import sse
-from chatqueue.server.auth import Caller, identity
+from chatqueue.server.auth import Caller, caller_of, identity
 from chatqueue.server.chat_schemas import MAX_TOP_K, ChatIn, ConversationIn, FeedbackIn, ParamsIn
 from chatqueue.server.chat_session import (
     SESSION_COOKIE,
@@ -82,7 +82,13 @@ async def chat(body: ChatIn, request: Request, who: Caller) -> sse.EventStreamRe
         session.conversation_id,
         body.message,
         await _params(service, session.session_id),
-        user=session.session_id,
+        # NOTE: as on /v1: a key's holder is the user the queue takes turns between, with the
+        # key's priority and cap; without one, the session takes turns and the cap counts per
+        # client address (a client that drops its cookie is a new session every time).
+        user=who.user(session.session_id),
+        priority=who.priority,
+        max_queue_per_user=who.max_queue,
+        cap_key=None if who.name is not None else caller_of(request, who),
         regenerate=body.regenerate,
     )
     headers = {"X-Conversation-Id": reply.conversation_id, "X-Message-Id": reply.message_id}

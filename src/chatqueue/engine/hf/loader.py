@@ -16,27 +16,11 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from chatqueue.config import Settings
-from chatqueue.engine.hf.gguf_cache import (
-    DEFAULT_MODEL_NAME,
-    ModelNotFound,
-    default_model_folder,
-)
 from chatqueue.engine.hf.runner import HFBatchedRunner, HFSequentialRunner
 from chatqueue.engine.hf.static import StaticCacheRunner, UnsupportedModel, check_supported
 from chatqueue.engine.runner import ModelRunner
 
 log = logging.getLogger(__name__)
-
-
-def model_folder(model: str | None, cache_dir: Path | None = None) -> tuple[Path, str]:
-    """The local folder of `model` (None: the default SmolLM2 GGUF, converted once into
-    `cache_dir`) and the name it is served under by default."""
-    if model is None:
-        return default_model_folder(cache_dir), DEFAULT_MODEL_NAME
-    folder = Path(model).expanduser()
-    if not (folder / "config.json").is_file():
-        raise ModelNotFound(f"{model} is not a local Hugging Face model folder (no config.json)")
-    return folder, folder.name
 
 
 def load_model_runner(settings: Settings, folder: Path) -> ModelRunner:
