@@ -7,8 +7,9 @@ times, each at a random moment once the server is back. Prints:
     lost (the connection ended with neither: must be 0); hung (no end within the safety time:
     must be 0);
   - seconds from each kill to /health ok again (p50, max);
-  - the requests that were waiting in the queue at a kill: how many completed afterwards, and
-    whether they started in the order of their queue positions.
+  - the requests that were waiting in the queue at a kill: how many that kill failed (must be
+    0), how many started once the model was back, and whether in the order of their positions.
+Clients honour Retry-After on a refusal (a 503 while the model restarts), as clients should.
 
     .venv/bin/python benchmarks/bench_chaos.py [--kills 20] [--clients 10] [--max-concurrent 4]
 """
@@ -40,10 +41,12 @@ HUNG_S = 120.0  # a request with no end after this long counts as hung
 class Request:
     started: float
     positions: list[int] = field(default_factory=list)
+    admitted: float | None = None  # its first chunk (the assistant's role): it took a slot
     first_content: float | None = None
     ended: float | None = None
-    outcome: str = "running"  # completed | error | lost | hung
+    outcome: str = "running"  # completed | error | refused | lost | hung
     error: str = ""
+    retry_after_s: float = 0.0
 
 
 async def one_chat(client: httpx.AsyncClient, number: int, requests: list[Request]) -> None:
@@ -59,13 +62,17 @@ async def one_chat(client: httpx.AsyncClient, number: int, requests: list[Reques
         async with asyncio.timeout(HUNG_S):
             async with client.stream("POST", "/v1/chat/completions", json=body) as r:
                 if r.status_code != 200:
-                    req.outcome, req.error = "error", (await r.aread()).decode()[:200]
+                    body = json.loads(await r.aread())
+                    req.outcome, req.error = "refused", body["error"]["type"]
+                    req.retry_after_s = float(r.headers.get("Retry-After", 0))
                     return
                 async for line in r.aiter_lines():
                     if line.startswith(": queued position="):
                         req.positions.append(int(line.split("=")[1].split()[0]))
                     elif line.startswith("data: {"):
                         chunk = json.loads(line[6:])
+                        if req.admitted is None:
+                            req.admitted = time.perf_counter()
                         if "error" in chunk:
                             req.outcome, req.error = "error", chunk["error"]["type"]
                         elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
@@ -89,6 +96,7 @@ async def client_loop(url: str, stop: asyncio.Event, requests: list[Request], ba
         n = 0
         while not stop.is_set():
             await one_chat(client, base + n, requests)
+            await asyncio.sleep(min(10.0, requests[-1].retry_after_s))  # as clients should
             n += 1
 
 
@@ -110,34 +118,37 @@ async def chaos(url: str, server_pid: int, args: argparse.Namespace) -> None:
         asyncio.create_task(client_loop(url, stop, requests, 1000 * i)) for i in range(args.clients)
     ]
     recoveries: list[float] = []
-    at_kills: list[list[Request]] = []
+    at_kills: list[tuple[float, float, list[Request]]] = []  # killed, back, who waited then
     async with httpx.AsyncClient(base_url=url, timeout=10) as probe:
         await asyncio.sleep(3.0)  # load is steady
         for k in range(args.kills):
-            await asyncio.sleep(rng.uniform(0.5, 3.0))
+            await asyncio.sleep(rng.uniform(2.0, 6.0))
             pid = model_process(server_pid)
-            waiting = [r for r in requests if r.ended is None and r.first_content is None]
-            at_kills.append([r for r in waiting if r.positions])
+            waiting = [r for r in requests if r.ended is None and r.admitted is None]
             os.kill(pid, signal.SIGKILL)
             killed = time.perf_counter()
             await wait_health(probe, "restarting")  # noticed within a step, or a second idle
             await wait_health(probe, "ok")
-            recoveries.append(time.perf_counter() - killed)
+            back = time.perf_counter()
+            recoveries.append(back - killed)
+            at_kills.append((killed, back, [r for r in waiting if r.positions]))
             print(f"kill {k + 1}: back in {recoveries[-1]:.2f} s", flush=True)
         stop.set()
         await asyncio.gather(*clients)
     report(requests, recoveries, at_kills)
 
 
-def report(requests: list[Request], recoveries: list[float], at_kills: list[list[Request]]) -> None:
-    counts = {
-        o: sum(r.outcome == o for r in requests) for o in ("completed", "error", "lost", "hung")
-    }
+def report(
+    requests: list[Request],
+    recoveries: list[float],
+    at_kills: list[tuple[float, float, list[Request]]],
+) -> None:
+    outcomes = ("completed", "error", "refused", "lost", "hung")
+    counts = {o: sum(r.outcome == o for r in requests) for o in outcomes}
     errors: dict[str, int] = {}
     for r in requests:
-        if r.outcome == "error":
-            kind = r.error if len(r.error) < 40 else "refused: " + r.error[:60]
-            errors[kind] = errors.get(kind, 0) + 1
+        if r.outcome in ("error", "refused"):
+            errors[f"{r.outcome}: {r.error}"] = errors.get(f"{r.outcome}: {r.error}", 0) + 1
     print(f"requests {len(requests)}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     print(f"errors by type: {errors}")
     ordered = sorted(recoveries)
@@ -145,21 +156,33 @@ def report(requests: list[Request], recoveries: list[float], at_kills: list[list
         f"kill -> ready: p50 {statistics.median(ordered):.2f} s, max {ordered[-1]:.2f} s "
         f"over {len(ordered)} kills"
     )
-    waiting = [r for batch in at_kills for r in batch]
-    kept = sum(r.outcome == "completed" for r in waiting)
-    in_order = all(_in_order(batch) for batch in at_kills)
+    # NOTE: a waiting request takes a slot only once the model is back; its first chunk may
+    # reach this client a moment before /health's ok does, so "after the kill" is the test.
+    waiting = sum(len(batch) for _, _, batch in at_kills)
+    failed = sum(
+        r.ended is not None and r.ended < back and r.outcome != "completed"
+        for _, back, batch in at_kills
+        for r in batch
+    )
+    started = sum(
+        r.admitted is not None and r.admitted >= killed
+        for killed, _, batch in at_kills
+        for r in batch
+    )
+    in_order = all(_in_order(killed, batch) for killed, _, batch in at_kills)
     print(
-        f"waiting at a kill: {len(waiting)}, completed afterwards: {kept}; "
-        f"started in queue order: {'yes' if in_order else 'no'}"
+        f"waiting at a kill: {waiting}; failed by that kill: {failed}; started once the model "
+        f"was back: {started}; in the order of their positions: {'yes' if in_order else 'no'}"
     )
 
 
-def _in_order(batch: list[Request]) -> bool:
-    """Requests that waited together start in the order of their last known positions (those
-    admitted in one step start together: 50 ms of slack)."""
-    started = [r for r in sorted(batch, key=lambda r: r.positions[-1]) if r.first_content]
+def _in_order(killed: float, batch: list[Request]) -> bool:
+    """Requests that waited together take slots in the order of their last known positions
+    (those admitted in one step start together: 50 ms of slack)."""
+    ordered = sorted(batch, key=lambda r: r.positions[-1])
+    started = [r for r in ordered if r.admitted is not None and r.admitted >= killed]
     return all(
-        a.first_content <= b.first_content + 0.05  # type: ignore[operator]
+        a.admitted <= b.admitted + 0.05  # type: ignore[operator]
         for a, b in itertools.pairwise(started)
     )
 
