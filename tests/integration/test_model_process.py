@@ -39,6 +39,7 @@ from tests.support.http import (
 )
 from tests.support.inprocess import serving
 from tests.support.outcomes import send, user_says
+from tests.support.servers import model_process_pids
 
 LONG = " ".join(["w"] * 2000)  # echoed a word a step: outlasts the test, which ends it
 
@@ -55,13 +56,7 @@ def process_runner(load: Callable[[], ModelRunner]) -> ProcessRunner:
 
 def model_processes() -> list[int]:
     """Pids of this test process's children that are model processes."""
-    pids = []
-    for task in Path("/proc/self/task").iterdir():
-        for pid in (task / "children").read_text().split():
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if b"chatqueue.engine.process.child" in cmdline:
-                pids.append(int(pid))
-    return pids
+    return model_process_pids("self")
 
 
 @asynccontextmanager

@@ -3,6 +3,7 @@ for the Redis history store."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -102,15 +103,24 @@ def _wait_healthy(server: Server, timeout_s: float, answers: list[httpx.Response
     raise TimeoutError(f"server not healthy after {timeout_s} s:\n{server.log()}")
 
 
+def model_process_pids(parent: int | str = "self") -> list[int]:
+    """Pids of `parent`'s children that are model processes (and spares). A thread or a child
+    may end while we read /proc: it is no longer there to count."""
+    pids = []
+    for task in Path(f"/proc/{parent}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            for pid in (task / "children").read_text().split():
+                with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                    if b"chatqueue.engine.process.child" in cmdline:
+                        pids.append(int(pid))
+    return pids
+
+
 def model_process(server_pid: int) -> int:
     """A server's model process: the oldest of its model-process children (the spare, kept ready
     for a restart, starts after it)."""
-    pids = [
-        int(pid)
-        for task in Path(f"/proc/{server_pid}/task").iterdir()
-        for pid in (task / "children").read_text().split()
-        if b"chatqueue.engine.process.child" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    ]
+    pids = model_process_pids(server_pid)
     return min(pids, key=lambda pid: int(Path(f"/proc/{pid}/stat").read_text().split()[21]))
 
 
