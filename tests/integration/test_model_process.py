@@ -360,3 +360,49 @@ def test_a_restart_takes_the_spare_process_whose_imports_are_done() -> None:
     assert runner.tokenizer.decode([first_token[1]]) == "again"
     runner.close()
     assert model_processes() == []
+
+
+def note_prepared(folder: str) -> None:
+    """A `prepare` for the model process: leaves its pid in `folder`."""
+    Path(folder, str(os.getpid())).touch()
+
+
+def prepare_that_fails() -> None:
+    raise RuntimeError("no GPU here")
+
+
+def test_the_spare_is_prepared_before_it_is_needed(tmp_path: Path) -> None:
+    load = functools.partial(MockRunner, MockConfig(mode="echo"))
+    prepare = functools.partial(note_prepared, str(tmp_path))
+    runner = ProcessRunner(
+        load, tokenizer=MockTokenizer(), model_name="mock", preload=("json",), prepare=prepare
+    )
+    assert runner.spare_pid is not None
+    prepared = {runner.pid, runner.spare_pid}
+    until_s = time.monotonic() + SAFETY_S
+    while {int(p.name) for p in tmp_path.iterdir()} != prepared:  # the spare's runs on its own
+        assert time.monotonic() < until_s, "the spare was never prepared"
+        time.sleep(0.01)
+    runner.close()
+    assert model_processes() == []
+
+
+def test_a_prepare_that_fails_leaves_the_load_to_say_what_is_wrong() -> None:
+    load = functools.partial(MockRunner, MockConfig(mode="echo"))
+    runner = ProcessRunner(
+        load, tokenizer=MockTokenizer(), model_name="mock", prepare=prepare_that_fails
+    )
+    prompt = runner.tokenizer.apply_chat_template([ChatMessage("user", "hi")])
+    first = runner.step(
+        StepBatch(new=[NewSequence(1, prompt, SamplingParams())], running=[], released=[])
+    )
+    assert runner.tokenizer.decode([first[1]]) == "hi"
+    runner.close()
+    with pytest.raises(ModelLoadError, match="no model folder at /nowhere"):
+        ProcessRunner(
+            load_that_fails,
+            tokenizer=MockTokenizer(),
+            model_name="mock",
+            prepare=prepare_that_fails,
+        )
+    assert model_processes() == []

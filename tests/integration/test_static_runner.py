@@ -16,7 +16,7 @@ from tests.integration.test_hf_runner import reference, tiny_llama
 GREEDY = SamplingParams(temperature=0.0)
 
 
-def make(model: LlamaForCausalLM, **kw: int | str) -> StaticCacheRunner:
+def make(model: LlamaForCausalLM, **kw: int | str | bool) -> StaticCacheRunner:
     return StaticCacheRunner(model=model, use_cuda_graphs=False, **kw)
 
 
@@ -111,3 +111,26 @@ def test_triton_attention_is_refused_where_it_cannot_run(model: LlamaForCausalLM
         make(model, max_batch=2, max_len=32, attention="triton")
     with pytest.raises(ValueError, match="auto, triton or sdpa"):
         make(model, max_batch=2, max_len=32, attention="flash")
+
+
+def test_the_compiled_step_traces_one_layer_for_all_and_equals_generate() -> None:
+    """Regional compilation: one compiled graph serves every decoder layer, so what Dynamo traces
+    does not grow with depth (a restart re-traces it: that time must not scale with the model),
+    and the compiled step's greedy tokens equal `generate()`."""
+    from torch._dynamo.utils import counters
+
+    traced: dict[int, tuple[int, int]] = {}
+    for layers in (2, 4):
+        torch.manual_seed(0)
+        config = tiny_llama().config
+        config.num_hidden_layers = layers
+        model = LlamaForCausalLM(config).eval()
+        prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [20, 21]]
+        expected = {i: reference(model, p, 6) for i, p in enumerate(prompts)}
+        torch._dynamo.reset()
+        counters.clear()
+        runner = make(model, max_batch=4, max_len=64, compile=True)
+        got = drive(runner, prompts, {0: [0], 1: [1, 2]}, {i: len(e) for i, e in expected.items()})
+        assert got == expected
+        traced[layers] = (counters["stats"]["unique_graphs"], counters["stats"]["calls_captured"])
+    assert traced[2] == traced[4]

@@ -66,7 +66,17 @@ def load_hf(settings: Settings) -> Runner:
         model_name=name,
         log_level=settings.log_level,
         preload=("torch", "transformers", "chatqueue.engine.hf.loader"),
+        prepare=functools.partial(prepare_model_process, settings, str(folder)),
     )
+
+
+def prepare_model_process(settings: Settings, folder: str) -> None:
+    """In a model process before its `Load` (a spare's ahead of need): what a load would do
+    first and needs no weights."""
+    use_compile_cache(settings.cache)
+    from chatqueue.engine.hf.loader import prepare_process
+
+    prepare_process(settings, Path(folder))
 
 
 def load_model(settings: Settings, folder: str) -> ModelRunner:

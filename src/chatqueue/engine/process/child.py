@@ -8,6 +8,7 @@ socket closes.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import logging
@@ -38,6 +39,10 @@ def serve(conn: Connection) -> None:
     preload: Preload = conn.recv()
     for module in preload.modules:
         importlib.import_module(module)
+    if preload.prepare is not None:
+        # a failure here is met again by the load, which reports it to the server
+        with contextlib.suppress(Exception):
+            preload.prepare()
     try:
         load: Load = conn.recv()
     except EOFError:  # a spare never used: the server closed it

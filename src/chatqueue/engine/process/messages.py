@@ -15,9 +15,12 @@ from chatqueue.engine.runner import ModelRunner
 
 @dataclass(frozen=True, slots=True)
 class Preload:
-    """Import these modules now (the slow part of a start), then wait for `Load`."""
+    """Import these modules now (the slow part of a start), run `prepare` (what can be made
+    ready before the model is loaded: the GPU's context, the compiler's imports), then wait for
+    `Load`."""
 
     modules: tuple[str, ...] = ()
+    prepare: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)

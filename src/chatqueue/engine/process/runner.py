@@ -58,7 +58,7 @@ class _Child:
     """One model process and our end of its socket. Started with `preload` imported (the heavy
     modules), it then waits for its `Load`."""
 
-    def __init__(self, preload: tuple[str, ...]) -> None:
+    def __init__(self, preload: Preload) -> None:
         ours, theirs = socket.socketpair()
         with ours, theirs:
             self.proc = subprocess.Popen(
@@ -71,7 +71,7 @@ class _Child:
             self.conn = Connection(ours.detach())
         atexit.register(self.kill)  # an engine thread stuck past exit must not orphan it
         with contextlib.suppress(OSError):  # a child dead at once shows when it is loaded
-            self.conn.send(Preload(preload))
+            self.conn.send(preload)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -87,7 +87,8 @@ class ProcessRunner:
 
     With `preload` (module names, e.g. torch), a spare child is kept with those modules imported,
     so that a restart after a death only loads the weights: importing torch and transformers is
-    most of a small model's start.
+    most of a small model's start. `prepare` (picklable too) then runs in every child before its
+    `Load`: in a spare, ahead of need (the GPU's context, the compiler's imports).
 
     Blocks until the model is loaded; raises ModelLoadError if it fails. Every method runs on the
     engine thread but `kill`, which any thread may call."""
@@ -100,17 +101,18 @@ class ProcessRunner:
         model_name: str,
         log_level: str = "info",
         preload: tuple[str, ...] = (),
+        prepare: Callable[[], None] | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.model_name = model_name
         self._load = load
         self._log_level = log_level
-        self._preload = preload
+        self._preload = Preload(preload, prepare) if preload or prepare else None
         self._spare: _Child | None = None
         self._start()
 
     def _start(self) -> None:
-        self._child, self._spare = self._spare or _Child(self._preload), None
+        self._child, self._spare = self._spare or _Child(self._preload or Preload()), None
         try:
             self._child.conn.send(Load(self._load, self._log_level))
             ready: LoadReply = self._recv()

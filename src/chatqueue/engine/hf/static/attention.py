@@ -45,11 +45,26 @@ class SlotAttention:
     ) -> torch.Tensor:
         """Rows [0, b)'s new k, v [b, KV, 1, D] into the cache, then q [b, H, 1, D] over it;
         returns [b, KV, H / KV, D]. Only static buffers, no host synchronisation (capturable)."""
+        slots = self._slots
+        return self.attend_into(slots.k[layer], slots.v[layer], q=q, k=k, v=v, mask=mask)
+
+    def attend_into(
+        self,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        *,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """`attend` with the layer's cache buffers given, not looked up by index: a compiled
+        layer then takes them as inputs and serves every layer."""
         slots, b = self._slots, q.shape[0]
         shape = slots.shape
         col = slots.col_t
-        write_kv(slots.k[layer], slots.v[layer], k, v, col)
-        keys, values = slots.k[layer][:b], slots.v[layer][:b]
+        write_kv(k_cache, v_cache, k, v, col)
+        keys, values = k_cache[:b], v_cache[:b]
         # NOTE: grouped-query attention as a query of length `groups` per KV head: same
         # result as repeating K/V, without copying them, and the fused kernels accept it.
         groups = self._num_heads // shape.kv_heads

@@ -1,5 +1,6 @@
-"""The decode step made fast: compiled by Inductor, then captured as a CUDA graph at each of a set of
-batch sizes (buckets); a batch runs at the smallest bucket that holds it, the rows past it idle."""
+"""The decode step made fast: captured as a CUDA graph at each of a set of batch sizes (buckets); a
+batch runs at the smallest bucket that holds it, the rows past it idle. (The step itself is
+compiled by the decode class, a layer at a time.)"""
 
 from __future__ import annotations
 
@@ -26,12 +27,14 @@ class CapturedStep:
 
 
 class DecodeGraphs:
-    def __init__(self, forward: DecodeStep, *, max_batch: int, compile: bool) -> None:
-        self.buckets = [b for b in _BUCKETS if b < max_batch] + [max_batch]
+    def __init__(self, forward: DecodeStep, *, max_batch: int, smallest: int = 1) -> None:
+        """`smallest`: the least bucket. Captured graphs start at 2: Dynamo compiles a size of 1
+        apart from the others (it specialises 0 and 1), which cost a restart another 7-10 s on
+        an H200, and one idle row more at batch 1 costs nothing measurable there."""
+        low = min(smallest, max_batch)
+        self.buckets = [b for b in _BUCKETS if low <= b < max_batch] + [max_batch]
         self.captured: dict[int, CapturedStep] = {}
-        # NOTE: a decode step is mostly tiny kernels (norms, RoPE, residuals) at small batches;
-        # Inductor fuses them, and the CUDA graphs then replay the fused step.
-        self.step: DecodeStep = torch.compile(forward, dynamic=True) if compile else forward
+        self.step: DecodeStep = forward
 
     def run(self, n: int) -> torch.Tensor:
         """Rows [0, n) one token on; returns logits of at least n rows."""

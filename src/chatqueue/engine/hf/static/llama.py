@@ -39,9 +39,12 @@ def kv_shape(model: PreTrainedModel) -> KvShape:
 
 
 class LlamaDecode:
-    def __init__(self, model: PreTrainedModel, slots: KvSlots, *, attention: str) -> None:
+    def __init__(
+        self, model: PreTrainedModel, slots: KvSlots, *, attention: str, compile: bool
+    ) -> None:
         """Fuses the model's projections in place (its own forward, used for prefill, reads
-        them too); `attention` is SlotAttention's choice."""
+        them too); `attention` is SlotAttention's choice. `compile`: the decoder layer through
+        Inductor (regional compilation, see `_layer_step`)."""
         config = model.config
         self._n_heads = config.num_attention_heads
         self._n_kv = config.num_key_value_heads
@@ -55,31 +58,103 @@ class LlamaDecode:
         self._attention = SlotAttention(
             slots, choice=attention, num_heads=self._n_heads, scale=self._scale
         )
+        self._qkv_sizes = list(self._fused[0].qkv_sizes)
+        # NOTE: regional compilation. The layers share one code path and differ only in their
+        # tensors, all passed as arguments, so Dynamo traces one layer once and every layer
+        # runs the same compiled graph; the step's start (embedding, RoPE) and end (norm, head)
+        # are regions of their own. Compiling the whole step traced every layer: 37-47 s of
+        # each restart on an H200 even with warm caches.
+        regions = (self._begin, self._layer, self._end)
+        self._begin_step, self._layer_step, self._end_step = (
+            tuple(_compiled(f) for f in regions) if compile else regions
+        )
 
     def forward(self, b: int) -> torch.Tensor:
         """One token for rows [0, b): only static buffers, no host synchronisation (capturable)."""
         slots = self._slots
-        col = slots.col_t
         mask = self._attention.mask(b)
-        hidden = self._embed(slots.ids[:b].view(b, 1))
-        cos, sin = self._rotary(hidden, slots.pos[:b].view(b, 1))
+        hidden, cos, sin = self._begin_step(slots.ids[:b], slots.pos[:b])
+        delta: torch.Tensor | None = None
         for i, layer in enumerate(self._layers):
-            attn, fused = layer.self_attn, self._fused[i]
-            x = layer.input_layernorm(hidden)
-            qkv = F.linear(x, fused.qkv_weight, fused.qkv_bias)
-            q, k, v = torch.split(qkv, list(fused.qkv_sizes), dim=-1)
-            q = q.view(b, 1, self._n_heads, self._head_dim).transpose(1, 2)
-            k = k.view(b, 1, self._n_kv, self._head_dim).transpose(1, 2)
-            v = v.view(b, 1, self._n_kv, self._head_dim).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            o = self._attention.attend(i, q=q, k=k, v=v, mask=mask)
-            hidden = hidden + attn.o_proj(o.reshape(b, 1, self._n_heads * self._head_dim))
-            gate, up = F.linear(layer.post_attention_layernorm(hidden), fused.gate_up).chunk(2, -1)
-            hidden = hidden + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
-        logits: torch.Tensor = self._lm_head(self._norm(hidden)[:, -1]).float()
+            fused = self._fused[i]
+            hidden, delta = self._layer_step(
+                layer,
+                hidden,
+                delta,
+                cos,
+                sin,
+                mask,
+                fused.qkv_weight,
+                fused.qkv_bias,
+                fused.gate_up,
+                slots.k[i],
+                slots.v[i],
+            )
+        logits: torch.Tensor = self._end_step(hidden, delta)
         slots.pos[:b].add_(1)
-        col.add_(1)
+        slots.col_t.add_(1)
         return logits
+
+    def _begin(
+        self, ids: torch.Tensor, pos: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b = ids.shape[0]
+        hidden = self._embed(ids.view(b, 1))
+        cos, sin = self._rotary(hidden, pos.view(b, 1))
+        return hidden, cos, sin
+
+    def _layer(
+        self,
+        layer: Any,
+        hidden: torch.Tensor,
+        delta: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        qkv_weight: torch.Tensor,
+        qkv_bias: torch.Tensor | None,
+        gate_up: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decoder layer for rows [0, b): every tensor it reads is an argument, so one
+        compiled graph serves every layer (and one more the first, which has no `delta`).
+        `delta` is the previous layer's MLP output, added here to the residual stream so that
+        the add fuses with this layer's norm (as it would within one compiled graph)."""
+        b = hidden.shape[0]
+        if delta is not None:
+            hidden = hidden + delta
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden)
+        qkv = F.linear(x, qkv_weight, qkv_bias)
+        q, k, v = torch.split(qkv, self._qkv_sizes, dim=-1)
+        q = q.view(b, 1, self._n_heads, self._head_dim).transpose(1, 2)
+        k = k.view(b, 1, self._n_kv, self._head_dim).transpose(1, 2)
+        v = v.view(b, 1, self._n_kv, self._head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        o = self._attention.attend_into(k_cache, v_cache, q=q, k=k, v=v, mask=mask)
+        hidden = hidden + attn.o_proj(o.reshape(b, 1, self._n_heads * self._head_dim))
+        gate, up = F.linear(layer.post_attention_layernorm(hidden), gate_up).chunk(2, -1)
+        out: torch.Tensor = layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+        return hidden, out
+
+    def _end(self, hidden: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+        if delta is not None:
+            hidden = hidden + delta
+        logits: torch.Tensor = self._lm_head(self._norm(hidden)[:, -1]).float()
+        return logits
+
+
+def _compiled(layer: Any) -> Any:
+    """`layer` through Inductor with the batch size dynamic.
+
+    NOTE: without duck shaping. By default Dynamo gives sizes of equal value one symbol, so a
+    first compile at batch 64 of a model whose head_dim is 64 tied the two together and
+    compiled again at 48 (3 s of a restart on an H200)."""
+    from torch.fx.experimental import _config as fx_config
+
+    no_duck_shapes = fx_config.patch(use_duck_shape=False)  # type: ignore[attr-defined]
+    return no_duck_shapes(torch.compile(layer, dynamic=True))
 
 
 @dataclass(frozen=True, slots=True)

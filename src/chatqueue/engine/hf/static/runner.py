@@ -47,12 +47,14 @@ class StaticCacheRunner:
             dtype=model.dtype,
             device=self.device,
         )
-        self.decode = LlamaDecode(model, self.slots, attention=attention)
-        self._sampling: SamplingBatch | None = None  # one row per slot row, in the same order
-        self._prefills = PrefillQueue(model, chunk=prefill_chunk)
         graphs = self.device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
         wants_compile = self.device.type == "cuda" if compile is None else compile
-        self.graphs = DecodeGraphs(self.decode.forward, max_batch=max_batch, compile=wants_compile)
+        self.decode = LlamaDecode(model, self.slots, attention=attention, compile=wants_compile)
+        self._sampling: SamplingBatch | None = None  # one row per slot row, in the same order
+        self._prefills = PrefillQueue(model, chunk=prefill_chunk)
+        self.graphs = DecodeGraphs(
+            self.decode.forward, max_batch=max_batch, smallest=2 if graphs else 1
+        )
         if graphs:
             self.graphs.capture()
             self.slots.reset()
