@@ -190,7 +190,7 @@ function sleep(ms, signal) {
 }
 
 function seconds(s) {
-  const whole = Math.max(0, Math.round(s));
+  const whole = Math.max(0, Math.floor(s));
   return whole < 60 ? `${whole} s` : `${Math.floor(whole / 60)} min ${whole % 60} s`;
 }
 
