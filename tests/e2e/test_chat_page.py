@@ -587,6 +587,9 @@ def test_screenshots_for_people_to_look_at(context: BrowserContext, tmp_path: Pa
     wait_done(page)
     send(page, MARKDOWN_REPLY)
     wait_done(page)
+    # Regenerate is offered on the last reply only (it replaces that one).
+    expect(page.get_by_role("button", name="Regenerate this reply")).to_have_count(1)
+    expect(page.get_by_role("button", name="Good reply")).to_have_count(2)
     for width, height in ((390, 844), (1280, 800)):
         page.set_viewport_size({"width": width, "height": height})
         for scheme in ("light", "dark"):
