@@ -329,3 +329,271 @@ def test_delete_asks_first_then_removes_the_conversation(context: BrowserContext
     expect(page.locator("#send")).to_be_visible()
     wait_ready(page)
     expect(page.locator(".message")).to_have_count(0)
+
+
+# The page's look and its replies: icons, actions, the wait, Markdown, themes (issue 16, item 6).
+
+ACTIONS = ("Good reply", "Bad reply", "Copy this reply", "Regenerate this reply")
+MARKDOWN_REPLY = (
+    "Here is how:\n\n```\nprint(1)\n```\n\n- one\n- two\n\n1. first\n2. second\n\n"
+    "Use `x` and [the docs](https://example.com/docs)."
+)
+
+
+def watch_console(page: Page) -> list[str]:
+    """Every console error and CSP report the page gives from now on."""
+    seen: list[str] = []
+    page.on(
+        "console",
+        lambda m: (
+            seen.append(m.text)
+            if m.type == "error" or "Content Security Policy" in m.text
+            else None
+        ),
+    )
+    page.on("pageerror", lambda e: seen.append(str(e)))
+    return seen
+
+
+def wait_done(page: Page) -> None:
+    expect(page.locator("#send")).to_be_visible()
+    expect(page.locator(".message.assistant").last.locator(".actions")).to_have_count(1)
+
+
+def test_the_icons_are_svg_with_names(context: BrowserContext) -> None:
+    page = open_page(context)
+    send(page, "icons please")
+    wait_done(page)
+    for name in (*ACTIONS, "Delete this conversation"):
+        btn = page.get_by_role("button", name=name)
+        expect(btn).to_have_count(1)
+        svg = btn.locator("svg")
+        expect(svg).to_have_count(1)
+        box = svg.bounding_box()
+        assert box is not None and box["width"] >= 12 and box["height"] >= 12
+    # No emoji, or any other character that needs a font the machine may lack, in a button.
+    labels = page.locator(".actions button").all_text_contents()
+    assert labels == ["", "", "", ""]
+
+
+def test_actions_only_on_a_finished_reply(
+    browser: Browser, server: Server, context: BrowserContext
+) -> None:
+    first = open_page(context)
+    send(first, " ".join(f"long{i}" for i in range(60)))
+    wait_for_reply_to_start(first)  # the only slot is taken: this reply streams
+    streaming = first.locator(".message.assistant").last
+    other = browser.new_context(base_url=server.url)
+    other.set_default_timeout(WAIT_MS)
+    try:
+        second = open_page(other)
+        send(second, "waiting for my turn")
+        queued = second.locator(".message.assistant").last
+        expect(queued.locator(".note")).to_contain_text("position 1")
+        # NOTE: both checks in one evaluation, so the reply is still in line when they hold.
+        assert second.evaluate(
+            "() => { const m = [...document.querySelectorAll('.message.assistant')].pop();"
+            " return m.querySelector('.note').textContent.includes('position')"
+            " && m.querySelectorAll('button').length === 0; }"
+        )
+        assert first.evaluate(
+            "() => { const m = [...document.querySelectorAll('.message.assistant')].pop();"
+            " return document.querySelector('#stop').hidden === false"
+            " && m.querySelectorAll('button').length === 0; }"
+        )
+        wait_done(first)
+        for name in ACTIONS:
+            expect(streaming.get_by_role("button", name=name)).to_be_visible()
+        expect(queued.locator(".text")).to_have_text("waiting for my turn")
+        wait_done(second)
+        for name in ACTIONS:
+            expect(queued.get_by_role("button", name=name)).to_be_visible()
+    finally:
+        other.close()
+
+
+def test_the_time_waited_shows_and_grows_while_no_eta_is_known(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """A fresh server has seen no completion, so it knows no ETA: the page counts the wait."""
+    args = ("--engine", "mock", "--mock-delay", "0.05", "--max-concurrent", "1")
+    with running_server(*args, "--data-dir", str(tmp_path), tmp_path=tmp_path) as fresh:
+        ctx = browser.new_context(base_url=fresh.url)
+        ctx.set_default_timeout(WAIT_MS)
+        other = browser.new_context(base_url=fresh.url)
+        other.set_default_timeout(WAIT_MS)
+        try:
+            first = open_page(ctx)
+            send(first, " ".join(f"w{i}" for i in range(400)))  # 20 s unless stopped
+            wait_for_reply_to_start(first)
+            second = open_page(other)
+            send(second, "me next")
+            note = second.locator(".message.assistant .note")
+            waited = re.compile(r"position 1 · waited (\d+) s")
+            expect(note).to_have_text(waited)
+            assert "left" not in (note.text_content() or "")  # no ETA was known
+            start = int(waited.search(note.text_content() or "").group(1))  # type: ignore[union-attr]
+            for later in (start + 1, start + 2):  # it grows, second by second
+                second.wait_for_function(
+                    "(n) => { const t = document.querySelector('.message.assistant .note')"
+                    ".textContent; const m = t.match(/position 1 · waited (\\d+) s$/);"
+                    " return m && Number(m[1]) >= n; }",
+                    arg=later,
+                )
+            expect(second.locator("#status")).to_have_text(re.compile(r"position 1 · waited \d+ s"))
+            first.click("#stop")
+            expect(second.locator(".message.assistant .text")).to_have_text("me next")
+            expect(note).to_have_text("")
+            expect(second.locator("#status")).to_have_text("")
+        finally:
+            other.close()
+            ctx.close()
+
+
+def test_replies_render_as_markdown(context: BrowserContext) -> None:
+    page = open_page(context)
+    problems = watch_console(page)
+    send(page, MARKDOWN_REPLY)
+    wait_done(page)
+    for _ in range(2):  # as streamed, then as the history shows it after a reload
+        reply = page.locator(".message.assistant .text").last
+        expect(reply.locator("pre > code")).to_have_text("print(1)")
+        expect(reply.locator("ul > li")).to_have_text(["one", "two"])
+        expect(reply.locator("ol > li")).to_have_text(["first", "second"])
+        expect(reply.locator("p > code")).to_have_text("x")
+        link = reply.locator("a")
+        expect(link).to_have_text("the docs")
+        expect(link).to_have_attribute("href", "https://example.com/docs")
+        expect(link).to_have_attribute("rel", "noopener noreferrer")
+        # The user's own message stays as typed.
+        expect(page.locator(".message.user .text").last).to_have_text(MARKDOWN_REPLY)
+        page.reload()
+        wait_ready(page)
+    assert problems == []
+
+
+def test_an_open_code_block_renders_while_it_streams(context: BrowserContext) -> None:
+    page = open_page(context)
+    problems = watch_console(page)
+    send(page, "```\n" + "\n".join(f"line{i}" for i in range(300)) + "\n```")
+    # Still streaming (Stop shown) and the unclosed fence is already a code block.
+    page.wait_for_function(
+        "() => { const m = [...document.querySelectorAll('.message.assistant')].pop();"
+        " const code = m && m.querySelector('pre > code');"
+        " return !document.querySelector('#stop').hidden && code"
+        " && code.textContent.startsWith('line0\\nline1'); }"
+    )
+    page.click("#stop")
+    expect(page.locator(".message.assistant").last).to_have_class(re.compile("interrupted"))
+    assert problems == []
+
+
+def test_every_prefix_of_a_reply_renders(context: BrowserContext) -> None:
+    """A streaming reply is rendered at every token: any cut of Markdown must render, into
+    Markdown's elements only."""
+    page = open_page(context)
+    text = MARKDOWN_REPLY + "\n\n| a | b |\n|:-|-:|\n| 1 | 2 |\n\n> quoted **bold** _it_\n\n***"
+    tags = page.evaluate(
+        """(text) => {
+            const seen = new Set();
+            for (let i = 0; i <= text.length; i++) {
+                const div = document.createElement('div');
+                div.append(markdown.render(text.slice(0, i)));
+                for (const el of div.querySelectorAll('*')) seen.add(el.tagName.toLowerCase());
+            }
+            return [...seen].sort();
+        }""",
+        text,
+    )
+    allowed = {"p", "br", "hr", "strong", "em", "del", "code", "pre", "blockquote", "ul", "ol"}
+    allowed |= {"li", "a", "table", "thead", "tbody", "tr", "th", "td", "h1", "h2"}
+    assert {"pre", "code", "ul", "ol", "table", "blockquote", "strong", "a"} <= set(tags)
+    assert set(tags) <= allowed, tags
+
+
+def test_markdown_attacks_neither_run_nor_survive(context: BrowserContext) -> None:
+    page = open_page(context)
+    problems = watch_console(page)
+    dialogs: list[str] = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    attack = (
+        '[click me](javascript:alert(1)) and <a href="javascript:alert(2)">raw</a>\n\n'
+        '<img src=x onerror="window.pwned=1"> <script>window.pwned=2</script>\n\n'
+        "![pic](x onerror=alert(3)) <svg onload=alert(4)></svg> [data](data:text/html,hi)"
+    )
+    send(page, attack)
+    wait_done(page)
+    for _ in range(2):  # as streamed, then from the history
+        reply = page.locator(".message.assistant .text").last
+        expect(reply.locator("a", has_text="click me")).to_have_count(1)
+        assert reply.locator("img, script, svg, iframe, [onerror], [onload]").count() == 0
+        hrefs = reply.locator("a").evaluate_all("els => els.map(a => a.getAttribute('href'))")
+        assert all(h is None or h.startswith(("http:", "https:", "mailto:")) for h in hrefs)
+        expect(reply).to_contain_text('<img src=x onerror="window.pwned=1">')  # shown as text
+        reply.locator("a", has_text="click me").click()
+        page.reload()
+        wait_ready(page)
+    assert page.evaluate("window.pwned") is None
+    assert dialogs == []
+    assert [p for p in problems if "Content Security Policy" in p] == []
+
+
+def relative_luminance(css: str) -> float:
+    r, g, b = (int(v) / 255 for v in re.findall(r"\d+", css)[:3])
+    lin = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in (r, g, b)]
+    return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+
+def contrast(fg: str, bg: str) -> float:
+    hi, lo = sorted((relative_luminance(fg), relative_luminance(bg)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+COLOURS = """() => {
+    const c = (sel, prop) => getComputedStyle(document.querySelector(sel))[prop];
+    return {
+        body: [c('body', 'color'), c('body', 'backgroundColor')],
+        reply: [c('.message.assistant .text', 'color'), c('.message.assistant', 'backgroundColor')],
+        user: [c('.message.user .text', 'color'), c('.message.user', 'backgroundColor')],
+        code: [c('.message.assistant pre code', 'color'), c('.message.assistant pre', 'backgroundColor')],
+        link: [c('.message.assistant a', 'color'), c('.message.assistant', 'backgroundColor')],
+        button: [c('#new-chat', 'color'), c('#new-chat', 'backgroundColor')],
+        action: [c('.actions button', 'color'), c('.actions button', 'backgroundColor')],
+        status: [c('#status', 'color'), c('body', 'backgroundColor')],
+    };
+}"""
+
+
+def test_the_theme_follows_the_system_and_stays_readable(context: BrowserContext) -> None:
+    page = open_page(context)
+    send(page, MARKDOWN_REPLY)
+    wait_done(page)
+    for scheme in ("light", "dark"):
+        page.emulate_media(color_scheme=scheme)  # type: ignore[arg-type]
+        colours = page.evaluate(COLOURS)
+        body_fg, body_bg = colours["body"]
+        if scheme == "dark":
+            assert relative_luminance(body_bg) < 0.05 < 0.6 < relative_luminance(body_fg)
+        else:
+            assert relative_luminance(body_bg) > 0.8 > 0.05 > relative_luminance(body_fg)
+        for part, (fg, bg) in colours.items():
+            assert contrast(fg, bg) >= 4.5, (scheme, part, fg, bg)
+
+
+def test_screenshots_for_people_to_look_at(context: BrowserContext, tmp_path: Path) -> None:
+    """Not asserted: phone and desktop, light and dark, for a person to look at."""
+    page = open_page(context)
+    send(page, "Show me a list and some code.")
+    wait_done(page)
+    send(page, MARKDOWN_REPLY)
+    wait_done(page)
+    # Regenerate is offered on the last reply only (it replaces that one).
+    expect(page.get_by_role("button", name="Regenerate this reply")).to_have_count(1)
+    expect(page.get_by_role("button", name="Good reply")).to_have_count(2)
+    for width, height in ((390, 844), (1280, 800)):
+        page.set_viewport_size({"width": width, "height": height})
+        for scheme in ("light", "dark"):
+            page.emulate_media(color_scheme=scheme)  # type: ignore[arg-type]
+            page.screenshot(path=tmp_path / f"chat-{width}x{height}-{scheme}.png", full_page=True)
+    print(f"screenshots: {tmp_path}")
+    assert len(list(tmp_path.glob("chat-*.png"))) == 4

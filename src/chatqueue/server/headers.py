@@ -6,7 +6,8 @@ from __future__ import annotations
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-# NOTE: the page loads its one script and one style sheet from /static and talks only to this
+# NOTE: the page loads its scripts (its own and the vendored ones) and its style sheet from
+# /static and talks only to this
 # server; no inline script or style, no plug-ins, no <base>, and no other site may frame it
 # (clickjacking). A script injected into a reply would have nowhere to run.
 CONTENT_SECURITY_POLICY = "; ".join(

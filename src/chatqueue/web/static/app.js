@@ -1,5 +1,5 @@
-// The chat page: POST /chat, read its SSE stream with fetch + ReadableStream, render model output
-// as text only (textContent / text nodes, never innerHTML).
+// The chat page: POST /chat, read its SSE stream with fetch + ReadableStream, render replies as
+// sanitized Markdown (markdown.js) and everything else as text (textContent, never innerHTML).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -25,51 +25,87 @@ function scrollDown() {
   window.scrollTo(0, document.body.scrollHeight);
 }
 
-// One message on the page. Assistant messages get feedback and regenerate buttons.
+// One message on the page. A user's message is shown as typed (text only); an assistant's reply
+// is rendered as Markdown (markdown.js: sanitized), at most once a frame while it streams. Its
+// actions (feedback, copy, regenerate) come only once it has ended and is stored: never on a
+// reply still waiting in line or streaming.
 function addMessage(role, text, { messageId = null, interrupted = false } = {}) {
   const el = document.createElement("div");
   el.className = `message ${role}`;
   const body = document.createElement("div");
-  body.className = "text";
-  body.textContent = text;
+  body.className = role === "assistant" ? "text markdown" : "text";
   const note = document.createElement("div");
   note.className = "note";
   el.append(body, note);
+  let raw = text;
+  let frame = 0;
+  const render = () => {
+    frame = 0;
+    if (role === "assistant") body.replaceChildren(markdown.render(raw));
+    else body.textContent = raw;
+  };
   const msg = {
     el,
-    append(t) { body.append(document.createTextNode(t)); scrollDown(); },
+    append(t) {
+      raw += t;
+      if (!frame) frame = requestAnimationFrame(() => { render(); scrollDown(); });
+    },
     note(t) { note.textContent = t; },
     setId(id) { if (id) el.dataset.messageId = id; },
     interrupted() { el.classList.add("interrupted"); },
     failed(t) { el.classList.add("error"); note.textContent = t; },
+    // The reply has ended: render what came (a pending frame would be late) and offer its actions.
+    finish() {
+      if (frame) cancelAnimationFrame(frame);
+      render();
+      if (el.dataset.messageId && !el.querySelector(".actions")) el.append(actions(el, () => raw));
+    },
   };
+  render();
   msg.setId(messageId);
   if (interrupted) msg.interrupted();
-  if (role === "assistant") el.append(actions(el));
+  if (role === "assistant" && messageId) msg.finish();
   messagesEl.append(el);
   scrollDown();
   return msg;
 }
 
-function actions(el) {
+function actions(el, text) {
   const row = document.createElement("div");
   row.className = "actions";
-  const up = button("👍", "Good reply", () => feedback(el, true, up, down));
-  const down = button("👎", "Bad reply", () => feedback(el, false, down, up));
-  const again = button("Regenerate", "Regenerate this reply", regenerate);
-  again.className = "regenerate";
-  row.append(up, down, again);
+  const up = button("thumbsUp", "Good reply", () => feedback(el, true, up, down));
+  const down = button("thumbsDown", "Bad reply", () => feedback(el, false, down, up));
+  const copy = button("copy", "Copy this reply", () => copyReply(copy, text()));
+  const again = button("regenerate", "Regenerate this reply", regenerate);
+  again.classList.add("regenerate");
+  row.append(up, down, copy, again);
   return row;
 }
 
-function button(label, title, onClick) {
+function button(iconName, label, onClick) {
   const b = document.createElement("button");
   b.type = "button";
-  b.textContent = label;
-  b.title = title;
-  b.setAttribute("aria-label", title);
+  b.className = "icon";
+  b.title = label;
+  b.setAttribute("aria-label", label);
+  b.append(icon(iconName));
   b.addEventListener("click", onClick);
   return b;
+}
+
+async function copyReply(btn, text) {
+  try {
+    await navigator.clipboard.writeText(text);
+  } catch {
+    setStatus("The browser did not allow copying.");
+    return;
+  }
+  btn.replaceChildren(icon("check"));
+  btn.dataset.copied = "true";
+  setTimeout(() => {
+    btn.replaceChildren(icon("copy"));
+    delete btn.dataset.copied;
+  }, 1500);
 }
 
 async function feedback(el, like, pressed, other) {
@@ -153,9 +189,38 @@ function sleep(ms, signal) {
   });
 }
 
-function queuedText(position, etaS) {
-  const eta = etaS == null ? "" : `, about ${Math.max(1, Math.round(etaS))} s`;
-  return `Waiting in line: position ${position}${eta}`;
+function seconds(s) {
+  const whole = Math.max(0, Math.floor(s));
+  return whole < 60 ? `${whole} s` : `${Math.floor(whole / 60)} min ${whole % 60} s`;
+}
+
+// Where a reply waiting in line stands, redrawn every second between the server's `queued`
+// events: its position, the time waited so far and, once the server knows the drain rate, about
+// how long is left (counted down from the latest event, never below 1 s).
+function waitingLine(show) {
+  const since = performance.now();
+  let position = null;
+  let eta = null; // [seconds left, when that was said]
+  let timer = null;
+  const draw = () => {
+    const now = performance.now();
+    const parts = [`Waiting in line: position ${position}`];
+    if (eta) parts.push(`about ${Math.max(1, Math.round(eta[0] - (now - eta[1]) / 1000))} s left`);
+    parts.push(`waited ${seconds((now - since) / 1000)}`);
+    show(parts.join(" · "));
+  };
+  return {
+    update(pos, etaS) {
+      position = pos;
+      eta = etaS == null ? null : [etaS, performance.now()];
+      draw();
+      if (!timer) timer = setInterval(draw, 1000);
+    },
+    stop() {
+      clearInterval(timer);
+      timer = null;
+    },
+  };
 }
 
 // Ask for a reply and stream it into a new assistant message. On 429 wait Retry-After and retry.
@@ -167,6 +232,7 @@ async function ask(request, prepare) {
   setBusy(true);
   let reply = null;
   let isDone = false;
+  let waiting = null;
   try {
     // NOTE: showing the history replaces every message on the page, so a request made while it is
     // fetched (at start, after a key change) waits for it; else its messages would be wiped.
@@ -198,16 +264,21 @@ async function ask(request, prepare) {
     reply.setId(res.headers.get("X-Message-Id"));
     reply.note("");
     setStatus("");
+    waiting = waitingLine((text) => {
+      reply.note(text);
+      setStatus(text);
+    });
     await readEvents(res.body, (name, data) => {
       if (name === "queued") {
-        reply.note(queuedText(data.position, data.eta_s));
-        setStatus(queuedText(data.position, data.eta_s));
+        waiting.update(data.position, data.eta_s);
       } else if (name === "token") {
+        waiting.stop();
         reply.note("");
         setStatus("");
         reply.append(data.text);
       } else if (name === "done") {
         isDone = true;
+        waiting.stop();
         reply.setId(data.message_id);
         const notes = [];
         if (data.finish_reason === "length") notes.push("Reply cut at max tokens.");
@@ -217,12 +288,15 @@ async function ask(request, prepare) {
         reply.note(notes.join(" "));
       } else if (name === "error") {
         isDone = true;
+        waiting.stop();
         reply.interrupted();
         reply.failed(data.message);
       }
     });
     if (!isDone) reply.interrupted();
   } catch (err) {
+    if (waiting) waiting.stop();
+    if (!reply) return; // nothing was sent yet
     reply.interrupted();
     if (err.name === "AbortError") {
       reply.note("");
@@ -231,6 +305,8 @@ async function ask(request, prepare) {
       reply.failed("The connection was lost.");
     }
   } finally {
+    if (waiting) waiting.stop();
+    if (reply) reply.finish();
     controller = null;
     setBusy(false);
     input.focus();
