@@ -83,9 +83,9 @@ def decode_ms(runner, batch: int, steps: int = 48) -> tuple[float, float]:  # ty
     greedy = SamplingParams(temperature=0, ignore_eos=True)
     news = [NewSequence(i, p, greedy) for i, p in enumerate(prompts(batch))]
     ids = [n.rid for n in news]
-    got = runner.step(StepBatch(new=news, running=[], released=[]))
+    got = runner.step(StepBatch(new=news, running=[], released=[])).tokens
     while len(got) < batch:  # chunked prefill may take several steps
-        got |= runner.step(StepBatch(new=[], running=ids, released=[]))
+        got |= runner.step(StepBatch(new=[], running=ids, released=[])).tokens
     times = []
     for _ in range(steps):
         sync()
@@ -221,11 +221,11 @@ def correctness(model) -> None:  # type: ignore[no-untyped-def]
     greedy = SamplingParams(temperature=0)
     news = [NewSequence(i, p, greedy) for i, p in enumerate(ps)]
     outs: dict[int, list[int]] = {i: [] for i in range(4)}
-    got = runner.step(StepBatch(new=news, running=[], released=[]))
+    got = runner.step(StepBatch(new=news, running=[], released=[])).tokens
     for _ in range(15):
         for k, v in got.items():
             outs[k].append(v)
-        got = runner.step(StepBatch(new=[], running=list(range(4)), released=[]))
+        got = runner.step(StepBatch(new=[], running=list(range(4)), released=[])).tokens
     agree = total = 0
     for i, p in enumerate(ps):
         ref = model.generate(
@@ -267,7 +267,7 @@ def correctness_fp32() -> None:
     running: list[int] = []
     for step in range(24 + 8):
         new = [NewSequence(step, ps[step], greedy)] if step < 8 else []
-        got = runner.step(StepBatch(new=new, running=list(running), released=[]))
+        got = runner.step(StepBatch(new=new, running=list(running), released=[])).tokens
         for k, v in got.items():
             if len(outs[k]) < 24:
                 outs[k].append(v)

@@ -40,6 +40,9 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # benchmarks: always generate max_tokens
+    # None: no logprobs (and no log_softmax for this row); N: the sampled token's logprob and
+    # the N most likely alternatives (0..20)
+    logprobs: int | None = None
 
     @property
     def is_greedy(self) -> bool:
@@ -72,11 +75,34 @@ class Started:
 
 
 @dataclass(frozen=True, slots=True)
+class TopLogprob:
+    """One of the most likely tokens at a position, as OpenAI reports it."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A generated token, its logprob and the most likely alternatives (most likely first)."""
+
+    token_id: int
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Token:
-    """New text. `text` holds only complete characters and never the start of a stop string."""
+    """New text. `text` holds only complete characters and never the start of a stop string.
+    `logprobs`: the tokens generated since the last Token, when the request asked for them (a
+    token's text may arrive in a later Token than its logprob: whole characters only)."""
 
     text: str
     num_tokens: int = 1
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +114,7 @@ class Finished:
     usage: Usage
     text: str = ""  # the whole completion
     error: ChatQueueError | None = field(default=None, compare=False)
+    logprobs: tuple[TokenLogprob, ...] = field(default=(), compare=False)  # when asked for
 
 
 Event = Queued | Started | Token | Finished

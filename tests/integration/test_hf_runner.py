@@ -118,7 +118,7 @@ def drive(
     step = 0
     while step <= max(joins) or running:
         new = [NewSequence(i, prompts[i], params(i)) for i in joins.get(step, [])]
-        sampled = runner.step(StepBatch(new=new, running=list(running), released=released))
+        sampled = runner.step(StepBatch(new=new, running=list(running), released=released)).tokens
         assert set(sampled) == set(running) | {n.rid for n in new}
         for rid, token in sampled.items():
             outputs[rid].append(token)
@@ -261,7 +261,9 @@ def test_loader_uses_the_chat_template_file(tiny_folder: Path, tmp_path: Path) -
     assert runner.context_window == 256
     assert runner.model_name == tiny_folder.name
     assert isinstance(runner.model, HFBatchedRunner)
-    sampled = runner.step(StepBatch(new=[NewSequence(0, prompt, GREEDY)], running=[], released=[]))
+    sampled = runner.step(
+        StepBatch(new=[NewSequence(0, prompt, GREEDY)], running=[], released=[])
+    ).tokens
     assert list(sampled) == [0]
 
 

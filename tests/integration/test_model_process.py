@@ -25,7 +25,14 @@ import pytest
 
 from chatqueue.engine.mock import LOREM, MockConfig, MockRunner, MockTokenizer
 from chatqueue.engine.process.runner import ModelLoadError, ProcessRunner
-from chatqueue.engine.runner import ModelRunner, NewSequence, Runner, RunnerLost, StepBatch
+from chatqueue.engine.runner import (
+    ModelRunner,
+    NewSequence,
+    Runner,
+    RunnerLost,
+    StepBatch,
+    StepOutput,
+)
 from chatqueue.types import ChatMessage, SamplingParams
 from tests.support.http import (
     SAFETY_S,
@@ -93,7 +100,7 @@ class FailsOnLongPrompts(MockRunner):
     """Raises in the step that prefills a prompt of over 8 tokens. (The child's copy of the mock
     tokenizer never sees the server's words, so it goes by length, not by text.)"""
 
-    def step(self, batch: StepBatch) -> dict[int, int]:
+    def step(self, batch: StepBatch) -> StepOutput:
         if any(len(n.prompt_ids) > 8 for n in batch.new):
             super().step(StepBatch(new=[], running=[], released=batch.released))
             raise RuntimeError("injected fault")
@@ -198,8 +205,8 @@ def test_signals_for_the_whole_group_leave_the_model_process_to_its_server() -> 
         os.kill(runner.pid, sig)
     first = runner.step(
         StepBatch(new=[NewSequence(1, prompt, SamplingParams())], running=[], released=[])
-    )
-    second = runner.step(StepBatch(new=[], running=[1], released=[]))
+    ).tokens
+    second = runner.step(StepBatch(new=[], running=[1], released=[])).tokens
     assert runner.tokenizer.decode([first[1], second[1]]) == "still here"
     runner.close()
     assert model_processes() == []
@@ -356,7 +363,7 @@ def test_a_restart_takes_the_spare_process_whose_imports_are_done() -> None:
     prompt = runner.tokenizer.apply_chat_template([ChatMessage("user", "again")])
     first_token = runner.step(
         StepBatch(new=[NewSequence(1, prompt, SamplingParams())], running=[], released=[])
-    )
+    ).tokens
     assert runner.tokenizer.decode([first_token[1]]) == "again"
     runner.close()
     assert model_processes() == []
@@ -395,7 +402,7 @@ def test_a_prepare_that_fails_leaves_the_load_to_say_what_is_wrong() -> None:
     prompt = runner.tokenizer.apply_chat_template([ChatMessage("user", "hi")])
     first = runner.step(
         StepBatch(new=[NewSequence(1, prompt, SamplingParams())], running=[], released=[])
-    )
+    ).tokens
     assert runner.tokenizer.decode([first[1]]) == "hi"
     runner.close()
     with pytest.raises(ModelLoadError, match="no model folder at /nowhere"):

@@ -35,7 +35,7 @@ def drive(
     step = 0
     while step <= max(joins) or running:
         new = [NewSequence(i, prompts[i], params) for i in joins.get(step, [])]
-        sampled = runner.step(StepBatch(new=new, running=list(running), released=released))
+        sampled = runner.step(StepBatch(new=new, running=list(running), released=released)).tokens
         assert set(sampled) <= set(running) | {n.rid for n in new}
         for rid, token in sampled.items():
             outputs[rid].append(token)
@@ -72,14 +72,18 @@ def test_a_long_prompt_prefills_in_chunks_while_others_keep_decoding(
 ) -> None:
     runner = make(model, max_batch=4, max_len=96, prefill_chunk=8)
     short, long = [5, 6, 7], list(range(10, 50))
-    out = runner.step(StepBatch(new=[NewSequence(0, short, GREEDY)], running=[], released=[]))
+    out = runner.step(
+        StepBatch(new=[NewSequence(0, short, GREEDY)], running=[], released=[])
+    ).tokens
     assert set(out) == {0}
-    out = runner.step(StepBatch(new=[NewSequence(1, long, GREEDY)], running=[0], released=[]))
+    out = runner.step(
+        StepBatch(new=[NewSequence(1, long, GREEDY)], running=[0], released=[])
+    ).tokens
     steps_without_token = 0
     while 1 not in out:
         assert set(out) == {0}  # the running stream gets its token every step
         steps_without_token += 1
-        out = runner.step(StepBatch(new=[], running=[0, 1], released=[]))
+        out = runner.step(StepBatch(new=[], running=[0, 1], released=[])).tokens
     assert steps_without_token == 40 // 8 - 1
 
 
@@ -134,3 +138,36 @@ def test_the_compiled_step_traces_one_layer_for_all_and_equals_generate() -> Non
         assert got == expected
         traced[layers] = (counters["stats"]["unique_graphs"], counters["stats"]["calls_captured"])
     assert traced[2] == traced[4]
+
+
+@pytest.mark.parametrize("kind", ["static", "batched"])
+def test_logprobs_come_for_the_rows_that_asked_and_match_the_model(
+    model: LlamaForCausalLM, kind: str
+) -> None:
+    """Two sequences decode together, one asking for logprobs: only it gets them, its top-1 is
+    the greedy token, and the logprobs equal log_softmax of the model run alone on its text."""
+    from chatqueue.engine.hf.runner import HFBatchedRunner
+
+    runner = make(model, max_batch=4, max_len=64) if kind == "static" else HFBatchedRunner(model)
+    asking = SamplingParams(temperature=0.0, logprobs=3)
+    prompts = {0: [5, 6, 7, 8, 9], 1: [11, 12, 13]}
+    new = [NewSequence(0, prompts[0], GREEDY), NewSequence(1, prompts[1], asking)]
+    outputs: dict[int, list[int]] = {0: [], 1: []}
+    reported = []
+    batch = StepBatch(new=new, running=[], released=[])
+    for _ in range(4):
+        out = runner.step(batch)
+        assert set(out.logprobs) == {1}
+        for rid, token in out.tokens.items():
+            outputs[rid].append(token)
+        reported.append(out.logprobs[1])
+        batch = StepBatch(new=[], running=[0, 1], released=[])
+    with torch.inference_mode():
+        ids = torch.tensor([prompts[1] + outputs[1]])
+        expected = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+    for k, lp in enumerate(reported):
+        row = expected[len(prompts[1]) - 1 + k]
+        token = outputs[1][k]
+        assert lp.top_ids[0] == token and len(lp.top_ids) == 3
+        assert lp.logprob == pytest.approx(float(row[token]), abs=1e-4)
+        assert list(lp.top_logprobs) == pytest.approx(row.topk(3).values.tolist(), abs=1e-4)

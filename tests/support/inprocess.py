@@ -15,7 +15,7 @@ import uvicorn
 from chatqueue import ChatQueue
 from chatqueue.config import Settings
 from chatqueue.engine.mock import MockConfig, MockRunner
-from chatqueue.engine.runner import Runner, StepBatch
+from chatqueue.engine.runner import Runner, StepBatch, StepOutput
 from chatqueue.server.app import create_app
 from tests.support.http import SAFETY_S
 from tests.support.servers import free_port
@@ -63,7 +63,7 @@ class GatedRunner(MockRunner):
         super().__init__(config)
         self.gate = threading.Event()
 
-    def step(self, batch: StepBatch) -> dict[int, int]:
+    def step(self, batch: StepBatch) -> StepOutput:
         self.gate.wait(SAFETY_S * 3)
         return super().step(batch)
 
@@ -71,7 +71,7 @@ class GatedRunner(MockRunner):
 class FailingRunner(MockRunner):
     """Raises in the step that prefills a prompt containing "boom"."""
 
-    def step(self, batch: StepBatch) -> dict[int, int]:
+    def step(self, batch: StepBatch) -> StepOutput:
         if any("boom" in prompt_of(self, n.prompt_ids) for n in batch.new):
             super().step(StepBatch(new=[], running=[], released=batch.released))
             raise RuntimeError("injected fault")
@@ -85,7 +85,7 @@ class HangingRunner(MockRunner):
         super().__init__(config)
         self.release = threading.Event()
 
-    def step(self, batch: StepBatch) -> dict[int, int]:
+    def step(self, batch: StepBatch) -> StepOutput:
         if any("hang" in prompt_of(self, n.prompt_ids) for n in batch.new):
             self.release.wait(SAFETY_S * 3)
         return super().step(batch)

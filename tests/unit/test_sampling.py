@@ -31,7 +31,7 @@ def test_greedy_rows_take_the_argmax_beside_sampled_rows() -> None:
     )
     logits = random_logits(3)
     for _ in range(5):
-        tokens = batch.sample(logits)
+        tokens = batch.sample(logits).tokens
         assert tokens[0] == logits[0].argmax()
         assert tokens[2] == logits[2].argmax()
 
@@ -69,7 +69,7 @@ def test_sampled_tokens_stay_inside_the_filter() -> None:
     batch = make_batch(SamplingParams(temperature=5.0, top_k=2))
     logits = random_logits(1)
     allowed = set(logits[0].topk(2).indices.tolist())
-    drawn = {int(batch.sample(logits)[0]) for _ in range(50)}
+    drawn = {int(batch.sample(logits).tokens[0]) for _ in range(50)}
     assert drawn <= allowed
     assert len(drawn) == 2
 
@@ -119,7 +119,7 @@ def test_seeded_row_is_reproducible_whatever_its_neighbours() -> None:
 
     def draw(batch: SamplingBatch, row: int, steps: int = 30) -> list[int]:
         logits = logits_row.repeat(len(batch), 1)
-        return [int(batch.sample(logits)[row]) for _ in range(steps)]
+        return [int(batch.sample(logits).tokens[row]) for _ in range(steps)]
 
     alone = draw(make_batch(seeded), row=0)
     crowded = draw(
@@ -160,7 +160,7 @@ def test_penalty_tables_exist_only_while_a_row_has_a_penalty() -> None:
     assert joined.seen[:, 3].tolist() == [False, False, True]
     logits = torch.zeros(3, VOCAB)
     logits[:, 3], logits[:, 4] = 1.0, 0.9
-    tokens = joined.sample(logits).tolist()
+    tokens = joined.sample(logits).tokens.tolist()
     assert (tokens[0], tokens[2]) == (3, 4)  # 3 is in row 2's prompt: 1.0 / 2 < 0.9
     assert joined.select([0, 1]).seen is None
     kept = joined.select([2, 0])

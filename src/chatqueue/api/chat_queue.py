@@ -7,10 +7,11 @@ the steps off the event loop; each request's events come back on a RequestStream
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -21,9 +22,16 @@ from chatqueue.api.stream import RequestStream
 from chatqueue.engine.loop import Engine, EngineState, RestartPolicy
 from chatqueue.engine.runner import Runner
 from chatqueue.engine.sequence import Sequence as EngineSequence
-from chatqueue.errors import NotReady, QueueFull, ServiceUnavailable, ShuttingDown
+from chatqueue.errors import (
+    InvalidRequest,
+    NotReady,
+    QueueFull,
+    ServiceUnavailable,
+    ShuttingDown,
+)
 from chatqueue.metrics import Metrics
 from chatqueue.scheduler import Scheduler
+from chatqueue.text.tokenizer import TextTokenizer, Tokenizer
 from chatqueue.types import ChatMessage, Finished, FinishReason, SamplingParams
 
 ABORT_GRACE_S = 0.5  # for the aborted requests' last step, once the grace period is over
@@ -37,6 +45,17 @@ class FinishInfo:
     user: str
     reason: FinishReason
     finished: Finished
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """Who a request is for, and how it queues (`submit`'s keywords)."""
+
+    user: str = ""
+    priority: int = 0
+    queue_timeout_s: float | None = None
+    max_queue_per_user: int | None = None
+    cap_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,43 +250,101 @@ class ChatQueue:
         error that says why not (QueueFull, ShuttingDown, NotReady, PromptTooLong, ...).
         Close the stream (or leave its `async with`) to abort the request.
 
-        `user` and `priority` order the queue (higher priority first, users in turn);
-        `queue_timeout_s` may only lower the server's queue-wait deadline; `max_queue_per_user`
-        replaces the server's cap on this user's waiting requests (an API key's own); `cap_key`,
-        when given, is whom that cap counts against instead of `user`."""
+        `user` and `priority` order the queue (higher priority
+        first, users in turn); `queue_timeout_s` may only lower the server's queue-wait deadline;
+        `max_queue_per_user` replaces the server's cap on this user's waiting requests (an API
+        key's own); `cap_key`, when given, is whom that cap counts against instead of `user`."""
         arrival = self._clock()
-        params = params or SamplingParams()
-        try:
+        with self._counting_refusals():
             runner = self._admissible_runner(arrival)  # before paying for tokenization
             prompt_ids = await self.encode(messages)
-            budget = self.token_budget
-            budget.check_prompt(len(prompt_ids))
-            max_new = budget.max_new_tokens(len(prompt_ids), params.max_tokens)
-            rid = next(self._rids)
-            stream = RequestStream(
-                f"chatcmpl-{self._id_prefix}{rid:012x}",
-                on_abandon=lambda: self._engine.abort(seq),
-                max_unread_tokens=self.max_unread_tokens,
+            admission = Admission(user, priority, queue_timeout_s, max_queue_per_user, cap_key)
+            return self._admit(runner, prompt_ids, params, arrival, admission, "chatcmpl")
+
+    async def submit_prompt(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        user: str = "",
+        priority: int = 0,
+        queue_timeout_s: float | None = None,
+        max_queue_per_user: int | None = None,
+        cap_key: str | None = None,
+    ) -> RequestStream:
+        """Admit a plain-text completion (the legacy completions API): `prompt` is text, encoded
+        as it is (no chat template), or token ids. As `submit` otherwise."""
+        arrival = self._clock()
+        with self._counting_refusals():
+            runner = self._admissible_runner(arrival)
+            prompt_ids = await self._prompt_ids(runner.tokenizer, prompt)
+            admission = Admission(user, priority, queue_timeout_s, max_queue_per_user, cap_key)
+            return self._admit(runner, prompt_ids, params, arrival, admission, "cmpl")
+
+    async def _prompt_ids(self, tokenizer: Tokenizer, prompt: str | Sequence[int]) -> list[int]:
+        if not isinstance(tokenizer, TextTokenizer):
+            raise InvalidRequest(
+                "This model's tokenizer cannot encode a plain prompt.", param="prompt"
             )
-            timeouts = [t for t in (self.queue_timeout_s, queue_timeout_s) if t is not None]
-            seq = EngineSequence(
-                rid=rid,
-                arrival=arrival,
-                user=user,
-                priority=priority,
-                deadline=arrival + min(timeouts) if timeouts else None,
-                max_queue_per_user=max_queue_per_user,
-                cap_key=cap_key,
-                prompt_ids=prompt_ids,
-                params=params,
-                max_new_tokens=max_new,
-                tokenizer=runner.tokenizer,
-                sink=stream,
-            )
-            self._engine.add(seq, self._clock())
+        if isinstance(prompt, str):
+            loop = asyncio.get_running_loop()
+            prompt_ids = await loop.run_in_executor(self._tokenizer_pool, tokenizer.encode, prompt)
+        else:
+            prompt_ids = list(prompt)
+            vocab = tokenizer.vocab_size
+            if any(not 0 <= i < vocab for i in prompt_ids):
+                raise InvalidRequest(
+                    f"The prompt holds a token id outside this model's vocabulary (0..{vocab - 1}).",
+                    param="prompt",
+                )
+        if not prompt_ids:
+            raise InvalidRequest("The prompt is empty.", param="prompt")
+        return prompt_ids
+
+    @contextlib.contextmanager
+    def _counting_refusals(self) -> Iterator[None]:
+        try:
+            yield
         except QueueFull as exc:
             self.metrics.rejected.labels(exc.kind).inc()
             raise
+
+    def _admit(
+        self,
+        runner: Runner,
+        prompt_ids: list[int],
+        params: SamplingParams | None,
+        arrival: float,
+        admission: Admission,
+        id_kind: str,
+    ) -> RequestStream:
+        params = params or SamplingParams()
+        budget = self.token_budget
+        budget.check_prompt(len(prompt_ids))
+        max_new = budget.max_new_tokens(len(prompt_ids), params.max_tokens)
+        rid = next(self._rids)
+        stream = RequestStream(
+            f"{id_kind}-{self._id_prefix}{rid:012x}",
+            on_abandon=lambda: self._engine.abort(seq),
+            max_unread_tokens=self.max_unread_tokens,
+        )
+        a = admission
+        timeouts = [t for t in (self.queue_timeout_s, a.queue_timeout_s) if t is not None]
+        seq = EngineSequence(
+            rid=rid,
+            arrival=arrival,
+            user=a.user,
+            priority=a.priority,
+            deadline=arrival + min(timeouts) if timeouts else None,
+            max_queue_per_user=a.max_queue_per_user,
+            cap_key=a.cap_key,
+            prompt_ids=prompt_ids,
+            params=params,
+            max_new_tokens=max_new,
+            tokenizer=runner.tokenizer,
+            sink=stream,
+        )
+        self._engine.add(seq, self._clock())
         return stream
 
     async def encode(self, messages: Sequence[ChatMessage]) -> list[int]:
@@ -277,6 +354,12 @@ class ChatQueue:
         return await loop.run_in_executor(
             self._tokenizer_pool, tokenizer.apply_chat_template, list(messages)
         )
+
+    def check_room(self, num_places: int) -> None:
+        """Raise now what admitting a request of `num_places` sequences (its choices) would:
+        shutting down, full, or more than the server ever holds (a 400)."""
+        with self._counting_refusals():
+            self.scheduler.check_room(self._clock(), num_places)
 
     def _admissible_runner(self, now: float) -> Runner:
         """The runner, or the error admission would raise now (shutting down, hung, loading or

@@ -35,7 +35,11 @@ class RequestStream:
     def push(self, event: Event) -> None:
         last = self._events[-1] if self._events else None
         if isinstance(event, Token) and isinstance(last, Token):
-            merged = Token(last.text + event.text, last.num_tokens + event.num_tokens)
+            merged = Token(
+                last.text + event.text,
+                last.num_tokens + event.num_tokens,
+                last.logprobs + event.logprobs,
+            )
             self._events[-1] = merged
             if merged.num_tokens > self._max_unread_tokens and not self.is_lagging:
                 # NOTE: a reader this far behind holds a slot for nothing: cut it loose.

@@ -30,7 +30,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from chatqueue.engine.handover import HandOver, Outbox
-from chatqueue.engine.runner import NewSequence, Restartable, Runner, RunnerLost, StepBatch
+from chatqueue.engine.runner import (
+    NewSequence,
+    Restartable,
+    Runner,
+    RunnerLost,
+    StepBatch,
+    StepOutput,
+)
 from chatqueue.engine.sequence import Sequence, Step
 from chatqueue.errors import (
     ChatQueueError,
@@ -292,14 +299,15 @@ class Engine:
             self._step_started, self._step_seqs = self._clock(), seqs
         began = time.perf_counter()
         try:
-            tokens = runner.step(batch)
+            output = runner.step(batch)
         except RunnerLost as exc:
             self.lost = exc
             self._lost_step_seqs = seqs
             return False
         except Exception as exc:
             log.exception("the runner failed a step of %s requests", len(seqs))
-            self._finish_step(seqs, {}, EngineError(f"The model failed while generating: {exc}"))
+            error = EngineError(f"The model failed while generating: {exc}")
+            self._finish_step(seqs, StepOutput({}), error)
             return True
         finally:
             with self._cond:
@@ -307,7 +315,7 @@ class Engine:
                 self.is_hung = False
         self._step_times.append(time.perf_counter() - began)
         self.metrics.steps.inc()
-        self._finish_step(seqs, tokens, None)
+        self._finish_step(seqs, output, None)
         return True
 
     # -- when the model is lost -----------------------------------------------------------
@@ -329,7 +337,9 @@ class Engine:
             self.state = EngineState.RESTARTING
             self.restarting_since = self._clock()
         self._finish_step(
-            seqs, {}, EngineRestarted(f"{exc} It is being restarted; this reply was cut short.")
+            seqs,
+            StepOutput({}),
+            EngineRestarted(f"{exc} It is being restarted; this reply was cut short."),
         )
         if not self._restart(runner):
             self._fail_everything([], exc)
@@ -376,7 +386,8 @@ class Engine:
         with self._cond:
             self.load_error = exc
             self.state = EngineState.FAILED  # `add` refuses from now on
-        self._finish_step(seqs, {}, EngineError(f"The model failed while generating: {exc}"))
+        error = EngineError(f"The model failed while generating: {exc}")
+        self._finish_step(seqs, StepOutput({}), error)
         with self._cond:
             outbox = self._expire_waiting(ServiceUnavailable(f"The model is not available: {exc}"))
             self._cond.notify_all()  # wake `wait_idle`
@@ -423,7 +434,7 @@ class Engine:
         return outbox
 
     def _finish_step(
-        self, seqs: list[Sequence], tokens: dict[int, int], error: ChatQueueError | None
+        self, seqs: list[Sequence], output: StepOutput, error: ChatQueueError | None
     ) -> None:
         now = self._clock()
         outbox: Outbox = []
@@ -435,17 +446,17 @@ class Engine:
                 continue
             if error is not None:
                 step = Step("", FinishReason.ERROR)
-            elif seq.rid in tokens:
+            elif seq.rid in output.tokens:
                 before = seq.num_output_tokens
-                step = seq.append(tokens[seq.rid])
+                step = seq.append(output.tokens[seq.rid], output.logprobs.get(seq.rid))
                 num_tokens += seq.num_output_tokens - before  # EOS is not output
                 if seq.first_token_at is None:
                     seq.first_token_at = now
                     self.metrics.ttft.observe(now - seq.arrival)
             else:
                 continue  # still prefilling in chunks
-            if step.text:
-                outbox.append((seq, Token(step.text)))
+            if step.text or step.logprobs:
+                outbox.append((seq, Token(step.text, logprobs=step.logprobs)))
             if step.finish is not None:
                 ended.append((seq, step.finish))
                 outbox.append((seq, self._finished(seq, step.finish, error)))

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from chatqueue.engine.runner import StepBatch
+from chatqueue.engine.runner import SampledLogprobs, StepBatch, StepOutput
 from chatqueue.types import ChatMessage
 
 MockMode = Literal["echo", "lorem"]
@@ -81,6 +81,10 @@ class MockTokenizer:
     def eos_token_ids(self) -> frozenset[int]:
         return frozenset({END})
 
+    @property
+    def vocab_size(self) -> int:
+        return len(self._pieces)
+
     def encode(self, text: str) -> list[int]:
         with self._lock:
             return [self._id(piece) for piece in _WORD.findall(text)]
@@ -113,13 +117,15 @@ class MockConfig:
 
 
 class MockRunner:
-    """echo: replies with the last user message, word by word. lorem: a fixed text of a set length."""
+    """echo: replies with the last user message (a plain prompt: the prompt), word by word.
+    lorem: a fixed text of a set length."""
 
     def __init__(self, config: MockConfig | None = None) -> None:
         self.config = config or MockConfig()
         self._tokenizer = MockTokenizer()
         self._plans: dict[int, list[int]] = {}  # rid -> the reply it will give, then END
         self._cursor: dict[int, int] = {}
+        self._num_logprobs: dict[int, int] = {}  # rid -> alternatives, for rids that asked
 
     @property
     def model_name(self) -> str:
@@ -133,24 +139,34 @@ class MockRunner:
     def context_window(self) -> int:
         return self.config.context_window
 
-    def step(self, batch: StepBatch) -> dict[int, int]:
+    def step(self, batch: StepBatch) -> StepOutput:
         for rid in batch.released:
             self._plans.pop(rid, None)
             self._cursor.pop(rid, None)
+            self._num_logprobs.pop(rid, None)
         if batch.is_empty:
-            return {}
+            return StepOutput({})
         for new in batch.new:
             self._plans[new.rid] = self._plan(new.prompt_ids)
             self._cursor[new.rid] = 0
+            if new.params.logprobs is not None:
+                self._num_logprobs[new.rid] = new.params.logprobs
         delay = self.config.delay_s + (self.config.first_token_delay_s if batch.new else 0.0)
         if delay > 0:
             time.sleep(delay)
         rids = [n.rid for n in batch.new] + list(batch.running)
-        return {rid: self._next(rid) for rid in rids}
+        tokens = {rid: self._next(rid) for rid in rids}
+        logprobs = {
+            rid: _mock_logprobs(tokens[rid], self._cursor[rid], num_top)
+            for rid, num_top in self._num_logprobs.items()
+            if rid in tokens
+        }
+        return StepOutput(tokens, logprobs)
 
     def close(self) -> None:
         self._plans.clear()
         self._cursor.clear()
+        self._num_logprobs.clear()
 
     def _next(self, rid: int) -> int:
         plan, i = self._plans[rid], self._cursor[rid]
@@ -163,7 +179,17 @@ class MockRunner:
             return self._tokenizer.encode(" ".join((LOREM * (n // len(LOREM) + 1))[:n]))
         ids = list(prompt_ids)
         starts = [i for i, t in enumerate(ids) if t == USER]
-        if not starts:
-            return []
+        if not starts:  # a plain prompt (the completions API): echoed whole
+            return [t for t in ids if t >= len(_SPECIALS)]
         rest = ids[starts[-1] + 1 :]
         return rest[: rest.index(END)] if END in rest else rest
+
+
+def _mock_logprobs(token_id: int, position: int, num_top: int) -> SampledLogprobs:
+    """Deterministic and consistent: the sampled token is the most likely one, its logprob
+    depends on the position only, and each alternative (lorem words, in order, other than the
+    sampled token) is one nat less likely than the one before."""
+    logprob = -0.125 * (position % 4)
+    others = [i for i in range(len(_SPECIALS), len(_SPECIALS) + num_top + 1) if i != token_id]
+    top_ids = (token_id, *others[: num_top - 1]) if num_top else ()
+    return SampledLogprobs(logprob, top_ids, tuple(logprob - k for k in range(len(top_ids))))

@@ -8,7 +8,7 @@ detokenizes with and the name it serves under.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from chatqueue.text.tokenizer import Tokenizer
@@ -39,6 +39,25 @@ class StepBatch:
         return not self.new and not self.running
 
 
+@dataclass(frozen=True, slots=True)
+class SampledLogprobs:
+    """For a row that asked (`SamplingParams.logprobs`): the sampled token's logprob and the most
+    likely tokens' ids and logprobs, most likely first, from the distribution it was sampled from."""
+
+    logprob: float
+    top_ids: tuple[int, ...] = ()
+    top_logprobs: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class StepOutput:
+    """What a step produced: rid -> the token sampled for it, and the logprobs of the rows that
+    asked for them. A sequence still prefilling in chunks is in neither."""
+
+    tokens: dict[int, int]
+    logprobs: dict[int, SampledLogprobs] = field(default_factory=dict)
+
+
 class RunnerLost(Exception):
     """Raised by `step` when the runner can take no further step (its process died). The engine
     fails every request it holds, reports itself failed and stops."""
@@ -54,9 +73,10 @@ class ModelRunner(Protocol):
         """Most tokens (prompt + completion) one sequence may hold."""
         ...
 
-    def step(self, batch: StepBatch) -> dict[int, int]:
-        """Advance the batch one token. Returns rid -> the token sampled for it. A sequence still
-        prefilling in chunks may be missing; every other sequence in the batch must be present."""
+    def step(self, batch: StepBatch) -> StepOutput:
+        """Advance the batch one token. Returns rid -> the token sampled for it (and logprobs
+        where asked). A sequence still prefilling in chunks may be missing; every other sequence
+        in the batch must be present."""
         ...
 
     def close(self) -> None:
@@ -87,7 +107,7 @@ class TokenizedRunner:
     def context_window(self) -> int:
         return self.model.context_window
 
-    def step(self, batch: StepBatch) -> dict[int, int]:
+    def step(self, batch: StepBatch) -> StepOutput:
         return self.model.step(batch)
 
     def close(self) -> None:

@@ -7,12 +7,21 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from chatqueue.engine.runner import SampledLogprobs
 from chatqueue.errors import ChatQueueError
 from chatqueue.scheduler import Request
 from chatqueue.text.detokenizer import IncrementalDetokenizer
 from chatqueue.text.stops import StopStrings
 from chatqueue.text.tokenizer import Tokenizer
-from chatqueue.types import Event, Finished, FinishReason, SamplingParams, Usage
+from chatqueue.types import (
+    Event,
+    Finished,
+    FinishReason,
+    SamplingParams,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
 
 
 class EventSink(Protocol):
@@ -23,10 +32,12 @@ class EventSink(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Step:
-    """What one new token did: the text to stream (maybe empty) and the finish, if it ended."""
+    """What one new token did: the text to stream (maybe empty), the finish, if it ended, and
+    the logprobs not streamed yet (a token's text may come out a few tokens later)."""
 
     text: str
     finish: FinishReason | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(eq=False, slots=True, kw_only=True)
@@ -43,6 +54,8 @@ class Sequence(Request):
     first_token_at: float | None = None
     abort_error: ChatQueueError | None = None  # why the server cut it short; None: client left
     is_failed: bool = False  # told of an error while its step was still running (a hang)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # every output token's, if asked
+    _num_logprobs_sent: int = 0
     _detok: IncrementalDetokenizer = field(init=False)
     _stops: StopStrings = field(init=False)
 
@@ -59,10 +72,12 @@ class Sequence(Request):
     def num_output_tokens(self) -> int:
         return len(self.output_ids)
 
-    def append(self, token_id: int) -> Step:
+    def append(self, token_id: int, sampled: SampledLogprobs | None = None) -> Step:
         if not self.params.ignore_eos and token_id in self.tokenizer.eos_token_ids:
             return self._emit(self._flush(), FinishReason.STOP)
         self.output_ids.append(token_id)
+        if sampled is not None:
+            self.logprobs.append(self._token_logprob(token_id, sampled))
         text, stopped = self._stops.push(self._detok.push(token_id))
         if stopped:
             return self._emit(text, FinishReason.STOP)
@@ -72,7 +87,21 @@ class Sequence(Request):
 
     def finished(self, reason: FinishReason, error: ChatQueueError | None = None) -> Finished:
         usage = Usage(self.num_prompt_tokens, self.num_output_tokens)
-        return Finished(reason, usage, self.text, error)
+        return Finished(reason, usage, self.text, error, tuple(self.logprobs))
+
+    def _token_logprob(self, token_id: int, sampled: SampledLogprobs) -> TokenLogprob:
+        top = tuple(
+            TopLogprob(piece, lp, raw)
+            for i, lp in zip(sampled.top_ids, sampled.top_logprobs, strict=True)
+            for piece, raw in [self._piece(i)]
+        )
+        text, raw = self._piece(token_id)
+        return TokenLogprob(token_id, text, sampled.logprob, raw, top)
+
+    def _piece(self, token_id: int) -> tuple[str, tuple[int, ...]]:
+        # NOTE: one token's text alone; a token holding part of a character decodes to U+FFFD
+        text = self.tokenizer.decode([token_id])
+        return text, tuple(text.encode())
 
     def _flush(self) -> str:
         text, stopped = self._stops.push(self._detok.flush())
@@ -80,4 +109,8 @@ class Sequence(Request):
 
     def _emit(self, text: str, finish: FinishReason | None) -> Step:
         self.text += text
-        return Step(text, finish)
+        logprobs: tuple[TokenLogprob, ...] = ()
+        if (text or finish is not None) and self._num_logprobs_sent < len(self.logprobs):
+            logprobs = tuple(self.logprobs[self._num_logprobs_sent :])
+            self._num_logprobs_sent = len(self.logprobs)
+        return Step(text, finish, logprobs)

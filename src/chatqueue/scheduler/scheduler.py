@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Generic
 
-from chatqueue.errors import QueueFull, ShuttingDown, UserQueueFull
+from chatqueue.errors import InvalidRequest, QueueFull, ShuttingDown, UserQueueFull
 from chatqueue.scheduler.drain import DrainRate
 from chatqueue.scheduler.request import RequestState
 from chatqueue.scheduler.waiting import R, WaitingQueue
@@ -80,8 +80,13 @@ class Scheduler(Generic[R]):
     @property
     def is_full(self) -> bool:
         """No place left: the waiting, once in the free slots, would fill the queue."""
+        return self.num_free_places < 1
+
+    @property
+    def num_free_places(self) -> int:
+        """Requests (sequences) that could be admitted now: free slots and queue places."""
         occupied = len(self._running) - self._num_aborting + len(self.waiting)
-        return occupied >= self.max_concurrent + self.max_queue_size
+        return self.max_concurrent + self.max_queue_size - occupied
 
     @property
     def has_work(self) -> bool:
@@ -100,16 +105,25 @@ class Scheduler(Generic[R]):
         return list(self._running.values())
 
     # -- admission ------------------------------------------------------------------------
-    def check_room(self, now: float) -> None:
-        """Raise the error that says why a new request would be refused now, if one would be
-        (closed, or full). Callers check early, before paying for tokenization; `add` checks
-        again."""
+    def check_room(self, now: float, num_places: int = 1) -> None:
+        """Raise the error that says why a new request of `num_places` sequences (its choices)
+        would be refused now, if it would be (closed, full, or larger than the server ever
+        holds). Callers check early, before paying for tokenization; `add` checks again."""
         if self._is_closed:
             raise ShuttingDown("The server is shutting down and takes no new requests.")
-        if self.is_full:
+        most = self.max_concurrent + self.max_queue_size
+        if num_places > most:
+            raise InvalidRequest(
+                f"This request has {num_places} choices, each a sequence that needs a place; "
+                f"this server holds at most {most} ({self.max_concurrent} running, "
+                f"{self.max_queue_size} waiting).",
+                param="n",
+            )
+        if self.num_free_places < num_places:
+            needs = f" This request needs {num_places} places at once." if num_places > 1 else ""
             raise QueueFull(
                 f"The server is at capacity ({self.max_concurrent} running, "
-                f"{self.max_queue_size} waiting). Retry later.",
+                f"{self.max_queue_size} waiting). Retry later.{needs}",
                 retry_after_s=self.retry_after_spread(now),
             )
 

@@ -1,25 +1,33 @@
-"""OpenAI-compatible routes: /v1/chat/completions (streamed and not) and /v1/models."""
+"""OpenAI-compatible routes: /v1/chat/completions and /v1/completions (streamed and not),
+/v1/models and /v1/models/{id}.
+
+Both completion routes take one path: check the model, admit every choice (`Choices.admit`:
+each choice is a sequence of its own, admitted together or not at all), then either stream
+(`_stream`: queued-position comments, chunks, the finish, usage, `[DONE]`) or wait for the end.
+Only the response objects differ (`openai_format`)."""
 
 from __future__ import annotations
 
-import json
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from chatqueue.api import ChatQueue, RequestStream
-from chatqueue.errors import InvalidRequest
+from chatqueue.errors import InvalidRequest, NotFound
 from chatqueue.server import sse
 from chatqueue.server.auth import Caller, caller_of, identity
-from chatqueue.server.errors import error_json, error_of, usage_json
+from chatqueue.server.choices import Choices
+from chatqueue.server.errors import error_json, error_of
 from chatqueue.server.limits import check_num_messages
-from chatqueue.server.schemas import ChatCompletionRequest
-from chatqueue.types import Finished, Queued, Started, Token, Usage
+from chatqueue.server.openai_format import ChatBuilder, TextBuilder, total_usage
+from chatqueue.server.schemas import ChatCompletionRequest, CompletionRequest, OpenAIRequest
+from chatqueue.types import Finished, Queued, Started, Token
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(identity)])
+
+Builder = ChatBuilder | TextBuilder
 
 
 def chat_queue(request: Request) -> ChatQueue:
@@ -27,13 +35,27 @@ def chat_queue(request: Request) -> ChatQueue:
     return cq
 
 
+def _model_entry(cq: ChatQueue) -> dict[str, Any]:
+    return {
+        "id": cq.model_name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "chatqueue",
+        "context_window": cq.context_window,  # as vLLM's max_model_len, under OpenAI's name
+    }
+
+
 @router.get("/models")
 async def list_models(request: Request) -> dict[str, Any]:
-    model = chat_queue(request).model_name
-    return {
-        "object": "list",
-        "data": [{"id": model, "object": "model", "created": 0, "owned_by": "chatqueue"}],
-    }
+    return {"object": "list", "data": [_model_entry(chat_queue(request))]}
+
+
+@router.get("/models/{model_id:path}")
+async def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
+    cq = chat_queue(request)
+    if model_id != cq.model_name:
+        raise NotFound(f"The model '{model_id}' does not exist.", param="model")
+    return _model_entry(cq)
 
 
 @router.post("/chat/completions", response_model=None)
@@ -41,96 +63,114 @@ async def chat_completions(
     body: ChatCompletionRequest, request: Request, who: Caller
 ) -> sse.EventStreamResponse | JSONResponse:
     cq = chat_queue(request)
+    _check_model(cq, body)
+    check_num_messages(len(body.messages), request.app.state.settings.max_messages)
+    messages = body.chat_messages()
+    kw = _admission(request, who, body)
+    choices = await Choices.admit(
+        cq, [_bind(cq.submit, messages, p, kw) for p in body.choice_params(body.num_logprobs)]
+    )
+    builder = ChatBuilder(choices.request_id, cq.model_name, n=body.num_choices)
+    return await _respond(request, body, choices, builder, wants_logprobs=body.logprobs)
+
+
+@router.post("/completions", response_model=None)
+async def completions(
+    body: CompletionRequest, request: Request, who: Caller
+) -> sse.EventStreamResponse | JSONResponse:
+    cq = chat_queue(request)
+    _check_model(cq, body)
+    if body.echo and body.logprobs is not None:
+        raise InvalidRequest(
+            "echo with logprobs is not supported: the prompt's logprobs are not computed.",
+            param="echo",
+        )
+    kw = _admission(request, who, body)
+    prompts = body.prompts
+    params = body.choice_params(body.logprobs)
+    choices = await Choices.admit(
+        cq, [_bind(cq.submit_prompt, prompt, p, kw) for prompt in prompts for p in params]
+    )
+    echoes = [_echo(cq, prompt) if body.echo else "" for prompt in prompts for _ in params]
+    builder = TextBuilder(choices.request_id, cq.model_name, n=body.num_choices, echoes=echoes)
+    return await _respond(request, body, choices, builder, wants_logprobs=body.logprobs is not None)
+
+
+def _check_model(cq: ChatQueue, body: OpenAIRequest) -> None:
     if body.model and body.model != cq.model_name:
         raise InvalidRequest(
             f"The model '{body.model}' does not exist; this server serves '{cq.model_name}'.",
             param="model",
         )
-    check_num_messages(len(body.messages), request.app.state.settings.max_messages)
-    stream = await cq.submit(
-        body.chat_messages(),
-        body.sampling_params(),
-        user=who.user(body.user),
-        priority=who.priority,
-        queue_timeout_s=body.queue_timeout,
-        max_queue_per_user=who.max_queue,
+
+
+def _admission(request: Request, who: Caller, body: OpenAIRequest) -> dict[str, Any]:
+    """`submit`'s keywords: whom the request is for and how it queues."""
+    return {
+        "user": who.user(body.user),
+        "priority": who.priority,
+        "queue_timeout_s": body.queue_timeout,
+        "max_queue_per_user": who.max_queue,
         # NOTE: without a key that names the caller, `user` is whatever the body says; the cap
         # counts per client address, which a request cannot change (`user` still takes turns).
-        cap_key=None if who.name is not None else caller_of(request, who),
-    )
-    chunks = _Chunks(stream.request_id, cq.model_name)
+        "cap_key": None if who.name is not None else caller_of(request, who),
+    }
+
+
+def _bind(
+    submit: Callable[..., Awaitable[RequestStream]], prompt: Any, params: Any, kw: dict[str, Any]
+) -> Callable[[], Awaitable[RequestStream]]:
+    return lambda: submit(prompt, params, **kw)
+
+
+def _echo(cq: ChatQueue, prompt: str | Sequence[int]) -> str:
+    return prompt if isinstance(prompt, str) else cq.runner.tokenizer.decode(prompt)
+
+
+async def _respond(
+    request: Request,
+    body: OpenAIRequest,
+    choices: Choices,
+    builder: Builder,
+    *,
+    wants_logprobs: bool,
+) -> sse.EventStreamResponse | JSONResponse:
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse.EventStreamResponse(
-            _stream(stream, chunks, include_usage=include_usage), stream=stream
-        )
-    async with stream:
-        finished = await sse.unless_disconnected(request, stream.collect())
-    error = error_of(finished)
-    if error is not None:
-        raise error
-    return JSONResponse(chunks.completion(finished))
+        lines = _stream(choices, builder, include_usage=body.include_usage)
+        return sse.EventStreamResponse(lines, stream=choices)
+    async with choices:
+        finished = await sse.unless_disconnected(request, choices.collect())
+    for f in finished:
+        error = error_of(f)
+        if error is not None:
+            raise error
+    return JSONResponse(builder.completion(finished, wants_logprobs=wants_logprobs))
 
 
-async def _stream(
-    stream: RequestStream, chunks: _Chunks, *, include_usage: bool
-) -> AsyncIterator[str]:
-    async with stream:  # leaving early (client gone) aborts the request
-        async for event in stream:
+async def _stream(choices: Choices, builder: Builder, *, include_usage: bool) -> AsyncIterator[str]:
+    finished: dict[int, Finished] = {}
+    async with choices:  # leaving early (client gone) aborts every choice
+        async for index, event in choices.events():
             match event:
                 case Queued(position, eta_s):
-                    eta = "unknown" if eta_s is None else f"{eta_s:.1f}s"
-                    yield sse.comment(f"queued position={position} eta={eta}")
+                    if index == 0:  # the choices wait together: one position
+                        eta = "unknown" if eta_s is None else f"{eta_s:.1f}s"
+                        yield sse.comment(f"queued position={position} eta={eta}")
                 case Started():
-                    yield sse.data(chunks.chunk({"role": "assistant", "content": ""}))
-                case Token(text):
-                    yield chunks.content_line(text)
-                case Finished(reason=reason, usage=usage):
+                    line = builder.started_line(index)
+                    if line is not None:
+                        yield line
+                case Token(text, _, logprobs):
+                    yield builder.token_line(index, text, logprobs)
+                case Finished():
                     error = error_of(event)
                     if error is not None:
                         yield sse.data(error_json(error))
-                    else:
-                        yield sse.data(chunks.chunk({}, finish_reason=reason.value))
-                        if include_usage:
-                            yield sse.data(chunks.usage_chunk(usage))
-                    yield "data: [DONE]\n\n"
-
-
-class _Chunks:
-    """Builds OpenAI's response objects for one completion."""
-
-    def __init__(self, request_id: str, model: str) -> None:
-        self.id = request_id
-        self.model = model
-        self.created = int(time.time())
-        # NOTE: content chunks are most of the traffic; only their text is encoded per token.
-        head, tail = sse.data(self.chunk({"content": ""})).split('"content":""')
-        self._content_head, self._content_tail = head + '"content":', tail
-
-    def _head(self, obj: str) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
-
-    def chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return {**self._head("chat.completion.chunk"), "choices": [choice]}
-
-    def content_line(self, text: str) -> str:
-        """`sse.data(self.chunk({"content": text}))`, byte for byte, at a fraction of the cost."""
-        return self._content_head + json.dumps(text, ensure_ascii=False) + self._content_tail
-
-    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
-        return {**self._head("chat.completion.chunk"), "choices": [], "usage": usage_json(usage)}
-
-    def completion(self, finished: Finished) -> dict[str, Any]:
-        message = {"role": "assistant", "content": finished.text}
-        choice = {
-            "index": 0,
-            "message": message,
-            "logprobs": None,
-            "finish_reason": finished.reason.value,
-        }
-        return {
-            **self._head("chat.completion"),
-            "choices": [choice],
-            "usage": usage_json(finished.usage),
-        }
+                        yield "data: [DONE]\n\n"
+                        return  # leaving aborts the other choices
+                    yield builder.finish_line(index, event)
+                    finished[index] = event
+        if include_usage:
+            ended = [finished[i] for i in sorted(finished)]
+            yield sse.data(builder.usage_chunk(total_usage(ended, builder.n)))
+        yield "data: [DONE]\n\n"

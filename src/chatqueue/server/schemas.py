@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from chatqueue.types import ChatMessage, SamplingParams
 
@@ -109,12 +110,18 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(SamplingFields):
+MAX_CHOICES = 128  # n, times the prompts of a completions request
+
+
+class OpenAIRequest(SamplingFields):
+    """What both completion APIs take besides the prompt."""
+
     model: Text | None = None
-    messages: list[MessageIn] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(None, ge=1, le=1, description="Only 1 is supported")
+    n: int | None = Field(
+        None, ge=1, le=MAX_CHOICES, description="Choices per prompt; each is a sequence"
+    )
     user: Text | None = Field(None, max_length=256)
     queue_timeout: float | None = Field(
         None,
@@ -123,8 +130,78 @@ class ChatCompletionRequest(SamplingFields):
         description="Extension: most seconds to wait in the queue; may only lower the server's",
     )
 
+    @property
+    def num_choices(self) -> int:
+        """Choices per prompt."""
+        return self.n or 1
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def choice_params(self, logprobs: int | None) -> list[SamplingParams]:
+        """One SamplingParams per choice: choice i of a seeded request uses seed + i, so the
+        same seed and prompt give the same choices whatever else shares the batch."""
+        base = replace(self.sampling_params(), logprobs=logprobs)
+        if base.seed is None:
+            return [base] * self.num_choices
+        return [replace(base, seed=base.seed + i) for i in range(self.num_choices)]
+
+
+class ChatCompletionRequest(OpenAIRequest):
+    messages: list[MessageIn] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return self
+
     def chat_messages(self) -> list[ChatMessage]:
         return [m.to_message() for m in self.messages]
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+TokenIds = list[Annotated[int, Field(ge=0)]]
+
+
+class CompletionRequest(OpenAIRequest):
+    """The legacy completions API: a prompt (text, token ids, or a list of either; each prompt
+    gets `n` choices), `echo`, and `logprobs` as the number of alternatives (0..20)."""
+
+    prompt: Text | list[Text] | TokenIds | list[TokenIds]
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+    suffix: None = Field(None, description="Not supported: only null")
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, v: str | list[str] | list[int] | list[list[int]]) -> object:
+        items = [v] if isinstance(v, str) else v
+        if not items or any(isinstance(p, str | list) and not p for p in items):
+            raise ValueError("the prompt must not be empty")
+        return v
+
+    @model_validator(mode="after")
+    def _not_too_many_choices(self) -> CompletionRequest:
+        if len(self.prompts) * self.num_choices > MAX_CHOICES:
+            raise ValueError(f"at most {MAX_CHOICES} choices (prompts times n)")
+        return self
+
+    @property
+    def prompts(self) -> list[str] | list[list[int]]:
+        """Each prompt of the request: text, or token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and isinstance(p[0], int):
+            return [p]  # type: ignore[list-item]
+        return p  # type: ignore[return-value]
 
 
 class ChatStreamRequest(SamplingFields):

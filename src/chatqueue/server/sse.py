@@ -5,16 +5,20 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from chatqueue.api import RequestStream
 from chatqueue.errors import ClientGone
 
 T = TypeVar("T")
+
+
+class Closable(Protocol):
+    async def aclose(self) -> None: ...
+
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -32,7 +36,7 @@ def comment(text: str) -> str:
 
 
 class EventStreamResponse(StreamingResponse):
-    """SSE for one request stream. The stream is closed (the request aborted, if unfinished) when
+    """SSE for one request stream (or the streams of its choices). The stream is closed (the request aborted, if unfinished) when
     the response ends however it ends: a client that leaves before the body generator ever ran
     would otherwise leave its generation running with nobody reading."""
 
@@ -40,7 +44,7 @@ class EventStreamResponse(StreamingResponse):
         self,
         content: AsyncIterator[str],
         *,
-        stream: RequestStream,
+        stream: Closable,
         headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(

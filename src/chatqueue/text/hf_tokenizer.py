@@ -64,6 +64,14 @@ class HFTokenizer:
         )
         return _as_ids(encoded)
 
+    @property
+    def vocab_size(self) -> int:
+        return len(self._encoder)
+
+    def encode(self, text: str) -> list[int]:
+        """Plain text, with the special tokens the tokenizer adds by default (BOS), as vLLM."""
+        return _as_ids(self._encoder.encode(text))
+
     def decode(self, token_ids: Sequence[int]) -> str:
         text = self._decoder.decode(
             list(token_ids), skip_special_tokens=True, clean_up_tokenization_spaces=False

@@ -21,3 +21,14 @@ class Tokenizer(Protocol):
         ...
 
     def decode(self, token_ids: Sequence[int]) -> str: ...
+
+
+@runtime_checkable
+class TextTokenizer(Tokenizer, Protocol):
+    """A tokenizer that also encodes plain text (the legacy completions API's prompts) and knows
+    its vocabulary (to refuse a token id the model has no row for)."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def encode(self, text: str) -> list[int]: ...

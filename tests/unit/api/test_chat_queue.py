@@ -24,7 +24,7 @@ from chatqueue import (
     Started,
     Token,
 )
-from chatqueue.engine.runner import RunnerLost, StepBatch
+from chatqueue.engine.runner import RunnerLost, StepBatch, StepOutput
 from chatqueue.errors import (
     InvalidRequest,
     PromptTooLong,
@@ -142,7 +142,7 @@ async def test_stop_past_its_timeout_aborts_running_and_waiting() -> None:
 
 
 class ExplodingRunner(MockRunner):
-    def step(self, batch: StepBatch) -> dict[int, int]:
+    def step(self, batch: StepBatch) -> StepOutput:
         if batch.new and any(len(n.prompt_ids) > 8 for n in batch.new):
             raise RuntimeError("boom")
         return super().step(batch)
@@ -200,7 +200,7 @@ class HangingRunner(MockRunner):
         super().__init__(MockConfig(delay_s=0.001))
         self.release = threading.Event()
 
-    def step(self, batch: StepBatch) -> dict[int, int]:
+    def step(self, batch: StepBatch) -> StepOutput:
         if any(len(n.prompt_ids) > 8 for n in batch.new):
             self.release.wait(30)
         return super().step(batch)
@@ -279,7 +279,7 @@ async def test_a_blocked_event_loop_shows_in_the_lag_histogram() -> None:
 class LosesItsModel(MockRunner):
     """A model that is gone at its first step (as a model process that died)."""
 
-    def step(self, batch: StepBatch) -> dict[int, int]:
+    def step(self, batch: StepBatch) -> StepOutput:
         raise RunnerLost("The model process exited (killed by SIGKILL).")
 
 

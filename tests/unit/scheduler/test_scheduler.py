@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from chatqueue.errors import QueueFull, ShuttingDown, UserQueueFull
+from chatqueue.errors import InvalidRequest, QueueFull, ShuttingDown, UserQueueFull
 from chatqueue.scheduler import Request, RequestState, Scheduler
 from chatqueue.server.errors import status_of
 from chatqueue.types import FinishReason
@@ -244,3 +244,19 @@ def test_expire_all_waiting_empties_the_queue() -> None:
     s.schedule(0)
     gone = s.expire_all_waiting(FinishReason.ERROR)
     assert gone == rs[1:] and s.num_waiting == 0
+
+
+def test_a_request_of_several_choices_needs_a_place_for_each() -> None:
+    s = make(max_concurrent=2, max_queue_size=2)
+    s.check_room(0, num_places=4)  # empty: all four fit
+    s.add(req(), 0)
+    with pytest.raises(QueueFull, match="needs 4 places"):
+        s.check_room(0, num_places=4)
+    s.check_room(0, num_places=3)
+
+
+def test_more_choices_than_the_server_ever_holds_is_a_400() -> None:
+    s = make(max_concurrent=2, max_queue_size=2)
+    with pytest.raises(InvalidRequest, match="at most 4") as caught:
+        s.check_room(0, num_places=5)
+    assert status_of(caught.value) == 400 and caught.value.param == "n"

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from chatqueue.api import RequestStream
 from chatqueue.server import sse
-from chatqueue.server.openai_routes import _Chunks
+from chatqueue.server.openai_format import ChatBuilder
 from chatqueue.server.sse import EventStreamResponse
 
 
@@ -34,6 +34,6 @@ async def test_a_client_gone_before_the_body_started_still_aborts_the_request() 
 
 
 def test_fast_content_chunk_is_the_plain_chunk_byte_for_byte() -> None:
-    chunks = _Chunks("chatcmpl-1", "m")
+    chunks = ChatBuilder("chatcmpl-1", "m")
     for text in ["", "hi", ' "quoted"\n', "東京 🗼", "\\"]:
-        assert chunks.content_line(text) == sse.data(chunks.chunk({"content": text}))
+        assert chunks.token_line(0, text, ()) == sse.data(chunks.chunk(0, {"content": text}))

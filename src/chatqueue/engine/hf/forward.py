@@ -9,7 +9,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from chatqueue.engine.hf.kv_batch import KVBatch, make_growing
-from chatqueue.engine.hf.sampling import SamplingBatch, SamplingRequest
+from chatqueue.engine.hf.sampling import Sampled, SamplingBatch, SamplingRequest
 from chatqueue.engine.runner import NewSequence
 
 
@@ -26,7 +26,7 @@ class Forward:
         # Most HF causal LMs can skip the lm_head on all but the last position; older ones cannot.
         self._keeps_last_only = "logits_to_keep" in inspect.signature(model.forward).parameters
 
-    def prefill(self, sequences: Sequence[NewSequence]) -> tuple[KVBatch, torch.Tensor]:
+    def prefill(self, sequences: Sequence[NewSequence]) -> tuple[KVBatch, Sampled]:
         """Prefill the prompts together, left-padded to the longest; sample each one's first token."""
         lengths = [len(s.prompt_ids) for s in sequences]
         assert min(lengths) > 0, "a prompt must hold at least one token"
@@ -49,18 +49,18 @@ class Forward:
             make_growing(cache)
         requests = [SamplingRequest(s.params, s.prompt_ids) for s in sequences]
         sampling = SamplingBatch.create(requests, vocab_size=logits.shape[-1], device=self.device)
-        tokens = sampling.sample(logits)
+        sampled = sampling.sample(logits)
         batch = KVBatch.create(
             rids=[s.rid for s in sequences],
             cache=cache,
             attention_mask=attention_mask,
             lengths=lengths,
-            pending=tokens,
+            pending=sampled.tokens,
             sampling=sampling,
         )
-        return batch, tokens
+        return batch, sampled
 
-    def decode(self, batch: KVBatch) -> torch.Tensor:
+    def decode(self, batch: KVBatch) -> Sampled:
         """Feed every row's pending token at its own position; sample and return the next ones."""
         logits = self._last_logits(
             input_ids=batch.pending.unsqueeze(1),
@@ -68,9 +68,9 @@ class Forward:
             position_ids=batch.positions.unsqueeze(1),
             cache=batch.cache,
         )
-        tokens = batch.sampling.sample(logits)
-        batch.advance(tokens)
-        return tokens
+        sampled = batch.sampling.sample(logits)
+        batch.advance(sampled.tokens)
+        return sampled
 
     def _last_logits(
         self,

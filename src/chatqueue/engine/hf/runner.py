@@ -17,7 +17,8 @@ from transformers import PreTrainedModel
 
 from chatqueue.engine.hf.forward import Forward
 from chatqueue.engine.hf.kv_batch import KVBatch
-from chatqueue.engine.runner import StepBatch
+from chatqueue.engine.hf.sampling import Sampled, step_output
+from chatqueue.engine.runner import StepBatch, StepOutput
 
 
 class _HFRunner:
@@ -59,26 +60,21 @@ class HFBatchedRunner(_HFRunner):
     def _start(self) -> None:
         self._batch = None
 
-    def step(self, batch: StepBatch) -> dict[int, int]:
+    def step(self, batch: StepBatch) -> StepOutput:
         self._release(batch.released)
         held = self._batch.rids if self._batch is not None else []
         assert sorted(held) == sorted(batch.running), (
             f"running {sorted(batch.running)} != sequences held {sorted(held)}"
         )
-        rids: list[int] = []
-        sampled: list[torch.Tensor] = []
+        parts: list[tuple[list[int], Sampled]] = []
         with torch.inference_mode():
             if self._batch is not None:
-                rids += self._batch.rids
-                sampled.append(self._forward.decode(self._batch))
+                parts.append((self._batch.rids, self._forward.decode(self._batch)))
             if batch.new:
-                joining, tokens = self._forward.prefill(batch.new)
-                rids += joining.rids
-                sampled.append(tokens)
+                joining, sampled = self._forward.prefill(batch.new)
+                parts.append((joining.rids, sampled))
                 self._batch = joining if self._batch is None else self._batch.concat(joining)
-        if not sampled:
-            return {}
-        return dict(zip(rids, torch.cat(sampled).tolist(), strict=True))
+            return step_output(parts)
 
     def _release(self, released: Sequence[int]) -> None:
         if self._batch is None:
@@ -100,26 +96,21 @@ class HFSequentialRunner(_HFRunner):
     def _start(self) -> None:
         self._sequences = {}
 
-    def step(self, batch: StepBatch) -> dict[int, int]:
+    def step(self, batch: StepBatch) -> StepOutput:
         for rid in batch.released:
             self._sequences.pop(rid, None)
         assert sorted(self._sequences) == sorted(batch.running), (
             f"running {sorted(batch.running)} != sequences held {sorted(self._sequences)}"
         )
-        rids: list[int] = []
-        sampled: list[torch.Tensor] = []
+        parts: list[tuple[list[int], Sampled]] = []
         with torch.inference_mode():
             for rid in batch.running:
-                rids.append(rid)
-                sampled.append(self._forward.decode(self._sequences[rid]))
+                parts.append(([rid], self._forward.decode(self._sequences[rid])))
             for new in batch.new:
-                alone, tokens = self._forward.prefill([new])
+                alone, sampled = self._forward.prefill([new])
                 self._sequences[new.rid] = alone
-                rids.append(new.rid)
-                sampled.append(tokens)
-        if not sampled:
-            return {}
-        return dict(zip(rids, torch.cat(sampled).tolist(), strict=True))
+                parts.append(([new.rid], sampled))
+            return step_output(parts)
 
 
 def _context_window_of(model: PreTrainedModel) -> int:

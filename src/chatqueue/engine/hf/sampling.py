@@ -1,6 +1,11 @@
 """Per-request sampling for a whole batch at once: one row per sequence, one tensor per setting.
 
 Order of the logit processors follows transformers' `generate`: penalties, temperature, top-k, top-p.
+Logprobs, for the rows that ask, come from the processed logits (after penalties, temperature,
+top-k and top-p): the distribution the token was drawn from. A greedy row counts as temperature 1,
+so it reports the model's own logprobs (after penalties). One log_softmax and one topk over the
+rows that asked; a batch where none asked pays nothing.
+
 Randomness uses the exponential race (argmax of p / E with E ~ Exp(1)), which draws a categorical
 sample from one independent noise vector per row, so a seeded row can own its own generator: its draws
 never depend on which other rows share the batch.
@@ -9,11 +14,58 @@ never depend on which other rows share the batch.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from chatqueue.engine.runner import SampledLogprobs, StepOutput
 from chatqueue.types import SamplingParams
+
+# OpenAI's logprob for a token of no probability (JSON has no -inf): what top-k or top-p removed.
+MIN_LOGPROB = -9999.0
+
+
+@dataclass(frozen=True, slots=True)
+class RowLogprobs:
+    """Logprobs of some rows of a sampled batch, still on the device."""
+
+    rows: list[int]  # the batch rows that asked, in order
+    num_top: list[int]  # how many alternatives each asked for
+    chosen: torch.Tensor  # [R] the sampled token's logprob
+    top_values: torch.Tensor  # [R, K] K = the most any row asked for
+    top_ids: torch.Tensor  # [R, K]
+
+    def per_row(self) -> dict[int, SampledLogprobs]:
+        """batch row -> its logprobs, on the host (one transfer per tensor)."""
+        chosen = self.chosen.tolist()
+        values, ids = self.top_values.tolist(), self.top_ids.tolist()
+        return {
+            row: SampledLogprobs(chosen[i], tuple(ids[i][:k]), tuple(values[i][:k]))
+            for i, (row, k) in enumerate(zip(self.rows, self.num_top, strict=True))
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Sampled:
+    """One token per row, and the logprobs of the rows that asked (None: no row did)."""
+
+    tokens: torch.Tensor  # [B] long, on device
+    logprobs: RowLogprobs | None = None
+
+
+def step_output(parts: Sequence[tuple[Sequence[int], Sampled]]) -> StepOutput:
+    """The step's output from each part's rids and samples: the token ids cross to the host in
+    one `.tolist()`; logprobs only for parts where some row asked."""
+    rids = [rid for part_rids, _ in parts for rid in part_rids]
+    if not rids:
+        return StepOutput({})
+    tokens = torch.cat([sampled.tokens for _, sampled in parts]).tolist()
+    logprobs: dict[int, SampledLogprobs] = {}
+    for part_rids, sampled in parts:
+        if sampled.logprobs is not None:
+            for row, lp in sampled.logprobs.per_row().items():
+                logprobs[part_rids[row]] = lp
+    return StepOutput(dict(zip(rids, tokens, strict=True)), logprobs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,8 +98,10 @@ class SamplingBatch:
     all_greedy: bool = False
     any_penalty: bool = False
     any_filter: bool = False  # some sampled row has top-k or top-p
+    logprob_rows: list[int] = field(default_factory=list)  # rows that asked for logprobs
 
     def __post_init__(self) -> None:
+        self.logprob_rows = [row for row, p in enumerate(self.params) if p.logprobs is not None]
         self.all_greedy = all(p.is_greedy for p in self.params)
         self.any_penalty = any(_has_penalty(p) for p in self.params)
         self.any_filter = any(p.top_k > 0 or p.top_p < 1.0 for p in self.params if not p.is_greedy)
@@ -114,16 +168,33 @@ class SamplingBatch:
                 )
         return _assemble(self.params + other.params, self.generators + other.generators, tensors)
 
-    def sample(self, logits: torch.Tensor) -> torch.Tensor:
-        """Pick one token per row from `logits` [B, V] and record it. Returns [B] long, on device."""
+    def sample(self, logits: torch.Tensor) -> Sampled:
+        """Pick one token per row from `logits` [B, V] and record it; logprobs for the rows that
+        asked."""
         if self.all_greedy and not self.any_penalty:
-            return logits.argmax(dim=-1)  # the common case: no softmax, no sort, no tables
+            tokens = logits.argmax(dim=-1)  # the common case: no softmax, no sort, no tables
+            return Sampled(tokens, self._logprobs(logits, tokens))
         logits = self.process(logits)
         tokens = logits.argmax(dim=-1)
         if not self.all_greedy:
             tokens = torch.where(self.is_greedy, tokens, self._draw(logits))
         self._record(tokens)
-        return tokens
+        return Sampled(tokens, self._logprobs(logits, tokens))
+
+    def _logprobs(self, processed: torch.Tensor, tokens: torch.Tensor) -> RowLogprobs | None:
+        if not self.logprob_rows:
+            return None
+        rows = self.logprob_rows
+        num_top = [self.params[row].logprobs or 0 for row in rows]
+        if len(rows) == len(self):
+            picked, picked_tokens = processed, tokens
+        else:
+            index = torch.tensor(rows, dtype=torch.long, device=processed.device)
+            picked, picked_tokens = processed.index_select(0, index), tokens.index_select(0, index)
+        logprobs = torch.log_softmax(picked.float(), dim=-1).clamp_min(MIN_LOGPROB)
+        chosen = logprobs.gather(1, picked_tokens.unsqueeze(1)).squeeze(1)
+        top_values, top_ids = logprobs.topk(max(num_top), dim=-1)
+        return RowLogprobs(rows, num_top, chosen, top_values, top_ids)
 
     def process(self, logits: torch.Tensor) -> torch.Tensor:
         """The logits after penalties, temperature, top-k and top-p; filtered entries are -inf."""

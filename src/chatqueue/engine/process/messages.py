@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from chatqueue.engine.runner import ModelRunner
+from chatqueue.engine.runner import ModelRunner, StepOutput
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +49,7 @@ class LoadFailed:
 
 @dataclass(frozen=True, slots=True)
 class StepDone:
-    tokens: dict[int, int]
+    output: StepOutput
 
 
 @dataclass(frozen=True, slots=True)

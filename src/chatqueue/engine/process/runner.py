@@ -40,7 +40,7 @@ from chatqueue.engine.process.messages import (
     StepFailed,
     StepReply,
 )
-from chatqueue.engine.runner import ModelRunner, RunnerLost, StepBatch
+from chatqueue.engine.runner import ModelRunner, RunnerLost, StepBatch, StepOutput
 from chatqueue.text.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ class ProcessRunner:
     def spare_pid(self) -> int | None:
         return None if self._spare is None else self._spare.proc.pid
 
-    def step(self, batch: StepBatch) -> dict[int, int]:
+    def step(self, batch: StepBatch) -> StepOutput:
         try:
             self._child.conn.send(batch)
         except OSError as exc:
@@ -148,7 +148,7 @@ class ProcessRunner:
         if isinstance(reply, StepFailed):
             raise StepError(reply.reason)
         assert isinstance(reply, StepDone), reply
-        return reply.tokens
+        return reply.output
 
     # -- Restartable ----------------------------------------------------------------------
     def check_alive(self) -> None:

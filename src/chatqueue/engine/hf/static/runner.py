@@ -12,12 +12,12 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel
 
-from chatqueue.engine.hf.sampling import SamplingBatch, SamplingRequest
+from chatqueue.engine.hf.sampling import Sampled, SamplingBatch, SamplingRequest, step_output
 from chatqueue.engine.hf.static.graphs import DecodeGraphs
 from chatqueue.engine.hf.static.llama import LlamaDecode, check_supported, kv_shape
 from chatqueue.engine.hf.static.prefill import Prefilled, PrefillQueue
 from chatqueue.engine.hf.static.slots import KvSlots
-from chatqueue.engine.runner import StepBatch
+from chatqueue.engine.runner import StepBatch, StepOutput
 
 
 class StaticCacheRunner:
@@ -68,19 +68,19 @@ class StaticCacheRunner:
     def context_window(self) -> int:
         return self.max_len
 
-    def step(self, batch: StepBatch) -> dict[int, int]:
+    def step(self, batch: StepBatch) -> StepOutput:
         with torch.inference_mode():
             self._release(batch.released)
             held = set(self.slots.rids) | self._prefills.rids
             assert held == set(batch.running), f"running {batch.running} != held {sorted(held)}"
             assert len(held) + len(batch.new) <= self.max_batch, "more sequences than slots"
             self._prefills.add(batch.new)
-            out: dict[int, int] = {}
+            parts: list[tuple[list[int], Sampled]] = []
             if self.slots.rids:
-                out.update(zip(self.slots.rids, self._decode().tolist(), strict=True))
+                parts.append((list(self.slots.rids), self._decode()))
             for prefilled in self._prefills.run_some():
-                out.update(self._join(prefilled))
-            return out
+                parts.append(self._join(prefilled))
+            return step_output(parts)
 
     def close(self) -> None:
         self.graphs.clear()
@@ -100,23 +100,23 @@ class StaticCacheRunner:
             keep = [before.index(rid) for rid in self.slots.rids]
             self._sampling = self._sampling.select(keep) if keep else None
 
-    def _decode(self) -> torch.Tensor:
+    def _decode(self) -> Sampled:
         self.slots.compact_if_full()
         n = len(self.slots.rids)
         logits = self.graphs.run(n)
         self.slots.stepped()
         assert self._sampling is not None
-        tokens = self._sampling.sample(logits[:n])
-        self.slots.ids[:n].copy_(tokens)
-        return tokens
+        sampled = self._sampling.sample(logits[:n])
+        self.slots.ids[:n].copy_(sampled.tokens)
+        return sampled
 
-    def _join(self, prefilled: Prefilled) -> dict[int, int]:
+    def _join(self, prefilled: Prefilled) -> tuple[list[int], Sampled]:
         """Sample each prefilled sequence's first token and give it a row."""
         news, logits = prefilled.sequences, prefilled.logits
         requests = [SamplingRequest(new.params, new.prompt_ids) for new in news]
         joining = SamplingBatch.create(requests, vocab_size=logits.shape[-1], device=self.device)
-        tokens = joining.sample(logits)
-        for new, cache, token in zip(news, prefilled.caches, tokens, strict=True):
+        sampled = joining.sample(logits)
+        for new, cache, token in zip(news, prefilled.caches, sampled.tokens, strict=True):
             self.slots.add(new, cache, token)
         self._sampling = joining if self._sampling is None else self._sampling.concat(joining)
-        return {new.rid: t for new, t in zip(news, tokens.tolist(), strict=True)}
+        return [new.rid for new in news], sampled
