@@ -117,6 +117,7 @@ def test_triton_attention_is_refused_where_it_cannot_run(model: LlamaForCausalLM
         make(model, max_batch=2, max_len=32, attention="flash")
 
 
+@pytest.mark.timeout(600)  # Inductor compiles C++ for the CPU: minutes on a loaded 2-core machine
 def test_the_compiled_step_traces_one_layer_for_all_and_equals_generate() -> None:
     """Regional compilation: one compiled graph serves every decoder layer, so what Dynamo traces
     does not grow with depth (a restart re-traces it: that time must not scale with the model),
