@@ -4,6 +4,8 @@ and the cache compacts when its write column reaches the end."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM
@@ -16,7 +18,7 @@ from tests.integration.test_hf_runner import reference, tiny_llama
 GREEDY = SamplingParams(temperature=0.0)
 
 
-def make(model: LlamaForCausalLM, **kw: int | str | bool) -> StaticCacheRunner:
+def make(model: LlamaForCausalLM, **kw: int | str | bool | Path) -> StaticCacheRunner:
     return StaticCacheRunner(model=model, use_cuda_graphs=False, **kw)
 
 
@@ -139,6 +141,32 @@ def test_the_compiled_step_traces_one_layer_for_all_and_equals_generate() -> Non
         assert got == expected
         traced[layers] = (counters["stats"]["unique_graphs"], counters["stats"]["calls_captured"])
     assert traced[2] == traced[4]
+
+
+@pytest.mark.timeout(900)  # four regions compiled ahead of time, C++ for the CPU
+def test_compiled_regions_kept_on_disk_are_loaded_by_the_next_runner_without_tracing(
+    tmp_path: Path,
+) -> None:
+    """The first runner compiles the decode step's regions ahead of time and saves them; the next
+    one (a restart, a second start) loads them: Dynamo traces nothing, and the tokens still equal
+    `generate()`."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama().config).eval()
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [20, 21]]
+    expected = {i: reference(model, p, 6) for i, p in enumerate(prompts)}
+    joins, budget = {0: [0], 1: [1, 2]}, {i: len(e) for i, e in expected.items()}
+    saved = []
+    for _ in range(2):
+        torch._dynamo.reset()
+        counters.clear()
+        runner = make(model, max_batch=4, max_len=64, compile=True, compile_cache=tmp_path)
+        assert drive(runner, prompts, joins, budget) == expected
+        saved.append(sorted(p.name for p in tmp_path.iterdir()))
+    assert len(saved[0]) == 4  # the start, a layer with and without a residual to add, the end
+    assert saved[1] == saved[0]  # nothing compiled again
+    assert counters["stats"]["unique_graphs"] == 0  # the second runner traced nothing
 
 
 @pytest.mark.parametrize("kind", ["static", "batched"])

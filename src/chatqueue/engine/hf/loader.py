@@ -51,6 +51,7 @@ def load_model_runner(settings: Settings, folder: Path) -> ModelRunner:
             max_len=min(settings.max_model_len or 4096, _context_window(model)),
             prefill_chunk=settings.prefill_chunk,
             attention=settings.attention,
+            compile_cache=settings.cache / "compile" / "regions",
         )
     return HFBatchedRunner(model) if batching else HFSequentialRunner(model)
 

@@ -3,8 +3,10 @@ model's own modules and weights, with q/k/v and gate/up each run as one fused pr
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,6 +15,7 @@ from transformers import PreTrainedModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from chatqueue.engine.hf.static.attention import SlotAttention
+from chatqueue.engine.hf.static.regions import Region
 from chatqueue.engine.hf.static.slots import KvShape, KvSlots
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
@@ -40,11 +43,18 @@ def kv_shape(model: PreTrainedModel) -> KvShape:
 
 class LlamaDecode:
     def __init__(
-        self, model: PreTrainedModel, slots: KvSlots, *, attention: str, compile: bool
+        self,
+        model: PreTrainedModel,
+        slots: KvSlots,
+        *,
+        attention: str,
+        compile: bool,
+        compile_cache: Path | None = None,
     ) -> None:
         """Fuses the model's projections in place (its own forward, used for prefill, reads
         them too); `attention` is SlotAttention's choice. `compile`: the decoder layer through
-        Inductor (regional compilation, see `_layer_step`)."""
+        Inductor (regional compilation, see `_layer_step`), the compiled regions kept in
+        `compile_cache` (regions.py)."""
         config = model.config
         self._n_heads = config.num_attention_heads
         self._n_kv = config.num_key_value_heads
@@ -64,10 +74,16 @@ class LlamaDecode:
         # runs the same compiled graph; the step's start (embedding, RoPE) and end (norm, head)
         # are regions of their own. Compiling the whole step traced every layer: 37-47 s of
         # each restart on an H200 even with warm caches.
-        regions = (self._begin, self._layer, self._end)
-        self._begin_step, self._layer_step, self._end_step = (
-            tuple(_compiled(f) for f in regions) if compile else regions
-        )
+        self._begin_step: Any = self._begin
+        self._layer_step: Any = self._layer
+        self._end_step: Any = self._end
+        if compile:
+            key = f"{config.to_json_string()}{model.dtype}"
+            region = functools.partial(Region, folder=compile_cache, model_key=key)
+            self._begin_step = region(self._begin, dynamic=("ids", "pos"))
+            dynamic = ("hidden", "delta", "cos", "sin", "mask")
+            self._layer_step = region(self._layer, dynamic=dynamic)
+            self._end_step = region(self._end, dynamic=("hidden", "delta"))
 
     def forward(self, b: int) -> torch.Tensor:
         """One token for rows [0, b): only static buffers, no host synchronisation (capturable)."""
@@ -143,18 +159,6 @@ class LlamaDecode:
             hidden = hidden + delta
         logits: torch.Tensor = self._lm_head(self._norm(hidden)[:, -1]).float()
         return logits
-
-
-def _compiled(layer: Any) -> Any:
-    """`layer` through Inductor with the batch size dynamic.
-
-    NOTE: without duck shaping. By default Dynamo gives sizes of equal value one symbol, so a
-    first compile at batch 64 of a model whose head_dim is 64 tied the two together and
-    compiled again at 48 (3 s of a restart on an H200)."""
-    from torch.fx.experimental import _config as fx_config
-
-    no_duck_shapes = fx_config.patch(use_duck_shape=False)  # type: ignore[attr-defined]
-    return no_duck_shapes(torch.compile(layer, dynamic=True))
 
 
 @dataclass(frozen=True, slots=True)

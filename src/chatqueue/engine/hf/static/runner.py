@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel
@@ -31,9 +32,11 @@ class StaticCacheRunner:
         use_cuda_graphs: bool | None = None,
         compile: bool | None = None,
         attention: str = "auto",
+        compile_cache: Path | None = None,
     ) -> None:
         """`attention`: "triton" reads only the columns each row holds (CUDA only), "sdpa" all
-        of them under a mask; "auto" is Triton where it can run."""
+        of them under a mask; "auto" is Triton where it can run. `compile_cache`: where the
+        compiled decode regions are kept for the next process (None: compiled anew)."""
         check_supported(model, max_len)
         self.model = model
         self.max_batch = max_batch
@@ -49,11 +52,17 @@ class StaticCacheRunner:
         )
         graphs = self.device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
         wants_compile = self.device.type == "cuda" if compile is None else compile
-        self.decode = LlamaDecode(model, self.slots, attention=attention, compile=wants_compile)
+        self.decode = LlamaDecode(
+            model,
+            self.slots,
+            attention=attention,
+            compile=wants_compile,
+            compile_cache=compile_cache,
+        )
         self._sampling: SamplingBatch | None = None  # one row per slot row, in the same order
         self._prefills = PrefillQueue(model, chunk=prefill_chunk)
         self.graphs = DecodeGraphs(
-            self.decode.forward, max_batch=max_batch, smallest=2 if graphs else 1
+            self.decode.forward, max_batch=max_batch, smallest=2 if graphs or wants_compile else 1
         )
         if graphs:
             self.graphs.capture()
