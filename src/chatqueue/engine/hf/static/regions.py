@@ -95,7 +95,14 @@ class Region:
         for i in self._dynamic:
             if isinstance(args[i], torch.Tensor):
                 torch._dynamo.mark_dynamic(args[i], 0)
-        with _no_duck_shapes():
+        # NOTE: torch 2.11 offers aot_compile behind a flag (later releases always).
+        dynamo_config: Any = torch._dynamo.config
+        enabled = (
+            dynamo_config.patch(enable_aot_compile=True)
+            if hasattr(dynamo_config, "enable_aot_compile")
+            else contextlib.nullcontext()
+        )
+        with _no_duck_shapes(), enabled:
             jit: Any = torch.compile(self._fn, fullgraph=True)
             compiled = jit.aot_compile((args, {}))
         path.parent.mkdir(parents=True, exist_ok=True)
