@@ -1,6 +1,7 @@
 """The model in its own process: `ProcessRunner` in the server, `child` in the model process, and
 the typed messages between them."""
 
-from chatqueue.engine.process.runner import ModelLoadError, ProcessRunner
+from chatqueue.engine.process.messages import Preload
+from chatqueue.engine.process.runner import ModelLoadError, ModelProcess, ProcessRunner
 
-__all__ = ["ModelLoadError", "ProcessRunner"]
+__all__ = ["ModelLoadError", "ModelProcess", "Preload", "ProcessRunner"]

@@ -54,9 +54,10 @@ class StepError(RuntimeError):
     """A step raised in the child; the runner is still usable (as when it raises in-process)."""
 
 
-class _Child:
+class ModelProcess:
     """One model process and our end of its socket. Started with `preload` imported (the heavy
-    modules), it then waits for its `Load`."""
+    modules) and prepared, it then waits for its `Load`. Start one early (before the server's
+    own slow work, such as loading the tokenizer) and hand it to `ProcessRunner`."""
 
     def __init__(self, preload: Preload) -> None:
         ours, theirs = socket.socketpair()
@@ -102,17 +103,20 @@ class ProcessRunner:
         log_level: str = "info",
         preload: tuple[str, ...] = (),
         prepare: Callable[[], None] | None = None,
+        started: ModelProcess | None = None,
     ) -> None:
+        """`started`: a model process started earlier with the same `preload` and `prepare`,
+        to load into (its imports overlapped whatever the caller did meanwhile)."""
         self.tokenizer = tokenizer
         self.model_name = model_name
         self._load = load
         self._log_level = log_level
         self._preload = Preload(preload, prepare) if preload or prepare else None
-        self._spare: _Child | None = None
+        self._spare: ModelProcess | None = started
         self._start()
 
     def _start(self) -> None:
-        self._child, self._spare = self._spare or _Child(self._preload or Preload()), None
+        self._child, self._spare = self._spare or ModelProcess(self._preload or Preload()), None
         try:
             self._child.conn.send(Load(self._load, self._log_level))
             ready: LoadReply = self._recv()
@@ -125,7 +129,7 @@ class ProcessRunner:
         assert isinstance(ready, Ready), ready
         self._context_window = ready.context_window
         if self._preload:
-            self._spare = _Child(self._preload)
+            self._spare = ModelProcess(self._preload)
 
     @property
     def context_window(self) -> int:
