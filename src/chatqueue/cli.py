@@ -136,9 +136,31 @@ def serve(**given: Any) -> None:
     from chatqueue.server.auth import KeyFileError
     from chatqueue.server.serve import serve as run
 
+    settings = _settings(**given)
+    if settings.is_cluster:
+        _serve_cluster(settings)
+        return
     try:
-        run(_settings(**given))
+        run(settings)
     except KeyFileError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+def _serve_cluster(settings: Settings) -> None:
+    """--replicas, --min/--max-replicas or --ray-address: replicas on Ray Serve."""
+    try:
+        from chatqueue.cluster import serve_cluster
+        from chatqueue.cluster.checks import ClusterConfigError
+    except ImportError as exc:
+        typer.echo(
+            f"error: serving replicas needs Ray Serve ({exc}): pip install 'chatqueue[cluster]'",
+            err=True,
+        )
+        raise typer.Exit(2) from exc
+    try:
+        serve_cluster(settings)
+    except ClusterConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
 

@@ -132,6 +132,24 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(30.0, ge=0, description="Grace for running requests, s")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
 
+    # the cluster (the chatqueue[cluster] extra: Ray Serve)
+    replicas: int | None = Field(
+        None, ge=1, description="Serve N replicas (one model each) on Ray Serve; default: no Ray"
+    )
+    min_replicas: int | None = Field(
+        None, ge=1, description="Autoscale from this many replicas (with --max-replicas)"
+    )
+    max_replicas: int | None = Field(
+        None, ge=1, description="Autoscale up to this many replicas, driven by queue depth"
+    )
+    ray_address: str | None = Field(
+        None, description="Join this Ray cluster (auto, host:port); default: start a local one"
+    )
+    replica_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves for each replica")
+    replica_gpus: float | None = Field(
+        None, ge=0, description="GPUs for each replica; default: 1 if the cluster has GPUs (hf)"
+    )
+
     # the chat product
     history: str = Field("sqlite", description="sqlite, memory or redis://host:port/db")
     data_dir: Path = Field(
@@ -179,7 +197,18 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.engine == "mock" and self.model is not None:
             raise ValueError("--model goes with --engine hf, not the mock engine")
+        if self.replicas is not None and (self.min_replicas or self.max_replicas):
+            raise ValueError("--replicas or --min-replicas/--max-replicas, not both")
+        if (self.min_replicas is None) != (self.max_replicas is None):
+            raise ValueError("--min-replicas and --max-replicas go together")
+        if self.min_replicas and self.max_replicas and self.min_replicas > self.max_replicas:
+            raise ValueError("--min-replicas is more than --max-replicas")
         return self
+
+    @property
+    def is_cluster(self) -> bool:
+        """Served by replicas on Ray Serve (chatqueue.cluster) rather than one process."""
+        return bool(self.replicas or self.max_replicas or self.ray_address)
 
 
 def _warn_renamed(old: str, new: str) -> None:

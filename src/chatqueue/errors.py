@@ -21,6 +21,19 @@ class ChatQueueError(Exception):
         self.param = param
         self.retry_after_s = retry_after_s
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # NOTE: errors cross processes (a cluster's replicas send them to the front); pickle's
+        # default would call the class with `args` alone, which subclasses with keyword-only or
+        # no parameters refuse.
+        return (_rebuild, (type(self), self.message, dict(self.__dict__)))
+
+
+def _rebuild(cls: type[ChatQueueError], message: str, state: dict[str, object]) -> ChatQueueError:
+    err = cls.__new__(cls)
+    Exception.__init__(err, message)
+    err.__dict__.update(state)
+    return err
+
 
 class InvalidRequest(ChatQueueError):
     kind = "invalid_request_error"
@@ -121,6 +134,18 @@ class EngineRestarted(EngineError):
     restarted, and the requests that were waiting will run once it is back."""
 
     kind = "engine_restarted"
+
+
+class ReplicaLost(EngineError):
+    """The cluster replica that held this request went away (its process died, or its node);
+    the request is gone with it. New requests go to the other replicas."""
+
+    kind = "replica_lost"
+
+    def __init__(
+        self, message: str = "The replica serving this request stopped. Retry the request."
+    ) -> None:
+        super().__init__(message, retry_after_s=1)
 
 
 class Aborted(ChatQueueError):

@@ -15,14 +15,17 @@ ROOT = "chatqueue"  # the package's own __init__, which re-exports the server's 
 # The faces of the package: the HTTP server, the chat page, the CLI, the console, `chatqueue bench`.
 FACES = {"server", "web", "cli", "console", "bench"}
 
-# What each layer must never import, by top-level name under chatqueue/.
+# What each layer must never import, by top-level name under chatqueue/. The cluster (Ray Serve)
+# sits above the server: it may import server, api and config; nothing but the CLI imports it.
 NEVER = {
-    "scheduler": {"engine", "api", "chat", "history", *FACES},
-    "engine": {"api", "chat", "history", *FACES},
-    "text": {"engine", *FACES},
-    "history": {"engine", "api", "chat", *FACES},
-    "api": {"chat", *FACES},
-    "chat": {"engine", *FACES},
+    "scheduler": {"engine", "api", "chat", "history", "cluster", *FACES},
+    "engine": {"api", "chat", "history", "cluster", *FACES},
+    "text": {"engine", "cluster", *FACES},
+    "history": {"engine", "api", "chat", "cluster", *FACES},
+    "api": {"chat", "cluster", *FACES},
+    "chat": {"engine", "cluster", *FACES},
+    "cluster": {"engine", "scheduler", "chat", "history", *(FACES - {"server"})},
+    **{face: {"cluster"} for face in FACES - {"cli"}},
 }
 
 # The scheduler is plain data: testable with no model, and nothing in it waits on the outside world.

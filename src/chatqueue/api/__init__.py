@@ -2,6 +2,7 @@
 into a runner and a queue. Knows no HTTP."""
 
 from chatqueue.api.chat_queue import ChatQueue, FinishInfo, LoadInfo
+from chatqueue.api.service import QueueService
 from chatqueue.api.stream import RequestStream
 
-__all__ = ["ChatQueue", "FinishInfo", "LoadInfo", "RequestStream"]
+__all__ = ["ChatQueue", "FinishInfo", "LoadInfo", "QueueService", "RequestStream"]

@@ -223,6 +223,10 @@ class ChatQueue:
         return self._engine.runner
 
     @property
+    def tokenizer(self) -> Tokenizer:
+        return self.runner.tokenizer
+
+    @property
     def model_name(self) -> str:
         return self.runner.model_name
 

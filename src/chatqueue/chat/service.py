@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from chatqueue.api import ChatQueue, RequestStream
+from chatqueue.api import QueueService, RequestStream
 from chatqueue.chat.window import fit_history
 from chatqueue.errors import InvalidRequest, StoreUnavailable
 from chatqueue.history import HistoryStore
@@ -99,7 +99,7 @@ class ChatService:
 
     def __init__(
         self,
-        chat_queue: ChatQueue,
+        chat_queue: QueueService,
         store: HistoryStore,
         *,
         system_prompt: str | None = None,

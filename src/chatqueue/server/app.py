@@ -22,12 +22,13 @@ from chatqueue.server.ratelimit import RateLimiter
 
 
 def create_app(
-    settings: Settings | None = None, *, chat_queue: api.ChatQueue | None = None
+    settings: Settings | None = None, *, chat_queue: api.QueueService | None = None
 ) -> FastAPI:
-    """Raises KeyFileError (before anything starts) when the --api-keys file is bad."""
+    """Raises KeyFileError (before anything starts) when the --api-keys file is bad. `chat_queue`:
+    one made elsewhere (a test's, a cluster's front); else one from the settings."""
     settings = settings or Settings()
     keyring = Keyring.from_settings(settings)
-    cq = chat_queue or chat_queue_for(settings, ChatQueue)
+    cq: api.QueueService = chat_queue or chat_queue_for(settings, ChatQueue)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

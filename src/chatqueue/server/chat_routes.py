@@ -18,7 +18,7 @@ import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
 from starlette.middleware.sessions import SessionMiddleware
 
-from chatqueue.api import ChatQueue
+from chatqueue.api import QueueService
 from chatqueue.chat import ChatService, Reply
 from chatqueue.config import Settings
 from chatqueue.errors import InvalidRequest, NotFound
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/chat", tags=["chat"])
 
 
-def install(app: FastAPI, settings: Settings, chat_queue: ChatQueue) -> HistoryStore:
+def install(app: FastAPI, settings: Settings, chat_queue: QueueService) -> HistoryStore:
     """Add the chat routes, the session cookie and the page to `app`; returns the history store
     for the app's lifespan to close."""
     from chatqueue.web import mount_page

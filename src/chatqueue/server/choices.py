@@ -8,7 +8,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
 
-from chatqueue.api import ChatQueue, RequestStream
+from chatqueue.api import QueueService, RequestStream
 from chatqueue.errors import QueueFull
 from chatqueue.types import Event, Finished
 
@@ -24,7 +24,7 @@ class Choices:
 
     @classmethod
     async def admit(
-        cls, cq: ChatQueue, submits: Sequence[Callable[[], Awaitable[RequestStream]]]
+        cls, cq: QueueService, submits: Sequence[Callable[[], Awaitable[RequestStream]]]
     ) -> Choices:
         """Submit every choice, once the queue has room for all of them; if one is refused even
         so (others arrived meanwhile), the ones admitted are aborted (they never take a slot)

@@ -24,6 +24,7 @@ from chatqueue.errors import (
     PayloadTooLarge,
     QueueFull,
     RateLimited,
+    ReplicaLost,
     ServiceUnavailable,
     StoreUnavailable,
     Unauthorized,
@@ -43,6 +44,7 @@ STATUS: dict[type[ChatQueueError], int] = {
     RateLimited: 429,
     ClientGone: 499,  # nginx's "client closed request": nobody reads it, the access log does
     EngineRestarted: 503,  # cut short by a model process restart: retrying works
+    ReplicaLost: 503,  # a cluster replica died under it: the others take the retry
     EngineError: 500,
     Aborted: 500,
     ServiceUnavailable: 503,  # NotReady, ShuttingDown, QueueTimeout, StoreUnavailable too

@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from chatqueue.api import ChatQueue, RequestStream
+from chatqueue.api import QueueService, RequestStream
 from chatqueue.errors import InvalidRequest, NotFound
 from chatqueue.server import sse
 from chatqueue.server.auth import Caller, caller_of, identity
@@ -30,12 +30,12 @@ router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(identity
 Builder = ChatBuilder | TextBuilder
 
 
-def chat_queue(request: Request) -> ChatQueue:
-    cq: ChatQueue = request.app.state.chat_queue
+def chat_queue(request: Request) -> QueueService:
+    cq: QueueService = request.app.state.chat_queue
     return cq
 
 
-def _model_entry(cq: ChatQueue) -> dict[str, Any]:
+def _model_entry(cq: QueueService) -> dict[str, Any]:
     return {
         "id": cq.model_name,
         "object": "model",
@@ -96,7 +96,7 @@ async def completions(
     return await _respond(request, body, choices, builder, wants_logprobs=body.logprobs is not None)
 
 
-def _check_model(cq: ChatQueue, body: OpenAIRequest) -> None:
+def _check_model(cq: QueueService, body: OpenAIRequest) -> None:
     if body.model and body.model != cq.model_name:
         raise InvalidRequest(
             f"The model '{body.model}' does not exist; this server serves '{cq.model_name}'.",
@@ -123,8 +123,8 @@ def _bind(
     return lambda: submit(prompt, params, **kw)
 
 
-def _echo(cq: ChatQueue, prompt: str | Sequence[int]) -> str:
-    return prompt if isinstance(prompt, str) else cq.runner.tokenizer.decode(prompt)
+def _echo(cq: QueueService, prompt: str | Sequence[int]) -> str:
+    return prompt if isinstance(prompt, str) else cq.tokenizer.decode(prompt)
 
 
 async def _respond(

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from chatqueue.api import ChatQueue
+from chatqueue.api import QueueService
 from chatqueue.history import HistoryStore
 from chatqueue.server.auth import admin, keyring
 from chatqueue.server.errors import headers_of
@@ -55,8 +55,8 @@ class StoreHealth:
         return at is None or self._clock() - at >= STORE_CHECK_EVERY_S
 
 
-def _cq(request: Request) -> ChatQueue:
-    cq: ChatQueue = request.app.state.chat_queue
+def _cq(request: Request) -> QueueService:
+    cq: QueueService = request.app.state.chat_queue
     return cq
 
 

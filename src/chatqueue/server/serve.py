@@ -17,7 +17,7 @@ from types import FrameType
 
 import uvicorn
 
-from chatqueue.api import ChatQueue
+from chatqueue.api import QueueService
 from chatqueue.config import Settings
 from chatqueue.server.app import create_app
 from chatqueue.server.connections import timed_protocol
@@ -60,7 +60,7 @@ def redact_query(path: str) -> str:
 
 
 class _DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, chat_queue: ChatQueue, timeout_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, chat_queue: QueueService, timeout_s: float) -> None:
         super().__init__(config)
         self._chat_queue = chat_queue
         self._timeout_s = timeout_s

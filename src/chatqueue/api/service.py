@@ -1,0 +1,81 @@
+"""What the HTTP routes and the chat service need of a queue, as a Protocol: `ChatQueue` over one
+model, or a cluster's front (`chatqueue.cluster`) over many replicas, each a ChatQueue."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from chatqueue.api.admission import TokenBudget
+from chatqueue.api.chat_queue import LoadInfo
+from chatqueue.api.stream import RequestStream
+from chatqueue.errors import ServiceUnavailable
+from chatqueue.metrics import Metrics
+from chatqueue.text.tokenizer import Tokenizer
+from chatqueue.types import ChatMessage, SamplingParams
+
+
+class QueueService(Protocol):
+    """Admission, the request stream, the figures and the life cycle, as `ChatQueue` has them
+    (its docstrings say what each does)."""
+
+    metrics: Metrics
+
+    async def start_queue_worker(self) -> None: ...
+
+    async def wait_ready(self, timeout_s: float | None = None) -> None: ...
+
+    async def stop(self, timeout_s: float = 30.0) -> None: ...
+
+    @property
+    def health(self) -> str: ...
+
+    @property
+    def load_error(self) -> BaseException | None: ...
+
+    @property
+    def last_model_exit(self) -> str | None: ...
+
+    def unavailable_error(self) -> ServiceUnavailable | None: ...
+
+    @property
+    def tokenizer(self) -> Tokenizer: ...
+
+    @property
+    def model_name(self) -> str: ...
+
+    @property
+    def context_window(self) -> int: ...
+
+    @property
+    def token_budget(self) -> TokenBudget: ...
+
+    async def submit(
+        self,
+        messages: Sequence[ChatMessage],
+        params: SamplingParams | None = None,
+        *,
+        user: str = "",
+        priority: int = 0,
+        queue_timeout_s: float | None = None,
+        max_queue_per_user: int | None = None,
+        cap_key: str | None = None,
+    ) -> RequestStream: ...
+
+    async def submit_prompt(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        user: str = "",
+        priority: int = 0,
+        queue_timeout_s: float | None = None,
+        max_queue_per_user: int | None = None,
+        cap_key: str | None = None,
+    ) -> RequestStream: ...
+
+    async def encode(self, messages: Sequence[ChatMessage]) -> list[int]: ...
+
+    def check_room(self, num_places: int) -> None: ...
+
+    def load(self) -> LoadInfo: ...

@@ -1,0 +1,415 @@
+"""The front's queue: what the HTTP routes call (`api.QueueService`), over many replicas.
+
+A request is placed by asking the replicas one after another, in the order the request router
+ranks them, until one admits it: a replica refuses what it cannot take (its stats were stale)
+and the next one is asked before the client hears anything. The client gets 429 only when every
+healthy replica has refused it as full. The admitted request's events come back from that
+replica into a RequestStream, as from a local queue; if the replica dies, the stream ends with a
+`replica_lost` error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from ray.exceptions import RayError
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+
+from chatqueue.api import LoadInfo, RequestStream
+from chatqueue.api.admission import TokenBudget
+from chatqueue.cluster import view
+from chatqueue.cluster.policy import RouteHint, conversation_key
+from chatqueue.cluster.stats import ReplicaStats
+from chatqueue.cluster.wire import Admitted, Description, Refused, Submission
+from chatqueue.config import Settings
+from chatqueue.errors import (
+    ChatQueueError,
+    InvalidRequest,
+    NotReady,
+    QueueFull,
+    ReplicaLost,
+    ServiceUnavailable,
+    ShuttingDown,
+    UserQueueFull,
+)
+from chatqueue.metrics import Metrics
+from chatqueue.text.tokenizer import Tokenizer
+from chatqueue.types import (
+    ChatMessage,
+    Event,
+    Finished,
+    FinishReason,
+    SamplingParams,
+    Started,
+    Token,
+    Usage,
+)
+
+log = logging.getLogger(__name__)
+
+DESCRIBE_EVERY_S = 0.5
+REFRESH_EVERY_S = 0.5
+MAX_LOST_ATTEMPTS = 3  # replicas that died while being asked, before the front gives up
+MAX_CONVERSATIONS = 100_000  # remembered for stickiness, least recently used forgotten
+STATE_ORDER = ("ready", "loading", "restarting", "unhealthy", "shutting_down", "failed")
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterLoad(LoadInfo):
+    """/load of a cluster: the totals (LoadInfo's fields) and a row per replica."""
+
+    replicas: tuple[dict[str, Any], ...] = ()
+
+
+class ClusterQueue:
+    """`api.QueueService` over the replicas behind `handle`."""
+
+    def __init__(self, handle: DeploymentHandle[Any], settings: Settings, app_name: str) -> None:
+        self.metrics = Metrics()
+        self._handle = handle
+        self._settings = settings
+        self._app_name = app_name
+        self._description: Description | None = None
+        self._described = asyncio.Event()
+        self._conversations: OrderedDict[str, str] = OrderedDict()  # key -> replica
+        self._pumps: set[asyncio.Task[None]] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="chatqueue-tokenizer")
+        self._is_stopping = False
+        self._rng = random.Random()
+
+    # -- life cycle -----------------------------------------------------------------------
+    async def start_queue_worker(self) -> None:
+        if not self._tasks:
+            self._tasks = [
+                asyncio.create_task(self._describe()),
+                asyncio.create_task(self._refresh_gauges()),
+            ]
+
+    async def _describe(self) -> None:
+        """Ask a replica for the model's description until one is ready to give it."""
+        while self._description is None:
+            try:
+                self._description = await self._handle.describe.remote()
+                self._described.set()
+            except Exception as exc:  # loading, or no replica yet
+                log.debug("no model description yet: %s", exc)
+                await asyncio.sleep(DESCRIBE_EVERY_S)
+
+    async def _refresh_gauges(self) -> None:
+        while True:
+            rows = [s for _, s in self._replicas() if s is not None]
+            self.metrics.running.set(sum(s.running for s in rows))
+            self.metrics.waiting.set(sum(s.waiting for s in rows))
+            await asyncio.sleep(REFRESH_EVERY_S)
+
+    async def wait_ready(self, timeout_s: float | None = None) -> None:
+        try:
+            await asyncio.wait_for(self._described.wait(), timeout_s)
+        except TimeoutError:
+            raise NotReady("No replica is ready yet.") from None
+
+    async def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop admitting; let the streams in flight finish for up to `timeout_s`, then end the
+        rest (their replicas abort them)."""
+        self._is_stopping = True
+        for task in self._tasks:
+            task.cancel()
+        if self._pumps:
+            _, left = await asyncio.wait(set(self._pumps), timeout=timeout_s)
+            for task in left:
+                task.cancel()
+        self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- state ----------------------------------------------------------------------------
+    def _replicas(self) -> list[tuple[str, ReplicaStats | None]]:
+        return view.replicas_of(self._app_name)
+
+    @property
+    def health(self) -> str:
+        """ready while any replica is ready (and the model described); else the best state
+        a replica is in: loading, restarting, unhealthy, shutting_down, failed."""
+        if self._is_stopping:
+            return "shutting_down"
+        if self._description is None:
+            return "loading"
+        states = {s.state for _, s in self._replicas() if s is not None}
+        if not states or "ready" in states:
+            return "ready"
+        return min(states, key=lambda s: STATE_ORDER.index(s) if s in STATE_ORDER else 99)
+
+    @property
+    def load_error(self) -> BaseException | None:
+        if self.health == "failed":
+            return ServiceUnavailable("Every replica's model has failed.")
+        return None
+
+    @property
+    def last_model_exit(self) -> str | None:
+        return None
+
+    def unavailable_error(self) -> ServiceUnavailable | None:
+        return None
+
+    @property
+    def description(self) -> Description:
+        if self._is_stopping:
+            raise ShuttingDown("The server is shutting down and takes no new requests.")
+        if self._description is None:
+            raise NotReady("The model is still loading. Retry in a few seconds.")
+        return self._description
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.description.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        return self.description.model_name
+
+    @property
+    def context_window(self) -> int:
+        return self.description.context_window
+
+    @property
+    def token_budget(self) -> TokenBudget:
+        s = self._settings
+        return TokenBudget(self.context_window, s.max_prompt_tokens, s.max_tokens_cap)
+
+    # -- requests -------------------------------------------------------------------------
+    async def submit(
+        self,
+        messages: Sequence[ChatMessage],
+        params: SamplingParams | None = None,
+        *,
+        user: str = "",
+        priority: int = 0,
+        queue_timeout_s: float | None = None,
+        max_queue_per_user: int | None = None,
+        cap_key: str | None = None,
+    ) -> RequestStream:
+        submission = Submission(
+            tuple(messages),
+            None,
+            params,
+            user,
+            priority,
+            queue_timeout_s,
+            max_queue_per_user,
+            cap_key,
+        )
+        # NOTE: a conversation's later turns prefer the replica of its last turn (its prefix is
+        # warm there); a first turn has none to prefer.
+        is_later_turn = any(m.role == "assistant" for m in messages)
+        return await self._place(submission, conversation_key(messages), sticky=is_later_turn)
+
+    async def submit_prompt(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        user: str = "",
+        priority: int = 0,
+        queue_timeout_s: float | None = None,
+        max_queue_per_user: int | None = None,
+        cap_key: str | None = None,
+    ) -> RequestStream:
+        text = prompt if isinstance(prompt, str) else tuple(prompt)
+        submission = Submission(
+            None, text, params, user, priority, queue_timeout_s, max_queue_per_user, cap_key
+        )
+        return await self._place(submission, None, sticky=False)
+
+    async def encode(self, messages: Sequence[ChatMessage]) -> list[int]:
+        tokenizer = self.tokenizer
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._tokenizer_pool, tokenizer.apply_chat_template, list(messages)
+        )
+
+    def check_room(self, num_places: int) -> None:
+        """What can be known before asking the replicas: shutting down, loading, or more
+        choices than one replica ever holds (a request's choices are placed one by one, each on
+        whichever replica takes it, and all are refused if one is)."""
+        d = self.description
+        most = d.max_concurrent + d.max_queue_size
+        if num_places > most:
+            raise InvalidRequest(
+                f"This request has {num_places} choices, each a sequence that needs a place; "
+                f"a replica holds at most {most} ({d.max_concurrent} running, "
+                f"{d.max_queue_size} waiting).",
+                param="n",
+            )
+
+    async def _place(
+        self, submission: Submission, key: str | None, *, sticky: bool
+    ) -> RequestStream:
+        """Ask replicas in the router's order until one admits; raises the refusal that
+        stands when none does. `key` names the conversation, whose replica is remembered and,
+        when `sticky`, preferred."""
+        self.description  # noqa: B018 - raises while loading or stopping
+        prefer = self._conversations.get(key) if key is not None and sticky else None
+        tried: list[str] = []
+        refusals: list[Refused] = []
+        lost = 0
+        started = time.monotonic()
+        while True:
+            route = RouteHint(tuple(tried), prefer)
+            call: DeploymentResponseGenerator[Any] = self._handle.options(
+                stream=True
+            ).submit.remote(submission, route=route)  # type: ignore[assignment]
+            try:
+                first = await call.__anext__()
+            except (RayError, StopAsyncIteration) as exc:
+                lost += 1
+                log.warning("a replica went away while asked to admit a request: %s", exc)
+                if lost >= MAX_LOST_ATTEMPTS:
+                    raise ReplicaLost("No replica answered. Retry shortly.") from exc
+                continue
+            if isinstance(first, Admitted):
+                if key is not None:
+                    self._remember(key, first.replica)
+                return self._stream(first, call, started)
+            assert isinstance(first, Refused)
+            if first.replica in tried or not _may_try_next(first.error):
+                call.cancel()
+                raise self._refusal(first, refusals)
+            tried.append(first.replica)
+            refusals.append(first)
+
+    def _refusal(self, last: Refused, refusals: list[Refused]) -> ChatQueueError:
+        """Every replica asked has refused (or `last` refused for good): a 429 if any was full,
+        with a Retry-After from all their drain rates together; else the last one's reason."""
+        err = last.error
+        full = [r for r in refusals if isinstance(r.error, QueueFull)]
+        if not _may_try_next(err) or not full:
+            if isinstance(err, QueueFull):
+                self.metrics.rejected.labels(err.kind).inc()
+            return err
+        self.metrics.rejected.labels(QueueFull.kind).inc()
+        return QueueFull(
+            f"Every replica is at capacity ({len(full)} asked). Retry later.",
+            retry_after_s=self._retry_after(full),
+        )
+
+    def _retry_after(self, full: list[Refused]) -> int:
+        """As one server's (scheduler.retry_after_spread), with the replicas' summed drain
+        rate and waiting requests: a time drawn between one completion anywhere and the drain
+        of everything waiting."""
+        rate = sum(r.drain_rate_per_s or 0.0 for r in full)
+        if rate <= 0:
+            return 1
+        drained = (sum(r.waiting for r in full) + 1) / rate
+        return max(1, math.ceil(self._rng.uniform(1.0 / rate, max(1.0 / rate, drained))))
+
+    def _remember(self, key: str, replica: str) -> None:
+        self._conversations[key] = replica
+        self._conversations.move_to_end(key)
+        if len(self._conversations) > MAX_CONVERSATIONS:
+            self._conversations.popitem(last=False)
+
+    def _stream(
+        self, admitted: Admitted, call: DeploymentResponseGenerator[Any], started: float
+    ) -> RequestStream:
+        pump: asyncio.Task[None] | None = None
+
+        def abandon() -> None:
+            if pump is not None:
+                pump.cancel()
+
+        stream = RequestStream(
+            admitted.request_id,
+            on_abandon=abandon,
+            max_unread_tokens=self._settings.max_unread_tokens,
+        )
+        pump = asyncio.create_task(self._pump(call, stream, admitted.replica, started))
+        self._pumps.add(pump)
+        pump.add_done_callback(self._pumps.discard)
+        return stream
+
+    async def _pump(
+        self,
+        call: DeploymentResponseGenerator[Any],
+        stream: RequestStream,
+        replica: str,
+        started: float,
+    ) -> None:
+        """The replica's events into the stream; a replica that dies ends it with an error."""
+        parts: list[str] = []
+        num_tokens = 0
+        try:
+            async for event in call:
+                self._observe(event, started, num_tokens)
+                if isinstance(event, Token):
+                    parts.append(event.text)
+                    num_tokens += event.num_tokens
+                stream.push(event)
+                if isinstance(event, Finished):
+                    return
+            error = ReplicaLost("The replica ended this request without finishing it.")
+        except asyncio.CancelledError:
+            call.cancel()  # the replica aborts it
+            raise
+        except Exception as exc:
+            log.warning("replica %s lost a request: %s", replica, exc)
+            error = ReplicaLost()
+        self.metrics.finished.labels(FinishReason.ERROR.value).inc()
+        stream.push(
+            Finished(FinishReason.ERROR, Usage(0, num_tokens), text="".join(parts), error=error)
+        )
+
+    def _observe(self, event: Event, started: float, num_tokens: int) -> None:
+        m = self.metrics
+        if isinstance(event, Started):
+            m.observe_queue_wait(event.queue_wait_s)
+        elif isinstance(event, Token):
+            if num_tokens == 0:
+                m.ttft.observe(time.monotonic() - started)
+            m.observe_tokens(event.num_tokens)
+        elif isinstance(event, Finished):
+            m.finished.labels(event.reason.value).inc()
+            m.prompt_tokens.inc(event.usage.prompt_tokens)
+            m.generated_tokens.inc(event.usage.completion_tokens)
+
+    # -- figures --------------------------------------------------------------------------
+    def load(self) -> ClusterLoad:
+        now = time.time()
+        rows: list[dict[str, Any]] = []
+        stats = []
+        for replica, s in self._replicas():
+            if s is None:
+                rows.append({"replica": replica, "state": "unknown"})
+                continue
+            stats.append(s)
+            rows.append({**s.as_dict(), "age_s": round(max(0.0, now - s.sampled_at), 3)})
+        rates = [s.drain_rate_per_s for s in stats if s.drain_rate_per_s]
+        rate = sum(rates) if rates else None
+        return ClusterLoad(
+            processing=sum(s.running for s in stats),
+            waiting=sum(s.waiting for s in stats),
+            max_concurrent=sum(s.max_concurrent for s in stats),
+            max_queue_size=sum(s.max_queue_size for s in stats),
+            tokens_per_s=round(sum(s.tokens_per_s for s in stats), 2),
+            mean_queue_wait_s=self.metrics.mean_queue_wait_s,
+            drain_rate_per_s=rate,
+            retry_after_s=max(1, math.ceil(1.0 / rate)) if rate else 1,
+            state=self.health,
+            replicas=tuple(sorted(rows, key=lambda r: str(r["replica"]))),
+        )
+
+
+def _may_try_next(error: ChatQueueError) -> bool:
+    """Refusals another replica may not give: full, loading, restarting, shutting down. Not a
+    bad request, and not a user's own cap (asking elsewhere would let one user past it)."""
+    if isinstance(error, UserQueueFull):
+        return False
+    return isinstance(error, QueueFull | ServiceUnavailable)

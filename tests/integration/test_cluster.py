@@ -1,0 +1,346 @@
+"""The cluster (chatqueue.cluster) on a real local Ray, started once for the module: two mock
+replicas behind one Serve endpoint, each with N slots and q queue places, history in a real Redis.
+
+The requests that must hold their places for a while ask for long echo replies (the mock engine
+repeats the message word by word, a step each); every wait is on an event or a state, with a
+safety net against hangs, never a fixed sleep."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import ray
+from ray import serve
+
+from chatqueue.cluster import app_for
+from chatqueue.config import Settings
+from tests.support.chat import done_of, reply_text, sse_events
+from tests.support.http import COMPLETIONS, SseEvent, StreamLog
+from tests.support.http import sse_events as sse_records
+from tests.support.servers import free_port, redis_server, running_server
+
+N = 2  # slots a replica
+Q = 2  # queue places a replica
+REPLICAS = 2
+SAFETY_S = 60.0  # Ray on two shared cores: a generous net against hangs, never a measurement
+LONG = " ".join(f"w{i}" for i in range(100))  # a reply of 100 steps: 5 s at 50 ms a step
+SECRET = "cluster-test-secret"
+
+# Ray and Serve start once for the module (about half a minute on two cores), in the first test.
+pytestmark = pytest.mark.timeout(300)
+
+
+@dataclass
+class Cluster:
+    url: str
+    redis_url: str
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with redis_server() as redis_url:
+        settings = Settings(
+            engine="mock",
+            mock_delay=0.05,
+            replicas=REPLICAS,
+            replica_cpus=0.1,
+            max_concurrent=N,
+            max_queue_size=Q,
+            history=redis_url,
+            session_secret=SECRET,
+            data_dir=tmp_path_factory.mktemp("cluster-data"),
+            shutdown_timeout=5,
+        )
+        port = free_port()
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            serve.run(app_for(settings), name="chatqueue", route_prefix="/")
+            url = f"http://127.0.0.1:{port}"
+            asyncio.run(_until_ready(url))
+            yield Cluster(url, redis_url)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+
+
+async def _until_ready(url: str) -> None:
+    async with httpx.AsyncClient(base_url=url) as client:
+        await until(lambda: _ready_replicas(client, REPLICAS), "the replicas never got ready")
+
+
+async def _ready_replicas(client: httpx.AsyncClient, num: int) -> bool:
+    try:
+        if (await client.get("/health")).status_code != 200:
+            return False
+    except httpx.TransportError:
+        return False
+    rows = (await client.get("/load")).json()["replicas"]
+    return sum(1 for r in rows if r["state"] == "ready") == num
+
+
+async def until(check: Callable[[], Awaitable[bool]], what: str) -> None:
+    deadline = time.monotonic() + SAFETY_S
+    while not await check():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.05)
+
+
+@asynccontextmanager
+async def client_of(cluster: Cluster) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=cluster.url, timeout=SAFETY_S) as client:
+        await until(lambda: _ready_replicas(client, REPLICAS), "the replicas are not both ready")
+        await until(lambda: _idle(client), "the cluster is not idle")
+        yield client
+
+
+async def _idle(client: httpx.AsyncClient) -> bool:
+    load = (await client.get("/load")).json()
+    return bool(load["processing"] == 0 and load["waiting"] == 0)
+
+
+def long_body() -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": LONG}], "stream": True}
+
+
+class Stream:
+    """A streamed chat completion the test holds open and reads as far as it likes."""
+
+    def __init__(self, client: httpx.AsyncClient, body: dict[str, Any]) -> None:
+        self._cm = client.stream("POST", COMPLETIONS, json=body)
+        self.log = StreamLog()
+        self.response: httpx.Response | None = None
+        self._records: AsyncIterator[SseEvent] | None = None
+
+    async def open(self) -> Stream:
+        self.response = await self._cm.__aenter__()
+        self.log.status = self.response.status_code
+        if self.response.status_code == 200:
+            self._records = sse_records(self.response)
+        else:
+            await self.response.aread()
+        return self
+
+    async def read_until(self, is_wanted: Callable[[SseEvent], bool]) -> None:
+        assert self._records is not None
+        async with asyncio.timeout(SAFETY_S):
+            async for event in self._records:
+                self.log.events.append(event)
+                if is_wanted(event):
+                    return
+        raise AssertionError(f"the stream ended first: {self.log}")
+
+    async def read_to_end(self) -> StreamLog:
+        if self._records is not None:
+            async with asyncio.timeout(SAFETY_S):
+                async for event in self._records:
+                    self.log.events.append(event)
+        await self._cm.__aexit__(None, None, None)
+        return self.log
+
+    @property
+    def was_queued(self) -> bool:
+        return bool(self.log.positions)
+
+    @property
+    def error(self) -> dict[str, Any] | None:
+        return next((c["error"] for c in self.log.chunks if "error" in c), None)
+
+
+def has_content(event: SseEvent) -> bool:
+    return bool(event.content)
+
+
+def is_started(event: SseEvent) -> bool:
+    """The role chunk: the request has its slot."""
+    return isinstance(event.data, dict) and bool(event.data.get("choices"))
+
+
+async def start_on_free_slots(client: httpx.AsyncClient, num: int) -> list[Stream]:
+    """`num` long streams, each opened once the one before it has its slot."""
+    streams = []
+    for _ in range(num):
+        stream = await Stream(client, long_body()).open()
+        await stream.read_until(lambda e: is_started(e) or e.position is not None)
+        streams.append(stream)
+    return streams
+
+
+async def test_a_burst_gets_exactly_k_429s_and_the_waiting_see_their_positions_fall(
+    cluster: Cluster,
+) -> None:
+    """2x(N+q)+k at once: every replica's places fill, exactly k are refused (each with a
+    Retry-After), all the others complete; the waiting ones' positions only ever fall."""
+    k = 3
+    async with client_of(cluster) as client:
+        streams = [Stream(client, long_body()) for _ in range(REPLICAS * (N + Q) + k)]
+        await asyncio.gather(*(s.open() for s in streams))
+        refused = [s for s in streams if s.log.status == 429]
+        assert len(refused) == k, [s.log.status for s in streams]
+        for s in refused:
+            assert s.response is not None
+            assert int(s.response.headers["Retry-After"]) >= 1
+            assert s.response.json()["error"]["type"] == "queue_full"
+        admitted = [s for s in streams if s.log.status == 200]
+        logs = await asyncio.gather(*(s.read_to_end() for s in admitted))
+        assert all(log.text == LONG and log.events[-1].is_done for log in logs)
+        waited = [log.positions for log in logs if log.positions]
+        assert len(waited) == REPLICAS * Q, "the queued requests said where they stood"
+        for positions in waited:
+            assert positions == sorted(positions, reverse=True), positions
+            assert positions[-1] == 1 or len(positions) == 1
+
+
+async def test_no_request_waits_while_another_replica_has_a_free_slot(cluster: Cluster) -> None:
+    """One after another, REPLICAS x N long requests: every one finds a free slot (half land on
+    each replica), and only the next one waits. The router counts what it sent since a replica's
+    stats were sampled, so stats up to a period old (0.5 s) cannot send two to one slot."""
+    async with client_of(cluster) as client:
+        streams = await start_on_free_slots(client, REPLICAS * N)
+        assert not any(s.was_queued for s in streams), [s.log.positions for s in streams]
+        one_more = await start_on_free_slots(client, 1)
+        assert one_more[0].was_queued
+        for s in [*streams, *one_more]:
+            assert (await s.read_to_end()).text == LONG
+
+
+async def served_by(client: httpx.AsyncClient, before: dict[str, int]) -> str:
+    """The replica whose count of admitted requests grew by one since `before`."""
+    grown: list[str] = []
+
+    async def one_grew() -> bool:
+        rows = (await client.get("/load")).json()["replicas"]
+        now = {r["replica"]: r["admitted"] for r in rows if "admitted" in r}
+        grown[:] = [r for r, n in now.items() if n > before.get(r, 0)]
+        return len(grown) == 1
+
+    await until(one_grew, "no replica's admitted count grew")
+    return grown[0]
+
+
+async def admitted_counts(client: httpx.AsyncClient) -> dict[str, int]:
+    rows = (await client.get("/load")).json()["replicas"]
+    return {r["replica"]: r["admitted"] for r in rows if "admitted" in r}
+
+
+async def chat_turn(client: httpx.AsyncClient, message: str) -> list[tuple[str, Any]]:
+    response = await client.post("/chat", json={"message": message})
+    assert response.status_code == 200, response.text
+    return sse_events(response.text)
+
+
+async def test_a_conversations_turns_stick_to_its_replica(cluster: Cluster) -> None:
+    """With both replicas idle, equal replicas take turns; a conversation's turns all the same
+    go to the replica of its first turn."""
+    async with client_of(cluster) as client:
+        replicas = []
+        for turn in range(4):
+            before = await admitted_counts(client)
+            events = await chat_turn(client, f"turn {turn}")
+            assert reply_text(events) == f"turn {turn}"
+            replicas.append(await served_by(client, before))
+        assert len(set(replicas)) == 1, replicas
+        # and without a conversation, the idle replicas take turns
+        others = []
+        for _ in range(2):
+            before = await admitted_counts(client)
+            body = {"messages": [{"role": "user", "content": "hi"}]}
+            assert (await client.post(COMPLETIONS, json=body)).status_code == 200
+            others.append(await served_by(client, before))
+        assert len(set(others)) == 2, others
+
+
+async def test_the_openai_sdk_and_the_pages_api_work_through_the_cluster(
+    cluster: Cluster,
+) -> None:
+    async with client_of(cluster) as client:
+        sdk = openai.AsyncOpenAI(base_url=f"{cluster.url}/v1", api_key="none")
+        models = await sdk.models.list()
+        assert [m.id for m in models.data] == ["mock"]
+        reply = await sdk.chat.completions.create(
+            model="mock", messages=[{"role": "user", "content": "one two three"}]
+        )
+        assert reply.choices[0].message.content == "one two three"
+        parts = []
+        async for chunk in await sdk.chat.completions.create(
+            model="mock", messages=[{"role": "user", "content": "four five"}], stream=True
+        ):
+            parts.append(chunk.choices[0].delta.content or "" if chunk.choices else "")
+        assert "".join(parts) == "four five"
+        completion = await sdk.completions.create(model="mock", prompt="six seven")
+        assert completion.choices[0].text
+
+        page = await client.get("/")
+        assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+        assert (await client.get("/chat/params")).status_code == 200
+        events = await chat_turn(client, "hello page")
+        assert reply_text(events) == "hello page"
+        history = (await client.get("/chat/history")).json()
+        assert [m["content"] for m in history["messages"]] == ["hello page", "hello page"]
+
+
+async def test_history_is_shared_through_redis(cluster: Cluster, tmp_path: Path) -> None:
+    """A conversation held by the cluster is the same conversation to another server on the
+    same Redis (and session secret), and goes on there."""
+    async with client_of(cluster) as client:
+        events = await chat_turn(client, "kept in redis")
+        conversation = done_of(events)["conversation_id"]
+    env = {"CHATQUEUE_SESSION_SECRET": SECRET}
+    args = ("--engine", "mock", "--history", cluster.redis_url, "--mock-delay", "0")
+    with running_server(*args, tmp_path=tmp_path, env=env) as other:
+        async with httpx.AsyncClient(base_url=other.url, timeout=SAFETY_S) as elsewhere:
+            history = await elsewhere.get("/chat/history", params={"conversation_id": conversation})
+            assert [m["content"] for m in history.json()["messages"]] == ["kept in redis"] * 2
+            response = await elsewhere.post(
+                "/chat", json={"message": "and here", "conversation_id": conversation}
+            )
+            assert done_of(sse_events(response.text))["conversation_id"] == conversation
+    async with client_of(cluster) as client:
+        history = await client.get("/chat/history", params={"conversation_id": conversation})
+        assert len(history.json()["messages"]) == 4
+
+
+async def test_a_replica_killed_mid_stream_ends_its_streams_and_comes_back(
+    cluster: Cluster,
+) -> None:
+    """SIGKILL a replica while it streams: its clients get a `replica_lost` error chunk and
+    [DONE] (never a hang), the other replica's finish, new requests succeed at once, and Serve
+    starts a new replica that joins when ready."""
+    async with client_of(cluster) as client:
+        streams = await start_on_free_slots(client, REPLICAS * N)
+        for s in streams:
+            await s.read_until(has_content)
+        rows = (await client.get("/load")).json()["replicas"]
+        victim = next(r for r in rows if r["state"] == "ready")
+        os.kill(victim["pid"], signal.SIGKILL)
+
+        logs = await asyncio.gather(*(s.read_to_end() for s in streams))
+        lost = [s for s in streams if s.error is not None]
+        assert len(lost) == N, [log.text[-20:] for log in logs]
+        for s in lost:
+            assert s.error is not None and s.error["type"] == "replica_lost"
+            assert s.log.events[-1].is_done
+        assert sum(1 for log in logs if log.text == LONG) == REPLICAS * N - N
+
+        for _ in range(3):
+            body = {"messages": [{"role": "user", "content": "still here"}]}
+            answer = await client.post(COMPLETIONS, json=body)
+            assert answer.status_code == 200, answer.text
+
+        async def replaced() -> bool:
+            rows = (await client.get("/load")).json()["replicas"]
+            ids = {r["replica"] for r in rows if r["state"] == "ready"}
+            return len(ids) == REPLICAS and victim["replica"] not in ids
+
+        await until(replaced, "the killed replica was not replaced")
