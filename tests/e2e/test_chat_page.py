@@ -33,6 +33,9 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 WAIT_MS = 15_000  # a safety net against hangs, never a measurement
+expect.set_options(
+    timeout=WAIT_MS
+)  # `expect` has its own default (5 s), too short on a busy machine
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +137,7 @@ def test_the_page_runs_under_its_content_security_policy(context: BrowserContext
 
 def test_a_reply_streams_in_at_phone_width(context: BrowserContext) -> None:
     page = open_page(context)
-    words = " ".join(f"word{i}" for i in range(40))
+    words = " ".join(f"word{i}" for i in range(100))  # 5 s of reply: a part is seen first
     send(page, words)
     partial = wait_for_reply_to_start(page)
     assert words.startswith(partial) and len(partial) < len(words)  # a part before the whole
@@ -156,7 +159,9 @@ def test_a_second_user_sees_its_place_in_line_then_its_answer(
     browser: Browser, server: Server, context: BrowserContext
 ) -> None:
     first = open_page(context)
-    send(first, " ".join(f"long{i}" for i in range(60)))
+    # NOTE: 25 s of reply unless stopped, and stopped once the second user is seen in line: the
+    # second request waits whatever the machine's speed.
+    send(first, " ".join(f"long{i}" for i in range(600)))
     wait_for_reply_to_start(first)  # the only processing slot is taken
 
     other = browser.new_context(base_url=server.url)
@@ -167,6 +172,7 @@ def test_a_second_user_sees_its_place_in_line_then_its_answer(
         expect(second.locator(".message.assistant .note")).to_contain_text(
             re.compile(r"position 1(, about \d+ s)?")
         )
+        first.click("#stop")
         expect(second.locator(".message.assistant .text")).to_have_text("second in line")
         expect(second.locator(".message.assistant .note")).to_have_text("")
     finally:
@@ -380,27 +386,35 @@ def test_actions_only_on_a_finished_reply(
     browser: Browser, server: Server, context: BrowserContext
 ) -> None:
     first = open_page(context)
-    send(first, " ".join(f"long{i}" for i in range(60)))
+    # NOTE: a reply of 512 tokens (the default cap) at 0.05 s a step, stopped by the test once its
+    # checks are done: the checks never race the reply's end, however slow the machine.
+    send(first, " ".join(f"long{i}" for i in range(600)))
     wait_for_reply_to_start(first)  # the only slot is taken: this reply streams
     streaming = first.locator(".message.assistant").last
+    assert first.evaluate(
+        "() => { const m = [...document.querySelectorAll('.message.assistant')].pop();"
+        " return document.querySelector('#stop').hidden === false"
+        " && m.querySelectorAll('button').length === 0; }"
+    )
     other = browser.new_context(base_url=server.url)
     other.set_default_timeout(WAIT_MS)
     try:
         second = open_page(other)
+        # Every change of the page while its reply waits in line: how many buttons it had then.
+        second.evaluate(
+            "() => { window.queuedButtons = [];"
+            " new MutationObserver(() => {"
+            "   const m = [...document.querySelectorAll('.message.assistant')].pop();"
+            "   const note = m && m.querySelector('.note');"
+            "   if (note && note.textContent.includes('position'))"
+            "     window.queuedButtons.push(m.querySelectorAll('button').length);"
+            " }).observe(document.body, {subtree: true, childList: true, characterData: true}); }"
+        )
         send(second, "waiting for my turn")
         queued = second.locator(".message.assistant").last
         expect(queued.locator(".note")).to_contain_text("position 1")
-        # NOTE: both checks in one evaluation, so the reply is still in line when they hold.
-        assert second.evaluate(
-            "() => { const m = [...document.querySelectorAll('.message.assistant')].pop();"
-            " return m.querySelector('.note').textContent.includes('position')"
-            " && m.querySelectorAll('button').length === 0; }"
-        )
-        assert first.evaluate(
-            "() => { const m = [...document.querySelectorAll('.message.assistant')].pop();"
-            " return document.querySelector('#stop').hidden === false"
-            " && m.querySelectorAll('button').length === 0; }"
-        )
+        assert second.evaluate("() => window.queuedButtons.every((n) => n === 0)")
+        first.click("#stop")
         wait_done(first)
         for name in ACTIONS:
             expect(streaming.get_by_role("button", name=name)).to_be_visible()
