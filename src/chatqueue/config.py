@@ -35,7 +35,9 @@ class Settings(BaseSettings):
     engine: Literal["hf", "mock"] = Field(
         "hf", description="hf: a transformers model; mock: a fake one, for tests and load"
     )
-    model: str | None = Field(None, description="Local Hugging Face model folder; default: SmolLM2")
+    model: str | None = Field(
+        None, description="Local Hugging Face model folder or .gguf file; default: SmolLM2"
+    )
     served_model_name: str | None = Field(None, description="Model id on /v1; default: the model's")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: CUDA when torch sees one"
@@ -46,7 +48,9 @@ class Settings(BaseSettings):
     batching: Literal["on", "off"] = Field(
         "on", description="on: continuous batching; off: one request at a time, batch 1"
     )
-    chat_template: Path | None = Field(None, description="Jinja chat template, for models without")
+    chat_template: Path | None = Field(
+        None, description="Jinja chat template file; overrides the model's own"
+    )
     torch_threads: int | None = Field(
         None, ge=1, description="CPU threads for torch; default: all cores but one"
     )

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+)
 
 from chatqueue.engine.hf.static import StaticCacheRunner, UnsupportedModel
 from chatqueue.engine.runner import NewSequence, StepBatch
@@ -99,17 +105,22 @@ def test_seeded_sampling_is_reproducible(model: LlamaForCausalLM) -> None:
 
 
 def test_models_it_cannot_run_are_refused() -> None:
-    config = MistralConfig(
+    """A mixture of experts and a type outside the table: a refusal that names the reason (the
+    loader logs it and runs the dynamic runner instead)."""
+    config = MixtralConfig(
         vocab_size=64,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=1,
         num_attention_heads=2,
         num_key_value_heads=1,
-        sliding_window=16,
+        num_local_experts=2,
     )
-    with pytest.raises(UnsupportedModel, match="sliding window"):
-        make(MistralForCausalLM(config), max_batch=2, max_len=64)  # type: ignore[arg-type]
+    with pytest.raises(UnsupportedModel, match="mixture of experts"):
+        make(MixtralForCausalLM(config), max_batch=2, max_len=64)  # type: ignore[arg-type]
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2))
+    with pytest.raises(UnsupportedModel, match="'gpt2' is not one the static runner knows"):
+        make(gpt2, max_batch=2, max_len=64)  # type: ignore[arg-type]
 
 
 def test_triton_attention_is_refused_where_it_cannot_run(model: LlamaForCausalLM) -> None:

@@ -20,7 +20,7 @@ from chatqueue.api.admission import TokenBudget
 from chatqueue.api.monitor import sample_loop_lag, watch_steps
 from chatqueue.api.stream import RequestStream
 from chatqueue.engine.loop import Engine, EngineState, RestartPolicy
-from chatqueue.engine.runner import Runner
+from chatqueue.engine.runner import Runner, runner_info
 from chatqueue.engine.sequence import Sequence as EngineSequence
 from chatqueue.errors import (
     InvalidRequest,
@@ -233,6 +233,18 @@ class ChatQueue:
     @property
     def context_window(self) -> int:
         return self.runner.context_window
+
+    @property
+    def sampling_defaults(self) -> SamplingParams:
+        """What a request's left-out sampling fields take: the model's generation config's
+        settings where its tokenizer read them, else SamplingParams' own defaults."""
+        defaults = getattr(self.runner.tokenizer, "sampling_defaults", None)
+        return defaults if isinstance(defaults, SamplingParams) else SamplingParams()
+
+    @property
+    def engine_info(self) -> dict[str, Any]:
+        """What the model runner chose: runner, attention kernel, cache, dtype, CUDA graphs."""
+        return runner_info(self.runner)
 
     @property
     def token_budget(self) -> TokenBudget:

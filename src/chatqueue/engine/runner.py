@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from chatqueue.text.tokenizer import Tokenizer
 from chatqueue.types import SamplingParams
@@ -95,6 +95,13 @@ class Runner(ModelRunner, Protocol):
     def tokenizer(self) -> Tokenizer: ...
 
 
+def runner_info(runner: object) -> dict[str, Any]:
+    """What a model runner says it chose (runner, attention kernel, cache layout and size, dtype,
+    CUDA graphs), as its optional `info` property gives it; {} from a runner that says nothing."""
+    info = getattr(runner, "info", None)
+    return dict(info) if isinstance(info, dict) else {}
+
+
 @dataclass(frozen=True, slots=True)
 class TokenizedRunner:
     """A ModelRunner in this process, with the tokenizer and name the server loaded for it."""
@@ -106,6 +113,10 @@ class TokenizedRunner:
     @property
     def context_window(self) -> int:
         return self.model.context_window
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return runner_info(self.model)
 
     def step(self, batch: StepBatch) -> StepOutput:
         return self.model.step(batch)

@@ -63,7 +63,9 @@ async def handle_chat_stream_request(chat_queue: ChatQueue, request: Request) ->
             where = ".".join(str(x) for x in first.get("loc", ()))
             raise InvalidRequest(f"{where}: {first.get('msg')}" if where else first["msg"]) from exc
         stream = await chat_queue.submit(
-            body.chat_messages(), body.sampling_params(), user=body.user or ""
+            body.chat_messages(),
+            body.sampling_params(chat_queue.sampling_defaults),
+            user=body.user or "",
         )
     except ChatQueueError as exc:
         return error_response(exc)

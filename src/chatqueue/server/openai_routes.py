@@ -42,6 +42,7 @@ def _model_entry(cq: QueueService) -> dict[str, Any]:
         "created": 0,
         "owned_by": "chatqueue",
         "context_window": cq.context_window,  # as vLLM's max_model_len, under OpenAI's name
+        "engine": cq.engine_info,  # runner, attention kernel, cache, dtype, CUDA graphs
     }
 
 
@@ -67,9 +68,8 @@ async def chat_completions(
     check_num_messages(len(body.messages), request.app.state.settings.max_messages)
     messages = body.chat_messages()
     kw = _admission(request, who, body)
-    choices = await Choices.admit(
-        cq, [_bind(cq.submit, messages, p, kw) for p in body.choice_params(body.num_logprobs)]
-    )
+    params = body.choice_params(body.num_logprobs, cq.sampling_defaults)
+    choices = await Choices.admit(cq, [_bind(cq.submit, messages, p, kw) for p in params])
     builder = ChatBuilder(choices.request_id, cq.model_name, n=body.num_choices)
     return await _respond(request, body, choices, builder, wants_logprobs=body.logprobs)
 
@@ -87,7 +87,7 @@ async def completions(
         )
     kw = _admission(request, who, body)
     prompts = body.prompts
-    params = body.choice_params(body.logprobs)
+    params = body.choice_params(body.logprobs, cq.sampling_defaults)
     choices = await Choices.admit(
         cq, [_bind(cq.submit_prompt, prompt, p, kw) for prompt in prompts for p in params]
     )

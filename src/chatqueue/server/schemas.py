@@ -87,15 +87,17 @@ class SamplingFields(BaseModel):
             _encodable(text)
         return v
 
-    def sampling_params(self) -> SamplingParams:
+    def sampling_params(self, defaults: SamplingParams | None = None) -> SamplingParams:
+        """`defaults`: what a field the request leaves out takes (the model's generation
+        config's sampling settings, where it has them)."""
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        d = SamplingParams()
+        d = defaults or SamplingParams()
         return SamplingParams(
             max_tokens=self.max_completion_tokens or self.max_tokens,
             temperature=d.temperature if self.temperature is None else self.temperature,
             top_p=d.top_p if self.top_p is None else self.top_p,
-            top_k=self.top_k or 0,
-            repetition_penalty=self.repetition_penalty or 1.0,
+            top_k=d.top_k if self.top_k is None else self.top_k,
+            repetition_penalty=self.repetition_penalty or d.repetition_penalty,
             frequency_penalty=self.frequency_penalty or 0.0,
             presence_penalty=self.presence_penalty or 0.0,
             seed=self.seed,
@@ -139,10 +141,12 @@ class OpenAIRequest(SamplingFields):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def choice_params(self, logprobs: int | None) -> list[SamplingParams]:
+    def choice_params(
+        self, logprobs: int | None, defaults: SamplingParams | None = None
+    ) -> list[SamplingParams]:
         """One SamplingParams per choice: choice i of a seeded request uses seed + i, so the
         same seed and prompt give the same choices whatever else shares the batch."""
-        base = replace(self.sampling_params(), logprobs=logprobs)
+        base = replace(self.sampling_params(defaults), logprobs=logprobs)
         if base.seed is None:
             return [base] * self.num_choices
         return [replace(base, seed=base.seed + i) for i in range(self.num_choices)]

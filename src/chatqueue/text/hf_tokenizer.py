@@ -14,7 +14,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 from transformers import GenerationConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from chatqueue.types import ChatMessage
+from chatqueue.types import ChatMessage, SamplingParams
 
 
 class MissingChatTemplate(ValueError):
@@ -35,7 +35,11 @@ class HFTokenizer:
         model_name: str,
         eos_token_ids: Iterable[int],
         chat_template: str | None = None,
+        sampling_defaults: SamplingParams | None = None,
     ) -> None:
+        """`sampling_defaults`: what a request's left-out sampling fields take (the model's
+        generation config)."""
+        self.sampling_defaults = sampling_defaults or SamplingParams()
         if chat_template is not None:
             tokenizer.chat_template = chat_template
         if not tokenizer.chat_template:
@@ -104,20 +108,47 @@ def load_tokenizer(folder: Path, *, model_name: str, chat_template: str | None) 
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    generation = _generation_config(folder)
     return HFTokenizer(
         tokenizer,
         model_name=model_name,
-        eos_token_ids=generation_eos_ids(folder),
+        eos_token_ids=generation_eos_ids(generation),
         chat_template=chat_template,
+        sampling_defaults=generation_sampling_defaults(generation),
     )
 
 
-def generation_eos_ids(folder: Path) -> set[int]:
+def _generation_config(folder: Path) -> GenerationConfig | None:
+    try:
+        return GenerationConfig.from_pretrained(folder, local_files_only=True)
+    except OSError:  # the folder has no generation_config.json
+        return None
+
+
+def generation_sampling_defaults(config: GenerationConfig | None) -> SamplingParams:
+    """The sampling settings a model's generation config asks for (Qwen3's temperature 0.6,
+    top_p 0.95, top_k 20, say), as the defaults of requests that leave them out. Only where it
+    samples (`do_sample`): a config that does not says nothing about sampling settings, and
+    its requests keep the server's defaults, not greedy decoding."""
+    d = SamplingParams()
+    if config is None or not config.do_sample:
+        return d
+    return SamplingParams(
+        temperature=d.temperature if config.temperature is None else float(config.temperature),
+        top_p=d.top_p if config.top_p is None else float(config.top_p),
+        top_k=d.top_k if config.top_k is None else int(config.top_k),
+        repetition_penalty=(
+            d.repetition_penalty
+            if config.repetition_penalty is None
+            else float(config.repetition_penalty)
+        ),
+    )
+
+
+def generation_eos_ids(config: GenerationConfig | None) -> set[int]:
     """EOS ids from generation_config.json, which may hold one id or a list (chat models often end
     turns with a token other than the tokenizer's eos)."""
-    try:
-        config = GenerationConfig.from_pretrained(folder, local_files_only=True)
-    except OSError:
+    if config is None:
         return set()
     eos = config.eos_token_id
     if eos is None:

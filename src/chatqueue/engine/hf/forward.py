@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from chatqueue.engine.hf.cache_arg import cache_kwarg
 from chatqueue.engine.hf.kv_batch import KVBatch, make_growing
 from chatqueue.engine.hf.sampling import Sampled, SamplingBatch, SamplingRequest
 from chatqueue.engine.runner import NewSequence
@@ -25,6 +26,7 @@ class Forward:
         self.device = model.device
         # Most HF causal LMs can skip the lm_head on all but the last position; older ones cannot.
         self._keeps_last_only = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._cache_name = cache_kwarg(model)
 
     def prefill(self, sequences: Sequence[NewSequence]) -> tuple[KVBatch, Sampled]:
         """Prefill the prompts together, left-padded to the longest; sample each one's first token."""
@@ -80,12 +82,12 @@ class Forward:
         position_ids: torch.Tensor,
         cache: DynamicCache,
     ) -> torch.Tensor:
-        extra = {"logits_to_keep": 1} if self._keeps_last_only else {}
+        extra: dict[str, object] = {"logits_to_keep": 1} if self._keeps_last_only else {}
+        extra[self._cache_name] = cache
         output = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
             **extra,
         )

@@ -12,6 +12,7 @@ nothing that looks like a cache.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -53,14 +54,34 @@ def default_gguf_path() -> Path:
 
 
 def model_folder(model: str | None, cache_dir: Path | None = None) -> tuple[Path, str]:
-    """The local folder of `model` (None: the default SmolLM2 GGUF, converted once into
-    `cache_dir`) and the name it is served under by default."""
+    """The local folder of `model` (None: the default SmolLM2 GGUF; a `.gguf` file: that one;
+    either converted once into `cache_dir`) and the name it is served under by default."""
     if model is None:
         return default_model_folder(cache_dir), DEFAULT_MODEL_NAME
-    folder = Path(model).expanduser()
-    if not (folder / "config.json").is_file():
-        raise ModelNotFound(f"{model} is not a local Hugging Face model folder (no config.json)")
-    return folder, folder.name
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        return gguf_model_folder(path, cache_dir), path.stem
+    if not (path / "config.json").is_file():
+        raise ModelNotFound(
+            f"{model} is neither a local Hugging Face model folder (no config.json) "
+            "nor a .gguf file"
+        )
+    return path, path.name
+
+
+def gguf_model_folder(gguf_path: Path, cache_dir: Path | None = None) -> Path:
+    """A GGUF file as a plain HF folder, converted once. The folder's name holds a digest of the
+    file's path, size and time, so a changed or another file of the same name converts anew."""
+    if not gguf_path.is_file():
+        raise ModelNotFound(f"{gguf_path} is not a file")
+    stat = gguf_path.stat()
+    key = f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()
+    target = (
+        cache_root(cache_dir) / "models" / f"{gguf_path.stem}-{hashlib.sha1(key).hexdigest()[:10]}"
+    )
+    if not target.is_dir():
+        convert_gguf(gguf_path, target)
+    return target
 
 
 def default_model_folder(cache_dir: Path | None = None) -> Path:

@@ -8,6 +8,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 # Offline before transformers is imported: huggingface_hub reads this once, at import.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -28,8 +29,8 @@ def load_model_runner(settings: Settings, folder: Path) -> ModelRunner:
     """The runner Settings ask for, over the model in `folder`.
 
     `kv_cache`: "static" (slots of a fixed-size cache, decode captured as CUDA graphs on a GPU,
-    chunked prefill; Llama-family models), "dynamic" (any model), or "auto": static on CUDA where
-    the model allows it, else dynamic. `attention` (static cache): "triton" reads only the
+    chunked prefill; the families in `static/families.py`), "dynamic" (any model), or "auto":
+    static on CUDA where the model allows it, else dynamic (with a log line saying why). `attention` (static cache): "triton" reads only the
     columns each row holds (CUDA), "sdpa" all of them under a mask, "auto" Triton where it runs."""
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
@@ -44,16 +45,40 @@ def load_model_runner(settings: Settings, folder: Path) -> ModelRunner:
         time.perf_counter() - began,
         settings.batching,
     )
-    if batching and _wants_static(settings.kv_cache, model, device):
-        return StaticCacheRunner(
+    max_len = min(settings.max_model_len or 4096, _context_window(model))
+    runner: StaticCacheRunner | HFBatchedRunner | HFSequentialRunner
+    if batching and _wants_static(settings.kv_cache, model, device, max_len):
+        runner = StaticCacheRunner(
             model=model,
             max_batch=settings.max_concurrent,
-            max_len=min(settings.max_model_len or 4096, _context_window(model)),
+            max_len=max_len,
             prefill_chunk=settings.prefill_chunk,
             attention=settings.attention,
             compile_cache=settings.cache / "compile" / "regions",
         )
-    return HFBatchedRunner(model) if batching else HFSequentialRunner(model)
+    else:
+        runner = HFBatchedRunner(model) if batching else HFSequentialRunner(model)
+    log_choice(runner.info)
+    return runner
+
+
+def log_choice(info: dict[str, Any]) -> None:
+    """One line that says what serves: the runner, attention kernel, cache, dtype and graphs."""
+    cache = dict(info.get("cache", {}))
+    size = cache.pop("bytes", None)
+    layout = cache.pop("layout", "?")
+    details = ", ".join(f"{k} {v}" for k, v in cache.items() if v not in (None, []))
+    log.info(
+        "runner %s for %s: attention %s, cache %s (%s%s), dtype %s, CUDA graphs at batch sizes %s",
+        info.get("runner"),
+        info.get("model_type"),
+        info.get("attention"),
+        layout,
+        details,
+        f", {size / 2**30:.2f} GiB" if size is not None else "",
+        info.get("dtype"),
+        info.get("cuda_graph_batch_sizes") or "none",
+    )
 
 
 def prepare_process(settings: Settings, folder: Path) -> None:
@@ -76,18 +101,20 @@ def prepare_process(settings: Settings, folder: Path) -> None:
     log.debug("model process prepared in %.1f s", time.perf_counter() - began)
 
 
-def _wants_static(kv_cache: str, model: PreTrainedModel, device: torch.device) -> bool:
+def _wants_static(
+    kv_cache: str, model: PreTrainedModel, device: torch.device, max_len: int
+) -> bool:
     if kv_cache == "dynamic":
         return False
     if kv_cache == "static":
-        check_supported(model, _context_window(model))
+        check_supported(model, max_len)
         return True
     try:
-        check_supported(model, 4096)
+        check_supported(model, max_len)
     except UnsupportedModel as exc:
-        log.info("static KV cache off: %s", exc)
+        log.info("static KV cache off, the dynamic runner serves instead: %s", exc)
         return False
-    return device.type == "cuda"
+    return device.type == "cuda"  # the GPU fast path; on a CPU, without graphs, no faster
 
 
 def _context_window(model: PreTrainedModel) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from transformers import PreTrainedModel
@@ -42,6 +42,19 @@ class _HFRunner:
     @property
     def context_window(self) -> int:
         return self._context_window
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """What was chosen, for the start-up log and /v1/models."""
+        model = self.model
+        return {
+            "runner": "dynamic (continuous batching)" if self._spliceable else "sequential",
+            "model_type": model.config.model_type,
+            "attention": f"the model's own ({model.config._attn_implementation})",
+            "cache": {"layout": "transformers DynamicCache, growing with each sequence"},
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "cuda_graph_batch_sizes": [],
+        }
 
     def close(self) -> None:
         device = self._forward.device

@@ -42,6 +42,7 @@ def _partials_kernel(  # type: ignore[no-untyped-def]  # Triton pointers and con
     stride_vh,
     stride_vn,
     scale,
+    softcap,
     NUM_KV: tl.constexpr,
     G: tl.constexpr,
     G_PAD: tl.constexpr,
@@ -50,6 +51,7 @@ def _partials_kernel(  # type: ignore[no-untyped-def]  # Triton pointers and con
     SPLIT: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     IEEE: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -83,7 +85,10 @@ def _partials_kernel(  # type: ignore[no-untyped-def]  # Triton pointers and con
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
-        s = tl.where(in_run[None, :], s * scale, float("-inf"))
+        s = s * scale
+        if SOFTCAP:  # Gemma2: softcap * tanh(s / softcap), tanh(x) written as 2 sigmoid(2x) - 1
+            s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
+        s = tl.where(in_run[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
@@ -108,6 +113,7 @@ def decode_attention_partials(
     col: torch.Tensor,
     scale: float,
     num_splits: int,
+    softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per split: the unnormalised output [B, KV, G, S, D], running max and sum [B, KV, G, S]."""
     b, num_kv, groups, dim = q.shape
@@ -135,6 +141,7 @@ def decode_attention_partials(
         v.stride(1),
         v.stride(2),
         scale,
+        softcap,
         NUM_KV=num_kv,
         G=groups,
         G_PAD=max(16, triton.next_power_of_2(groups)),
@@ -143,6 +150,7 @@ def decode_attention_partials(
         SPLIT=split,
         NUM_SPLITS=num_splits,
         IEEE=q.dtype == torch.float32,
+        SOFTCAP=softcap > 0,
     )
     return o, m, l_sum
 
@@ -156,6 +164,7 @@ def _(
     col: torch.Tensor,
     scale: float,
     num_splits: int,
+    softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, num_kv, groups, dim = q.shape
     o = q.new_empty(b, num_kv, groups, num_splits, dim, dtype=torch.float32)
@@ -172,10 +181,12 @@ def decode_attention(
     col: torch.Tensor,
     scale: float,
     num_splits: int,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """q [B, KV, G, D] (query heads grouped by their KV head); k, v [B, KV, L, D]; row r attends
-    to columns start[r] ..= col[0]. Returns [B, KV, G, D] in q's dtype."""
-    o, m, l_sum = decode_attention_partials(q, k, v, start, col, scale, num_splits)
+    to columns start[r] ..= col[0]. `softcap` > 0: scores soft-capped with tanh (Gemma2).
+    Returns [B, KV, G, D] in q's dtype."""
+    o, m, l_sum = decode_attention_partials(q, k, v, start, col, scale, num_splits, softcap)
     weight = torch.exp(m - m.amax(dim=-1, keepdim=True))  # empty splits: exp(-inf) = 0
     out: torch.Tensor = (o * weight.unsqueeze(-1)).sum(dim=-2) / (l_sum * weight).sum(
         dim=-1, keepdim=True

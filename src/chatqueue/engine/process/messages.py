@@ -8,7 +8,8 @@ child -> server: `Ready` or `LoadFailed` once, then `StepDone` or `StepFailed` f
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from chatqueue.engine.runner import ModelRunner, StepOutput
 
@@ -40,6 +41,7 @@ class Close:
 @dataclass(frozen=True, slots=True)
 class Ready:
     context_window: int
+    info: dict[str, Any] = field(default_factory=dict)  # the runner's choices (runner_info)
 
 
 @dataclass(frozen=True, slots=True)

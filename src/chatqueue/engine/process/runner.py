@@ -113,6 +113,7 @@ class ProcessRunner:
         self._log_level = log_level
         self._preload = Preload(preload, prepare) if preload or prepare else None
         self._spare: ModelProcess | None = started
+        self.info: dict[str, Any] = {}  # the loaded runner's choices, from its Ready
         self._start()
 
     def _start(self) -> None:
@@ -128,6 +129,7 @@ class ProcessRunner:
             raise ModelLoadError(ready.reason)
         assert isinstance(ready, Ready), ready
         self._context_window = ready.context_window
+        self.info = ready.info
         if self._preload:
             self._spare = ModelProcess(self._preload)
 

@@ -1,9 +1,12 @@
 """Decode attention over the static cache's rows, for any model family's decode step: a layer's new
-key and value go into column `col`, then each row attends to its own columns [start, col], read
-alone by a Triton kernel or all of them under a mask by SDPA."""
+key and value go into column `col`, then each row attends to its own columns [start, col] (or the
+last W of them in a sliding-window layer), read alone by a Triton kernel or all of them under a
+mask by SDPA (or by transformers' eager ops where scores are soft-capped)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,41 +15,64 @@ import torch.nn.functional as F
 from chatqueue.engine.hf.static.slots import KvSlots
 
 
+@dataclass(frozen=True, slots=True)
+class Span:
+    """Which columns rows [0, b) attend to in the layers of one attention span (full, or one
+    sliding window): an additive mask over every column (SDPA, eager), or each row's first
+    column (Triton, which reads [start, col] alone)."""
+
+    mask: torch.Tensor | None
+    start: torch.Tensor | None
+
+
 class SlotAttention:
-    def __init__(self, slots: KvSlots, *, choice: str, num_heads: int, scale: float) -> None:
+    def __init__(
+        self,
+        slots: KvSlots,
+        *,
+        choice: str,
+        num_heads: int,
+        scale: float,
+        softcap: float | None = None,
+    ) -> None:
         """`choice`: "triton" reads only the columns each row holds (CUDA only), "sdpa" all of
-        them under a mask; "auto" is Triton where it can run."""
+        them under a mask; "auto" is Triton where it can run. `softcap`: scores become
+        softcap * tanh(scores / softcap) before the softmax (Gemma2), as transformers' eager
+        attention does; SDPA cannot, so the masked path then runs those same eager ops."""
         self._slots = slots
         self._num_heads = num_heads
         self._scale = scale
+        self._softcap = softcap
         self._columns = torch.arange(slots.max_len, device=slots.device)
         self.triton = triton_attention(choice, slots.device, slots.shape.head_dim)
         # one split of the columns per 256: a batch of 1 still spreads over several programs
         self._num_splits = -(-slots.max_len // 256)
 
-    def mask(self, b: int) -> torch.Tensor | None:
-        """Rows [0, b)'s columns outside [start, col] as one additive mask for every layer (a
-        bool mask would be converted again in each); None where Triton reads only those."""
+    @property
+    def kernel(self) -> str:
         if self.triton is not None:
-            return None
-        slots = self._slots
-        outside = (self._columns < slots.start[:b, None]) | (self._columns > slots.col_t)
-        dtype = slots.dtype
-        return (outside.to(dtype) * torch.finfo(dtype).min).view(b, 1, 1, slots.max_len)
+            return "triton"
+        return "eager (soft-capped)" if self._softcap else "sdpa"
 
-    def attend(
-        self,
-        layer: int,
-        *,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """Rows [0, b)'s new k, v [b, KV, 1, D] into the cache, then q [b, H, 1, D] over it;
-        returns [b, KV, H / KV, D]. Only static buffers, no host synchronisation (capturable)."""
+    def spans(self, b: int, windows: Sequence[int | None]) -> dict[int | None, Span]:
+        """Rows [0, b)'s columns for each attention span in `windows` (None: all the row holds;
+        W: its last W positions, the query's own included, as transformers' sliding-window mask
+        `kv > q - W`). Computed once a step, shared by the layers of that span."""
         slots = self._slots
-        return self.attend_into(slots.k[layer], slots.v[layer], q=q, k=k, v=v, mask=mask)
+        spans = {}
+        for window in windows:
+            start = slots.start[:b]
+            if window is not None:
+                start = torch.maximum(start, slots.col_t - (window - 1))
+            if self.triton is not None:
+                spans[window] = Span(None, start)
+                continue
+            # additive, not bool: a bool mask would be converted again in each layer
+            outside = (self._columns < start[:, None]) | (self._columns > slots.col_t)
+            dtype = slots.dtype
+            mask = (outside.to(dtype) * torch.finfo(dtype).min).view(b, 1, 1, slots.max_len)
+            spans[window] = Span(mask, None)
+        return spans
 
     def attend_into(
         self,
@@ -56,10 +82,12 @@ class SlotAttention:
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        mask: torch.Tensor | None,
+        span: Span,
     ) -> torch.Tensor:
-        """`attend` with the layer's cache buffers given, not looked up by index: a compiled
-        layer then takes them as inputs and serves every layer."""
+        """Rows [0, b)'s new k, v [b, KV, 1, D] into the layer's cache buffers, then q
+        [b, H, 1, D] over the span's columns; returns [b, KV, H / KV, D]. The buffers are given,
+        not looked up by layer, so one compiled layer serves every layer. Only static buffers,
+        no host synchronisation (capturable)."""
         slots, b = self._slots, q.shape[0]
         shape = slots.shape
         col = slots.col_t
@@ -70,18 +98,41 @@ class SlotAttention:
         groups = self._num_heads // shape.kv_heads
         q = q.reshape(b, shape.kv_heads, groups, shape.head_dim)
         if self.triton is not None:
+            assert span.start is not None
             o: torch.Tensor = self.triton.decode_attention(
                 q,
                 keys,
                 values,
-                start=slots.start[:b],
+                start=span.start,
                 col=col,
                 scale=self._scale,
                 num_splits=self._num_splits,
+                softcap=self._softcap or 0.0,
             )
+        elif self._softcap:
+            o = _eager_softcapped(q, keys, values, span.mask, self._scale, self._softcap)
         else:
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self._scale)
+            o = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=span.mask, scale=self._scale
+            )
         return o
+
+
+def _eager_softcapped(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    softcap: float,
+) -> torch.Tensor:
+    """transformers' eager attention with soft-capping (Gemma2's), op for op."""
+    scores = torch.matmul(q, keys.transpose(2, 3)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores + mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, values)
 
 
 @torch.library.custom_op("chatqueue::write_kv", mutates_args=("k_cache", "v_cache"))

@@ -12,6 +12,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
+from chatqueue.engine.hf.cache_arg import cache_kwarg
 from chatqueue.engine.runner import NewSequence
 
 
@@ -36,6 +37,7 @@ class Prefilled:
 class PrefillQueue:
     def __init__(self, model: PreTrainedModel, *, chunk: int) -> None:
         self._model = model
+        self._cache_name = cache_kwarg(model)
         self._device = model.device
         self._chunk = chunk
         self._waiting: deque[_Prefill] = deque()
@@ -96,9 +98,9 @@ class PrefillQueue:
             input_ids=ids.to(self._device),
             attention_mask=mask.to(self._device),
             position_ids=positions.to(self._device),
-            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            **{self._cache_name: cache},
         )
         caches = [_row_cache(cache, row, n) for row, n in enumerate(lengths)]
         return self._finish(group, output.logits[:, -1].float(), caches)
@@ -109,9 +111,9 @@ class PrefillQueue:
         output = self._model(
             input_ids=ids,
             position_ids=positions,
-            past_key_values=prefill.cache,
             use_cache=True,
             logits_to_keep=1,
+            **{self._cache_name: prefill.cache},
         )
         logits: torch.Tensor = output.logits[:, -1].float()
         return logits

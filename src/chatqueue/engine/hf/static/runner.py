@@ -1,5 +1,6 @@
-"""The fast path for Llama-family models: a static KV cache (slots.py), a decode step (llama.py)
-captured as CUDA graphs at a set of batch sizes (graphs.py), and chunked prefill (prefill.py).
+"""The fast path: a static KV cache (slots.py), the decode step of the model's family (decode.py,
+families.py) captured as CUDA graphs at a set of batch sizes (graphs.py), and chunked prefill
+(prefill.py).
 
 A step frees the rows released, decodes every row one token, then prefills; a prompt whose prefill
 ends joins the decode from the next step, its first token sampled here."""
@@ -9,13 +10,15 @@ from __future__ import annotations
 import gc
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
 from chatqueue.engine.hf.sampling import Sampled, SamplingBatch, SamplingRequest, step_output
+from chatqueue.engine.hf.static.decode import DecodeStep, kv_shape
+from chatqueue.engine.hf.static.families import check_supported
 from chatqueue.engine.hf.static.graphs import DecodeGraphs
-from chatqueue.engine.hf.static.llama import LlamaDecode, check_supported, kv_shape
 from chatqueue.engine.hf.static.prefill import Prefilled, PrefillQueue
 from chatqueue.engine.hf.static.slots import KvSlots
 from chatqueue.engine.runner import StepBatch, StepOutput
@@ -44,7 +47,7 @@ class StaticCacheRunner:
         self.prefill_chunk = prefill_chunk
         self.device = model.device
         self.slots = KvSlots(
-            shape=kv_shape(model),
+            shape=kv_shape(model, max_len),
             max_batch=max_batch,
             max_len=max_len,
             dtype=model.dtype,
@@ -52,7 +55,7 @@ class StaticCacheRunner:
         )
         graphs = self.device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
         wants_compile = self.device.type == "cuda" if compile is None else compile
-        self.decode = LlamaDecode(
+        self.decode = DecodeStep(
             model,
             self.slots,
             attention=attention,
@@ -71,6 +74,31 @@ class StaticCacheRunner:
     @property
     def num_compactions(self) -> int:
         return self.slots.num_compactions
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """What was chosen, for the start-up log and /v1/models."""
+        plan, shape = self.decode.plan, self.slots.shape
+        windows = sorted({w for w in (layer.window for layer in plan.layers) if w is not None})
+        return {
+            "runner": "static",
+            "model_type": plan.model_type,
+            "attention": self.decode.attention_kernel,
+            "compiled": self.decode.compiled,
+            "cache": {
+                "layout": "static slots: a row of max_len columns per running sequence",
+                "rows": self.max_batch,
+                "max_len": self.max_len,
+                "layers": shape.num_layers,
+                "kv_heads": shape.kv_heads,
+                "head_dim": shape.head_dim,
+                "bytes": self.slots.nbytes,
+                # NOTE: sliding-window layers keep whole rows and attend to their last W columns
+                "sliding_windows": windows,
+            },
+            "dtype": str(self.model.dtype).removeprefix("torch."),
+            "cuda_graph_batch_sizes": sorted(self.graphs.captured),
+        }
 
     # -- the ModelRunner contract ---------------------------------------------------------
     @property

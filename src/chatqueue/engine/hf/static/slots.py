@@ -68,6 +68,10 @@ class KvSlots:
         self.starts: list[int] = []  # host mirror of start for the packed rows
         self.num_compactions = 0
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
     def release(self, gone: Set[int]) -> None:
         """Free the rows of `gone`, the last row moving into each hole."""
         for rid in [s for s in self.rids if s in gone]:

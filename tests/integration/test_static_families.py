@@ -1,0 +1,66 @@
+"""Every family the static-cache runner supports, on a tiny random model built here
+(`tests/support/tiny_families.py`): greedy tokens equal to `generate()` token for token, and
+logprobs equal to its logits, while requests join at different steps, one prompt is longer than the
+sliding window (where the family has one), and the cache wraps. The CPU path of the runner (SDPA,
+or eager attention where scores are soft-capped; no graphs); a few families also through the
+compiled step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import PreTrainedModel
+
+from chatqueue.engine.hf.static import SUPPORTED_MODEL_TYPES, StaticCacheRunner
+from tests.support.tiny_families import (
+    FAMILIES,
+    WINDOW,
+    mismatches,
+    tiny,
+    tiny_gemma3_multimodal,
+)
+
+
+def make_runner(model: PreTrainedModel, *, compile: bool = False) -> StaticCacheRunner:
+    # 40 columns: the longest request (30 + 10 tokens) fills them, so the write column wraps
+    return StaticCacheRunner(
+        model=model,
+        max_batch=5,
+        max_len=40,
+        prefill_chunk=16,
+        use_cuda_graphs=False,
+        compile=compile,
+    )
+
+
+def test_every_supported_type_has_a_tiny_model_here() -> None:
+    assert set(FAMILIES) | {"gemma3"} == SUPPORTED_MODEL_TYPES
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_greedy_equals_generate(family: str) -> None:
+    runner, found = mismatches(tiny(family), make_runner)
+    assert found == []
+    assert runner.num_compactions > 0  # the write column wrapped at least once
+    windows = {layer.window for layer in runner.decode.plan.layers}
+    if family in ("mistral", "phi3"):
+        assert windows == {WINDOW}  # every layer slides
+    else:
+        assert windows == ({None, WINDOW} if FAMILIES[family].window else {None})
+
+
+def test_gemma3_multimodal_decodes_its_language_model() -> None:
+    """A `gemma3` checkpoint (Gemma3ForConditionalGeneration, vision tower and all) serves text:
+    its language model decodes on the static runner, equal to its own generate()."""
+    runner, found = mismatches(tiny_gemma3_multimodal(), make_runner)
+    assert found == []
+    assert runner.decode.plan.final_softcap is None  # its head applies none, unlike the text one
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "smollm3", "phi3"])
+def test_the_compiled_step_equals_generate(family: str) -> None:
+    """The step the GPU runs, compiled by Inductor (for the CPU here): soft-capping, RoPE tables,
+    NoPE layers (a graph of their own), partial rotary and windows survive compilation."""
+    torch._dynamo.reset()
+    _, found = mismatches(tiny(family), lambda m: make_runner(m, compile=True))
+    assert found == []
