@@ -74,6 +74,9 @@ FAMILIES: dict[str, Tiny] = {
             "sliding_window": WINDOW,
             "attn_logit_softcapping": 1.5,
             "final_logit_softcapping": 2.0,
+            # transformers before 5.2x ran Gemma2 on SDPA, which drops the soft-capping; the
+            # loader asks for eager attention too
+            "attn_implementation": "eager",
         },
         True,
     ),

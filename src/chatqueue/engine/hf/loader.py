@@ -124,9 +124,25 @@ def _context_window(model: PreTrainedModel) -> int:
 def load_model(folder: Path, *, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
     # from_pretrained returns the model in eval mode; device_map places weights as they load.
     model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=dtype, device_map=str(device), local_files_only=True
+        folder,
+        dtype=dtype,
+        device_map=str(device),
+        local_files_only=True,
+        **_attention_implementation(folder),
     )
     return model
+
+
+def _attention_implementation(folder: Path) -> dict[str, str]:
+    """Eager attention for a model whose attention scores are soft-capped (Gemma2).
+
+    NOTE: transformers before 5.2x ran Gemma2 on SDPA by default, which drops the soft-capping
+    without a word (5.25 refuses SDPA for it). Its prefill would then differ from the static
+    decode, which always soft-caps, as the model was trained."""
+    config = AutoConfig.from_pretrained(folder, local_files_only=True).get_text_config()
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        return {"attn_implementation": "eager"}
+    return {}
 
 
 def resolve_device(name: str) -> torch.device:
