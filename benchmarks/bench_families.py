@@ -12,7 +12,7 @@ The floor is (weight bytes + the KV bytes a step reads at the sequences' mean le
 bandwidth measured here; a sliding-window layer reads at most its window. Each figure is a median
 of steps after a warm-up; the three models are measured one after another in the same process.
 
-    python benchmarks/bench_families.py [--parts correctness,speed] [--out DIR]
+    python benchmarks/bench_families.py [--parts correctness,speed] [--families qwen3,...] [--out DIR]
     .venv/bin/python benchmarks/bench_families.py --device cpu --quick   # anywhere, small shapes
 """
 
@@ -48,14 +48,16 @@ def log(msg: str) -> None:
 
 
 # -- (a) correctness ------------------------------------------------------------------------
-def correctness(device: str, compile: bool) -> bool:
+def correctness(device: str, compile: bool, only: list[str] | None) -> bool:
     """Each family's tiny fp32 model through the path this device serves; True if all equal."""
     ok = True
     families: dict[str, Any] = {
         f: lambda f=f: tiny_families.tiny(f, device) for f in tiny_families.FAMILIES
     }
-    families["gemma3 (multimodal)"] = lambda: tiny_families.tiny_gemma3_multimodal(device)
+    families["gemma3"] = lambda: tiny_families.tiny_gemma3_multimodal(device)
     for name, build in families.items():
+        if only and name not in only:
+            continue
         t0 = time.perf_counter()
         torch._dynamo.reset()
         try:
@@ -281,7 +283,8 @@ def main() -> None:
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--quick", action="store_true", help="2-layer shapes, small batches")
     ap.add_argument("--parts", default="correctness,speed")
-    ap.add_argument("--models", default=",".join(MODEL_CLASSES))
+    ap.add_argument("--models", default=",".join(MODEL_CLASSES), help="shapes to time")
+    ap.add_argument("--families", default="", help="model types to check (default: all)")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
     ap.add_argument("--out", default=None, help="write the figures as JSON into this folder")
     args = ap.parse_args()
@@ -295,7 +298,7 @@ def main() -> None:
     ok = True
     parts = args.parts.split(",")
     if "correctness" in parts:
-        ok = correctness(device, compile)
+        ok = correctness(device, compile, [f for f in args.families.split(",") if f])
     if "speed" in parts:
         speed(device, args.quick, args.models.split(","))
     RESULTS["seconds"] = time.perf_counter() - began

@@ -57,10 +57,13 @@ def test_gemma3_multimodal_decodes_its_language_model() -> None:
     assert runner.decode.plan.final_softcap is None  # its head applies none, unlike the text one
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "smollm3", "phi3"])
-def test_the_compiled_step_equals_generate(family: str) -> None:
-    """The step the GPU runs, compiled by Inductor (for the CPU here): soft-capping, RoPE tables,
-    NoPE layers (a graph of their own), partial rotary and windows survive compilation."""
+@pytest.mark.timeout(600)  # a safety net: Inductor's C++ compile takes ~80 s of CPU here
+def test_the_compiled_step_equals_generate() -> None:
+    """The step the GPU runs, compiled by Inductor (for the CPU here), on the family with the
+    most switches on: Gemma3's sandwich norms, per-head q/k norms, two RoPE tables, alternating
+    windows and final soft-capping survive compilation. (One family only: each compile costs
+    over a minute of the suite's 2 cores; benchmarks/bench_families.py compiles every family on
+    the GPU.)"""
     torch._dynamo.reset()
-    _, found = mismatches(tiny(family), lambda m: make_runner(m, compile=True))
+    _, found = mismatches(tiny("gemma3_text"), lambda m: make_runner(m, compile=True))
     assert found == []
