@@ -227,7 +227,10 @@ def test_four_choices_fill_the_four_places(oai: openai.OpenAI) -> None:
 # -- /v1/models ----------------------------------------------------------------------------
 def test_models_report_the_context_window_and_one_can_be_retrieved(oai: openai.OpenAI) -> None:
     (entry,) = oai.models.list().data
-    assert entry.id == "mock" and entry.model_extra == {"context_window": 4096}
+    assert entry.id == "mock" and entry.model_extra == {
+        "context_window": 4096,
+        "engine": {"runner": "mock", "mode": "echo"},
+    }
     assert oai.models.retrieve("mock").id == "mock"
     with pytest.raises(openai.NotFoundError) as caught:
         oai.models.retrieve("no-such-model")

@@ -6,6 +6,7 @@ type the static runner cannot run falls back to the dynamic runner with a log li
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import httpx
@@ -165,3 +166,23 @@ def test_the_server_reports_what_serves_in_its_log_and_v1_models(
     assert engine["attention"] == "sdpa" and engine["cuda_graph_batch_sizes"] == []
     assert reply.status_code == 200, reply.text
     assert "runner static for qwen3: attention sdpa" in server.log()
+
+
+def test_the_runners_pass_the_cache_without_a_deprecation_warning() -> None:
+    """transformers 5.2x renamed forward's `past_key_values` to `cache` (the old name warns, and
+    goes in 5.40): prefill and decode of both runners pass it under the forward's own name."""
+    from chatqueue.engine.hf.runner import HFBatchedRunner
+    from chatqueue.engine.hf.static import StaticCacheRunner
+
+    model = tiny_llama()
+    runners = [
+        HFBatchedRunner(model),
+        StaticCacheRunner(model=model, max_batch=2, max_len=32, use_cuda_graphs=False),
+    ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for runner in runners:
+            new = [NewSequence(0, [5, 6, 7], GREEDY)]
+            runner.step(StepBatch(new=new, running=[], released=[]))
+            runner.step(StepBatch(new=[], running=[0], released=[]))
+    assert [str(w.message) for w in caught if "deprecated" in str(w.message)] == []

@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from chatqueue.engine.runner import SampledLogprobs, StepBatch, StepOutput
 from chatqueue.types import ChatMessage
@@ -138,6 +138,10 @@ class MockRunner:
     @property
     def context_window(self) -> int:
         return self.config.context_window
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return {"runner": "mock", "mode": self.config.mode}
 
     def step(self, batch: StepBatch) -> StepOutput:
         for rid in batch.released:
