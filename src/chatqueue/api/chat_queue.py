@@ -58,6 +58,13 @@ class Admission:
     cap_key: str | None = None
 
 
+def sampling_defaults_of(tokenizer: object) -> SamplingParams:
+    """The sampling settings a tokenizer read from its model's generation config (HFTokenizer's
+    `sampling_defaults`), else SamplingParams' own defaults."""
+    defaults = getattr(tokenizer, "sampling_defaults", None)
+    return defaults if isinstance(defaults, SamplingParams) else SamplingParams()
+
+
 @dataclass(frozen=True, slots=True)
 class LoadInfo:
     processing: int  # running now
@@ -238,8 +245,7 @@ class ChatQueue:
     def sampling_defaults(self) -> SamplingParams:
         """What a request's left-out sampling fields take: the model's generation config's
         settings where its tokenizer read them, else SamplingParams' own defaults."""
-        defaults = getattr(self.runner.tokenizer, "sampling_defaults", None)
-        return defaults if isinstance(defaults, SamplingParams) else SamplingParams()
+        return sampling_defaults_of(self.runner.tokenizer)
 
     @property
     def engine_info(self) -> dict[str, Any]:

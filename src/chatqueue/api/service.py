@@ -4,7 +4,7 @@ model, or a cluster's front (`chatqueue.cluster`) over many replicas, each a Cha
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from chatqueue.api.admission import TokenBudget
 from chatqueue.api.chat_queue import LoadInfo
@@ -49,6 +49,12 @@ class QueueService(Protocol):
 
     @property
     def token_budget(self) -> TokenBudget: ...
+
+    @property
+    def sampling_defaults(self) -> SamplingParams: ...
+
+    @property
+    def engine_info(self) -> dict[str, Any]: ...
 
     async def submit(
         self,

@@ -29,6 +29,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from chatqueue.api import LoadInfo, RequestStream
 from chatqueue.api.admission import TokenBudget
+from chatqueue.api.chat_queue import sampling_defaults_of
 from chatqueue.cluster import view
 from chatqueue.cluster.policy import RouteHint, conversation_key
 from chatqueue.cluster.stats import ReplicaStats
@@ -188,6 +189,15 @@ class ClusterQueue:
     @property
     def context_window(self) -> int:
         return self.description.context_window
+
+    @property
+    def sampling_defaults(self) -> SamplingParams:
+        return sampling_defaults_of(self.tokenizer)
+
+    @property
+    def engine_info(self) -> dict[str, Any]:
+        """The replicas report their choices in their own logs; the front knows none of them."""
+        return {}
 
     @property
     def token_budget(self) -> TokenBudget:
