@@ -55,7 +55,8 @@ class Settings(BaseSettings):
         None, ge=1, description="CPU threads for torch; default: all cores but one"
     )
     kv_cache: Literal["auto", "static", "dynamic"] = Field(
-        "auto", description="auto: static on CUDA for Llama-family models, else dynamic"
+        "auto",
+        description="auto: static on CUDA for the families the static runner knows (README), else dynamic",
     )
     max_model_len: int | None = Field(
         None, ge=16, description="Static cache tokens a slot (prompt + reply); default: 4096"

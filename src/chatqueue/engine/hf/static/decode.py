@@ -5,7 +5,6 @@ fused projection, and the family's switches (its `ModelPlan`) deciding what runs
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,10 +46,8 @@ class DecodeStep:
         self._embed, self._layers, self._norm = inner.embed_tokens, inner.layers, inner.norm
         self._lm_head = plan.lm_head
         first = self._layers[0].self_attn
-        self._rotate = _rotary_function(first)
         self._fused = [_fuse_projections(layer, plan) for layer in self._layers]
         self._qkv_sizes = list(self._fused[0].qkv_sizes)
-        self._act = _activation(self._layers[0].mlp)
         self._slots = slots
         self._attention = SlotAttention(
             slots,
@@ -177,8 +174,8 @@ class DecodeStep:
         if family.qk_norm == "head":  # Qwen3, Gemma3: each head alone
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if cos is not None:
-            q, k = self._rotate(q, k, cos, sin)
+        if cos is not None and sin is not None:
+            q, k = _rotate(q, k, cos, sin)
         o = self._attention.attend_into(k_cache, v_cache, q=q, k=k, v=v, span=span)
         out: torch.Tensor = attn.o_proj(o.reshape(b, 1, plan.num_heads * plan.head_dim))
         if family.norms != "pre":
@@ -200,7 +197,7 @@ class DecodeStep:
         else:
             x = hidden
         gate, up = F.linear(x, gate_up, gate_up_bias).chunk(2, -1)
-        out: torch.Tensor = layer.mlp.down_proj(self._act(gate) * up)
+        out: torch.Tensor = layer.mlp.down_proj(_activation(layer.mlp)(gate) * up)
         if norms != "pre":
             out = layer.post_feedforward_layernorm(out)
         return out
@@ -230,13 +227,28 @@ def _cos_sin(rope: Rope, position: torch.Tensor, dtype: torch.dtype) -> CosSin:
     return (emb.cos() * rope.scaling).to(dtype), (emb.sin() * rope.scaling).to(dtype)
 
 
-def _rotary_function(attn: torch.nn.Module) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """The family's own `apply_rotary_pos_emb` (Phi-3's rotates the first part of each head
-    alone: partial rotary), from the module that defines its attention."""
-    rotate: Callable[..., tuple[torch.Tensor, torch.Tensor]] = sys.modules[
-        type(attn).__module__
-    ].apply_rotary_pos_emb
-    return rotate
+def _rotate(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' `apply_rotary_pos_emb`, Phi-3's partial form included: the first
+    `cos.shape[-1]` channels of each head rotate, the others pass through.
+
+    NOTE: not the family's own function: transformers wraps it in a class defined inside a
+    function (kernels from the hub), which a region compiled ahead of time cannot save."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    dim = cos.shape[-1]
+    if dim == q.shape[-1]:
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    q_rot, q_pass = q[..., :dim], q[..., dim:]
+    k_rot, k_pass = k[..., :dim], k[..., dim:]
+    q_rot = q_rot * cos + _rotate_half(q_rot) * sin
+    k_rot = k_rot * cos + _rotate_half(k_rot) * sin
+    return torch.cat([q_rot, q_pass], dim=-1), torch.cat([k_rot, k_pass], dim=-1)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def _activation(mlp: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
