@@ -19,9 +19,12 @@ of steps after a warm-up; the three models are measured one after another in the
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import logging
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -48,8 +51,9 @@ def log(msg: str) -> None:
 
 
 # -- (a) correctness ------------------------------------------------------------------------
-def correctness(device: str, compile: bool, only: list[str] | None) -> bool:
-    """Each family's tiny fp32 model through the path this device serves; True if all equal."""
+def correctness(device: str, compile: bool, only: list[str] | None, cache: Path) -> bool:
+    """Each family's tiny fp32 model through the path this device serves (its decode regions
+    compiled ahead of time into `cache`, as the server does); True if all equal."""
     ok = True
     families: dict[str, Any] = {
         f: lambda f=f: tiny_families.tiny(f, device) for f in tiny_families.FAMILIES
@@ -60,18 +64,18 @@ def correctness(device: str, compile: bool, only: list[str] | None) -> bool:
             continue
         t0 = time.perf_counter()
         torch._dynamo.reset()
+        make = functools.partial(
+            StaticCacheRunner,
+            max_batch=5,
+            max_len=40,
+            prefill_chunk=16,
+            compile=compile,
+            use_cuda_graphs=device == "cuda",
+            compile_cache=cache / name,
+        )
         try:
             runner, found = tiny_families.mismatches(
-                build(),
-                lambda m: StaticCacheRunner(
-                    model=m,
-                    max_batch=5,
-                    max_len=40,
-                    prefill_chunk=16,
-                    compile=compile,
-                    use_cuda_graphs=device == "cuda",
-                ),
-                logprob_tol=1e-3,
+                build(), lambda m, make=make: make(model=m), logprob_tol=1e-3
             )
             attention = runner.decode.attention_kernel
             graphs = sorted(runner.graphs.captured)
@@ -289,6 +293,9 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the figures as JSON into this folder")
     args = ap.parse_args()
     device = args.device
+    # the regions' lines: compiled ahead of time and saved, or "failed; JIT instead"
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("chatqueue.engine.hf.static.regions").setLevel(logging.INFO)
     log(
         f"torch {torch.__version__}, transformers {transformers.__version__}, "
         f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}"
@@ -298,7 +305,10 @@ def main() -> None:
     ok = True
     parts = args.parts.split(",")
     if "correctness" in parts:
-        ok = correctness(device, compile, [f for f in args.families.split(",") if f])
+        with tempfile.TemporaryDirectory() as cache:
+            ok = correctness(
+                device, compile, [f for f in args.families.split(",") if f], Path(cache)
+            )
     if "speed" in parts:
         speed(device, args.quick, args.models.split(","))
     RESULTS["seconds"] = time.perf_counter() - began

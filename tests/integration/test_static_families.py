@@ -7,6 +7,9 @@ compiled step."""
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import PreTrainedModel
@@ -21,7 +24,9 @@ from tests.support.tiny_families import (
 )
 
 
-def make_runner(model: PreTrainedModel, *, compile: bool = False) -> StaticCacheRunner:
+def make_runner(
+    model: PreTrainedModel, *, compile: bool = False, compile_cache: Path | None = None
+) -> StaticCacheRunner:
     # 40 columns: the longest request (30 + 10 tokens) fills them, so the write column wraps
     return StaticCacheRunner(
         model=model,
@@ -30,6 +35,7 @@ def make_runner(model: PreTrainedModel, *, compile: bool = False) -> StaticCache
         prefill_chunk=16,
         use_cuda_graphs=False,
         compile=compile,
+        compile_cache=compile_cache,
     )
 
 
@@ -57,13 +63,23 @@ def test_gemma3_multimodal_decodes_its_language_model() -> None:
     assert runner.decode.plan.final_softcap is None  # its head applies none, unlike the text one
 
 
-@pytest.mark.timeout(600)  # a safety net: Inductor's C++ compile takes ~80 s of CPU here
-def test_the_compiled_step_equals_generate() -> None:
-    """The step the GPU runs, compiled by Inductor (for the CPU here), on the family with the
-    most switches on: Gemma3's sandwich norms, per-head q/k norms, two RoPE tables, alternating
-    windows and final soft-capping survive compilation. (One family only: each compile costs
-    over a minute of the suite's 2 cores; benchmarks/bench_families.py compiles every family on
-    the GPU.)"""
+@pytest.mark.timeout(900)  # a safety net: Inductor's C++ compile takes minutes of CPU here
+def test_the_compiled_step_equals_generate(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The step the GPU runs, its regions compiled ahead of time as the server compiles them
+    (for the CPU here), on the family with the most switches on: Gemma3's sandwich norms,
+    per-head q/k norms, two RoPE tables, alternating windows and final soft-capping survive
+    compilation, and no region falls back to JIT. (One family only: each compile costs over a
+    minute of the suite's 2 cores; benchmarks/bench_families.py compiles every family on the
+    GPU.)"""
     torch._dynamo.reset()
-    _, found = mismatches(tiny("gemma3_text"), lambda m: make_runner(m, compile=True))
+    with caplog.at_level(logging.INFO, logger="chatqueue.engine.hf.static.regions"):
+        _, found = mismatches(
+            tiny("gemma3_text"), lambda m: make_runner(m, compile=True, compile_cache=tmp_path)
+        )
     assert found == []
+    assert "failed; JIT instead" not in caplog.text
+    assert (
+        len(list(tmp_path.glob("*.bin"))) == 4
+    )  # the start, a layer with and without delta, the end
