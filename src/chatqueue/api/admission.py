@@ -17,6 +17,7 @@ class TokenBudget:
     max_prompt_tokens: int | None = None  # the server's cap on a prompt
     max_tokens_cap: int | None = None  # the server's cap on max_tokens
     default_chat_reply_tokens: int = DEFAULT_CHAT_REPLY_TOKENS
+    kv_capacity_tokens: int | None = None  # the whole KV pool, when the runner has one
 
     def check_prompt(self, num_prompt: int) -> None:
         if self.max_prompt_tokens is not None and num_prompt > self.max_prompt_tokens:
@@ -42,6 +43,24 @@ class TokenBudget:
                 prompt_tokens=num_prompt,
                 max_tokens=max(wanted, 1),
                 context_window=self.context_window,
+            )
+        if self.kv_capacity_tokens is not None:
+            return self._within_kv(num_prompt, wanted, given=requested is not None)
+        return wanted
+
+    def _within_kv(self, num_prompt: int, wanted: int, *, given: bool) -> int:
+        """A sequence that could never hold its KV even with the whole pool to itself is refused;
+        an unset max_tokens shrinks to what the pool holds."""
+        pool = self.kv_capacity_tokens
+        assert pool is not None
+        if not given:
+            wanted = min(wanted, pool - num_prompt)
+        if wanted < 1 or num_prompt + wanted > pool:
+            raise InvalidRequest(
+                f"The prompt ({num_prompt} tokens) and max_tokens ({max(wanted, 1)}) need "
+                f"{num_prompt + max(wanted, 1)} tokens of KV cache; this server's whole cache "
+                f"holds {pool}. Shorten the prompt or lower max_tokens.",
+                param="max_tokens" if given and num_prompt < pool else "messages",
             )
         return wanted
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from chatqueue.engine.runner import ModelRunner, StepOutput
+from chatqueue.engine.runner import KVSpec, ModelRunner, StepOutput
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +40,7 @@ class Close:
 @dataclass(frozen=True, slots=True)
 class Ready:
     context_window: int
+    kv_spec: KVSpec | None = None
 
 
 @dataclass(frozen=True, slots=True)
