@@ -31,6 +31,9 @@ class KVSpec:
     def capacity_tokens(self) -> int:
         return self.num_blocks * self.block_size
 
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
 
 @dataclass(frozen=True, slots=True)
 class NewSequence:
