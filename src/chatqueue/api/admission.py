@@ -64,18 +64,26 @@ class TokenBudget:
             )
         return wanted
 
+    @property
+    def sequence_limit(self) -> int:
+        """The most tokens one sequence may hold here: the context window, or the whole KV
+        pool when that is smaller."""
+        pool = self.kv_capacity_tokens
+        return self.context_window if pool is None else min(self.context_window, pool)
+
     def chat_reply_tokens(self, chosen: int | None) -> int:
         """A chat reply's max_tokens, kept free when the history is fitted: the one the session
-        chose, else the default within a quarter of the context and the server's cap."""
+        chose, else the default within a quarter of the context (or KV pool) and the server's
+        cap."""
         if chosen is not None:
             return chosen
-        return self._capped(min(self.default_chat_reply_tokens, max(self.context_window // 4, 1)))
+        return self._capped(min(self.default_chat_reply_tokens, max(self.sequence_limit // 4, 1)))
 
     @property
     def most_chat_reply_tokens(self) -> int:
         """The most a chat session may choose: half the context (the other half is for the
         history), within the server's cap."""
-        return self._capped(max(self.context_window // 2, 1))
+        return self._capped(max(self.sequence_limit // 2, 1))
 
     def _capped(self, n: int) -> int:
         return min(n, self.max_tokens_cap) if self.max_tokens_cap is not None else n
