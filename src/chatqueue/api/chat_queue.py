@@ -74,6 +74,7 @@ class LoadInfo:
     kv_blocks_total: int | None = None
     kv_blocks_used: int | None = None
     kv_blocks_free: int | None = None
+    kv_tokens_live: int | None = None  # tokens the running requests hold (shared ones each time)
     prefix_hit_rate: float | None = None  # tokens found cached / tokens allocated, so far
 
     @property
@@ -406,6 +407,7 @@ class ChatQueue:
                 "kv_blocks_total": kv.num_blocks,
                 "kv_blocks_used": kv.num_used_blocks,
                 "kv_blocks_free": kv.num_free_blocks,
+                "kv_tokens_live": s.num_live_tokens,
                 "prefix_hit_rate": None if hit_rate is None else round(hit_rate, 4),
             }
         return LoadInfo(

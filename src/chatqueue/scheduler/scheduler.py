@@ -112,6 +112,11 @@ class Scheduler(Generic[R]):
         return min(deadlines, default=None)
 
     @property
+    def num_live_tokens(self) -> int:
+        """Tokens the running requests hold (a shared prefix counted for each)."""
+        return sum(r.num_tokens for r in list(self._running.values()))
+
+    @property
     def running(self) -> list[R]:
         return list(self._running.values())
 
