@@ -36,7 +36,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import httpx
@@ -44,7 +43,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import pct, running_server
 
-WORDS = (
+_TEXT = (
     "time year people way day man thing woman life child world school state family student "
     "group country problem hand part place case week company system program question work "
     "government number night point home water room mother area money story fact month lot "
@@ -55,7 +54,8 @@ WORDS = (
     "education foot boy age policy process music market sense nation plan college interest "
     "death experience effect use class control care field development role effort rate heart "
     "drug show leader light voice wife police mind price report decision son view relationship"
-).split()
+)
+WORDS = _TEXT.split()
 
 
 @dataclass
@@ -231,8 +231,9 @@ def gpu_model_folder(tmp: Path) -> Path:
     """A Llama-3.2-1B-shaped model with random bf16 weights and SmolLM2's tokenizer (the vocab
     resized to it), saved for `chatqueue serve --model`."""
     import torch
-
     from benchmarks.gpu_model import llama_1b_config
+    from transformers import LlamaForCausalLM
+
     from chatqueue.engine.hf import gguf_cache
 
     smollm2 = gguf_cache.default_model_folder()
@@ -240,8 +241,6 @@ def gpu_model_folder(tmp: Path) -> Path:
     tokenizer_files = [p for p in smollm2.iterdir() if "token" in p.name or p.suffix == ".jinja"]
     config.vocab_size = json.loads((smollm2 / "config.json").read_text())["vocab_size"]
     config.bos_token_id, config.eos_token_id = 1, 2
-    from transformers import LlamaForCausalLM
-
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     folder = tmp / "llama-1b-random"
