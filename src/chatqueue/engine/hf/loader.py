@@ -60,10 +60,10 @@ def load_model_runner(settings: Settings, folder: Path) -> ModelRunner:
         return HFSequentialRunner(model)
     try:
         check_paged_supported(model)
+        return paged_runner(settings, model)
     except UnsupportedCache as exc:
         log.info("paged KV cache off (%s): batching without prefix reuse", exc)
         return HFBatchedRunner(model)
-    return paged_runner(settings, model)
 
 
 def paged_runner(settings: Settings, model: PreTrainedModel) -> HFPagedRunner:

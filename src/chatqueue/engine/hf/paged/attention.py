@@ -43,6 +43,7 @@ class PagedStep:
     decode_blocks: torch.Tensor | None = None  # [rows * n] each row's blocks, padded
     decode_mask: torch.Tensor | None = None  # [rows, 1, 1, n * block_size] True: a key to read
     prefills: list[PrefillChunk] = field(default_factory=list)
+    num_layers_seen: int = 0  # attention calls this step: every layer's, or the model is not ours
 
 
 def paged_attention(
@@ -58,6 +59,7 @@ def paged_attention(
     tokens). Returns [1, tokens, heads, dim], as transformers' attention functions do."""
     step: PagedStep = kwargs[STEP_KWARG]
     layer = int(module.layer_idx)  # type: ignore[arg-type]
+    step.num_layers_seen += 1
     step.pool.write(layer, step.slots, key[0], value[0])
     out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
     if step.num_decode:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
+from chatqueue.engine.hf.kv_batch import UnsupportedCache
 from chatqueue.engine.hf.paged.attention import NAME, STEP_KWARG, PagedStep, PrefillChunk
 from chatqueue.engine.hf.paged.pool import KVPool, KVShape, check_paged_supported
 from chatqueue.engine.hf.sampling import Sampled, SamplingBatch, SamplingRequest, step_output
@@ -76,6 +77,7 @@ class HFPagedRunner:
         self._decoding: list[_Seq] = []  # one row each in `_sampling` and `_pending`, same order
         self._sampling: SamplingBatch | None = None
         self._pending = torch.empty(0, dtype=torch.long, device=self.device)  # sampled, not in KV
+        self._check_attention_is_ours()
 
     # -- the ModelRunner contract ---------------------------------------------------------
     @property
@@ -239,6 +241,30 @@ class HFPagedRunner:
             self._pending = torch.cat([self._pending, sampled.tokens])
             self._sampling = joining if self._sampling is None else self._sampling.concat(joining)
         return parts
+
+    def _check_attention_is_ours(self) -> None:
+        """A model whose layers do not attend through transformers' attention interface would
+        ignore the pool and answer nonsense: refuse it at load, with a reason. Two tokens go
+        through into the zero block's slots, which are zeroed again after."""
+        pool, size = self.pool, self.pool.block_size
+        slots = torch.arange(2, device=self.device) % size + pool.null_block * size
+        step = PagedStep(pool=pool, slots=slots)
+        step.prefills.append(PrefillChunk(0, 2, 0, self._tensor([pool.null_block])))
+        with torch.inference_mode(), self._paged_attention():
+            self.model(
+                input_ids=torch.ones(1, 2, dtype=torch.long, device=self.device),
+                position_ids=torch.arange(2, device=self.device).unsqueeze(0),
+                use_cache=False,
+                logits_to_keep=1,
+                **{STEP_KWARG: step},
+            )
+            for tensor in (*pool.keys, *pool.values):
+                tensor[:, pool.null_block * size :].zero_()
+        if step.num_layers_seen != pool.shape.num_layers:
+            raise UnsupportedCache(
+                f"{step.num_layers_seen} of {pool.shape.num_layers} layers attended through "
+                "the paged attention"
+            )
 
     # -- helpers --------------------------------------------------------------------------
     def _blocks_for(self, num_tokens: int) -> int:
