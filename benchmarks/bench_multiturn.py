@@ -142,9 +142,12 @@ async def ask(
 
 
 def sample_kv(url: str, stop: threading.Event, out: list[tuple[int, int]]) -> None:
-    with httpx.Client(timeout=10) as client:
+    with httpx.Client(timeout=30) as client:
         while not stop.wait(0.2):
-            load = client.get(f"{url}/load").json()
+            try:
+                load = client.get(f"{url}/load").json()
+            except httpx.TransportError:  # a keep-alive connection closed under us: ask again
+                continue
             if load["processing"] and load["kv_blocks_used"] is not None:
                 out.append((load["kv_blocks_used"] * load["kv_block_size"], load["kv_tokens_live"]))
 
