@@ -126,8 +126,7 @@ def main() -> None:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     loaded = load_in_process()
-    runner = loaded.model
-    assert isinstance(runner, HFBatchedRunner)
+    runner = HFBatchedRunner(loaded.model.model)  # type: ignore[attr-defined]
     ids = [
         loaded.tokenizer.apply_chat_template([ChatMessage("user", p)]) for p in prompts(args.batch)
     ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -61,7 +62,23 @@ class Settings(BaseSettings):
     max_model_len: int | None = Field(
         None, ge=16, description="Static cache tokens a slot (prompt + reply); default: 4096"
     )
-    prefill_chunk: int = Field(512, ge=1, description="Most prompt tokens prefilled a step")
+    prefill_chunk: int = Field(
+        512,
+        ge=1,
+        description="Most prompt tokens prefilled a step (beside the step's decode tokens)",
+    )
+    kv_cache_memory: str | None = Field(
+        None,
+        description="Paged KV pool size: bytes (4GiB, 512MiB, 1e9) or a fraction of free memory "
+        "(0.3); default: max-concurrent full contexts, within a quarter of free memory",
+    )
+    kv_cache_blocks: int | None = Field(
+        None, ge=1, description="Paged KV pool size in blocks (wins over --kv-cache-memory)"
+    )
+    kv_block_size: int = Field(16, ge=1, le=1024, description="Tokens a KV cache block holds")
+    prefix_caching: Literal["on", "off"] = Field(
+        "on", description="Reuse the KV of a cached prompt prefix (the paged KV pool)"
+    )
     attention: Literal["auto", "triton", "sdpa"] = Field(
         "auto", description="Static-cache decode attention; auto: Triton where it runs, else SDPA"
     )
@@ -187,6 +204,13 @@ class Settings(BaseSettings):
             return v
         raise ValueError("expected sqlite, memory or a redis:// URL")
 
+    @field_validator("kv_cache_memory")
+    @classmethod
+    def _memory(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_memory(v)  # raises ValueError with what is wrong
+        return v
+
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _origins(cls, v: object) -> object:
@@ -214,6 +238,26 @@ class Settings(BaseSettings):
     def is_cluster(self) -> bool:
         """Served by replicas on Ray Serve (chatqueue.cluster) rather than one process."""
         return bool(self.replicas or self.max_replicas or self.ray_address)
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_memory(text: str) -> int | float:
+    """`4GiB`, `512MiB`, `1.5GB`, `1e9` -> bytes (int); `0.3` (at most 1) -> that fraction of
+    the free memory (float)."""
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?I?B)?\s*", text.upper())
+    try:
+        number = float(match.group(1)) if match else -1.0
+    except ValueError:
+        number = -1.0
+    if match is None or number <= 0:
+        raise ValueError(f"expected bytes (4GiB, 512MiB, 1e9) or a fraction (0.3), not {text!r}")
+    unit = match.group(2) or ""
+    if not unit and number <= 1:
+        return number
+    return int(number * _UNITS[unit])
 
 
 def _warn_renamed(old: str, new: str) -> None:

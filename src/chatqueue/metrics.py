@@ -6,11 +6,23 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LAG_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 _WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class KVFigures(Protocol):
+    """What a KV pool reports (the scheduler's BlockManager)."""
+
+    @property
+    def num_used_blocks(self) -> int: ...
+    @property
+    def num_free_blocks(self) -> int: ...
+    @property
+    def hit_rate(self) -> float | None: ...
 
 
 class _Window:
@@ -87,6 +99,29 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.cached_prompt_tokens = Counter(
+            "chatqueue_cached_prompt_tokens",
+            "Prompt tokens whose KV was found in the prefix cache (not computed)",
+            registry=r,
+        )
+        self.preemptions = Counter(
+            "chatqueue_preemptions",
+            "Running requests put back in the queue for want of KV blocks, to resume later",
+            registry=r,
+        )
+        self.kv_blocks_used = Gauge(
+            "chatqueue_kv_blocks_used", "KV cache blocks held by requests", registry=r
+        )
+        self.kv_blocks_free = Gauge(
+            "chatqueue_kv_blocks_free",
+            "KV cache blocks no request holds (cached prefixes among them)",
+            registry=r,
+        )
+        self.prefix_hit_rate = Gauge(
+            "chatqueue_prefix_cache_hit_rate",
+            "Share of the tokens allocated so far whose KV was found cached",
+            registry=r,
+        )
         self.loop_lag = Histogram(
             "chatqueue_event_loop_lag_seconds",
             "How late a timer on the event loop fired (sampled every 100 ms)",
@@ -95,6 +130,12 @@ class Metrics:
         )
         self._tokens = _Window(window_s, clock)
         self._waits = _Window(window_s * 6, clock)
+
+    def observe_kv(self, kv: KVFigures | None) -> None:
+        if kv is not None:
+            self.kv_blocks_used.set(kv.num_used_blocks)
+            self.kv_blocks_free.set(kv.num_free_blocks)
+            self.prefix_hit_rate.set(kv.hit_rate or 0.0)
 
     def observe_tokens(self, n: int) -> None:
         self.generated_tokens.inc(n)

@@ -53,6 +53,7 @@ class SamplingParams:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # of the prompt tokens, those whose KV was reused, not computed
 
     @property
     def total_tokens(self) -> int:

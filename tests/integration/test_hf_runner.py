@@ -26,6 +26,7 @@ from transformers.utils.quantization_config import GgufConfig
 from chatqueue.api.build import load_hf
 from chatqueue.config import Settings
 from chatqueue.engine.hf import gguf_cache
+from chatqueue.engine.hf.paged import HFPagedRunner
 from chatqueue.engine.hf.runner import HFBatchedRunner, HFSequentialRunner
 from chatqueue.engine.runner import ModelRunner, NewSequence, StepBatch, TokenizedRunner
 from chatqueue.text.hf_tokenizer import HFTokenizer, MissingChatTemplate
@@ -260,9 +261,10 @@ def test_loader_uses_the_chat_template_file(tiny_folder: Path, tmp_path: Path) -
     assert runner.tokenizer.eos_token_ids == frozenset({2})
     assert runner.context_window == 256
     assert runner.model_name == tiny_folder.name
-    assert isinstance(runner.model, HFBatchedRunner)
+    assert isinstance(runner.model, HFPagedRunner)  # a plain Llama: the paged KV pool
+    table = range(runner.model.kv_spec.blocks_for(len(prompt)))
     sampled = runner.step(
-        StepBatch(new=[NewSequence(0, prompt, GREEDY)], running=[], released=[])
+        StepBatch(new=[NewSequence(0, prompt, GREEDY, block_table=table)], running=[], released=[])
     ).tokens
     assert list(sampled) == [0]
 
@@ -343,7 +345,7 @@ def smollm2_folder() -> Path:
 @pytest.fixture(scope="session")
 def smollm2(smollm2_folder: Path) -> TokenizedRunner:
     runner = load_in_process(model=None, device="cpu", dtype="float32", batching="on")
-    assert isinstance(runner.model, HFBatchedRunner)
+    assert isinstance(runner.model, HFPagedRunner)
     return runner
 
 
@@ -352,7 +354,7 @@ def smollm2(smollm2_folder: Path) -> TokenizedRunner:
 def test_smollm2_greedy_equals_generate_alone(
     runner_class: RunnerClass, smollm2: TokenizedRunner
 ) -> None:
-    assert isinstance(smollm2.model, HFBatchedRunner)
+    assert isinstance(smollm2.model, HFPagedRunner)
     model = smollm2.model.model
     runner = TokenizedRunner(runner_class(model), smollm2.tokenizer, smollm2.model_name)
     questions = ["What is 2+2?", "Name a color.", "Write a haiku about the sea.", "Hi"]

@@ -35,6 +35,7 @@ from chatqueue.engine.runner import (
 )
 from chatqueue.types import ChatMessage, SamplingParams
 from tests.support.http import (
+    COMPLETIONS,
     SAFETY_S,
     OpenStream,
     has_content,
@@ -413,3 +414,25 @@ def test_a_prepare_that_fails_leaves_the_load_to_say_what_is_wrong() -> None:
             prepare=prepare_that_fails,
         )
     assert model_processes() == []
+
+
+async def test_a_restarted_model_process_starts_with_an_empty_kv_pool(tmp_path: Path) -> None:
+    """The pool's size crosses from the model process; after a restart the prefix cache is
+    empty (its KV died with the old process), so nothing is reported as reused."""
+    factory = in_a_process(MockRunner, mode="echo", delay_s=0.002, kv_blocks=32, kv_block_size=4)
+    body = user_says(" ".join(f"w{i}" for i in range(12)), stream=False)
+
+    async def cached(client: httpx.AsyncClient) -> int:
+        reply = (await client.post(COMPLETIONS, json=body)).json()
+        return int(reply["usage"]["prompt_tokens_details"]["cached_tokens"])
+
+    with serving(factory, tmp_path=tmp_path, max_concurrent=2, max_queue_size=4) as url:
+        async with ready_client(url) as client:
+            assert (await load(client))["kv_blocks_total"] == 32
+            assert [await cached(client), await cached(client)] == [0, 12]
+            [first_pid] = model_processes()
+            os.kill(first_pid, signal.SIGKILL)
+            await until(lambda: came_back(client), "the model process did not come back")
+            after = await cached(client)
+            assert (await load(client))["kv_blocks_total"] == 32
+    assert after == 0

@@ -90,6 +90,34 @@ def test_the_openai_client_gets_tokyo(oai: openai.OpenAI) -> None:
 
 
 @pytest.mark.model
+def test_turn_two_of_a_conversation_reports_cached_prompt_tokens(oai: openai.OpenAI) -> None:
+    """The second turn re-sends the first; its KV is found in the prefix cache (whole blocks of
+    16 tokens), so only the rest is prefilled, and usage says how much was reused."""
+    model = oai.models.list().data[0].id
+    messages: list[Any] = [
+        {"role": "system", "content": f"You answer in one short sentence. Session {time.time()}."},
+        {"role": "user", "content": "Name a fruit."},
+    ]
+    first = oai.chat.completions.create(
+        model=model, messages=messages, temperature=0, max_tokens=12
+    )
+    messages += [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "And a vegetable?"},
+    ]
+    second = oai.chat.completions.create(
+        model=model, messages=messages, temperature=0, max_tokens=4
+    )
+    assert first.usage is not None and second.usage is not None
+    assert first.usage.prompt_tokens_details is not None
+    assert second.usage.prompt_tokens_details is not None
+    assert first.usage.prompt_tokens_details.cached_tokens == 0  # a system prompt never seen
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached is not None
+    assert first.usage.prompt_tokens // 16 * 16 <= cached < second.usage.prompt_tokens
+    assert cached % 16 == 0
+
+
 async def test_same_seed_same_text_alone_and_beside_other_requests(
     client: httpx.AsyncClient,
 ) -> None:

@@ -41,6 +41,9 @@ def runner_for(settings: Settings) -> Runner | Callable[[], Runner]:
                 first_token_delay_s=settings.mock_first_token_delay,
                 lorem_tokens=settings.mock_lorem_tokens,
                 model_name=settings.served_model_name or "mock",
+                kv_blocks=settings.kv_cache_blocks,
+                kv_block_size=settings.kv_block_size,
+                prefix_caching=settings.prefix_caching == "on",
             )
         )
     return functools.partial(load_hf, settings)

@@ -76,6 +76,13 @@ class LoadInfo:
     drain_rate_per_s: float | None
     retry_after_s: int
     state: str
+    # the KV pool, when the runner has one (else None): blocks of kv_block_size tokens
+    kv_block_size: int | None = None
+    kv_blocks_total: int | None = None
+    kv_blocks_used: int | None = None
+    kv_blocks_free: int | None = None
+    kv_tokens_live: int | None = None  # tokens the running requests hold (shared ones each time)
+    prefix_hit_rate: float | None = None  # tokens found cached / tokens allocated, so far
 
     @property
     def max_processing(self) -> int:
@@ -254,7 +261,13 @@ class ChatQueue:
 
     @property
     def token_budget(self) -> TokenBudget:
-        return TokenBudget(self.context_window, self.max_prompt_tokens, self.max_tokens_cap)
+        kv = self.scheduler.kv
+        return TokenBudget(
+            self.context_window,
+            self.max_prompt_tokens,
+            self.max_tokens_cap,
+            kv_capacity_tokens=None if kv is None else kv.capacity_tokens,
+        )
 
     # -- requests -------------------------------------------------------------------------
     async def submit(
@@ -403,6 +416,18 @@ class ChatQueue:
     def load(self) -> LoadInfo:
         s = self.scheduler
         now = self._clock()
+        kv = s.kv
+        pool = {}
+        if kv is not None:
+            hit_rate = kv.hit_rate
+            pool = {
+                "kv_block_size": kv.block_size,
+                "kv_blocks_total": kv.num_blocks,
+                "kv_blocks_used": kv.num_used_blocks,
+                "kv_blocks_free": kv.num_free_blocks,
+                "kv_tokens_live": s.num_live_tokens,
+                "prefix_hit_rate": None if hit_rate is None else round(hit_rate, 4),
+            }
         return LoadInfo(
             processing=s.num_running,
             waiting=s.num_waiting,
@@ -413,4 +438,5 @@ class ChatQueue:
             drain_rate_per_s=s.drain.rate(now),
             retry_after_s=s.retry_after(now),
             state=self.health,
+            **pool,  # type: ignore[arg-type]
         )

@@ -137,12 +137,13 @@ class ChatService:
             new_turn = Turn("user", message)
             prompt_turns = [*history, new_turn]
         cq = self.chat_queue
-        room = cq.token_budget.chat_reply_tokens(params.max_tokens)
+        budget = cq.token_budget
+        room = budget.chat_reply_tokens(params.max_tokens)
         fitted = await fit_history(
             prompt_turns,
             system=self.system_prompt,
             encode=cq.encode,
-            budget=cq.context_window - room,
+            budget=budget.sequence_limit - room,
         )
         sampling = dataclasses.replace(params.sampling_params(), max_tokens=room)
         stream = await cq.submit(

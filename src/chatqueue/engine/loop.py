@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from chatqueue.engine.handover import HandOver, Outbox
 from chatqueue.engine.runner import (
     NewSequence,
+    PagedKV,
     Restartable,
     Runner,
     RunnerLost,
@@ -48,6 +49,7 @@ from chatqueue.errors import (
 )
 from chatqueue.metrics import Metrics
 from chatqueue.scheduler import SchedulePlan, Scheduler
+from chatqueue.scheduler.blocks import Allocation, BlockManager
 from chatqueue.types import Finished, FinishReason, Queued, Started, Token
 
 log = logging.getLogger(__name__)
@@ -256,6 +258,7 @@ class Engine:
                 assert callable(self._runner_source)
                 self.runner = self._runner_source()  # type: ignore[call-arg]
             self._load_time_s = time.perf_counter() - began
+            self._use_kv(self.runner)
             self.state = EngineState.READY
         except BaseException as exc:
             log.exception("loading the model failed")
@@ -288,9 +291,10 @@ class Engine:
         self._handover.send(outbox)
 
         batch = StepBatch(
-            new=[NewSequence(s.rid, s.prompt_ids, s.params) for s in plan.admitted],
+            new=[_new_sequence(s, plan.allocations.get(s.rid)) for s in plan.admitted],
             running=[s.rid for s in plan.running],
-            released=[s.rid for s in plan.released],
+            released=[s.rid for s in plan.released + plan.preempted],
+            grown=plan.grown,
         )
         if batch.is_empty and not batch.released:
             return True
@@ -345,12 +349,34 @@ class Engine:
             self._fail_everything([], exc)
             return False
         with self._cond:
+            self._use_kv(runner)  # a new process: its pool starts empty
             self.state = EngineState.READY
             self.restarting_since = None
             self.is_hung = False
             self._positions_dirty = True
             self._cond.notify_all()
         return True
+
+    def _use_kv(self, runner: Runner) -> None:
+        """Admit by the runner's KV pool, if it reports one."""
+        spec = runner.kv_spec if isinstance(runner, PagedKV) else None
+        kv = None
+        if spec is not None:
+            kv = BlockManager(
+                num_blocks=spec.num_blocks,
+                block_size=spec.block_size,
+                cache_key=spec.cache_key,
+                prefix_caching=spec.prefix_caching,
+            )
+            log.info(
+                "KV pool: %s blocks of %s tokens (%s tokens), prefix caching %s",
+                spec.num_blocks,
+                spec.block_size,
+                spec.capacity_tokens,
+                "on" if spec.prefix_caching else "off",
+            )
+        self.scheduler.use_kv(kv)
+        self.metrics.observe_kv(kv)
 
     def _can_restart(self, now: float) -> bool:
         policy = self._restart_policy
@@ -419,14 +445,21 @@ class Engine:
         for seq in plan.aborted:
             outbox.append((seq, self._finished(seq, FinishReason.ABORT, seq.abort_error)))
         for seq in plan.admitted:
+            if seq.num_preemptions:  # resumed: its client saw it start, and only sees a pause
+                continue
             wait = now - seq.arrival
             self.metrics.observe_queue_wait(wait)
             self.metrics.prompt_tokens.inc(seq.num_prompt_tokens)
+            self.metrics.cached_prompt_tokens.inc(seq.num_cached_tokens)
             outbox.append((seq, Started(wait)))
+        if plan.preempted:
+            self.metrics.preemptions.inc(len(plan.preempted))
+            log.info("KV pool full: %s requests preempted, to resume", len(plan.preempted))
+        self.metrics.observe_kv(self.scheduler.kv)
         if self._positions_dirty or plan.admitted or plan.expired or plan.released:
             self._positions_dirty = False
             for seq, position in self.scheduler.positions():
-                if seq.last_position != position:
+                if seq.started_at is None and seq.last_position != position:
                     seq.last_position = position
                     outbox.append((seq, Queued(position, self.scheduler.eta(position, now))))
         self.metrics.running.set(self.scheduler.num_running)
@@ -439,6 +472,7 @@ class Engine:
         now = self._clock()
         outbox: Outbox = []
         ended: list[tuple[Sequence, FinishReason]] = []
+        computed: list[tuple[Sequence, int]] = []  # the KV written: every token fed this step
         num_tokens = 0
         for seq in seqs:
             if seq.is_failed:  # its client was already told (hang)
@@ -447,6 +481,7 @@ class Engine:
             if error is not None:
                 step = Step("", FinishReason.ERROR)
             elif seq.rid in output.tokens:
+                computed.append((seq, seq.num_tokens))
                 before = seq.num_output_tokens
                 step = seq.append(output.tokens[seq.rid], output.logprobs.get(seq.rid))
                 num_tokens += seq.num_output_tokens - before  # EOS is not output
@@ -461,11 +496,13 @@ class Engine:
                 ended.append((seq, step.finish))
                 outbox.append((seq, self._finished(seq, step.finish, error)))
         self.metrics.observe_tokens(num_tokens)
-        if ended:
+        if ended or (computed and self.scheduler.kv is not None):
             with self._cond:
+                for seq, num_computed in computed:
+                    self.scheduler.note_computed(seq, num_computed)
                 for seq, reason in ended:
                     self.scheduler.finish(seq, reason, now)
-                self._positions_dirty = True
+                self._positions_dirty = self._positions_dirty or bool(ended)
         self._handover.send(outbox)
 
     def _finished(
@@ -473,3 +510,16 @@ class Engine:
     ) -> Finished:
         self.metrics.finished.labels(reason.value).inc()
         return seq.finished(reason, error)
+
+
+def _new_sequence(seq: Sequence, allocation: Allocation | None) -> NewSequence:
+    """What the runner prefills: the prompt, and after a preemption what was generated too."""
+    resumed = bool(seq.num_preemptions and seq.output_ids)
+    return NewSequence(
+        seq.rid,
+        seq.token_ids() if resumed else seq.prompt_ids,
+        seq.params,
+        num_generated=seq.num_output_tokens if resumed else 0,
+        block_table=() if allocation is None else allocation.block_ids,
+        num_cached_tokens=0 if allocation is None else allocation.num_cached_tokens,
+    )

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from chatqueue.engine.runner import SampledLogprobs, StepBatch, StepOutput
+from chatqueue.engine.runner import KVSpec, SampledLogprobs, StepBatch, StepOutput
 from chatqueue.types import ChatMessage
 
 MockMode = Literal["echo", "lorem"]
@@ -114,6 +114,11 @@ class MockConfig:
     lorem_tokens: int = 32
     context_window: int = 4096
     model_name: str = "mock"
+    # a pretend KV pool the scheduler admits by (None: none); the mock keeps no KV, so a cached
+    # prefix costs it nothing either way
+    kv_blocks: int | None = None
+    kv_block_size: int = 16
+    prefix_caching: bool = True
 
 
 class MockRunner:
@@ -143,6 +148,13 @@ class MockRunner:
     def info(self) -> dict[str, Any]:
         return {"runner": "mock", "mode": self.config.mode}
 
+    @property
+    def kv_spec(self) -> KVSpec | None:
+        c = self.config
+        if c.kv_blocks is None:
+            return None
+        return KVSpec(c.kv_blocks, c.kv_block_size, f"mock {c.mode}", c.prefix_caching)
+
     def step(self, batch: StepBatch) -> StepOutput:
         for rid in batch.released:
             self._plans.pop(rid, None)
@@ -151,8 +163,10 @@ class MockRunner:
         if batch.is_empty:
             return StepOutput({})
         for new in batch.new:
-            self._plans[new.rid] = self._plan(new.prompt_ids)
-            self._cursor[new.rid] = 0
+            # resumed after a preemption: the same reply, from where it stopped
+            prompt = new.prompt_ids[: len(new.prompt_ids) - new.num_generated]
+            self._plans[new.rid] = self._plan(prompt)
+            self._cursor[new.rid] = new.num_generated
             if new.params.logprobs is not None:
                 self._num_logprobs[new.rid] = new.params.logprobs
         delay = self.config.delay_s + (self.config.first_token_delay_s if batch.new else 0.0)

@@ -7,7 +7,7 @@ detokenizes with and the name it serves under.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -16,12 +16,40 @@ from chatqueue.types import SamplingParams
 
 
 @dataclass(frozen=True, slots=True)
+class KVSpec:
+    """A runner's KV pool, which the scheduler admits by (`scheduler/blocks.py`): `num_blocks`
+    blocks of `block_size` tokens. `cache_key` names whatever else changes the KV (the model,
+    its dtype), so blocks are shared only between equal KV. With `prefix_caching`, the runner
+    reuses the blocks a new sequence's table starts with (`NewSequence.num_cached_tokens`)."""
+
+    num_blocks: int
+    block_size: int
+    cache_key: str
+    prefix_caching: bool = True
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+
+@dataclass(frozen=True, slots=True)
 class NewSequence:
-    """A request admitted this step: the runner prefills it and samples its first token."""
+    """A request admitted this step: the runner prefills it and samples its first token.
+
+    A request resumed after preemption comes back as new: `prompt_ids` then ends with the
+    `num_generated` tokens it had generated (they count as output for the sampling penalties).
+    With a KV pool, `block_table` names its blocks and the KV of its first `num_cached_tokens`
+    tokens is in them already: only the rest is prefilled."""
 
     rid: int
     prompt_ids: Sequence[int]
     params: SamplingParams
+    num_generated: int = 0
+    block_table: Sequence[int] = ()
+    num_cached_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +61,7 @@ class StepBatch:
     new: Sequence[NewSequence]
     running: Sequence[int]
     released: Sequence[int]
+    grown: Mapping[int, Sequence[int]] = field(default_factory=dict)  # rid -> blocks appended
 
     @property
     def is_empty(self) -> bool:
@@ -123,6 +152,18 @@ class TokenizedRunner:
 
     def close(self) -> None:
         self.model.close()
+
+    @property
+    def kv_spec(self) -> KVSpec | None:
+        return self.model.kv_spec if isinstance(self.model, PagedKV) else None
+
+
+@runtime_checkable
+class PagedKV(Protocol):
+    """A runner that keeps KV in a pool of blocks the scheduler allocates (None: it has none)."""
+
+    @property
+    def kv_spec(self) -> KVSpec | None: ...
 
 
 @runtime_checkable

@@ -3,7 +3,6 @@ must end) and where its events go. One object from admission to the last event."
 
 from __future__ import annotations
 
-from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -42,12 +41,10 @@ class Step:
 
 @dataclass(eq=False, slots=True, kw_only=True)
 class Sequence(Request):
-    prompt_ids: Seq[int]
     params: SamplingParams
     max_new_tokens: int
     tokenizer: Tokenizer
     sink: EventSink
-    output_ids: list[int] = field(default_factory=list)
     text: str = ""
     # where the engine stands with it
     last_position: int | None = None  # the queue position its client was last told
@@ -86,7 +83,7 @@ class Sequence(Request):
         return self._emit(text, None)
 
     def finished(self, reason: FinishReason, error: ChatQueueError | None = None) -> Finished:
-        usage = Usage(self.num_prompt_tokens, self.num_output_tokens)
+        usage = Usage(self.num_prompt_tokens, self.num_output_tokens, self.num_cached_tokens)
         return Finished(reason, usage, self.text, error, tuple(self.logprobs))
 
     def _token_logprob(self, token_id: int, sampled: SampledLogprobs) -> TokenLogprob:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from chatqueue.types import FinishReason
 
@@ -34,7 +35,20 @@ class Request:
         """The key of the per-user waiting cap: `cap_key`, else `user`."""
         return self.user if self.cap_key is None else self.cap_key
 
+    # its tokens, for KV memory: the prompt, then what it generated (set by the engine)
+    prompt_ids: Sequence[int] = ()
+    output_ids: list[int] = field(default_factory=list)
+
     state: RequestState = RequestState.WAITING
     started_at: float | None = None
     finish_reason: FinishReason | None = None
     abort_requested: bool = False  # running, to leave at the next step
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when it first started
+    num_preemptions: int = 0  # times its KV was taken back to let older requests go on
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_ids(self) -> list[int]:
+        return [*self.prompt_ids, *self.output_ids]

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Generic
 
 from chatqueue.errors import InvalidRequest, QueueFull, ShuttingDown, UserQueueFull
+from chatqueue.scheduler.blocks import Allocation, BlockManager
 from chatqueue.scheduler.drain import DrainRate
 from chatqueue.scheduler.request import RequestState
 from chatqueue.scheduler.waiting import R, WaitingQueue
@@ -30,6 +31,9 @@ class SchedulePlan(Generic[R]):
     released: list[R] = field(default_factory=list)  # left RUNNING since last step
     aborted: list[R] = field(default_factory=list)  # released by abort: not yet told
     expired: list[R] = field(default_factory=list)  # left the queue at their deadline
+    preempted: list[R] = field(default_factory=list)  # RUNNING -> front of the queue: free them
+    allocations: dict[int, Allocation] = field(default_factory=dict)  # admitted rid -> its blocks
+    grown: dict[int, tuple[int, ...]] = field(default_factory=dict)  # running rid -> blocks added
 
     @property
     def batch(self) -> list[R]:
@@ -63,6 +67,13 @@ class Scheduler(Generic[R]):
         self._released: list[R] = []
         self._num_aborting = 0
         self._is_closed = False
+        self.kv: BlockManager | None = None
+
+    def use_kv(self, kv: BlockManager | None) -> None:
+        """Admit by this pool's blocks from now on (None: by slots alone). Called when the
+        runner is (re)loaded: no request holds blocks then."""
+        assert not self._running, "the pool changes only while nothing runs"
+        self.kv = kv
 
     # -- figures --------------------------------------------------------------------------
     @property
@@ -97,8 +108,13 @@ class Scheduler(Generic[R]):
         return self._is_closed
 
     def next_deadline(self) -> float | None:
-        deadlines = [r.deadline for r in self.waiting.in_order() if r.deadline is not None]
+        deadlines = [r.deadline for r in self._never_started() if r.deadline is not None]
         return min(deadlines, default=None)
+
+    @property
+    def num_live_tokens(self) -> int:
+        """Tokens the running requests hold (a shared prefix counted for each)."""
+        return sum(r.num_tokens for r in list(self._running.values()))
 
     @property
     def running(self) -> list[R]:
@@ -165,6 +181,8 @@ class Scheduler(Generic[R]):
         if req.abort_requested:
             self._num_aborting -= 1
         del self._running[req.rid]
+        if self.kv is not None:
+            self.kv.free(req.rid)
         self._released.append(req)
         self._finish(req, reason)
         if reason is not FinishReason.ERROR:
@@ -178,26 +196,80 @@ class Scheduler(Generic[R]):
             self._finish(req, reason)
         return gone
 
+    def note_computed(self, req: R, num_computed: int) -> None:
+        """The runner has written the KV of `req`'s first `num_computed` tokens: its full blocks
+        become findable by later requests."""
+        kv = self.kv
+        if kv is not None and kv.needs_marking(req.rid, num_computed):
+            kv.mark_computed(req.rid, req.token_ids(), num_computed)
+
     # -- the step -------------------------------------------------------------------------
     def schedule(self, now: float) -> SchedulePlan[R]:
         plan: SchedulePlan[R] = SchedulePlan(expired=self._expire(now))
         plan.aborted = self._release_aborted(now)
         plan.released, self._released = self._released, []
+        if self.kv is not None:
+            self._grow_running(self.kv, plan)
         plan.running = list(self._running.values())
-        while len(self.waiting) and len(self._running) < self.max_concurrent:
-            req = self.waiting.pop()
-            req.state = RequestState.RUNNING
-            req.started_at = now
-            self._running[req.rid] = req
-            plan.admitted.append(req)
+        # NOTE: none admitted in a step that had to preempt: the pool is short right now
+        while not plan.preempted and len(self.waiting) and len(self._running) < self.max_concurrent:
+            if not self._admit_next(now, plan):
+                break
         if not self.has_work:
             self.drain.mark_idle()
         return plan
 
+    def _admit_next(self, now: float, plan: SchedulePlan[R]) -> bool:
+        """Move the request at the head of the queue into a slot, with its blocks; False if its
+        blocks cannot be had now (it waits, and so does everyone behind it)."""
+        req = self.waiting.peek()
+        kv = self.kv
+        if kv is not None:
+            ids = req.token_ids()
+            if not kv.can_allocate(ids):
+                return False
+            allocation = kv.allocate(req.rid, ids)
+            plan.allocations[req.rid] = allocation
+            if req.started_at is None:
+                req.num_cached_tokens = allocation.num_cached_tokens
+        self.waiting.pop()
+        req.state = RequestState.RUNNING
+        if req.started_at is None:
+            req.started_at = now
+        self._running[req.rid] = req
+        plan.admitted.append(req)
+        return True
+
+    def _grow_running(self, kv: BlockManager, plan: SchedulePlan[R]) -> None:
+        """Room for each running request's next token, oldest first, preempting the newest
+        while the pool is short."""
+        for req in list(self._running.values()):
+            if req.rid not in self._running:
+                continue  # preempted for an older one
+            while not kv.can_append(req.rid, req.num_tokens):
+                newest = next(reversed(self._running.values()))
+                self._preempt(kv, newest, plan)
+                if newest is req:
+                    break
+            else:
+                if added := kv.append(req.rid, req.num_tokens):
+                    plan.grown[req.rid] = tuple(added)
+
+    def _preempt(self, kv: BlockManager, req: R, plan: SchedulePlan[R]) -> None:
+        kv.free(req.rid)
+        del self._running[req.rid]
+        req.state = RequestState.WAITING
+        req.num_preemptions += 1
+        plan.grown.pop(req.rid, None)
+        self.waiting.push_front(req)
+        plan.preempted.append(req)
+
+    def _never_started(self) -> list[R]:
+        """Waiting requests that never ran (a preempted one has started: no queue deadline)."""
+        return [r for r in self.waiting.in_order() if r.started_at is None]
+
     def _expire(self, now: float) -> list[R]:
-        expired = [
-            r for r in self.waiting.in_order() if r.deadline is not None and r.deadline <= now
-        ]
+        expired = [r for r in self._never_started() if r.deadline is not None and r.deadline <= now]
         for req in expired:
             self.waiting.remove(req)
             self._finish(req, FinishReason.ERROR)

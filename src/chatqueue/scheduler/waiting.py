@@ -1,4 +1,5 @@
-"""The waiting queue: higher priority first; within a priority, users take turns (round-robin)."""
+"""The waiting queue: higher priority first; within a priority, users take turns (round-robin).
+Requests put back at the front (preempted, to resume) come before all of them."""
 
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ class _Level(Generic[R]):
 
 class WaitingQueue(Generic[R]):
     def __init__(self) -> None:
+        self._front: deque[R] = deque()
         self._levels: dict[int, _Level[R]] = {}
         self._count = 0
         self._per_user: dict[str, int] = {}
@@ -66,7 +68,19 @@ class WaitingQueue(Generic[R]):
         self._count += 1
         self._per_user[req.counted_as] = self._per_user.get(req.counted_as, 0) + 1
 
+    def push_front(self, req: R) -> None:
+        """Before everyone else (the last one put back goes first). It does not count against
+        its user's cap: it had started, and the server put it back."""
+        self._front.appendleft(req)
+        self._count += 1
+
+    def peek(self) -> R:
+        return next(self.in_order())
+
     def pop(self) -> R:
+        if self._front:
+            self._count -= 1
+            return self._front.popleft()
         level_key = max(self._levels)
         level = self._levels[level_key]
         req = level.pop()
@@ -76,6 +90,10 @@ class WaitingQueue(Generic[R]):
         return req
 
     def remove(self, req: R) -> None:
+        if req in self._front:
+            self._front.remove(req)
+            self._count -= 1
+            return
         level = self._levels[req.priority]
         level.remove(req)
         if not level.users:
@@ -83,6 +101,7 @@ class WaitingQueue(Generic[R]):
         self._forget(req)
 
     def in_order(self) -> Iterator[R]:
+        yield from self._front
         for key in sorted(self._levels, reverse=True):
             yield from self._levels[key].in_order()
 

@@ -20,6 +20,7 @@ def total_usage(finished: Sequence[Finished], n: int) -> Usage:
     return Usage(
         sum(f.usage.prompt_tokens for f in finished[::n]),
         sum(f.usage.completion_tokens for f in finished),
+        cached_tokens=sum(f.usage.cached_tokens for f in finished[::n]),
     )
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from chatqueue.errors import InvalidRequest, QueueFull, ShuttingDown, UserQueueFull
 from chatqueue.scheduler import Request, RequestState, Scheduler
+from chatqueue.scheduler.blocks import BlockManager
 from chatqueue.server.errors import status_of
 from chatqueue.types import FinishReason
 
@@ -260,3 +261,105 @@ def test_more_choices_than_the_server_ever_holds_is_a_400() -> None:
     with pytest.raises(InvalidRequest, match="at most 4") as caught:
         s.check_room(0, num_places=5)
     assert status_of(caught.value) == 400 and caught.value.param == "n"
+
+
+# -- KV memory ------------------------------------------------------------------------------
+
+
+def kv_req(num_prompt: int, arrival: float = 0.0) -> Request:
+    return Request(rid=next(_ids), arrival=arrival, prompt_ids=list(range(1, num_prompt + 1)))
+
+
+def kv_scheduler(num_blocks: int, block_size: int = 4, **kw: object) -> Scheduler:
+    s = make(**kw)
+    s.use_kv(BlockManager(num_blocks=num_blocks, block_size=block_size))
+    return s
+
+
+def decode(s: Scheduler, *reqs: Request) -> None:
+    """The runner sampled a token for each: its KV so far is written, the token is pending."""
+    for r in reqs:
+        s.note_computed(r, r.num_tokens)
+        r.output_ids.append(7)
+
+
+def test_a_request_whose_blocks_are_not_free_waits_and_keeps_its_place() -> None:
+    s = kv_scheduler(num_blocks=4, max_concurrent=4, max_queue_size=4)
+    a, b, c = kv_req(12), kv_req(8), kv_req(1)  # 3 blocks, 2 blocks, 1 block
+    for r in (a, b, c):
+        s.add(r, 0)
+    plan = s.schedule(0)
+    assert plan.admitted == [a]  # b does not fit; c, which would, does not pass it
+    assert [(r, p) for r, p in s.positions()] == [(b, 1), (c, 2)]
+    assert s.kv is not None and s.kv.num_free_blocks == 1
+    s.finish(a, FinishReason.STOP, 1)
+    assert s.schedule(1).admitted == [b, c]
+
+
+def test_decode_that_runs_out_of_blocks_preempts_the_newest_to_the_front() -> None:
+    s = kv_scheduler(num_blocks=4, max_concurrent=4, max_queue_size=4)
+    old, new, waiting = kv_req(4), kv_req(4), kv_req(1)
+    for r in (old, new):
+        s.add(r, 0)
+    assert s.schedule(0).admitted == [old, new]
+    s.add(waiting, 0)
+    decode(s, old, new)  # each now holds 5 tokens: a second block each, 4 blocks in all
+    plan = s.schedule(1)
+    assert sorted(plan.grown) == sorted([old.rid, new.rid]) and plan.admitted == []
+    for _ in range(4):
+        decode(s, old, new)  # 9 tokens each: the pending one needs a third block each
+    plan = s.schedule(2)
+    assert plan.preempted == [new] and plan.running == [old] and plan.admitted == []
+    assert list(plan.grown) == [old.rid]
+    assert new.state is RequestState.WAITING and new.num_preemptions == 1
+    assert [r for r, _ in s.positions()] == [new, waiting]  # back at the front
+    s.finish(old, FinishReason.STOP, 3)
+    plan = s.schedule(3)
+    assert plan.admitted[0] is new
+    # its blocks were freed, and its full ones kept findable: it recomputes only the rest
+    assert plan.allocations[new.rid].num_cached_tokens == 8
+
+
+def test_a_lone_request_that_outgrows_the_pool_preempts_itself_rather_than_overrun() -> None:
+    s = kv_scheduler(num_blocks=2, block_size=2, max_concurrent=2, max_queue_size=2)
+    a = kv_req(3)
+    s.add(a, 0)
+    s.schedule(0)
+    decode(s, a)  # 4 tokens: 2 blocks, full
+    decode(s, a)
+    plan = s.schedule(1)
+    assert plan.preempted == [a] and s.kv is not None and s.kv.num_used_blocks == 0
+
+
+def test_a_preempted_request_has_no_queue_deadline() -> None:
+    s = kv_scheduler(num_blocks=2, block_size=2, max_concurrent=2, max_queue_size=2)
+    a = Request(rid=next(_ids), arrival=0, deadline=5, prompt_ids=[1, 2, 3])
+    s.add(a, 0)
+    s.schedule(0)
+    decode(s, a)
+    decode(s, a)
+    s.schedule(1)
+    assert a.state is RequestState.WAITING
+    assert s.schedule(10).expired == [] and s.next_deadline() is None
+
+
+def test_turn_two_finds_turn_one_in_the_cache() -> None:
+    s = kv_scheduler(num_blocks=16, max_concurrent=2, max_queue_size=2)
+    first = kv_req(10)
+    s.add(first, 0)
+    s.schedule(0)
+    decode(s, first)
+    decode(s, first)  # the prompt and the first reply token are in the KV now
+    s.finish(first, FinishReason.STOP, 1)
+    second = Request(rid=next(_ids), arrival=1, prompt_ids=[*first.token_ids(), 50, 51])
+    s.add(second, 1)
+    s.schedule(1)
+    assert second.num_cached_tokens == 8
+
+
+def test_without_a_pool_admission_is_by_slots_alone() -> None:
+    s = make(max_concurrent=2, max_queue_size=2)
+    a, b = kv_req(10_000), kv_req(10_000)
+    s.add(a, 0)
+    s.add(b, 0)
+    assert s.schedule(0).admitted == [a, b]

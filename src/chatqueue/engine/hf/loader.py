@@ -17,7 +17,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from chatqueue.config import Settings
+from chatqueue.config import Settings, parse_memory
+from chatqueue.engine.hf.kv_batch import UnsupportedCache
+from chatqueue.engine.hf.paged import HFPagedRunner, check_paged_supported, num_blocks_for
 from chatqueue.engine.hf.runner import HFBatchedRunner, HFSequentialRunner
 from chatqueue.engine.hf.static import StaticCacheRunner, UnsupportedModel, check_supported
 from chatqueue.engine.runner import ModelRunner
@@ -30,7 +32,9 @@ def load_model_runner(settings: Settings, folder: Path) -> ModelRunner:
 
     `kv_cache`: "static" (slots of a fixed-size cache, decode captured as CUDA graphs on a GPU,
     chunked prefill; the families in `static/families.py`), "dynamic" (any model), or "auto":
-    static on CUDA where the model allows it, else dynamic (with a log line saying why). `attention` (static cache): "triton" reads only the
+    static on CUDA where the model allows it, else dynamic (with a log line saying why). Dynamic
+    is the paged KV pool (prefix reuse, admission by blocks) where every layer is plain full
+    attention, else the right-aligned batch. `attention` (static cache): "triton" reads only the
     columns each row holds (CUDA), "sdpa" all of them under a mask, "auto" Triton where it runs."""
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
@@ -46,7 +50,7 @@ def load_model_runner(settings: Settings, folder: Path) -> ModelRunner:
         settings.batching,
     )
     max_len = min(settings.max_model_len or 4096, _context_window(model))
-    runner: StaticCacheRunner | HFBatchedRunner | HFSequentialRunner
+    runner: StaticCacheRunner | HFPagedRunner | HFBatchedRunner | HFSequentialRunner
     if batching and _wants_static(settings.kv_cache, model, device, max_len):
         runner = StaticCacheRunner(
             model=model,
@@ -56,10 +60,36 @@ def load_model_runner(settings: Settings, folder: Path) -> ModelRunner:
             attention=settings.attention,
             compile_cache=settings.cache / "compile" / "regions",
         )
+    elif not batching:
+        runner = HFSequentialRunner(model)
     else:
-        runner = HFBatchedRunner(model) if batching else HFSequentialRunner(model)
+        try:
+            check_paged_supported(model)
+            runner = paged_runner(settings, model)
+        except UnsupportedCache as exc:
+            log.info("paged KV cache off (%s): batching without prefix reuse", exc)
+            runner = HFBatchedRunner(model)
     log_choice(runner.info)
     return runner
+
+
+def paged_runner(settings: Settings, model: PreTrainedModel) -> HFPagedRunner:
+    memory = settings.kv_cache_memory
+    num_blocks = num_blocks_for(
+        model,
+        block_size=settings.kv_block_size,
+        blocks=settings.kv_cache_blocks,
+        memory=None if memory is None else parse_memory(memory),
+        max_concurrent=settings.max_concurrent,
+        context_window=_context_window(model),
+    )
+    return HFPagedRunner(
+        model,
+        num_blocks=num_blocks,
+        block_size=settings.kv_block_size,
+        prefill_chunk=settings.prefill_chunk,
+        prefix_caching=settings.prefix_caching == "on",
+    )
 
 
 def log_choice(info: dict[str, Any]) -> None:

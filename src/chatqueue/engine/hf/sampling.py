@@ -74,6 +74,9 @@ class SamplingRequest:
 
     params: SamplingParams
     prompt_ids: Sequence[int]
+    # the tail of `prompt_ids` it generated itself (resumed after a preemption): counted as
+    # output by the frequency and presence penalties
+    generated: Sequence[int] = ()
 
 
 @dataclass(slots=True)
@@ -123,6 +126,9 @@ class SamplingBatch:
             for row, request in enumerate(requests):
                 ids = torch.tensor(list(request.prompt_ids), dtype=torch.long, device=device)
                 seen[row, ids.clamp(0, vocab_size - 1)] = True
+                if request.generated:
+                    out = torch.tensor(list(request.generated), dtype=torch.long, device=device)
+                    counts[row].index_add_(0, out, torch.ones_like(out, dtype=counts.dtype))
         return cls(
             params=params,
             generators=[_make_generator(p.seed, device) for p in params],

@@ -26,7 +26,7 @@ from chatqueue.engine.process.messages import (
     StepFailed,
     StepReply,
 )
-from chatqueue.engine.runner import ModelRunner, StepBatch, runner_info
+from chatqueue.engine.runner import ModelRunner, PagedKV, StepBatch, runner_info
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,8 @@ def serve(conn: Connection) -> None:
         log.exception("loading the model failed")
         conn.send(LoadFailed(str(exc) or type(exc).__name__))
         return
-    conn.send(Ready(runner.context_window, runner_info(runner)))
+    kv_spec = runner.kv_spec if isinstance(runner, PagedKV) else None
+    conn.send(Ready(runner.context_window, runner_info(runner), kv_spec))
     gc.collect()
     gc.freeze()  # what loading left is never walked again (see Engine._run)
     try:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from chatqueue.engine.runner import ModelRunner, StepOutput
+from chatqueue.engine.runner import KVSpec, ModelRunner, StepOutput
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +42,7 @@ class Close:
 class Ready:
     context_window: int
     info: dict[str, Any] = field(default_factory=dict)  # the runner's choices (runner_info)
+    kv_spec: KVSpec | None = None
 
 
 @dataclass(frozen=True, slots=True)

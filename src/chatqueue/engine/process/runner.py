@@ -40,7 +40,7 @@ from chatqueue.engine.process.messages import (
     StepFailed,
     StepReply,
 )
-from chatqueue.engine.runner import ModelRunner, RunnerLost, StepBatch, StepOutput
+from chatqueue.engine.runner import KVSpec, ModelRunner, RunnerLost, StepBatch, StepOutput
 from chatqueue.text.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -130,12 +130,17 @@ class ProcessRunner:
         assert isinstance(ready, Ready), ready
         self._context_window = ready.context_window
         self.info = ready.info
+        self._kv_spec = ready.kv_spec
         if self._preload:
             self._spare = ModelProcess(self._preload)
 
     @property
     def context_window(self) -> int:
         return self._context_window
+
+    @property
+    def kv_spec(self) -> KVSpec | None:
+        return self._kv_spec
 
     @property
     def pid(self) -> int:

@@ -1,0 +1,320 @@
+"""Continuous batching over a paged KV pool: any transformers causal LM whose layers are plain full
+attention, on the CPU or a GPU.
+
+NOTE: a step. Blocks come from the scheduler (its BlockManager is the truth it admits by): a new
+sequence arrives with its block table and the number of leading tokens whose KV those blocks
+hold already (a cached prefix: another request's, or this conversation's earlier turns), and
+only the rest of its prompt is prefilled; a running one gets a block appended when it crosses a
+block boundary. Each step runs one forward over the decode rows' pending tokens and up to
+`prefill_chunk` prompt tokens (a long prompt goes through in chunks, one a step, beside the
+decode), so a long prompt holds the running streams up by one chunk at most. A sequence whose
+prompt is done samples its first token there and decodes from the next step on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from chatqueue.engine.hf.kv_batch import UnsupportedCache
+from chatqueue.engine.hf.paged.attention import NAME, STEP_KWARG, PagedStep, PrefillChunk
+from chatqueue.engine.hf.paged.pool import KVPool, KVShape, check_paged_supported
+from chatqueue.engine.hf.sampling import Sampled, SamplingBatch, SamplingRequest, step_output
+from chatqueue.engine.runner import KVSpec, NewSequence, StepBatch, StepOutput
+
+
+@dataclass(eq=False, slots=True)
+class _Seq:
+    new: NewSequence
+    blocks: list[int]
+    num_computed: int  # leading tokens whose KV is in the pool
+
+    @property
+    def rid(self) -> int:
+        return self.new.rid
+
+    @property
+    def num_prompt(self) -> int:
+        return len(self.new.prompt_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class _Chunk:
+    seq: _Seq
+    end: int  # the sequence's tokens up to here go through this step
+
+
+class HFPagedRunner:
+    """A ModelRunner with a KV pool of `num_blocks` blocks of `block_size` tokens."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        *,
+        num_blocks: int,
+        block_size: int = 16,
+        prefill_chunk: int = 512,
+        prefix_caching: bool = True,
+        context_window: int | None = None,
+    ) -> None:
+        check_paged_supported(model)
+        self.model = model
+        self.device = model.device
+        self.prefill_chunk = prefill_chunk
+        self.pool = KVPool(
+            KVShape.of(model), num_blocks=num_blocks, block_size=block_size, device=self.device
+        )
+        name = getattr(model.config, "name_or_path", "") or type(model).__name__
+        self._kv_spec = KVSpec(num_blocks, block_size, f"{name} {model.dtype}", prefix_caching)
+        self._context_window = context_window or _context_window_of(model)
+        self._seqs: dict[int, _Seq] = {}
+        self._prefilling: list[_Seq] = []  # in arrival order
+        self._decoding: list[_Seq] = []  # one row each in `_sampling` and `_pending`, same order
+        self._sampling: SamplingBatch | None = None
+        self._pending = torch.empty(0, dtype=torch.long, device=self.device)  # sampled, not in KV
+        self._check_attention_is_ours()
+
+    # -- the ModelRunner contract ---------------------------------------------------------
+    @property
+    def context_window(self) -> int:
+        return self._context_window
+
+    @property
+    def kv_spec(self) -> KVSpec:
+        return self._kv_spec
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """What was chosen, for the start-up log and /v1/models."""
+        spec, config = self._kv_spec, self.model.config
+        return {
+            "runner": "paged (continuous batching, prefix reuse)",
+            "model_type": config.model_type,
+            "attention": "paged SDPA through block tables (paged/attention.py)",
+            "cache": {
+                "layout": "a pool of KV blocks a layer, block tables per sequence",
+                "blocks": spec.num_blocks,
+                "block_size": spec.block_size,
+                "prefix_caching": spec.prefix_caching,
+                "bytes": sum(t.nbytes for t in (*self.pool.keys, *self.pool.values)),
+            },
+            "dtype": str(self.model.dtype).removeprefix("torch."),
+            "cuda_graph_batch_sizes": [],
+        }
+
+    def step(self, batch: StepBatch) -> StepOutput:
+        self._release(batch.released)
+        for rid, added in batch.grown.items():
+            self._seqs[rid].blocks.extend(added)
+        assert sorted(self._seqs) == sorted(batch.running), (
+            f"running {sorted(batch.running)} != sequences held {sorted(self._seqs)}"
+        )
+        for new in batch.new:
+            self._join(new)
+        chunks = self._plan_prefill()
+        if not self._decoding and not chunks:
+            return StepOutput({})
+        with torch.inference_mode():
+            logits = self._forward(chunks)
+            return step_output(self._sample(logits, chunks))
+
+    def close(self) -> None:
+        device = self.device
+        del self.pool
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- the phases of a step -------------------------------------------------------------
+    def _release(self, released: Sequence[int]) -> None:
+        gone = {rid for rid in released if self._seqs.pop(rid, None) is not None}
+        if not gone:
+            return
+        self._prefilling = [s for s in self._prefilling if s.rid not in gone]
+        keep = [row for row, s in enumerate(self._decoding) if s.rid not in gone]
+        if len(keep) < len(self._decoding):
+            self._decoding = [self._decoding[row] for row in keep]
+            index = torch.tensor(keep, dtype=torch.long, device=self.device)
+            self._pending = self._pending.index_select(0, index)
+            assert self._sampling is not None
+            self._sampling = self._sampling.select(keep) if keep else None
+
+    def _join(self, new: NewSequence) -> None:
+        assert new.rid not in self._seqs, f"sequence {new.rid} is already running"
+        block_size = self.pool.block_size
+        assert len(new.block_table) * block_size >= len(new.prompt_ids), "too few blocks"
+        cached = new.num_cached_tokens if self._kv_spec.prefix_caching else 0
+        assert cached < len(new.prompt_ids)
+        seq = _Seq(new, list(new.block_table), cached)
+        self._seqs[new.rid] = seq
+        self._prefilling.append(seq)
+
+    def _plan_prefill(self) -> list[_Chunk]:
+        """This step's prompt tokens: whole prompts and at most one partial chunk, in order,
+        `prefill_chunk` tokens in all."""
+        budget, chunks = self.prefill_chunk, []
+        for seq in self._prefilling:
+            if budget <= 0:
+                break
+            end = min(seq.num_prompt, seq.num_computed + budget)
+            budget -= end - seq.num_computed
+            chunks.append(_Chunk(seq, end))
+        return chunks
+
+    def _forward(self, chunks: list[_Chunk]) -> torch.Tensor:
+        """One forward over the decode rows and the prefill chunks, packed in one row; the
+        logits of each decode row and of each prompt's last token (for those that end here)."""
+        decoding = self._decoding
+        positions = [s.num_computed for s in decoding]
+        slots = [
+            slot for s in decoding for slot in self._slots(s, s.num_computed, s.num_computed + 1)
+        ]
+        prompt_ids: list[int] = []
+        step = PagedStep(pool=self.pool, slots=self.pool.keys[0].new_empty(0, dtype=torch.long))
+        keep = list(range(len(decoding)))
+        if decoding:
+            self._describe_decode(step)
+        start = len(decoding)
+        for chunk in chunks:
+            seq, begin = chunk.seq, chunk.seq.num_computed
+            prompt_ids += seq.new.prompt_ids[begin : chunk.end]
+            positions += range(begin, chunk.end)
+            slots += self._slots(seq, begin, chunk.end)
+            step.prefills.append(
+                PrefillChunk(
+                    start=start,
+                    end=start + chunk.end - begin,
+                    num_before=begin,
+                    blocks=self._tensor(seq.blocks[: self._blocks_for(chunk.end)]),
+                )
+            )
+            start += chunk.end - begin
+            if chunk.end == seq.num_prompt:
+                keep.append(start - 1)
+        step.slots = self._tensor(slots)
+        input_ids = torch.cat([self._pending, self._tensor(prompt_ids)]).unsqueeze(0)
+        with self._paged_attention():
+            output = self.model(
+                input_ids=input_ids,
+                position_ids=self._tensor(positions).unsqueeze(0),
+                use_cache=False,
+                logits_to_keep=self._tensor(keep),
+                **{STEP_KWARG: step},
+            )
+        logits: torch.Tensor = output.logits[0]
+        return logits
+
+    def _describe_decode(self, step: PagedStep) -> None:
+        decoding, block_size = self._decoding, self.pool.block_size
+        lengths = [s.num_computed + 1 for s in decoding]  # the pending token's KV too
+        width = self._blocks_for(max(lengths))
+        padded = [
+            s.blocks[: self._blocks_for(n)] + [self.pool.null_block] * (width - self._blocks_for(n))
+            for s, n in zip(decoding, lengths, strict=True)
+        ]
+        step.num_decode = len(decoding)
+        step.decode_blocks = self._tensor([b for row in padded for b in row])
+        columns = torch.arange(width * block_size, device=self.device)
+        step.decode_mask = (columns.unsqueeze(0) < self._tensor(lengths).unsqueeze(1)).view(
+            len(decoding), 1, 1, -1
+        )
+
+    def _slots(self, seq: _Seq, begin: int, end: int) -> list[int]:
+        """Where the KV of `seq`'s tokens begin..end-1 goes: its blocks, by position."""
+        size, blocks = self.pool.block_size, seq.blocks
+        return [blocks[p // size] * size + p % size for p in range(begin, end)]
+
+    def _sample(
+        self, logits: torch.Tensor, chunks: list[_Chunk]
+    ) -> list[tuple[list[int], Sampled]]:
+        """Decode rows sample from their rows; prompts that ended sample their first token and
+        join the decode rows. Every packed token's KV is now in the pool."""
+        parts: list[tuple[list[int], Sampled]] = []
+        rows = len(self._decoding)
+        if rows:
+            assert self._sampling is not None
+            sampled = self._sampling.sample(logits[:rows])
+            parts.append(([s.rid for s in self._decoding], sampled))
+            self._pending = sampled.tokens
+            for seq in self._decoding:
+                seq.num_computed += 1
+        done = []
+        for chunk in chunks:
+            chunk.seq.num_computed = chunk.end
+            if chunk.end == chunk.seq.num_prompt:
+                done.append(chunk.seq)
+        self._prefilling = [s for s in self._prefilling if s not in done]
+        if done:
+            requests = [_sampling_request(s.new) for s in done]
+            joining = SamplingBatch.create(
+                requests, vocab_size=logits.shape[-1], device=self.device
+            )
+            sampled = joining.sample(logits[rows:])
+            parts.append(([s.rid for s in done], sampled))
+            self._decoding = self._decoding + done
+            self._pending = torch.cat([self._pending, sampled.tokens])
+            self._sampling = joining if self._sampling is None else self._sampling.concat(joining)
+        return parts
+
+    def _check_attention_is_ours(self) -> None:
+        """A model whose layers do not attend through transformers' attention interface would
+        ignore the pool and answer nonsense: refuse it at load, with a reason. Two tokens go
+        through into the zero block's slots, which are zeroed again after."""
+        pool, size = self.pool, self.pool.block_size
+        slots = torch.arange(2, device=self.device) % size + pool.null_block * size
+        step = PagedStep(pool=pool, slots=slots)
+        step.prefills.append(PrefillChunk(0, 2, 0, self._tensor([pool.null_block])))
+        with torch.inference_mode(), self._paged_attention():
+            self.model(
+                input_ids=torch.ones(1, 2, dtype=torch.long, device=self.device),
+                position_ids=torch.arange(2, device=self.device).unsqueeze(0),
+                use_cache=False,
+                logits_to_keep=1,
+                **{STEP_KWARG: step},
+            )
+            for tensor in (*pool.keys, *pool.values):
+                tensor[:, pool.null_block * size :].zero_()
+        if step.num_layers_seen != pool.shape.num_layers:
+            raise UnsupportedCache(
+                f"{step.num_layers_seen} of {pool.shape.num_layers} layers attended through "
+                "the paged attention"
+            )
+
+    # -- helpers --------------------------------------------------------------------------
+    def _blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.pool.block_size)
+
+    def _tensor(self, values: Sequence[int]) -> torch.Tensor:
+        return torch.tensor(list(values), dtype=torch.long, device=self.device)
+
+    @contextlib.contextmanager
+    def _paged_attention(self) -> Iterator[None]:
+        """The model attends through the pool during our forward only, so that the same model
+        object still works elsewhere (a test's `generate`)."""
+        config = self.model.config
+        before = config._attn_implementation
+        config._attn_implementation = NAME
+        try:
+            yield
+        finally:
+            config._attn_implementation = before
+
+
+def _sampling_request(new: NewSequence) -> SamplingRequest:
+    generated = (
+        new.prompt_ids[len(new.prompt_ids) - new.num_generated :] if new.num_generated else ()
+    )
+    return SamplingRequest(new.params, new.prompt_ids, generated=generated)
+
+
+def _context_window_of(model: PreTrainedModel) -> int:
+    config = model.config.get_text_config(decoder=True)
+    window = getattr(config, "max_position_embeddings", None)
+    assert isinstance(window, int), "the model config names no max_position_embeddings"
+    return window
