@@ -111,7 +111,8 @@ def test_a_mixture_of_experts_falls_back_with_the_reason_logged(
     folder = save_with_tokenizer(Qwen3MoeForCausalLM(config), tmp_path / "moe")
     with caplog.at_level(logging.INFO, logger="chatqueue.engine.hf.loader"):
         runner = load_in_process(model=str(folder), device="cpu", dtype="float32")
-    assert runner_info(runner)["runner"] == "dynamic (continuous batching)"
+    # its attention is plain: the dynamic path's paged runner takes it
+    assert runner_info(runner)["runner"] == "paged (continuous batching, prefix reuse)"
     assert "static KV cache off" in caplog.text and "mixture of experts" in caplog.text
     runner.close()
 

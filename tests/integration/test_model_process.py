@@ -70,7 +70,9 @@ def model_processes() -> list[int]:
 @asynccontextmanager
 async def ready_client(url: str) -> AsyncIterator[httpx.AsyncClient]:
     """A client, once /health says the model (in its process) is loaded."""
-    async with httpx.AsyncClient(base_url=url, timeout=SAFETY_S) as client:
+    # NOTE: a request here may wait through restarts, each a new process's imports: seconds
+    # apiece on a busy machine. The timeout is a net against hangs, so it allows for that.
+    async with httpx.AsyncClient(base_url=url, timeout=6 * SAFETY_S) as client:
         await until(lambda: is_healthy(client), "the model process never became ready")
         yield client
 
