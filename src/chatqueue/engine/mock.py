@@ -25,11 +25,12 @@ _SPECIALS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 SYSTEM, USER, ASSISTANT, END = range(len(_SPECIALS))
 # NOTE: one piece per printable ASCII character, so that a constrained reply can be spelled (the
 # grammar library sees these and the lorem words, a fixed vocabulary). A constrained mock row takes
-# the lowest id its mask allows: END first, then the closing quote, brace and bracket, so any
-# JSON grammar ends soon (a string closes at once, an object or array as soon as it may).
+# the lowest id its mask allows: END first, then the closing quote, brace, bracket and the comma,
+# so any JSON grammar ends soon (a string closes at once, an object, an array or a number as soon
+# as it may).
 _CHARS = (
-    '"}]0123456789'
-    + "".join(c for c in map(chr, range(0x21, 0x7F)) if c not in '"}]0123456789')
+    '"}],0123456789'
+    + "".join(c for c in map(chr, range(0x21, 0x7F)) if c not in '"}],0123456789')
     + "\n "
 )
 _WORD = re.compile(r"\s*\S+|\s+$")

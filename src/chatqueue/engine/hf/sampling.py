@@ -278,21 +278,21 @@ def _assemble(
 
 def apply_masks(logits: torch.Tensor, masks: Sequence[bytes | None]) -> None:
     """Set to -inf, in place, every logit of a masked row whose token its mask does not allow
-    (StepBatch.masks' layout: bit i of little-endian 32-bit word i // 32). One unpack for the
-    masked rows together; the other rows are not touched."""
+    (StepBatch.masks' layout: bit i of little-endian 32-bit word i // 32; ids past the mask are
+    not allowed). One unpack for the masked rows together; the other rows are not touched."""
     rows = [row for row, mask in enumerate(masks) if mask is not None]
     if not rows:
         return
     packed = bytearray().join(masks[row] or b"" for row in rows)
     words = torch.frombuffer(packed, dtype=torch.int32).view(len(rows), -1).to(logits.device)
     shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
-    bits = ((words.unsqueeze(-1) >> shifts) & 1).view(len(rows), -1).bool()
+    forbidden = ((words.unsqueeze(-1) >> shifts) & 1).view(len(rows), -1) == 0
     vocab = logits.shape[-1]
-    if bits.shape[1] < vocab:  # ids past the mask are not allowed
-        bits = torch.nn.functional.pad(bits, (0, vocab - bits.shape[1]))
-    index = torch.tensor(rows, dtype=torch.long, device=logits.device)
-    masked = logits.index_select(0, index).masked_fill(~bits[:, :vocab], float("-inf"))
-    logits.index_copy_(0, index, masked)
+    width = min(vocab, forbidden.shape[1])
+    for i, row in enumerate(rows):
+        logits[row, :width].masked_fill_(forbidden[i, :width], float("-inf"))
+        if width < vocab:
+            logits[row, width:] = float("-inf")
 
 
 def _has_penalty(params: SamplingParams) -> bool:
