@@ -29,7 +29,7 @@ $(SYSDEPS): $(STAMP)
 
 # The clients the tests drive against the server (LangChain, lm-eval, guidellm): tests only.
 $(CLIENTS): $(STAMP)
-	$(BIN)/pip install -q -e ".[hf,dev,clients]"
+	$(BIN)/pip install -q -e ".[hf,dev,cluster,clients]"
 	touch $(CLIENTS)
 
 install: $(STAMP)
