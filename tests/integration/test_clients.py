@@ -1,7 +1,7 @@
 """Real clients over real HTTP against a mock-engine server: the `openai` SDK, LangChain's
 ChatOpenAI, lm-evaluation-harness and guidellm. The mock's replies are known (echo; a constrained
-row takes the lowest token its grammar allows), so what each client does with them can be checked
-exactly. Structured output with a real tokenizer is in test_model_structured.py."""
+row takes the first token its grammar allows in a fixed order), so what each client does with
+them can be checked exactly. Structured output with a real tokenizer: test_model_structured.py."""
 
 from __future__ import annotations
 

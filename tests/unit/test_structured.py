@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from chatqueue.engine.hf.sampling import MIN_LOGPROB, SamplingBatch, SamplingRequest, apply_masks
-from chatqueue.engine.mock import END, MockTokenizer
+from chatqueue.engine.mock import END, MockTokenizer, preferred_token
 from chatqueue.engine.runner import StepBatch, allowed, allowed_ids, row_masks
 from chatqueue.text.grammar import GrammarCompiler, GrammarError
 from chatqueue.text.tool_calls import (
@@ -85,10 +85,10 @@ def test_a_masked_row_samples_only_allowed_tokens(temperature: float) -> None:
 
 # -- the grammar library with the mock's vocabulary ----------------------------------------------
 def walk(compiler: GrammarCompiler, spec: GrammarSpec, tokenizer: MockTokenizer) -> str:
-    """What the mock runner does: the lowest id the mask allows, until END."""
+    """What the mock runner does: its preferred token among those allowed, until END."""
     matcher, out = compiler.matcher(spec), []
     for _ in range(500):
-        token = allowed_ids(matcher.mask())[0]
+        token = preferred_token(tokenizer, matcher.mask())
         if token == END:
             assert matcher.is_accepting
             return tokenizer.decode(out)

@@ -25,9 +25,9 @@ _SPECIALS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 SYSTEM, USER, ASSISTANT, END = range(len(_SPECIALS))
 # NOTE: one piece per printable ASCII character, so that a constrained reply can be spelled (the
 # grammar library sees these and the lorem words, a fixed vocabulary). A constrained mock row takes
-# the lowest id its mask allows: END first, then the closing quote, brace, bracket and the comma,
-# so any JSON grammar ends soon (a string closes at once, an object, an array or a number as soon
-# as it may).
+# the first piece its mask allows in this order: END, then the closing quote, brace, bracket and
+# the comma, so any JSON grammar ends soon (a string closes at once, an object, an array or a
+# number as soon as it may).
 _CHARS = (
     '"}],0123456789'
     + "".join(c for c in map(chr, range(0x21, 0x7F)) if c not in '"}],0123456789')
@@ -81,9 +81,11 @@ class MockTokenizer:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._pieces: list[str] = [*_SPECIALS, *_CHARS]
+        self._pieces: list[str] = list(_SPECIALS)
         self._ids: dict[str, int] = {p: i for i, p in enumerate(self._pieces)}
-        self.encode(" ".join(LOREM))
+        self.encode(" ".join(LOREM))  # the lorem words first: their ids are fixed (tests use them)
+        for char in _CHARS:
+            self._id(char)
         self._num_fixed = len(self._pieces)
 
     def __getstate__(self) -> dict[str, object]:
@@ -107,6 +109,9 @@ class MockTokenizer:
     def encode(self, text: str) -> list[int]:
         with self._lock:
             return [self._id(piece) for piece in _WORD.findall(text)]
+
+    def token_id(self, piece: str) -> int:
+        return self._ids[piece]
 
     # -- what the grammar library reads (text.grammar.PieceVocabulary) ---------------------
     @property
@@ -225,7 +230,7 @@ class MockRunner:
         token = plan[i] if i < len(plan) else END
         if mask is None or allowed(mask, token):
             return token
-        return allowed_ids(mask)[0]  # the lowest id allowed: see _CHARS
+        return preferred_token(self._tokenizer, mask)
 
     def _plan(self, prompt_ids: Sequence[int]) -> list[int]:
         if self.config.mode == "lorem":
@@ -237,6 +242,16 @@ class MockRunner:
             return [t for t in ids if t >= len(_SPECIALS)]
         rest = ids[starts[-1] + 1 :]
         return rest[: rest.index(END)] if END in rest else rest
+
+
+def preferred_token(tokenizer: MockTokenizer, mask: bytes) -> int:
+    """What a constrained mock row samples: END, else the first of _CHARS the mask allows, else
+    the lowest id it allows."""
+    for piece in (_SPECIALS[END], *_CHARS):
+        token = tokenizer.token_id(piece)
+        if allowed(mask, token):
+            return token
+    return allowed_ids(mask)[0]
 
 
 def _mock_logprobs(token_id: int, position: int, num_top: int) -> SampledLogprobs:
