@@ -1,4 +1,4 @@
-"""Every transformers runner honours StepBatch.masks (a tiny random Llama on the CPU): a masked
+"""Every transformers runner (batched, sequential, static cache, paged) honours StepBatch.masks (a tiny random Llama on the CPU): a masked
 row samples only the tokens its mask allows, at every step, prefill included; the rows beside it
 sample exactly what they sample without it."""
 
@@ -9,6 +9,7 @@ from collections.abc import Callable
 import pytest
 from transformers import LlamaForCausalLM
 
+from chatqueue.engine.hf.paged.runner import HFPagedRunner
 from chatqueue.engine.hf.runner import HFBatchedRunner, HFSequentialRunner
 from chatqueue.engine.hf.static import StaticCacheRunner
 from chatqueue.engine.runner import ModelRunner, NewSequence, StepBatch
@@ -18,11 +19,13 @@ from tests.integration.test_hf_runner import tiny_llama
 ALLOWED = [17, 42, 99, 300]  # of the tiny model's 320
 STEPS = 8
 PROMPTS = {0: [5, 6, 7, 8], 1: [9, 10, 11]}
+BLOCKS = {0: [1, 2, 3, 4], 1: [5, 6, 7, 8]}  # the paged runner's: 16 tokens each, enough
 
 RUNNERS: dict[str, Callable[[LlamaForCausalLM], ModelRunner]] = {
     "batched": HFBatchedRunner,
     "sequential": HFSequentialRunner,
     "static": lambda m: StaticCacheRunner(model=m, max_batch=4, max_len=64, use_cuda_graphs=False),
+    "paged": lambda m: HFPagedRunner(m, num_blocks=16, block_size=4, prefix_caching=False),
 }
 
 
@@ -37,7 +40,7 @@ def run(
     runner: ModelRunner, rids: list[int], masked: set[int], params: SamplingParams
 ) -> dict[int, list[int]]:
     out: dict[int, list[int]] = {rid: [] for rid in rids}
-    new = [NewSequence(rid, PROMPTS[rid], params) for rid in rids]
+    new = [NewSequence(rid, PROMPTS[rid], params, block_table=BLOCKS[rid]) for rid in rids]
     running: list[int] = []
     for _ in range(STEPS):
         masks = {rid: mask_of(ALLOWED) for rid in masked}
