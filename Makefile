@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SYSDEPS := $(VENV)/.sysdeps
+CLIENTS := $(VENV)/.clients
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARGS ?=
 
@@ -26,12 +27,17 @@ $(SYSDEPS): $(STAMP)
 		  $(SUDO) apt-get install -y redis-server chromium; }
 	touch $(SYSDEPS)
 
+# The clients the tests drive against the server (LangChain, lm-eval, guidellm): tests only.
+$(CLIENTS): $(STAMP)
+	$(BIN)/pip install -q -e ".[hf,dev,cluster,clients]"
+	touch $(CLIENTS)
+
 install: $(STAMP)
 
 serve: install
 	$(BIN)/chatqueue serve $(ARGS)
 
-test: install $(SYSDEPS)
+test: install $(SYSDEPS) $(CLIENTS)
 	$(BIN)/pytest -q $(ARGS)
 
 # The unit tests alone: no Redis, no browser, no model, no network; seconds, not minutes.
@@ -47,7 +53,7 @@ format: install
 typecheck: install $(SYSDEPS)
 	$(BIN)/mypy
 
-check: install $(SYSDEPS)
+check: install $(SYSDEPS) $(CLIENTS)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy

@@ -52,6 +52,11 @@ class Settings(BaseSettings):
     chat_template: Path | None = Field(
         None, description="Jinja chat template file; overrides the model's own"
     )
+    tool_call_format: Literal["auto", "hermes", "llama3_json"] = Field(
+        "auto",
+        description="How the model writes tool calls; auto: Llama 3's JSON if its template is "
+        "Llama 3's, else Hermes <tool_call>",
+    )
     torch_threads: int | None = Field(
         None, ge=1, description="CPU threads for torch; default: all cores but one"
     )

@@ -3,18 +3,70 @@
 from __future__ import annotations
 
 import enum
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from chatqueue.errors import ChatQueueError
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A call the model made: `arguments` is the JSON text of the arguments, as generated."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSpec:
+    """A function the model may call; `parameters` is its arguments' JSON schema."""
+
+    name: str
+    description: str = ""
+    parameters: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    def as_openai(self) -> dict[str, Any]:
+        """The OpenAI `tools[]` entry (what chat templates read)."""
+        function: dict[str, Any] = {"name": self.name, "parameters": dict(self.parameters)}
+        if self.description:
+            function["description"] = self.description
+        return {"type": "function", "function": function}
 
 
 @dataclass(frozen=True, slots=True)
 class ChatMessage:
+    """`tool_calls`: the calls an assistant message made; `tool_call_id`: the call a `tool`
+    message answers."""
+
     role: Role
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+
+
+GrammarKind = Literal["json_object", "json_schema", "lark"]
+
+
+@dataclass(frozen=True, slots=True)
+class GrammarSpec:
+    """What a reply must match: any JSON object, a JSON schema (its JSON text) or a Lark grammar
+    in llguidance's dialect (tool calls). Hashable: compiled grammars are cached by it. `param`
+    is the request field a compile error names."""
+
+    kind: GrammarKind
+    source: str = ""
+    param: str = "response_format"
+
+    @classmethod
+    def json_schema(
+        cls, schema: Mapping[str, Any], *, param: str = "response_format"
+    ) -> GrammarSpec:
+        return cls("json_schema", json.dumps(schema), param)
 
 
 class FinishReason(enum.StrEnum):
@@ -43,6 +95,9 @@ class SamplingParams:
     # None: no logprobs (and no log_softmax for this row); N: the sampled token's logprob and
     # the N most likely alternatives (0..20)
     logprobs: int | None = None
+    # the reply is constrained to this grammar (structured output, forced tool calls); the
+    # engine holds the matcher, the runner only sees each step's mask
+    grammar: GrammarSpec | None = None
 
     @property
     def is_greedy(self) -> bool:

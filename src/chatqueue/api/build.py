@@ -14,6 +14,7 @@ from chatqueue.engine.mock import MockConfig, MockRunner
 from chatqueue.engine.process import ModelProcess, Preload, ProcessRunner
 from chatqueue.engine.runner import ModelRunner, Runner, TokenizedRunner
 from chatqueue.text.tokenizer import Tokenizer
+from chatqueue.text.tool_calls import ToolCallFormat
 
 
 def chat_queue_for(settings: Settings, queue_class: type[ChatQueue] = ChatQueue) -> ChatQueue:
@@ -28,6 +29,9 @@ def chat_queue_for(settings: Settings, queue_class: type[ChatQueue] = ChatQueue)
         max_tokens_cap=settings.max_tokens_cap,
         max_prompt_tokens=settings.max_prompt_tokens,
         max_unread_tokens=settings.max_unread_tokens,
+        tool_call_format=None
+        if settings.tool_call_format == "auto"
+        else ToolCallFormat(settings.tool_call_format),
     )
 
 

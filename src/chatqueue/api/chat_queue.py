@@ -31,8 +31,11 @@ from chatqueue.errors import (
 )
 from chatqueue.metrics import Metrics
 from chatqueue.scheduler import Scheduler
+from chatqueue.text.grammar import GrammarCompiler, GrammarMatcher
 from chatqueue.text.tokenizer import TextTokenizer, Tokenizer
-from chatqueue.types import ChatMessage, Finished, FinishReason, SamplingParams
+from chatqueue.text.tool_calls import ToolCallFormat
+from chatqueue.text.tool_prompt import format_for, prompt_encoder
+from chatqueue.types import ChatMessage, Finished, FinishReason, SamplingParams, ToolSpec
 
 ABORT_GRACE_S = 0.5  # for the aborted requests' last step, once the grace period is over
 
@@ -122,7 +125,9 @@ class ChatQueue:
         max_unread_tokens: int = 4096,
         on_finish: Callable[[FinishInfo], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        tool_call_format: ToolCallFormat | None = None,
     ) -> None:
+        """`tool_call_format`: how the model writes tool calls; None: from its chat template."""
         self._clock = clock
         self._on_finish = on_finish
         self.queue_timeout_s = queue_timeout_s
@@ -150,6 +155,11 @@ class ChatQueue:
         # NOTE: one thread tokenizes, so the engine thread never does and HF tokenizers are never
         # entered from two threads at once for encoding.
         self._tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="chatqueue-tokenizer")
+        # grammars compile on a thread of their own: a tokenizer's first (~1 s) must not hold
+        # up every prompt's encoding
+        self._grammar_pool = ThreadPoolExecutor(1, thread_name_prefix="chatqueue-grammar")
+        self._grammars: GrammarCompiler | None = None
+        self._tool_call_format = tool_call_format
         self._is_started = False
         self._is_stopped = False
 
@@ -195,6 +205,7 @@ class ChatQueue:
             left = max(ABORT_GRACE_S, deadline - time.monotonic())
             await asyncio.to_thread(self._engine.stop, left)
         self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+        self._grammar_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- state ----------------------------------------------------------------------------
     @property
@@ -260,6 +271,11 @@ class ChatQueue:
         return runner_info(self.runner)
 
     @property
+    def tool_call_format(self) -> ToolCallFormat:
+        """How the model writes tool calls: as configured, else as its chat template teaches."""
+        return format_for(self.runner.tokenizer, self._tool_call_format)
+
+    @property
     def token_budget(self) -> TokenBudget:
         kv = self.scheduler.kv
         return TokenBudget(
@@ -280,10 +296,13 @@ class ChatQueue:
         queue_timeout_s: float | None = None,
         max_queue_per_user: int | None = None,
         cap_key: str | None = None,
+        tools: Sequence[ToolSpec] = (),
     ) -> RequestStream:
         """Admit a chat request; returns its event stream (async iterator), or raises the typed
-        error that says why not (QueueFull, ShuttingDown, NotReady, PromptTooLong, ...).
-        Close the stream (or leave its `async with`) to abort the request.
+        error that says why not (QueueFull, ShuttingDown, NotReady, PromptTooLong, a grammar
+        that cannot compile, ...). Close the stream (or leave its `async with`) to abort the
+        request. `tools` are shown to the model (through its chat template, else in the system
+        prompt); `params.grammar` constrains the reply.
 
         `user` and `priority` order the queue (higher priority
         first, users in turn); `queue_timeout_s` may only lower the server's queue-wait deadline;
@@ -292,9 +311,12 @@ class ChatQueue:
         arrival = self._clock()
         with self._counting_refusals():
             runner = self._admissible_runner(arrival)  # before paying for tokenization
-            prompt_ids = await self.encode(messages)
+            grammar = await self._grammar_matcher(runner, params)
+            prompt_ids = await self.encode(messages, tools)
             admission = Admission(user, priority, queue_timeout_s, max_queue_per_user, cap_key)
-            return self._admit(runner, prompt_ids, params, arrival, admission, "chatcmpl")
+            return self._admit(
+                runner, prompt_ids, params, arrival, admission, "chatcmpl", grammar=grammar
+            )
 
     async def submit_prompt(
         self,
@@ -312,9 +334,25 @@ class ChatQueue:
         arrival = self._clock()
         with self._counting_refusals():
             runner = self._admissible_runner(arrival)
+            grammar = await self._grammar_matcher(runner, params)
             prompt_ids = await self._prompt_ids(runner.tokenizer, prompt)
             admission = Admission(user, priority, queue_timeout_s, max_queue_per_user, cap_key)
-            return self._admit(runner, prompt_ids, params, arrival, admission, "cmpl")
+            return self._admit(
+                runner, prompt_ids, params, arrival, admission, "cmpl", grammar=grammar
+            )
+
+    async def _grammar_matcher(
+        self, runner: Runner, params: SamplingParams | None
+    ) -> GrammarMatcher | None:
+        """A fresh matcher for the request's grammar, compiled (or found in the cache) off the
+        event loop; raises GrammarError (a 400) if it cannot be compiled."""
+        if params is None or params.grammar is None:
+            return None
+        if self._grammars is None or self._grammars.tokenizer is not runner.tokenizer:
+            self._grammars = GrammarCompiler(runner.tokenizer)
+        compiler, spec = self._grammars, params.grammar
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._grammar_pool, compiler.matcher, spec)
 
     async def _prompt_ids(self, tokenizer: Tokenizer, prompt: str | Sequence[int]) -> list[int]:
         if not isinstance(tokenizer, TextTokenizer):
@@ -352,6 +390,8 @@ class ChatQueue:
         arrival: float,
         admission: Admission,
         id_kind: str,
+        *,
+        grammar: GrammarMatcher | None = None,
     ) -> RequestStream:
         params = params or SamplingParams()
         budget = self.token_budget
@@ -378,17 +418,19 @@ class ChatQueue:
             max_new_tokens=max_new,
             tokenizer=runner.tokenizer,
             sink=stream,
+            grammar=grammar,
         )
         self._engine.add(seq, self._clock())
         return stream
 
-    async def encode(self, messages: Sequence[ChatMessage]) -> list[int]:
-        """The prompt token ids for a conversation, computed on the tokenizer thread."""
-        tokenizer = self.runner.tokenizer
+    async def encode(
+        self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()
+    ) -> list[int]:
+        """The prompt token ids for a conversation (and the tools offered), computed on the
+        tokenizer thread."""
+        encode = prompt_encoder(self.runner.tokenizer, messages, tools, self.tool_call_format)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._tokenizer_pool, tokenizer.apply_chat_template, list(messages)
-        )
+        return await loop.run_in_executor(self._tokenizer_pool, encode)
 
     def check_room(self, num_places: int) -> None:
         """Raise now what admitting a request of `num_places` sequences (its choices) would:

@@ -12,7 +12,8 @@ from chatqueue.api.stream import RequestStream
 from chatqueue.errors import ServiceUnavailable
 from chatqueue.metrics import Metrics
 from chatqueue.text.tokenizer import Tokenizer
-from chatqueue.types import ChatMessage, SamplingParams
+from chatqueue.text.tool_calls import ToolCallFormat
+from chatqueue.types import ChatMessage, SamplingParams, ToolSpec
 
 
 class QueueService(Protocol):
@@ -66,6 +67,7 @@ class QueueService(Protocol):
         queue_timeout_s: float | None = None,
         max_queue_per_user: int | None = None,
         cap_key: str | None = None,
+        tools: Sequence[ToolSpec] = (),
     ) -> RequestStream: ...
 
     async def submit_prompt(
@@ -80,7 +82,12 @@ class QueueService(Protocol):
         cap_key: str | None = None,
     ) -> RequestStream: ...
 
-    async def encode(self, messages: Sequence[ChatMessage]) -> list[int]: ...
+    async def encode(
+        self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()
+    ) -> list[int]: ...
+
+    @property
+    def tool_call_format(self) -> ToolCallFormat: ...
 
     def check_room(self, num_places: int) -> None: ...
 

@@ -47,6 +47,8 @@ from chatqueue.errors import (
 )
 from chatqueue.metrics import Metrics
 from chatqueue.text.tokenizer import Tokenizer
+from chatqueue.text.tool_calls import ToolCallFormat
+from chatqueue.text.tool_prompt import format_for, prompt_encoder
 from chatqueue.types import (
     ChatMessage,
     Event,
@@ -55,6 +57,7 @@ from chatqueue.types import (
     SamplingParams,
     Started,
     Token,
+    ToolSpec,
     Usage,
 )
 
@@ -215,6 +218,7 @@ class ClusterQueue:
         queue_timeout_s: float | None = None,
         max_queue_per_user: int | None = None,
         cap_key: str | None = None,
+        tools: Sequence[ToolSpec] = (),
     ) -> RequestStream:
         submission = Submission(
             tuple(messages),
@@ -225,6 +229,7 @@ class ClusterQueue:
             queue_timeout_s,
             max_queue_per_user,
             cap_key,
+            tuple(tools),
         )
         # NOTE: a conversation's later turns prefer the replica of its last turn (its prefix is
         # warm there); a first turn has none to prefer.
@@ -248,11 +253,18 @@ class ClusterQueue:
         )
         return await self._place(submission, None, sticky=False)
 
-    async def encode(self, messages: Sequence[ChatMessage]) -> list[int]:
-        tokenizer = self.tokenizer
+    async def encode(
+        self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()
+    ) -> list[int]:
+        encode = prompt_encoder(self.tokenizer, messages, tools, self.tool_call_format)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._tokenizer_pool, tokenizer.apply_chat_template, list(messages)
+        return await loop.run_in_executor(self._tokenizer_pool, encode)
+
+    @property
+    def tool_call_format(self) -> ToolCallFormat:
+        configured = self._settings.tool_call_format
+        return format_for(
+            self.tokenizer, None if configured == "auto" else ToolCallFormat(configured)
         )
 
     def check_room(self, num_places: int) -> None:

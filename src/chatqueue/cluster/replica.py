@@ -53,7 +53,7 @@ class ChatQueueReplica:
 
     async def _admit(self, s: Submission) -> RequestStream:
         if s.messages is not None:
-            submit = functools.partial(self._cq.submit, s.messages)
+            submit = functools.partial(self._cq.submit, s.messages, tools=s.tools)
         else:
             assert s.prompt is not None, "a submission has messages or a prompt"
             submit = functools.partial(self._cq.submit_prompt, s.prompt)

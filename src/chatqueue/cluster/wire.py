@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from chatqueue.errors import ChatQueueError
 from chatqueue.text.tokenizer import Tokenizer
-from chatqueue.types import ChatMessage, SamplingParams
+from chatqueue.types import ChatMessage, SamplingParams, ToolSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +23,7 @@ class Submission:
     queue_timeout_s: float | None = None
     max_queue_per_user: int | None = None
     cap_key: str | None = None
+    tools: tuple[ToolSpec, ...] = ()  # offered to the model (messages only)
 
 
 @dataclass(frozen=True, slots=True)

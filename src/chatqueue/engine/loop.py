@@ -295,6 +295,7 @@ class Engine:
             running=[s.rid for s in plan.running],
             released=[s.rid for s in plan.released + plan.preempted],
             grown=plan.grown,
+            masks={s.rid: mask for s in plan.batch if (mask := s.mask()) is not None},
         )
         if batch.is_empty and not batch.released:
             return True
@@ -494,7 +495,7 @@ class Engine:
                 outbox.append((seq, Token(step.text, logprobs=step.logprobs)))
             if step.finish is not None:
                 ended.append((seq, step.finish))
-                outbox.append((seq, self._finished(seq, step.finish, error)))
+                outbox.append((seq, self._finished(seq, step.finish, error or step.error)))
         self.metrics.observe_tokens(num_tokens)
         if ended or (computed and self.scheduler.kv is not None):
             with self._cond:

@@ -9,13 +9,30 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from chatqueue.engine.runner import KVSpec, SampledLogprobs, StepBatch, StepOutput
+from chatqueue.engine.runner import (
+    KVSpec,
+    SampledLogprobs,
+    StepBatch,
+    StepOutput,
+    allowed,
+    allowed_ids,
+)
 from chatqueue.types import ChatMessage
 
 MockMode = Literal["echo", "lorem"]
 
 _SPECIALS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 SYSTEM, USER, ASSISTANT, END = range(len(_SPECIALS))
+# NOTE: one piece per printable ASCII character, so that a constrained reply can be spelled (the
+# grammar library sees these and the lorem words, a fixed vocabulary). A constrained mock row takes
+# the first piece its mask allows in this order: END, then the closing quote, brace, bracket and
+# the comma, so any JSON grammar ends soon (a string closes at once, an object, an array or a
+# number as soon as it may).
+_CHARS = (
+    '"}],0123456789'
+    + "".join(c for c in map(chr, range(0x21, 0x7F)) if c not in '"}],0123456789')
+    + "\n "
+)
 _WORD = re.compile(r"\s*\S+|\s+$")
 LOREM = [
     "Lorem",
@@ -66,16 +83,20 @@ class MockTokenizer:
         self._lock = threading.Lock()
         self._pieces: list[str] = list(_SPECIALS)
         self._ids: dict[str, int] = {p: i for i, p in enumerate(self._pieces)}
-        self.encode(" ".join(LOREM))
+        self.encode(" ".join(LOREM))  # the lorem words first: their ids are fixed (tests use them)
+        for char in _CHARS:
+            self._id(char)
+        self._num_fixed = len(self._pieces)
 
     def __getstate__(self) -> dict[str, object]:
         with self._lock:
-            return {"pieces": list(self._pieces)}
+            return {"pieces": list(self._pieces), "num_fixed": self._num_fixed}
 
     def __setstate__(self, state: dict[str, object]) -> None:
         self._lock = threading.Lock()
         self._pieces = list(state["pieces"])  # type: ignore[call-overload]
         self._ids = {p: i for i, p in enumerate(self._pieces)}
+        self._num_fixed = int(state["num_fixed"])  # type: ignore[call-overload]
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
@@ -88,6 +109,23 @@ class MockTokenizer:
     def encode(self, text: str) -> list[int]:
         with self._lock:
             return [self._id(piece) for piece in _WORD.findall(text)]
+
+    def token_id(self, piece: str) -> int:
+        return self._ids[piece]
+
+    # -- what the grammar library reads (text.grammar.PieceVocabulary) ---------------------
+    @property
+    def special_token_ids(self) -> frozenset[int]:
+        return frozenset(range(len(_SPECIALS)))
+
+    def grammar_pieces(self) -> list[bytes]:
+        """The fixed vocabulary (specials, characters, lorem words); words echo learns later are
+        never part of a constrained reply."""
+        return [piece.encode() for piece in self._pieces[: self._num_fixed]]
+
+    def encode_pieces(self, text: bytes) -> list[int]:
+        """Character by character (the characters this vocabulary has)."""
+        return [self._ids[c] for c in text.decode(errors="ignore") if c in self._ids]
 
     def apply_chat_template(self, messages: Sequence[ChatMessage]) -> list[int]:
         ids: list[int] = []
@@ -173,7 +211,7 @@ class MockRunner:
         if delay > 0:
             time.sleep(delay)
         rids = [n.rid for n in batch.new] + list(batch.running)
-        tokens = {rid: self._next(rid) for rid in rids}
+        tokens = {rid: self._next(rid, batch.masks.get(rid)) for rid in rids}
         logprobs = {
             rid: _mock_logprobs(tokens[rid], self._cursor[rid], num_top)
             for rid, num_top in self._num_logprobs.items()
@@ -186,10 +224,13 @@ class MockRunner:
         self._cursor.clear()
         self._num_logprobs.clear()
 
-    def _next(self, rid: int) -> int:
+    def _next(self, rid: int, mask: bytes | None) -> int:
         plan, i = self._plans[rid], self._cursor[rid]
         self._cursor[rid] = i + 1
-        return plan[i] if i < len(plan) else END
+        token = plan[i] if i < len(plan) else END
+        if mask is None or allowed(mask, token):
+            return token
+        return preferred_token(self._tokenizer, mask)
 
     def _plan(self, prompt_ids: Sequence[int]) -> list[int]:
         if self.config.mode == "lorem":
@@ -201,6 +242,16 @@ class MockRunner:
             return [t for t in ids if t >= len(_SPECIALS)]
         rest = ids[starts[-1] + 1 :]
         return rest[: rest.index(END)] if END in rest else rest
+
+
+def preferred_token(tokenizer: MockTokenizer, mask: bytes) -> int:
+    """What a constrained mock row samples: END, else the first of _CHARS the mask allows, else
+    the lowest id it allows."""
+    for piece in (_SPECIALS[END], *_CHARS):
+        token = tokenizer.token_id(piece)
+        if allowed(mask, token):
+            return token
+    return allowed_ids(mask)[0]
 
 
 def _mock_logprobs(token_id: int, position: int, num_top: int) -> SampledLogprobs:

@@ -56,16 +56,50 @@ class NewSequence:
 class StepBatch:
     """One step of work. `released` are freed first (finished or aborted since the last step), then
     `new` are prefilled and `running` decode one token each, together where the runner can. Every
-    sequence is named by its request's id (`rid`)."""
+    sequence is named by its request's id (`rid`).
+
+    `masks` (structured output): rid -> the tokens that sequence may sample this step, one bit
+    per token id (bit i of little-endian 32-bit word i // 32; ids past the mask are not allowed).
+    A runner must sample a masked row's token from its allowed tokens only: set every other
+    logit to -inf before sampling, after the model's logits and before penalties, temperature
+    and top-k/top-p (`SamplingBatch.sample(logits, masks=row_masks(batch, rids))` does it for
+    the batched sampler; rows without a mask pay nothing). A row still prefilling in chunks
+    ignores its mask; it gets a fresh one each step."""
 
     new: Sequence[NewSequence]
     running: Sequence[int]
     released: Sequence[int]
     grown: Mapping[int, Sequence[int]] = field(default_factory=dict)  # rid -> blocks appended
+    masks: Mapping[int, bytes] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
         return not self.new and not self.running
+
+
+def row_masks(batch: StepBatch, rids: Sequence[int]) -> list[bytes | None] | None:
+    """The masks of `rids` (a runner's rows, in its order), or None if none of them has one."""
+    if not batch.masks:
+        return None
+    masks = [batch.masks.get(rid) for rid in rids]
+    return masks if any(m is not None for m in masks) else None
+
+
+def allowed(mask: bytes, token_id: int) -> bool:
+    """Whether `mask` (StepBatch.masks' layout) allows `token_id`."""
+    byte = token_id >> 3
+    return byte < len(mask) and bool(mask[byte] >> (token_id & 7) & 1)
+
+
+def allowed_ids(mask: bytes) -> list[int]:
+    """Every token id `mask` allows, in order (for runners without tensors, as the mock)."""
+    return [
+        byte * 8 + bit
+        for byte, value in enumerate(mask)
+        if value
+        for bit in range(8)
+        if value >> bit & 1
+    ]
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from chatqueue.engine.runner import SampledLogprobs
-from chatqueue.errors import ChatQueueError
+from chatqueue.errors import ChatQueueError, EngineError
 from chatqueue.scheduler import Request
 from chatqueue.text.detokenizer import IncrementalDetokenizer
+from chatqueue.text.grammar import GrammarMatcher
 from chatqueue.text.stops import StopStrings
 from chatqueue.text.tokenizer import Tokenizer
 from chatqueue.types import (
@@ -37,6 +38,7 @@ class Step:
     text: str
     finish: FinishReason | None = None
     logprobs: tuple[TokenLogprob, ...] = ()
+    error: ChatQueueError | None = None  # why it ended with ERROR
 
 
 @dataclass(eq=False, slots=True, kw_only=True)
@@ -52,6 +54,7 @@ class Sequence(Request):
     abort_error: ChatQueueError | None = None  # why the server cut it short; None: client left
     is_failed: bool = False  # told of an error while its step was still running (a hang)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # every output token's, if asked
+    grammar: GrammarMatcher | None = None  # structured output: where the reply stands in it
     _num_logprobs_sent: int = 0
     _detok: IncrementalDetokenizer = field(init=False)
     _stops: StopStrings = field(init=False)
@@ -69,9 +72,19 @@ class Sequence(Request):
     def num_output_tokens(self) -> int:
         return len(self.output_ids)
 
+    def mask(self) -> bytes | None:
+        """The tokens its grammar allows next (None: unconstrained)."""
+        return None if self.grammar is None else self.grammar.mask()
+
     def append(self, token_id: int, sampled: SampledLogprobs | None = None) -> Step:
         if not self.params.ignore_eos and token_id in self.tokenizer.eos_token_ids:
             return self._emit(self._flush(), FinishReason.STOP)
+        if self.grammar is not None and not self.grammar.advance(token_id):
+            # the runner did not honour the step's mask
+            error = EngineError(
+                f"The model produced a token its grammar forbids: {self.grammar.error}"
+            )
+            return Step("", FinishReason.ERROR, error=error)
         self.output_ids.append(token_id)
         if sampled is not None:
             self.logprobs.append(self._token_logprob(token_id, sampled))

@@ -9,6 +9,7 @@ Only the response objects differ (`openai_format`)."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -23,11 +24,14 @@ from chatqueue.server.errors import error_json, error_of
 from chatqueue.server.limits import check_num_messages
 from chatqueue.server.openai_format import ChatBuilder, TextBuilder, total_usage
 from chatqueue.server.schemas import ChatCompletionRequest, CompletionRequest, OpenAIRequest
-from chatqueue.types import Finished, Queued, Started, Token
+from chatqueue.server.structured import request_grammar
+from chatqueue.server.tool_format import ToolChatBuilder
+from chatqueue.text.tool_calls import ToolCallFormat
+from chatqueue.types import Finished, Queued, SamplingParams, Started, Token
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(identity)])
 
-Builder = ChatBuilder | TextBuilder
+Builder = ChatBuilder | ToolChatBuilder | TextBuilder
 
 
 def chat_queue(request: Request) -> QueueService:
@@ -67,10 +71,16 @@ async def chat_completions(
     _check_model(cq, body)
     check_num_messages(len(body.messages), request.app.state.settings.max_messages)
     messages = body.chat_messages()
-    kw = _admission(request, who, body)
-    params = body.choice_params(body.num_logprobs, cq.sampling_defaults)
+    fmt = cq.tool_call_format
+    params = _constrained(body.choice_params(body.num_logprobs, cq.sampling_defaults), body, fmt)
+    tools = body.offered_tools
+    kw = {**_admission(request, who, body), "tools": tools}
     choices = await Choices.admit(cq, [_bind(cq.submit, messages, p, kw) for p in params])
-    builder = ChatBuilder(choices.request_id, cq.model_name, n=body.num_choices)
+    builder: ChatBuilder = (
+        ToolChatBuilder(choices.request_id, cq.model_name, n=body.num_choices, fmt=fmt)
+        if tools
+        else ChatBuilder(choices.request_id, cq.model_name, n=body.num_choices)
+    )
     return await _respond(request, body, choices, builder, wants_logprobs=body.logprobs)
 
 
@@ -87,13 +97,22 @@ async def completions(
         )
     kw = _admission(request, who, body)
     prompts = body.prompts
-    params = body.choice_params(body.logprobs, cq.sampling_defaults)
+    params = _constrained(
+        body.choice_params(body.logprobs, cq.sampling_defaults), body, cq.tool_call_format
+    )
     choices = await Choices.admit(
         cq, [_bind(cq.submit_prompt, prompt, p, kw) for prompt in prompts for p in params]
     )
     echoes = [_echo(cq, prompt) if body.echo else "" for prompt in prompts for _ in params]
     builder = TextBuilder(choices.request_id, cq.model_name, n=body.num_choices, echoes=echoes)
     return await _respond(request, body, choices, builder, wants_logprobs=body.logprobs is not None)
+
+
+def _constrained(
+    params: list[SamplingParams], body: OpenAIRequest, fmt: ToolCallFormat
+) -> list[SamplingParams]:
+    grammar = request_grammar(body, fmt)
+    return params if grammar is None else [replace(p, grammar=grammar) for p in params]
 
 
 def _check_model(cq: QueueService, body: OpenAIRequest) -> None:
@@ -161,7 +180,9 @@ async def _stream(choices: Choices, builder: Builder, *, include_usage: bool) ->
                     if line is not None:
                         yield line
                 case Token(text, _, logprobs):
-                    yield builder.token_line(index, text, logprobs)
+                    line = builder.token_line(index, text, logprobs)
+                    if line:
+                        yield line
                 case Finished():
                     error = error_of(event)
                     if error is not None:

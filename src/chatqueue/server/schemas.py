@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from chatqueue.types import ChatMessage, SamplingParams
+from chatqueue.types import ChatMessage, GrammarSpec, SamplingParams, ToolCall, ToolSpec
 
 
 def _encodable(v: str) -> str:
@@ -38,25 +38,130 @@ class TextPart(BaseModel):
     text: str
 
 
+FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+
+
+class FunctionCallIn(BaseModel):
+    model_config = STRICT
+
+    name: FunctionName
+    arguments: Text
+
+
+class ToolCallIn(BaseModel):
+    """A call an assistant message made, sent back in the conversation."""
+
+    model_config = STRICT
+
+    id: Text = Field(max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class MessageIn(BaseModel):
     model_config = STRICT
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant
+    tool_call_id: Text | None = Field(None, max_length=256)  # tool: the call it answers
 
     @field_validator("content")
     @classmethod
-    def _content_encodable(cls, v: str | list[TextPart]) -> str | list[TextPart]:
-        for text in [v] if isinstance(v, str) else [p.text for p in v]:
+    def _content_encodable(cls, v: str | list[TextPart] | None) -> str | list[TextPart] | None:
+        for text in [v] if isinstance(v, str) else [p.text for p in v or []]:
             _encodable(text)
         return v
 
+    @model_validator(mode="after")
+    def _fits_role(self) -> MessageIn:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (it may be null only with tool_calls)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant message has tool_calls")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        return self
+
     def to_message(self) -> ChatMessage:
-        text = (
-            self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        content = self.content or ""
+        text = content if isinstance(content, str) else "".join(p.text for p in content)
+        calls = tuple(
+            ToolCall(c.id, c.function.name, c.function.arguments) for c in self.tool_calls or ()
         )
-        return ChatMessage("system" if self.role == "developer" else self.role, text)
+        role = "system" if self.role == "developer" else self.role
+        return ChatMessage(role, text, tool_calls=calls, tool_call_id=self.tool_call_id)
+
+
+# -- structured output and tools -----------------------------------------------------------------
+JsonObject = dict[str, Any]
+
+
+class JsonSchemaIn(BaseModel):
+    model_config = STRICT
+
+    name: Text = Field(max_length=64)
+    description: Text | None = None
+    schema_: JsonObject = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None  # the schema is always enforced
+
+
+class ResponseFormat(BaseModel):
+    model_config = STRICT
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaIn | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs json_schema")
+        return self
+
+    def grammar(self) -> GrammarSpec | None:
+        if self.type == "json_object":
+            return GrammarSpec("json_object")
+        if self.type == "json_schema":
+            assert self.json_schema is not None
+            return GrammarSpec.json_schema(self.json_schema.schema_)
+        return None
+
+
+class FunctionIn(BaseModel):
+    model_config = STRICT
+
+    name: FunctionName
+    description: Text | None = None
+    parameters: JsonObject | None = None
+    strict: bool | None = None  # the parameters are enforced when a call is forced
+
+
+class ToolIn(BaseModel):
+    model_config = STRICT
+
+    type: Literal["function"]
+    function: FunctionIn
+
+    def spec(self) -> ToolSpec:
+        f = self.function
+        return ToolSpec(f.name, f.description or "", f.parameters or {})
+
+
+class NamedFunction(BaseModel):
+    model_config = STRICT
+
+    name: FunctionName
+
+
+class NamedToolChoice(BaseModel):
+    model_config = STRICT
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
 class SamplingFields(BaseModel):
@@ -131,6 +236,7 @@ class OpenAIRequest(SamplingFields):
         allow_inf_nan=False,
         description="Extension: most seconds to wait in the queue; may only lower the server's",
     )
+    response_format: ResponseFormat | None = None
 
     @property
     def num_choices(self) -> int:
@@ -156,12 +262,29 @@ class ChatCompletionRequest(OpenAIRequest):
     messages: list[MessageIn] = Field(min_length=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[ToolIn] | None = Field(None, max_length=128)
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
         return self
+
+    @property
+    def tool_choice_mode(self) -> str:
+        """none, auto, required, or the name of the function that must be called. OpenAI's
+        default: auto with tools, none without."""
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice):
+            return choice.function.name
+        return choice or ("auto" if self.tools else "none")
+
+    @property
+    def offered_tools(self) -> list[ToolSpec]:
+        """The tools shown to the model: none when tool_choice is none."""
+        return [] if self.tool_choice_mode == "none" else [t.spec() for t in self.tools or ()]
 
     def chat_messages(self) -> list[ChatMessage]:
         return [m.to_message() for m in self.messages]

@@ -12,9 +12,12 @@ from typing import Any
 # Offline before transformers is imported: huggingface_hub reads this once, at import.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import jinja2
+import jinja2.meta
 from transformers import GenerationConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from chatqueue.types import ChatMessage, SamplingParams
+from chatqueue.text.tool_prompt import template_messages
+from chatqueue.types import ChatMessage, SamplingParams, ToolSpec
 
 
 class MissingChatTemplate(ValueError):
@@ -50,6 +53,7 @@ class HFTokenizer:
         if tokenizer.eos_token_id is not None:
             eos.add(int(tokenizer.eos_token_id))
         self._eos_token_ids = frozenset(eos)
+        self._supports_tools: bool | None = None
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
@@ -67,6 +71,38 @@ class HFTokenizer:
             conversation, add_generation_prompt=True, tokenize=True
         )
         return _as_ids(encoded)
+
+    @property
+    def supports_tools(self) -> bool:
+        """Whether the chat template reads a `tools` variable."""
+        if self._supports_tools is None:
+            parsed = jinja2.Environment().parse(self.chat_template)
+            self._supports_tools = "tools" in jinja2.meta.find_undeclared_variables(parsed)
+        return self._supports_tools
+
+    def apply_chat_template_with_tools(
+        self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec]
+    ) -> list[int]:
+        encoded = self._encoder.apply_chat_template(
+            template_messages(messages),
+            tools=[t.as_openai() for t in tools] or None,
+            add_generation_prompt=True,
+            tokenize=True,
+        )
+        return _as_ids(encoded)
+
+    def tokenizer_json(self) -> str:
+        """The Rust tokenizer as JSON (what the grammar library reads), without padding or
+        truncation."""
+        backend = getattr(self._encoder, "backend_tokenizer", None)
+        if backend is None:
+            raise ValueError("a slow (Python) tokenizer has no tokenizer.json")
+        backend = copy.copy(backend)
+        backend.no_padding()
+        backend.no_truncation()
+        text = backend.to_str()
+        assert isinstance(text, str)
+        return text
 
     @property
     def vocab_size(self) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-from chatqueue.types import ChatMessage
+from chatqueue.types import ChatMessage, ToolSpec
 
 
 @runtime_checkable
@@ -32,3 +32,19 @@ class TextTokenizer(Tokenizer, Protocol):
     def vocab_size(self) -> int: ...
 
     def encode(self, text: str) -> list[int]: ...
+
+
+@runtime_checkable
+class ToolTemplate(Protocol):
+    """A tokenizer whose chat template may know tools (`supports_tools`): then tools and tool
+    messages go to the template as they are (text.tool_prompt renders them otherwise)."""
+
+    @property
+    def supports_tools(self) -> bool: ...
+
+    @property
+    def chat_template(self) -> str: ...
+
+    def apply_chat_template_with_tools(
+        self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec]
+    ) -> list[int]: ...

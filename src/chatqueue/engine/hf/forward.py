@@ -28,7 +28,9 @@ class Forward:
         self._keeps_last_only = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._cache_name = cache_kwarg(model)
 
-    def prefill(self, sequences: Sequence[NewSequence]) -> tuple[KVBatch, Sampled]:
+    def prefill(
+        self, sequences: Sequence[NewSequence], *, masks: Sequence[bytes | None] | None = None
+    ) -> tuple[KVBatch, Sampled]:
         """Prefill the prompts together, left-padded to the longest; sample each one's first token."""
         lengths = [len(s.prompt_ids) for s in sequences]
         assert min(lengths) > 0, "a prompt must hold at least one token"
@@ -51,7 +53,7 @@ class Forward:
             make_growing(cache)
         requests = [SamplingRequest(s.params, s.prompt_ids) for s in sequences]
         sampling = SamplingBatch.create(requests, vocab_size=logits.shape[-1], device=self.device)
-        sampled = sampling.sample(logits)
+        sampled = sampling.sample(logits, masks=masks)
         batch = KVBatch.create(
             rids=[s.rid for s in sequences],
             cache=cache,
@@ -62,7 +64,7 @@ class Forward:
         )
         return batch, sampled
 
-    def decode(self, batch: KVBatch) -> Sampled:
+    def decode(self, batch: KVBatch, *, masks: Sequence[bytes | None] | None = None) -> Sampled:
         """Feed every row's pending token at its own position; sample and return the next ones."""
         logits = self._last_logits(
             input_ids=batch.pending.unsqueeze(1),
@@ -70,7 +72,7 @@ class Forward:
             position_ids=batch.positions.unsqueeze(1),
             cache=batch.cache,
         )
-        sampled = batch.sampling.sample(logits)
+        sampled = batch.sampling.sample(logits, masks=masks)
         batch.advance(sampled.tokens)
         return sampled
 

@@ -18,7 +18,7 @@ from transformers import PreTrainedModel
 from chatqueue.engine.hf.forward import Forward
 from chatqueue.engine.hf.kv_batch import KVBatch
 from chatqueue.engine.hf.sampling import Sampled, step_output
-from chatqueue.engine.runner import StepBatch, StepOutput
+from chatqueue.engine.runner import StepBatch, StepOutput, row_masks
 
 
 class _HFRunner:
@@ -82,9 +82,11 @@ class HFBatchedRunner(_HFRunner):
         parts: list[tuple[list[int], Sampled]] = []
         with torch.inference_mode():
             if self._batch is not None:
-                parts.append((self._batch.rids, self._forward.decode(self._batch)))
+                masks = row_masks(batch, self._batch.rids)
+                parts.append((self._batch.rids, self._forward.decode(self._batch, masks=masks)))
             if batch.new:
-                joining, sampled = self._forward.prefill(batch.new)
+                masks = row_masks(batch, [new.rid for new in batch.new])
+                joining, sampled = self._forward.prefill(batch.new, masks=masks)
                 parts.append((joining.rids, sampled))
                 self._batch = joining if self._batch is None else self._batch.concat(joining)
             return step_output(parts)
@@ -118,9 +120,10 @@ class HFSequentialRunner(_HFRunner):
         parts: list[tuple[list[int], Sampled]] = []
         with torch.inference_mode():
             for rid in batch.running:
-                parts.append(([rid], self._forward.decode(self._sequences[rid])))
+                masks = row_masks(batch, [rid])
+                parts.append(([rid], self._forward.decode(self._sequences[rid], masks=masks)))
             for new in batch.new:
-                alone, sampled = self._forward.prefill([new])
+                alone, sampled = self._forward.prefill([new], masks=row_masks(batch, [new.rid]))
                 self._sequences[new.rid] = alone
                 parts.append(([new.rid], sampled))
             return step_output(parts)

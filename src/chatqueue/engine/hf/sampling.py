@@ -174,9 +174,14 @@ class SamplingBatch:
                 )
         return _assemble(self.params + other.params, self.generators + other.generators, tensors)
 
-    def sample(self, logits: torch.Tensor) -> Sampled:
+    def sample(
+        self, logits: torch.Tensor, *, masks: Sequence[bytes | None] | None = None
+    ) -> Sampled:
         """Pick one token per row from `logits` [B, V] and record it; logprobs for the rows that
-        asked."""
+        asked. `masks` (one per row, None where a row has none; `row_masks`): a masked row
+        samples only among its allowed tokens (`logits` is changed in place)."""
+        if masks is not None:
+            apply_masks(logits, masks)
         if self.all_greedy and not self.any_penalty:
             tokens = logits.argmax(dim=-1)  # the common case: no softmax, no sort, no tables
             return Sampled(tokens, self._logprobs(logits, tokens))
@@ -269,6 +274,25 @@ def _assemble(
         seen=tensors.get("seen"),
         counts=tensors.get("counts"),
     )
+
+
+def apply_masks(logits: torch.Tensor, masks: Sequence[bytes | None]) -> None:
+    """Set to -inf, in place, every logit of a masked row whose token its mask does not allow
+    (StepBatch.masks' layout: bit i of little-endian 32-bit word i // 32; ids past the mask are
+    not allowed). One unpack for the masked rows together; the other rows are not touched."""
+    rows = [row for row, mask in enumerate(masks) if mask is not None]
+    if not rows:
+        return
+    packed = bytearray().join(masks[row] or b"" for row in rows)
+    words = torch.frombuffer(packed, dtype=torch.int32).view(len(rows), -1).to(logits.device)
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    forbidden = ((words.unsqueeze(-1) >> shifts) & 1).view(len(rows), -1) == 0
+    vocab = logits.shape[-1]
+    width = min(vocab, forbidden.shape[1])
+    for i, row in enumerate(rows):
+        logits[row, :width].masked_fill_(forbidden[i, :width], float("-inf"))
+        if width < vocab:
+            logits[row, width:] = float("-inf")
 
 
 def _has_penalty(params: SamplingParams) -> bool:

@@ -26,7 +26,7 @@ from chatqueue.engine.hf.kv_batch import UnsupportedCache
 from chatqueue.engine.hf.paged.attention import NAME, STEP_KWARG, PagedStep, PrefillChunk
 from chatqueue.engine.hf.paged.pool import KVPool, KVShape, check_paged_supported
 from chatqueue.engine.hf.sampling import Sampled, SamplingBatch, SamplingRequest, step_output
-from chatqueue.engine.runner import KVSpec, NewSequence, StepBatch, StepOutput
+from chatqueue.engine.runner import KVSpec, NewSequence, StepBatch, StepOutput, row_masks
 
 
 @dataclass(eq=False, slots=True)
@@ -122,7 +122,7 @@ class HFPagedRunner:
             return StepOutput({})
         with torch.inference_mode():
             logits = self._forward(chunks)
-            return step_output(self._sample(logits, chunks))
+            return step_output(self._sample(logits, chunks, batch))
 
     def close(self) -> None:
         device = self.device
@@ -231,7 +231,7 @@ class HFPagedRunner:
         return [blocks[p // size] * size + p % size for p in range(begin, end)]
 
     def _sample(
-        self, logits: torch.Tensor, chunks: list[_Chunk]
+        self, logits: torch.Tensor, chunks: list[_Chunk], batch: StepBatch
     ) -> list[tuple[list[int], Sampled]]:
         """Decode rows sample from their rows; prompts that ended sample their first token and
         join the decode rows. Every packed token's KV is now in the pool."""
@@ -239,8 +239,9 @@ class HFPagedRunner:
         rows = len(self._decoding)
         if rows:
             assert self._sampling is not None
-            sampled = self._sampling.sample(logits[:rows])
-            parts.append(([s.rid for s in self._decoding], sampled))
+            rids = [s.rid for s in self._decoding]
+            sampled = self._sampling.sample(logits[:rows], masks=row_masks(batch, rids))
+            parts.append((rids, sampled))
             self._pending = sampled.tokens
             for seq in self._decoding:
                 seq.num_computed += 1
@@ -255,8 +256,9 @@ class HFPagedRunner:
             joining = SamplingBatch.create(
                 requests, vocab_size=logits.shape[-1], device=self.device
             )
-            sampled = joining.sample(logits[rows:])
-            parts.append(([s.rid for s in done], sampled))
+            rids = [s.rid for s in done]
+            sampled = joining.sample(logits[rows:], masks=row_masks(batch, rids))
+            parts.append((rids, sampled))
             self._decoding = self._decoding + done
             self._pending = torch.cat([self._pending, sampled.tokens])
             self._sampling = joining if self._sampling is None else self._sampling.concat(joining)

@@ -21,7 +21,7 @@ from chatqueue.engine.hf.static.families import check_supported
 from chatqueue.engine.hf.static.graphs import DecodeGraphs
 from chatqueue.engine.hf.static.prefill import Prefilled, PrefillQueue
 from chatqueue.engine.hf.static.slots import KvSlots
-from chatqueue.engine.runner import StepBatch, StepOutput
+from chatqueue.engine.runner import StepBatch, StepOutput, row_masks
 
 
 class StaticCacheRunner:
@@ -114,9 +114,9 @@ class StaticCacheRunner:
             self._prefills.add(batch.new)
             parts: list[tuple[list[int], Sampled]] = []
             if self.slots.rids:
-                parts.append((list(self.slots.rids), self._decode()))
+                parts.append((list(self.slots.rids), self._decode(batch)))
             for prefilled in self._prefills.run_some():
-                parts.append(self._join(prefilled))
+                parts.append(self._join(prefilled, batch))
             return step_output(parts)
 
     def close(self) -> None:
@@ -137,22 +137,24 @@ class StaticCacheRunner:
             keep = [before.index(rid) for rid in self.slots.rids]
             self._sampling = self._sampling.select(keep) if keep else None
 
-    def _decode(self) -> Sampled:
+    def _decode(self, batch: StepBatch) -> Sampled:
         self.slots.compact_if_full()
         n = len(self.slots.rids)
         logits = self.graphs.run(n)
         self.slots.stepped()
         assert self._sampling is not None
-        sampled = self._sampling.sample(logits[:n])
+        # NOTE: the mask goes on the graph's logits, outside the graph (it changes every step)
+        masks = row_masks(batch, self.slots.rids)
+        sampled = self._sampling.sample(logits[:n], masks=masks)
         self.slots.ids[:n].copy_(sampled.tokens)
         return sampled
 
-    def _join(self, prefilled: Prefilled) -> tuple[list[int], Sampled]:
+    def _join(self, prefilled: Prefilled, batch: StepBatch) -> tuple[list[int], Sampled]:
         """Sample each prefilled sequence's first token and give it a row."""
         news, logits = prefilled.sequences, prefilled.logits
         requests = [SamplingRequest(new.params, new.prompt_ids) for new in news]
         joining = SamplingBatch.create(requests, vocab_size=logits.shape[-1], device=self.device)
-        sampled = joining.sample(logits)
+        sampled = joining.sample(logits, masks=row_masks(batch, [new.rid for new in news]))
         for new, cache, token in zip(news, prefilled.caches, sampled.tokens, strict=True):
             self.slots.add(new, cache, token)
         self._sampling = joining if self._sampling is None else self._sampling.concat(joining)
