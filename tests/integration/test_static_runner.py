@@ -151,7 +151,12 @@ def test_the_compiled_step_traces_one_layer_for_all_and_equals_generate() -> Non
         got = drive(runner, prompts, {0: [0], 1: [1, 2]}, {i: len(e) for i, e in expected.items()})
         assert got == expected
         traced[layers] = (counters["stats"]["unique_graphs"], counters["stats"]["calls_captured"])
-    assert traced[2] == traced[4]
+    # NOTE: the graphs are the same; the ops captured may differ a little with what ran earlier
+    # in the process (seen: 251 for 2 layers after the family tests, 238 for 4), but tracing
+    # every layer would capture about twice as many for 4 layers as for 2.
+    (graphs_2, ops_2), (graphs_4, ops_4) = traced[2], traced[4]
+    assert graphs_4 == graphs_2
+    assert ops_4 <= ops_2 * 1.1
 
 
 @pytest.mark.timeout(900)  # four regions compiled ahead of time, C++ for the CPU
