@@ -111,14 +111,15 @@ def llama_server(binary: Path, *, slots: int, context: int, threads: int) -> Ite
         str(threads),
         "--no-webui",
     ]
-    log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    log = Path(tempfile.mkdtemp()) / "llama-server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited: {Path(log.name).read_text()[-3000:]}")
+                raise RuntimeError(f"llama-server exited: {log.read_text()[-3000:]}")
             with contextlib.suppress(httpx.TransportError):
                 if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                     break

@@ -43,5 +43,5 @@ def test_auto_keeps_the_gpu_for_transformers(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_llamacpp_takes_only_a_gguf_file() -> None:
-    with pytest.raises(ValueError, match="must name a .gguf"):
+    with pytest.raises(ValueError, match=r"must name a \.gguf"):
         Settings(engine="llamacpp", model="/some/folder")
