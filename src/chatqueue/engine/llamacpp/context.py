@@ -106,8 +106,21 @@ class LlamaContext:
             self._model = None
 
 
+# ggml's log levels: NONE, DEBUG, INFO, WARN, ERROR, CONT (the previous line goes on)
+_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
+_last_level = logging.DEBUG
+
+
+@llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
+def _to_logging(level: int, text: bytes, user_data: object) -> None:
+    """llama.cpp's log lines into ours: its load details at debug, its warnings and errors as such.
+    (llama-cpp-python's own callback prints them to stderr, by an outdated level table.)"""
+    global _last_level
+    _last_level = _LEVELS.get(level, _last_level)
+    line = text.decode("utf-8", errors="replace").rstrip()
+    if line:
+        log.log(_last_level, "%s", line)
+
+
 def _quiet_llama_cpp() -> None:
-    """llama-cpp-python prints every llama.cpp log line to stderr unless its logger says otherwise."""
-    logging.getLogger("llama-cpp-python").setLevel(
-        logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.WARNING
-    )
+    llama_cpp.llama_log_set(_to_logging, None)
