@@ -70,6 +70,8 @@ def engine_for(settings: Settings) -> str:
 
     if not is_gguf(settings.model) or importlib.util.find_spec("llama_cpp") is None:
         return "hf"
+    if settings.batching == "off":
+        return "hf"  # the llama.cpp runner always batches
     if settings.device == "cpu":
         return "llamacpp"
     return "hf" if settings.device == "cuda" or _nvidia_gpu_visible() else "llamacpp"
