@@ -56,22 +56,28 @@ def runner_for(settings: Settings) -> Runner | Callable[[], Runner]:
     return functools.partial(load_hf, settings)
 
 
-def engine_for(settings: Settings) -> str:
-    """`--engine auto`: llama.cpp for a GGUF (the default model is one) where it is installed and
-    no NVIDIA GPU is visible (`--device cpu` counts as none); transformers otherwise.
+# NOTE: the most sequences at once for which `--engine auto` picks llama.cpp. Measured in-process
+# on the 2-vCPU machine, one thread each (benchmarks/RESULTS.md, issue 17): llama.cpp's decode
+# 5.6x the transformers runner's tokens/s at 1 sequence, 1.5x at 8, but 0.28x at 32, where
+# the fp32 GEMMs scale and llama.cpp's Q4_1 dot products do not.
+LLAMACPP_MAX_CONCURRENT = 8
 
-    NOTE: why llama.cpp on a CPU. It streams the GGUF's 4-bit weights where the transformers
-    runner streams them dequantized to fp32 (6x the bytes a token), and its batched decode keeps
-    up at 32 streams; benchmarks/RESULTS.md (bench_llamacpp). The GPU check reads the driver's
-    /proc entry rather than importing torch: the server process never imports it."""
+
+def engine_for(settings: Settings) -> str:
+    """`--engine auto`: llama.cpp for a GGUF (the default model is one) where it is installed, no
+    NVIDIA GPU is visible (`--device cpu` counts as none) and at most LLAMACPP_MAX_CONCURRENT
+    sequences run at once (the default 8 does); transformers otherwise.
+
+    NOTE: the GPU check reads the driver's /proc entry rather than importing torch: the server
+    process never imports it."""
     if settings.engine != "auto":
         return settings.engine
     from chatqueue.engine.hf.gguf_cache import is_gguf
 
     if not is_gguf(settings.model) or importlib.util.find_spec("llama_cpp") is None:
         return "hf"
-    if settings.batching == "off":
-        return "hf"  # the llama.cpp runner always batches
+    if settings.batching == "off" or settings.max_concurrent > LLAMACPP_MAX_CONCURRENT:
+        return "hf"  # the llama.cpp runner always batches, and is slower at many sequences
     if settings.device == "cpu":
         return "llamacpp"
     return "hf" if settings.device == "cuda" or _nvidia_gpu_visible() else "llamacpp"

@@ -107,7 +107,13 @@ class LlamaContext:
 
 
 # ggml's log levels: NONE, DEBUG, INFO, WARN, ERROR, CONT (the previous line goes on)
-_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
+_LEVELS = {
+    0: logging.DEBUG,
+    1: logging.DEBUG,
+    2: logging.DEBUG,
+    3: logging.WARNING,
+    4: logging.ERROR,
+}
 _last_level = logging.DEBUG
 
 
