@@ -58,7 +58,7 @@ def runner_for(settings: Settings) -> Runner | Callable[[], Runner]:
 
 # NOTE: the most sequences at once for which `--engine auto` picks llama.cpp. Measured in-process
 # on the 2-vCPU machine, one thread each (benchmarks/RESULTS.md, issue 17): llama.cpp's decode
-# 5.6x the transformers runner's tokens/s at 1 sequence, 1.5x at 8, but 0.28x at 32, where
+# 5.6x the transformers runner's tokens/s at 1 sequence, 1.5x at 8, but 0.5x at 32, where
 # the fp32 GEMMs scale and llama.cpp's Q4_1 dot products do not.
 LLAMACPP_MAX_CONCURRENT = 8
 
