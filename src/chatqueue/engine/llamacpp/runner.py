@@ -19,7 +19,7 @@ import torch
 from chatqueue.engine.hf.sampling import Sampled, SamplingBatch, SamplingRequest, step_output
 from chatqueue.engine.llamacpp.context import LlamaContext
 from chatqueue.engine.llamacpp.slots import PrefixStats, SlotTable
-from chatqueue.engine.runner import NewSequence, StepBatch, StepOutput
+from chatqueue.engine.runner import NewSequence, StepBatch, StepOutput, row_masks
 
 _CPU = torch.device("cpu")
 
@@ -59,6 +59,15 @@ class LlamaCppRunner:
     def prefix_stats(self) -> PrefixStats:
         return self._table.stats
 
+    @property
+    def info(self) -> dict[str, object]:
+        return {
+            "runner": "llamacpp",
+            "slots": len(self._table),
+            "context_window": self.context_window,
+            "prefill_chunk": self._chunk,
+        }
+
     def step(self, batch: StepBatch) -> StepOutput:
         self._release(batch.released)
         assert set(self._held) == set(batch.running), (
@@ -73,7 +82,7 @@ class LlamaCppRunner:
         except Exception:
             self._forget(decoding + self._prefilling)
             raise
-        return self._sample(decoding, finishing, logits)
+        return self._sample(batch, decoding, finishing, logits)
 
     def close(self) -> None:
         self._ctx.close()
@@ -134,18 +143,24 @@ class LlamaCppRunner:
         return finishing
 
     def _sample(
-        self, decoding: list[_Sequence], finishing: list[_Sequence], logits: torch.Tensor
+        self,
+        batch: StepBatch,
+        decoding: list[_Sequence],
+        finishing: list[_Sequence],
+        logits: torch.Tensor,
     ) -> StepOutput:
         parts: list[tuple[list[int], Sampled]] = []
         if decoding:
             assert self._sampling is not None
-            parts.append(
-                ([s.rid for s in decoding], self._sampling.sample(logits[: len(decoding)]))
-            )
+            rids = [s.rid for s in decoding]
+            masks = row_masks(batch, rids)
+            parts.append((rids, self._sampling.sample(logits[: len(decoding)], masks=masks)))
         if finishing:
-            requests = [SamplingRequest(s.new.params, s.new.prompt_ids) for s in finishing]
+            requests = [_sampling_request(s.new) for s in finishing]
             joining = SamplingBatch.create(requests, vocab_size=logits.shape[-1], device=_CPU)
-            parts.append(([s.rid for s in finishing], joining.sample(logits[len(decoding) :])))
+            rids = [s.rid for s in finishing]
+            masks = row_masks(batch, rids)
+            parts.append((rids, joining.sample(logits[len(decoding) :], masks=masks)))
             self._sampling = joining if self._sampling is None else self._sampling.concat(joining)
             self._decoding += finishing
         output = step_output(parts)
@@ -158,3 +173,12 @@ class LlamaCppRunner:
         for seq in sequences:
             self._ctx.clear(seq.slot)
             self._table.tokens(seq.slot).clear()
+
+
+def _sampling_request(new: NewSequence) -> SamplingRequest:
+    """A sequence resumed after a preemption ends its prompt with what it generated: the
+    penalties count that as output."""
+    generated = (
+        new.prompt_ids[len(new.prompt_ids) - new.num_generated :] if new.num_generated else ()
+    )
+    return SamplingRequest(new.params, new.prompt_ids, generated=generated)
