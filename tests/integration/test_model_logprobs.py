@@ -22,7 +22,7 @@ QUESTION = [{"role": "user", "content": "Name three colors."}]
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     with running_server(
-        "--max-concurrent", "8", tmp_path=tmp_path_factory.mktemp("logprobs")
+        "--engine", "hf", "--max-concurrent", "8", tmp_path=tmp_path_factory.mktemp("logprobs")
     ) as server:
         yield server
     assert_no_server_errors(server.log())

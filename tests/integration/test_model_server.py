@@ -37,8 +37,10 @@ PROMPTS = ["What is 2+2?", "Name three colors.", "Write a haiku about the sea.",
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    # NOTE: the transformers engine, named: on a CPU `--engine auto` would pick llama.cpp, whose
+    # server path test_llamacpp_server.py covers.
     with running_server(
-        "--max-concurrent", "8", tmp_path=tmp_path_factory.mktemp("model")
+        "--engine", "hf", "--max-concurrent", "8", tmp_path=tmp_path_factory.mktemp("model")
     ) as server:
         yield server
     assert_no_server_errors(server.log())
@@ -213,6 +215,8 @@ async def test_batching_off_gives_the_same_greedy_text(
     # NOTE: the module's server runs the model in its own process (the default); this one in the
     # server's process, so both paths give the same text.
     with running_server(
+        "--engine",
+        "hf",
         "--batching",
         "off",
         "--model-process",
@@ -280,7 +284,7 @@ async def test_health_and_requests_are_503_loading_until_the_model_is_ready() ->
 @pytest.mark.model
 async def test_the_real_model_process_comes_back_after_a_kill(tmp_path: Path) -> None:
     question = "What is the capital of Japan? Answer in one word."
-    with running_server("--max-concurrent", "2", tmp_path=tmp_path) as server:
+    with running_server("--engine", "hf", "--max-concurrent", "2", tmp_path=tmp_path) as server:
         async with httpx.AsyncClient(base_url=server.url, timeout=TIMEOUT_S) as client:
             before = text_of(await complete(client, question, temperature=0, max_tokens=8))
             os.kill(model_process(server.process.pid), signal.SIGKILL)

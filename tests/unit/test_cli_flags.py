@@ -57,7 +57,7 @@ def test_help_names_each_flag_its_variable_and_default() -> None:
     for name in Settings.model_fields:
         line = next(x for x in out.splitlines() if f"--{name.replace('_', '-')} " in x)
         assert f"[env var: CHATQUEUE_{name.upper()}]" in line
-    assert "[choices: hf, mock] [env var: CHATQUEUE_ENGINE] [default: hf]" in out
+    assert "[choices: auto, hf, llamacpp, mock] [env var: CHATQUEUE_ENGINE] [default: auto]" in out
     assert "[env var: CHATQUEUE_MAX_QUEUE_SIZE] [default: 64]" in out
     assert not re.search(r"--max-queue\b(?!-)", out), "a deprecated flag is not offered"
 
@@ -104,7 +104,8 @@ def test_a_bool_setting_gets_a_flag_pair() -> None:
 
 def test_bad_value_exits_2_naming_the_setting(served: list[Settings]) -> None:
     r = serve("--engine", "nope")
-    assert r.exit_code == 2 and "error: engine: Input should be 'hf' or 'mock'" in r.stderr
+    assert r.exit_code == 2
+    assert "error: engine: Input should be 'auto', 'hf', 'llamacpp' or 'mock'" in r.stderr
     assert not served
 
 

@@ -4,6 +4,7 @@ mock engine starts without importing torch."""
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -50,7 +51,43 @@ def runner_for(settings: Settings) -> Runner | Callable[[], Runner]:
                 prefix_caching=settings.prefix_caching == "on",
             )
         )
+    if engine_for(settings) == "llamacpp":
+        return functools.partial(load_llamacpp, settings)
     return functools.partial(load_hf, settings)
+
+
+# NOTE: the most sequences at once for which `--engine auto` picks llama.cpp. Measured in-process
+# on the 2-vCPU machine, one thread each (benchmarks/RESULTS.md, issue 17): llama.cpp's decode
+# 5.6x the transformers runner's tokens/s at 1 sequence, 1.5x at 8, but 0.5x at 32, where
+# the fp32 GEMMs scale and llama.cpp's Q4_1 dot products do not.
+LLAMACPP_MAX_CONCURRENT = 8
+
+
+def engine_for(settings: Settings) -> str:
+    """`--engine auto`: llama.cpp for a GGUF (the default model is one) where it is installed, no
+    NVIDIA GPU is visible (`--device cpu` counts as none) and at most LLAMACPP_MAX_CONCURRENT
+    sequences run at once (the default 8 does); transformers otherwise.
+
+    NOTE: the GPU check reads the driver's /proc entry rather than importing torch: the server
+    process never imports it."""
+    if settings.engine != "auto":
+        return settings.engine
+    from chatqueue.engine.hf.gguf_cache import is_gguf
+
+    if not is_gguf(settings.model) or importlib.util.find_spec("llama_cpp") is None:
+        return "hf"
+    if settings.batching == "off" or settings.max_concurrent > LLAMACPP_MAX_CONCURRENT:
+        return "hf"  # the llama.cpp runner always batches, and is slower at many sequences
+    if settings.device == "cpu":
+        return "llamacpp"
+    return "hf" if settings.device == "cuda" or _nvidia_gpu_visible() else "llamacpp"
+
+
+def _nvidia_gpu_visible() -> bool:
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "all").strip() in ("", "-1"):
+        return False  # hidden from CUDA, as torch would see it
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return gpus.is_dir() and any(gpus.iterdir())
 
 
 def load_hf(settings: Settings) -> Runner:
@@ -59,12 +96,44 @@ def load_hf(settings: Settings) -> Runner:
     from chatqueue.engine.hf.gguf_cache import model_folder
 
     folder, name = model_folder(settings.model, settings.cache)
+    return _with_model(
+        settings,
+        folder,
+        name,
+        load=functools.partial(load_model, settings, str(folder)),
+        preload=("torch", "transformers", "chatqueue.engine.hf.loader"),
+        prepare=functools.partial(prepare_model_process, settings, str(folder)),
+    )
+
+
+def load_llamacpp(settings: Settings) -> Runner:
+    """On the engine thread: the GGUF and its tokenizer (converted once, on its own), the
+    tokenizer loaded here, the model through llama.cpp here or in its own process."""
+    from chatqueue.engine.hf.gguf_cache import gguf_model
+
+    gguf, folder, name = gguf_model(settings.model, settings.cache)
+    return _with_model(
+        settings,
+        folder,
+        name,
+        load=functools.partial(load_llamacpp_model, settings, str(gguf)),
+        preload=("torch", "llama_cpp", "chatqueue.engine.llamacpp.loader"),
+    )
+
+
+def _with_model(
+    settings: Settings,
+    folder: Path,
+    name: str,
+    *,
+    load: Callable[[], ModelRunner],
+    preload: tuple[str, ...],
+    prepare: Callable[[], None] | None = None,
+) -> Runner:
+    """The tokenizer of `folder` loaded in this process, and `load()` here or in a model process."""
     name = settings.served_model_name or name
-    load = functools.partial(load_model, settings, str(folder))
     if settings.model_process == "off":
         return TokenizedRunner(load(), _tokenizer(settings, folder, name), name)
-    preload = ("torch", "transformers", "chatqueue.engine.hf.loader")
-    prepare = functools.partial(prepare_model_process, settings, str(folder))
     # NOTE: the model process starts first: its imports and the GPU's preparation (~19 s on an
     # H200 machine) overlap the tokenizer's here (~5 s: transformers, torch).
     started = ModelProcess(Preload(preload, prepare))
@@ -111,6 +180,14 @@ def load_model(settings: Settings, folder: str) -> ModelRunner:
 
     torch.set_num_threads(settings.torch_threads or default_torch_threads())
     return load_model_runner(settings, Path(folder))
+
+
+def load_llamacpp_model(settings: Settings, gguf: str) -> ModelRunner:
+    """The llama.cpp runner (module-level, so the model process can unpickle it)."""
+    from chatqueue.engine.llamacpp.loader import load_llamacpp_runner
+
+    threads = settings.torch_threads or default_torch_threads()
+    return load_llamacpp_runner(settings, Path(gguf), threads=threads)
 
 
 def default_torch_threads() -> int:

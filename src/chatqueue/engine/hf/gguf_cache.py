@@ -6,18 +6,21 @@ NOTE: imports nothing heavy until a conversion is needed: the server process fin
 
 Reading a GGUF through transformers dequantizes every tensor (~30 s for SmolLM2-135M), so the result
 is saved as an ordinary checkpoint under the cache folder and loaded from there afterwards. The
-folder appears by one rename of a finished temporary folder: an interrupted conversion leaves
+llama.cpp engine reads the GGUF itself and needs only its tokenizer, converted once on its own
+(`gguf_model`). A folder appears by one rename of a finished temporary folder: an interrupted conversion leaves
 nothing that looks like a cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -74,14 +77,41 @@ def gguf_model_folder(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     file's path, size and time, so a changed or another file of the same name converts anew."""
     if not gguf_path.is_file():
         raise ModelNotFound(f"{gguf_path} is not a file")
-    stat = gguf_path.stat()
-    key = f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()
-    target = (
-        cache_root(cache_dir) / "models" / f"{gguf_path.stem}-{hashlib.sha1(key).hexdigest()[:10]}"
-    )
+    target = cache_root(cache_dir) / "models" / _cache_name(gguf_path)
     if not target.is_dir():
         convert_gguf(gguf_path, target)
     return target
+
+
+def _cache_name(gguf_path: Path) -> str:
+    stat = gguf_path.stat()
+    key = f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()
+    return f"{gguf_path.stem}-{hashlib.sha1(key).hexdigest()[:10]}"
+
+
+def gguf_model(model: str | None, cache_dir: Path | None = None) -> tuple[Path, Path, str]:
+    """For a runner that reads the GGUF itself (llama.cpp): the GGUF file of `model` (None: the
+    default), a local folder with its tokenizer (converted once; the full converted model's
+    folder where that exists already) and the name it is served under by default."""
+    if model is None:
+        gguf, name = default_gguf_path(), DEFAULT_MODEL_NAME
+    else:
+        gguf = Path(model).expanduser()
+        if not is_gguf(model):
+            raise ModelNotFound(f"{model} is not a GGUF file")
+        name = gguf.stem
+    converted = cache_root(cache_dir) / "models" / name
+    if model is None and converted.is_dir():
+        return gguf, converted, name
+    target = cache_root(cache_dir) / "tokenizers" / (name if model is None else _cache_name(gguf))
+    if not target.is_dir():
+        convert_gguf_tokenizer(gguf, target)
+    return gguf, target, name
+
+
+def is_gguf(model: str | None) -> bool:
+    """Whether `model` names a GGUF file (None, the default model, is one)."""
+    return model is None or (model.endswith(".gguf") and Path(model).expanduser().is_file())
 
 
 def default_model_folder(cache_dir: Path | None = None) -> Path:
@@ -96,18 +126,39 @@ def convert_gguf(gguf_path: Path, target: Path) -> None:
     """Write `gguf_path` as a plain HF checkpoint (model, tokenizer, generation config) at `target`."""
     from tqdm import tqdm
 
+    desc = f"Converting {gguf_path.name} (once)"
+    with _staged(target) as staging, tqdm(total=3, desc=desc, unit="stage") as progress:
+        model = read_gguf_model(gguf_path)
+        progress.update()
+        tokenizer = read_gguf_tokenizer(gguf_path)
+        progress.update()
+        write_checkpoint(model, tokenizer, staging)
+        progress.update()
+    log.info("converted %s into %s", gguf_path, target)
+
+
+def convert_gguf_tokenizer(gguf_path: Path, target: Path) -> None:
+    """Write the tokenizer of `gguf_path` (with its chat template, and its EOS in a generation
+    config) at `target`: all a server needs whose model reads the GGUF itself (a few seconds)."""
+    from transformers import GenerationConfig
+
+    with _staged(target) as staging:
+        tokenizer = read_gguf_tokenizer(gguf_path)
+        tokenizer.save_pretrained(staging)
+        generation = GenerationConfig(eos_token_id=tokenizer.eos_token_id)  # type: ignore[no-untyped-call]
+        generation.save_pretrained(staging)
+    log.info("converted the tokenizer of %s into %s", gguf_path, target)
+
+
+@contextlib.contextmanager
+def _staged(target: Path) -> Iterator[Path]:
+    """A temporary folder beside `target`, renamed to it once the block has filled it."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(
         tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
     )
     try:
-        with tqdm(total=3, desc=f"Converting {gguf_path.name} (once)", unit="stage") as progress:
-            model = read_gguf_model(gguf_path)
-            progress.update()
-            tokenizer = read_gguf_tokenizer(gguf_path)
-            progress.update()
-            write_checkpoint(model, tokenizer, staging)
-            progress.update()
+        yield staging
         staging.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
         try:
             staging.rename(target)
@@ -115,7 +166,6 @@ def convert_gguf(gguf_path: Path, target: Path) -> None:
             # Another process finished the same conversion first; its folder is as good as ours.
             if not target.is_dir():
                 raise
-        log.info("converted %s into %s", gguf_path, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

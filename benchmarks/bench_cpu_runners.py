@@ -1,0 +1,75 @@
+"""The two CPU runners of the default model in-process, side by side: llama.cpp (the GGUF) against
+transformers (the GGUF dequantized to fp32), one thread each, no server: decode tokens/s of N
+sequences stepping together, alternating runners round by round. Prints each round's ratio
+llama.cpp / transformers and the medians. (The server against llama-server: bench_llamacpp.py.)
+
+    .venv/bin/python benchmarks/bench_cpu_runners.py --concurrency 1 8 32 --steps 32 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_hf_batching import prompts
+from chatqueue.api.build import load_hf, load_llamacpp
+from chatqueue.config import Settings
+from chatqueue.engine.runner import NewSequence, Runner, StepBatch
+from chatqueue.types import ChatMessage, SamplingParams
+
+
+def decode_rate(runner: Runner, n: int, steps: int) -> float:
+    """Prefill n prompts, then time `steps` decode steps of all n; tokens/s of the decode."""
+    ids = [runner.tokenizer.apply_chat_template([ChatMessage("user", p)]) for p in prompts(n)]
+    greedy = SamplingParams(temperature=0.0)
+    runner.step(StepBatch([NewSequence(i, p, greedy) for i, p in enumerate(ids)], [], []))
+    running = list(range(n))
+    began = time.perf_counter()
+    for _ in range(steps):
+        runner.step(StepBatch([], running, []))
+    elapsed = time.perf_counter() - began
+    runner.step(StepBatch([], [], running))
+    return n * steps / elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    settings = Settings(
+        device="cpu",
+        dtype="float32",
+        model_process="off",
+        torch_threads=1,
+        max_concurrent=max(args.concurrency),
+        max_model_len=1024,
+    )
+    import torch
+
+    torch.set_num_threads(1)
+    runners = {"llama.cpp": load_llamacpp(settings), "transformers": load_hf(settings)}
+    for n in args.concurrency:
+        ratios = []
+        for round_ in range(args.rounds):
+            order = list(runners) if round_ % 2 == 0 else list(runners)[::-1]
+            rates = {name: decode_rate(runners[name], n, args.steps) for name in order}
+            ratios.append(rates["llama.cpp"] / rates["transformers"])
+            print(
+                f"{n:>2} sequences round {round_ + 1}: llama.cpp {rates['llama.cpp']:6.1f} tok/s, "
+                f"transformers {rates['transformers']:6.1f} tok/s, ratio {ratios[-1]:.2f}",
+                flush=True,
+            )
+        print(
+            f"{n:>2} sequences: median ratio llama.cpp / transformers {statistics.median(ratios):.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""A ModelRunner over llama.cpp: every running sequence decodes one token, and prompts prefill a
+chunk, all in one `llama_decode` per step; chatqueue's own sampler picks the tokens.
+
+NOTE: a step frees `released` sequences (their slots keep their cache for prefix reuse, slots.py),
+gives each new sequence a slot, then fills one batch: a token for every decoding sequence (its
+last sampled token, at its next position, logits wanted), then prompt tokens up to `prefill_chunk`,
+oldest prompt first; a prompt's last token wants logits. llama.cpp splits the batch into its own
+micro-batches. The logits come back as one [rows, vocab] tensor: decoding rows first, in the
+sampler's row order, then the prompts that finished, which join the sampler's rows. A prompt longer
+than the chunk runs over several steps and is in no step's output until its last chunk."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from chatqueue.engine.hf.sampling import Sampled, SamplingBatch, SamplingRequest, step_output
+from chatqueue.engine.llamacpp.context import LlamaContext
+from chatqueue.engine.llamacpp.slots import PrefixStats, SlotTable
+from chatqueue.engine.runner import NewSequence, StepBatch, StepOutput, row_masks
+
+_CPU = torch.device("cpu")
+
+
+@dataclass(eq=False, slots=True)
+class _Sequence:
+    new: NewSequence
+    slot: int
+    length: int  # tokens in its KV cache
+    pending: int | None = None  # its last sampled token, not yet in the cache; None: prefilling
+
+    @property
+    def rid(self) -> int:
+        return self.new.rid
+
+    @property
+    def prompt_left(self) -> int:
+        return len(self.new.prompt_ids) - self.length
+
+
+class LlamaCppRunner:
+    def __init__(self, context: LlamaContext, *, slots: int, prefill_chunk: int) -> None:
+        assert context.batch.capacity >= slots + prefill_chunk, "a step's batch must fit"
+        self._ctx = context
+        self._table = SlotTable(slots)
+        self._chunk = prefill_chunk
+        self._held: dict[int, _Sequence] = {}
+        self._decoding: list[_Sequence] = []  # in the sampler's row order
+        self._prefilling: list[_Sequence] = []  # oldest first
+        self._sampling: SamplingBatch | None = None
+
+    @property
+    def context_window(self) -> int:
+        return self._ctx.context_window
+
+    @property
+    def prefix_stats(self) -> PrefixStats:
+        return self._table.stats
+
+    @property
+    def info(self) -> dict[str, object]:
+        return {
+            "runner": "llamacpp",
+            "slots": len(self._table),
+            "context_window": self.context_window,
+            "prefill_chunk": self._chunk,
+        }
+
+    def step(self, batch: StepBatch) -> StepOutput:
+        self._release(batch.released)
+        assert set(self._held) == set(batch.running), (
+            f"running {sorted(batch.running)} != sequences held {sorted(self._held)}"
+        )
+        for new in batch.new:
+            self._admit(new)
+        decoding = list(self._decoding)
+        finishing = self._fill(decoding)
+        try:
+            logits = self._ctx.decode()
+        except Exception:
+            self._forget(decoding + self._prefilling)
+            raise
+        return self._sample(batch, decoding, finishing, logits)
+
+    def close(self) -> None:
+        self._ctx.close()
+
+    # -- the phases of a step -------------------------------------------------------------
+    def _release(self, released: Sequence[int]) -> None:
+        gone = [self._held.pop(rid) for rid in released if rid in self._held]
+        if not gone:
+            return
+        for seq in gone:
+            self._table.release(seq.slot)
+        left = {seq.rid for seq in gone}
+        keep = [row for row, seq in enumerate(self._decoding) if seq.rid not in left]
+        if len(keep) != len(self._decoding):
+            self._decoding = [self._decoding[row] for row in keep]
+            assert self._sampling is not None
+            self._sampling = self._sampling.select(keep) if keep else None
+        self._prefilling = [seq for seq in self._prefilling if seq.rid not in left]
+
+    def _admit(self, new: NewSequence) -> None:
+        assert new.prompt_ids, "a prompt must hold at least one token"
+        assert new.rid not in self._held, f"sequence {new.rid} is already running"
+        claim = self._table.claim(new.rid, new.prompt_ids)
+        if not self._ctx.keep_prefix(claim.slot, claim.reused):
+            self._ctx.clear(claim.slot)
+            claim = self._table.forget(claim)
+        seq = _Sequence(new, claim.slot, length=claim.reused)
+        self._held[new.rid] = seq
+        self._prefilling.append(seq)
+
+    def _fill(self, decoding: list[_Sequence]) -> list[_Sequence]:
+        """Put the step's tokens in the batch; returns the sequences whose prompt it finishes."""
+        batch = self._ctx.batch
+        batch.clear()
+        if decoding:
+            batch.add_one_each(
+                [seq.pending for seq in decoding],  # type: ignore[misc]
+                seq_ids=[seq.slot for seq in decoding],
+                positions=[seq.length for seq in decoding],
+            )
+            for seq in decoding:
+                self._table.tokens(seq.slot).append(seq.pending)  # type: ignore[arg-type]
+                seq.length += 1
+        budget, finishing = self._chunk, []
+        for seq in self._prefilling:
+            if budget == 0:
+                break
+            take = min(budget, seq.prompt_left)
+            chunk = seq.new.prompt_ids[seq.length : seq.length + take]
+            finishes = take == seq.prompt_left
+            batch.add(chunk, seq_id=seq.slot, start=seq.length, logits_last=finishes)
+            self._table.tokens(seq.slot).extend(chunk)
+            seq.length += take
+            budget -= take
+            if finishes:
+                finishing.append(seq)
+        self._prefilling = [seq for seq in self._prefilling if seq.prompt_left > 0]
+        return finishing
+
+    def _sample(
+        self,
+        batch: StepBatch,
+        decoding: list[_Sequence],
+        finishing: list[_Sequence],
+        logits: torch.Tensor,
+    ) -> StepOutput:
+        parts: list[tuple[list[int], Sampled]] = []
+        if decoding:
+            assert self._sampling is not None
+            rids = [s.rid for s in decoding]
+            masks = row_masks(batch, rids)
+            parts.append((rids, self._sampling.sample(logits[: len(decoding)], masks=masks)))
+        if finishing:
+            requests = [_sampling_request(s.new) for s in finishing]
+            joining = SamplingBatch.create(requests, vocab_size=logits.shape[-1], device=_CPU)
+            rids = [s.rid for s in finishing]
+            masks = row_masks(batch, rids)
+            parts.append((rids, joining.sample(logits[len(decoding) :], masks=masks)))
+            self._sampling = joining if self._sampling is None else self._sampling.concat(joining)
+            self._decoding += finishing
+        output = step_output(parts)
+        for seq in decoding + finishing:
+            seq.pending = output.tokens[seq.rid]
+        return output
+
+    def _forget(self, sequences: list[_Sequence]) -> None:
+        """A failed decode leaves their caches unknown: empty them (their requests fail)."""
+        for seq in sequences:
+            self._ctx.clear(seq.slot)
+            self._table.tokens(seq.slot).clear()
+
+
+def _sampling_request(new: NewSequence) -> SamplingRequest:
+    """A sequence resumed after a preemption ends its prompt with what it generated: the
+    penalties count that as output."""
+    generated = (
+        new.prompt_ids[len(new.prompt_ids) - new.num_generated :] if new.num_generated else ()
+    )
+    return SamplingRequest(new.params, new.prompt_ids, generated=generated)
