@@ -106,6 +106,7 @@ class Channels:
         placed.watcher = asyncio.create_task(self._watch(placed, call))
         channel = self._channels.get(replica)
         if channel is None or channel.done():
+            self._channels = {r: c for r, c in self._channels.items() if not c.done()}
             self._channels[replica] = asyncio.create_task(self._channel(replica))
 
     def _abandon(self, key: str) -> None:
