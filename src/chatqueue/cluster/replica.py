@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import time
 from collections.abc import AsyncIterator
 
@@ -25,10 +26,16 @@ from chatqueue.cluster.wire import Admitted, Description, Refused, Submission
 from chatqueue.config import Settings
 from chatqueue.errors import ChatQueueError, NotReady
 
+SWITCH_INTERVAL_S = 0.0005
+
 
 class ChatQueueReplica:
     # NOTE: Serve awaits an async constructor; the queue's worker needs the replica's loop.
     async def __init__(self, settings: Settings) -> None:  # type: ignore[misc]
+        # NOTE: as in one server (server/serve.py): the engine thread waits for the GIL behind
+        # this process's event loops (Serve runs two, and Ray's own threads) up to the switch
+        # interval each time, 5 ms by default, several times a step.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         self._settings = settings
         self._cq: ChatQueue = chat_queue_for(settings)
         self._id = serve.get_replica_context().replica_id.unique_id
