@@ -146,10 +146,10 @@ class Channels:
 
     # -- the channels ---------------------------------------------------------------------
     async def _channel(self, replica: str) -> None:
-        """Open the channel to `replica` while the front has requests there; it ends when the
-        replica has sent every one's end, and fails when the replica dies (the requests' own
-        calls end them then)."""
-        while any(p.replica == replica for p in self._placed.values()):
+        """The channel to `replica`, reopened while the front has requests there when it ends
+        (the replica ends it a while after its last request of ours); it fails when the
+        replica dies (the requests' own calls end them then)."""
+        while True:
             call: DeploymentResponseGenerator[Any] = self._handle.options(
                 stream=True
             ).events.remote(self.front, route=RouteHint(only=replica))  # type: ignore[assignment]
@@ -166,6 +166,8 @@ class Channels:
                 raise
             except Exception as exc:
                 log.warning("the channel to replica %s broke: %s", replica, exc)
+                return
+            if not any(p.replica == replica for p in self._placed.values()):
                 return
             if not got:
                 await asyncio.sleep(REOPEN_AFTER_S)

@@ -18,6 +18,10 @@ from dataclasses import dataclass, field
 from chatqueue.api import RequestStream
 from chatqueue.types import Event
 
+# NOTE: a channel is one ongoing request to Serve: lingering longer would hold a replica's
+# graceful shutdown (a scale-down) up that long once its last request is done.
+LINGER_S = 5.0
+
 Batch = list[tuple[str, list[Event]]]  # (the front's key of a request, its events in order)
 
 
@@ -55,6 +59,7 @@ class Outbox:
     def add(self, key: str, stream: RequestStream) -> None:
         self._live[key] = _Entry(stream)
         stream.on_push(lambda: self._mark(key))
+        self._wakeup.set()
 
     async def until_sent(self, key: str) -> None:
         """Until the request's Finished has been handed to a channel. Leaving early (cancelled)
@@ -71,21 +76,34 @@ class Outbox:
         self._wakeup.set()
 
     async def batches(self) -> AsyncIterator[Batch]:
-        """Batches while this outbox has requests that are not yet finished and sent; then the
-        channel ends (the front opens another when it places a request here again)."""
+        """Batches while this outbox has requests that are not yet finished and sent, and for
+        `LINGER_S` after the last one (a request placed meanwhile finds the channel open, and
+        its first token need not wait for the front to open another); then the channel ends."""
         self._channel += 1
         channel = self._channel
-        while self._live and channel == self._channel:
-            if not self._ready:
-                self._wakeup.clear()
-                await self._wakeup.wait()
+        idle_since: float | None = None
+        loop = asyncio.get_running_loop()
+        while channel == self._channel:
+            if self._ready:
+                batch, done = self._take()
+                for entry in done:
+                    if not entry.sent.done():
+                        entry.sent.set_result(None)
+                if batch:
+                    yield batch
                 continue
-            batch, done = self._take()
-            for entry in done:
-                if not entry.sent.done():
-                    entry.sent.set_result(None)
-            if batch:
-                yield batch
+            if self._live:
+                idle_since = None
+            elif idle_since is None:
+                idle_since = loop.time()
+            self._wakeup.clear()
+            linger = None if idle_since is None else idle_since + LINGER_S - loop.time()
+            if linger is not None and linger <= 0:
+                return
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), linger)
+            except TimeoutError:
+                return
 
     def _take(self) -> tuple[Batch, list[_Entry]]:
         batch: Batch = []

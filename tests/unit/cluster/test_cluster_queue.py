@@ -12,6 +12,7 @@ import pytest
 from ray.exceptions import RayActorError
 
 from chatqueue.api import RequestStream
+from chatqueue.cluster import outbox as outbox_module
 from chatqueue.cluster.outbox import Outbox, encode
 from chatqueue.cluster.policy import RouteHint
 from chatqueue.cluster.queue import ClusterQueue
@@ -238,10 +239,12 @@ async def test_the_per_user_waiting_cap_counts_across_replicas() -> None:
     await queue.stop(0)
 
 
-async def test_one_channel_message_carries_every_streams_events() -> None:
+async def test_one_channel_message_carries_every_streams_events(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The outbox batches: what several requests pushed since the last batch goes as one
-    message, a slow channel's unread tokens merged; the channel ends once every request's end
-    has been sent."""
+    message, a slow channel's unread tokens merged. Once every request's end has been sent the
+    channel lingers (a request placed meanwhile goes on it), then ends."""
     outbox = Outbox()
     streams = [RequestStream(f"r{i}", on_abandon=lambda: None) for i in range(3)]
     for i, stream in enumerate(streams):
@@ -259,5 +262,14 @@ async def test_one_channel_message_carries_every_streams_events() -> None:
     assert [key for key, _ in batch] == ["k0", "k1", "k2"]
     async with asyncio.timeout(5):
         await asyncio.gather(*sent)
+        late = RequestStream("late", on_abandon=lambda: None)
+        outbox.add("late", late)
+        late.push(Token("c"))
+        assert await batches.__anext__() == [("late", [Token("c")])]
+        late.push(Finished(FinishReason.STOP, Usage(1, 1), "c"))
+        sent_late = asyncio.create_task(outbox.until_sent("late"))
+        assert [key for key, _ in await batches.__anext__()] == ["late"]
+        await sent_late
+        monkeypatch.setattr(outbox_module, "LINGER_S", 0.0)
         assert [b async for b in batches] == []
     assert len(outbox) == 0
