@@ -90,6 +90,14 @@ def probe(servers: dict[str, Server], num: int) -> dict[str, float]:
     return {name: p50(values) for name, values in ttfts.items()}
 
 
+def cpu_per_request(root: int, url: str, streams: int, num: int = 200) -> float:
+    """CPU seconds a short request (one token) costs a server's processes, `streams` at once:
+    what the start of a request costs, apart from its tokens."""
+    before = cpu_s(root)
+    bench(url, streams=streams, requests=num, max_tokens=1)
+    return (cpu_s(root) - before) / num
+
+
 def idle_cores(root: int, seconds: float = 5.0) -> float:
     """What a server's processes use while it serves nothing (Ray's own loops, for a cluster):
     CPU seconds a second."""
@@ -156,6 +164,10 @@ def cpu(args: argparse.Namespace) -> None:
                     flush=True,
                 )
         alone = probe(servers, args.probes)
+        per_request = {
+            name: cpu_per_request(server.process.pid, server.url, args.streams)
+            for name, server in servers.items()
+        }
     tps = {n: statistics.median(r.tokens_per_s for r in rs) for n, rs in reports.items()}
     ttft = {n: statistics.median(p50(r.ttft_s) for r in rs) for n, rs in reports.items()}
     print(
@@ -169,7 +181,9 @@ def cpu(args: argparse.Namespace) -> None:
         f"{statistics.median(cpu_ms['plain']):.3f} ms (the server's processes, all of them)\n"
         f"  one request at a time ({args.probes} each, alternating): TTFT p50 "
         f"{alone['cluster'] * 1e3:.1f} ms vs {alone['plain'] * 1e3:.1f} ms: "
-        f"+{(alone['cluster'] - alone['plain']) * 1e3:.1f} ms"
+        f"+{(alone['cluster'] - alone['plain']) * 1e3:.1f} ms\n"
+        f"  CPU per one-token request, {args.streams} at once: "
+        f"{per_request['cluster'] * 1e3:.2f} ms vs {per_request['plain'] * 1e3:.2f} ms"
     )
 
 

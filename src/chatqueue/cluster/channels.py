@@ -54,13 +54,13 @@ class Placed:
 class Channels:
     def __init__(
         self,
-        handle: DeploymentHandle[Any],
+        streaming: DeploymentHandle[Any],
         *,
         max_unread_tokens: int,
         on_event: Callable[[Placed, Event], None],
     ) -> None:
         self.front = uuid.uuid4().hex  # this front's name to the replicas
-        self._handle = handle
+        self._streaming = streaming  # the replicas' handle with stream=True
         self._max_unread_tokens = max_unread_tokens
         self._on_event = on_event
         self._keys = itertools.count(1)
@@ -150,9 +150,9 @@ class Channels:
         (the replica ends it a while after its last request of ours); it fails when the
         replica dies (the requests' own calls end them then)."""
         while True:
-            call: DeploymentResponseGenerator[Any] = self._handle.options(
-                stream=True
-            ).events.remote(self.front, route=RouteHint(only=replica))  # type: ignore[assignment]
+            call: DeploymentResponseGenerator[Any] = self._streaming.events.remote(
+                self.front, route=RouteHint(only=replica)
+            )  # type: ignore[assignment]
             got = False
             try:
                 async for data in call:

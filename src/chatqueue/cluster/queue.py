@@ -89,13 +89,14 @@ class ClusterQueue:
         )
         self.metrics.registry.register(_ReplicaCollector(self._replicas))
         self._handle = handle
+        self._streaming = handle.options(stream=True)  # NOTE: made once; options() copies
         self._settings = settings
         self._app_name = app_name
         self._description: Description | None = None
         self._described = asyncio.Event()
         self._conversations: OrderedDict[str, str] = OrderedDict()  # key -> replica
         self._channels = Channels(
-            handle, max_unread_tokens=settings.max_unread_tokens, on_event=self._observe
+            self._streaming, max_unread_tokens=settings.max_unread_tokens, on_event=self._observe
         )
         self._tasks: list[asyncio.Task[None]] = []
         self._tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="chatqueue-tokenizer")
@@ -298,9 +299,9 @@ class ClusterQueue:
         try:
             while True:
                 route = RouteHint(tuple(tried), prefer)
-                call: DeploymentResponseGenerator[Any] = self._handle.options(
-                    stream=True
-                ).submit.remote(submission, route=route)  # type: ignore[assignment]
+                call: DeploymentResponseGenerator[Any] = self._streaming.submit.remote(
+                    submission, route=route
+                )  # type: ignore[assignment]
                 try:
                     first = await call.__anext__()
                 except (RayError, StopAsyncIteration) as exc:
