@@ -3,7 +3,9 @@
 CPU (default): one mock replica behind the cluster's endpoint (Serve's proxy, the front, the
 request router, the replica) ÷ the plain server (`chatqueue serve`, the same mock engine and
 caps), at the same load: tokens/s (goal >= 0.9) and the time to first token added (p50, goal
-<= 10 ms). Both servers stay up; rounds alternate between them.
+<= 10 ms). Both servers stay up; rounds alternate between them. Each round also prints the CPU
+time the server's processes took per token (the cluster's: its Ray processes too) and the load
+average: on a shared machine tokens/s follow the load, CPU per token much less.
 
     .venv/bin/python benchmarks/bench_cluster.py [--streams 32] [--rounds 3]
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
@@ -54,6 +57,55 @@ def bench(url: str, *, streams: int, requests: int, max_tokens: int) -> BenchRep
     )
 
 
+def cpu_s(root: int) -> float:
+    """CPU seconds (user + system) of `root` and every process under it, as they are now."""
+    children: dict[int, list[int]] = {}
+    times: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+        times[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        total += times.get(pid, 0.0)
+        todo += children.get(pid, [])
+    return total
+
+
+def probe(servers: dict[str, Server], num: int) -> dict[str, float]:
+    """TTFT p50 of `num` requests one at a time on each server, alternating: the latency a
+    request's path adds when the server has nothing else to do."""
+    ttfts: dict[str, list[float]] = {name: [] for name in servers}
+    for _ in range(num):
+        for name, server in servers.items():
+            report = bench(server.url, streams=1, requests=1, max_tokens=2)
+            ttfts[name] += report.ttft_s
+    return {name: p50(values) for name, values in ttfts.items()}
+
+
+def cpu_per_request(root: int, url: str, streams: int, num: int = 200) -> float:
+    """CPU seconds a short request (one token) costs a server's processes, `streams` at once:
+    what the start of a request costs, apart from its tokens."""
+    before = cpu_s(root)
+    bench(url, streams=streams, requests=num, max_tokens=1)
+    return (cpu_s(root) - before) / num
+
+
+def idle_cores(root: int, seconds: float = 5.0) -> float:
+    """What a server's processes use while it serves nothing (Ray's own loops, for a cluster):
+    CPU seconds a second."""
+    before = cpu_s(root)
+    time.sleep(seconds)
+    return (cpu_s(root) - before) / seconds
+
+
 def p50(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -88,20 +140,34 @@ def cpu(args: argparse.Namespace) -> None:
         servers = {"plain": plain, "cluster": cluster}
         for server in servers.values():  # warm both paths up
             bench(server.url, streams=args.streams, requests=args.streams, max_tokens=8)
+        idle = {name: idle_cores(server.process.pid) for name, server in servers.items()}
+        print("CPU while idle (cores): " + ", ".join(f"{n} {c:.3f}" for n, c in idle.items()))
         reports: dict[str, list[BenchReport]] = {name: [] for name in servers}
+        cpu_ms: dict[str, list[float]] = {name: [] for name in servers}
         for r in range(args.rounds):
             for name, server in servers.items():
+                before = cpu_s(server.process.pid)
                 report = bench(
                     server.url,
                     streams=args.streams,
                     requests=args.streams * 4,
                     max_tokens=args.max_tokens,
                 )
+                used = cpu_s(server.process.pid) - before
+                tokens = report.tokens
                 reports[name].append(report)
+                cpu_ms[name].append(used / tokens * 1e3 if tokens else float("nan"))
                 print(
                     f"round {r + 1} {name:7s}: {report.tokens_per_s:8.1f} tokens/s, "
-                    f"TTFT p50 {p50(report.ttft_s) * 1e3:6.1f} ms, ok {report.ok}/{report.requests}"
+                    f"TTFT p50 {p50(report.ttft_s) * 1e3:6.1f} ms, ok {report.ok}/{report.requests}, "
+                    f"{cpu_ms[name][-1]:.3f} CPU ms/token, load {os.getloadavg()[0]:.1f}",
+                    flush=True,
                 )
+        alone = probe(servers, args.probes)
+        per_request = {
+            name: cpu_per_request(server.process.pid, server.url, args.streams)
+            for name, server in servers.items()
+        }
     tps = {n: statistics.median(r.tokens_per_s for r in rs) for n, rs in reports.items()}
     ttft = {n: statistics.median(p50(r.ttft_s) for r in rs) for n, rs in reports.items()}
     print(
@@ -110,7 +176,14 @@ def cpu(args: argparse.Namespace) -> None:
         f"  tokens/s {tps['cluster']:.1f} / {tps['plain']:.1f} = "
         f"{tps['cluster'] / tps['plain']:.3f} (goal >= 0.9)\n"
         f"  TTFT p50 {ttft['cluster'] * 1e3:.1f} ms vs {ttft['plain'] * 1e3:.1f} ms: "
-        f"+{(ttft['cluster'] - ttft['plain']) * 1e3:.1f} ms (goal <= 10 ms)"
+        f"+{(ttft['cluster'] - ttft['plain']) * 1e3:.1f} ms (goal <= 10 ms)\n"
+        f"  CPU per token {statistics.median(cpu_ms['cluster']):.3f} ms vs "
+        f"{statistics.median(cpu_ms['plain']):.3f} ms (the server's processes, all of them)\n"
+        f"  one request at a time ({args.probes} each, alternating): TTFT p50 "
+        f"{alone['cluster'] * 1e3:.1f} ms vs {alone['plain'] * 1e3:.1f} ms: "
+        f"+{(alone['cluster'] - alone['plain']) * 1e3:.1f} ms\n"
+        f"  CPU per one-token request, {args.streams} at once: "
+        f"{per_request['cluster'] * 1e3:.2f} ms vs {per_request['plain'] * 1e3:.2f} ms"
     )
 
 
@@ -157,6 +230,7 @@ def main() -> None:
     ap.add_argument("--streams", type=int, help="streams at once (CPU 32, GPU 128)")
     ap.add_argument("--max-tokens", type=int, help="tokens a reply (CPU 64, GPU 256)")
     ap.add_argument("--rounds", type=int, default=3, help="CPU: rounds per server")
+    ap.add_argument("--probes", type=int, default=20, help="CPU: requests one at a time")
     args = ap.parse_args()
     args.streams = args.streams or (128 if args.gpu else 32)
     args.max_tokens = args.max_tokens or (256 if args.gpu else 64)

@@ -152,6 +152,7 @@ def _serve_cluster(settings: Settings) -> None:
     try:
         from chatqueue.cluster import serve_cluster
         from chatqueue.cluster.checks import ClusterConfigError
+        from chatqueue.server.auth import KeyFileError
     except ImportError as exc:
         typer.echo(
             f"error: serving replicas needs Ray Serve ({exc}): pip install 'chatqueue[cluster]'",
@@ -160,7 +161,7 @@ def _serve_cluster(settings: Settings) -> None:
         raise typer.Exit(2) from exc
     try:
         serve_cluster(settings)
-    except ClusterConfigError as exc:
+    except (ClusterConfigError, KeyFileError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
 

@@ -24,13 +24,15 @@ import ray
 from ray import serve
 
 from chatqueue.cluster import app_for
+from chatqueue.cluster.outbox import decode
+from chatqueue.cluster.policy import RouteHint
 from chatqueue.cluster.wire import Admitted, Submission
 from chatqueue.config import Settings
 from chatqueue.types import ChatMessage, Finished
 from tests.support.chat import done_of, reply_text, sse_events
 from tests.support.http import COMPLETIONS, SseEvent, StreamLog, metric
 from tests.support.http import sse_events as sse_records
-from tests.support.servers import free_port, redis_server, running_server
+from tests.support.servers import Server, free_port, redis_server, running_server
 
 N = 2  # slots a replica
 Q = 2  # queue places a replica
@@ -47,31 +49,31 @@ pytestmark = pytest.mark.timeout(300)
 class Cluster:
     url: str
     redis_url: str
+    server: Server  # `chatqueue serve --replicas 2`, the front in its own process
+    proxy_url: str  # Serve's HTTP proxy, for the Serve front deployed beside
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """The test's own Ray (so that it can reach the replicas through a handle of its own, and
+    deploy the Serve front beside), joined by `chatqueue serve --replicas 2 --ray-address`."""
+    tmp = tmp_path_factory.mktemp("cluster")
     with redis_server() as redis_url:
-        settings = Settings(
-            engine="mock",
-            mock_delay=0.05,
-            replicas=REPLICAS,
-            replica_cpus=0.1,
-            max_concurrent=N,
-            max_queue_size=Q,
-            history=redis_url,
-            session_secret=SECRET,
-            data_dir=tmp_path_factory.mktemp("cluster-data"),
-            shutdown_timeout=5,
-        )
-        port = free_port()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray_info = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
-            serve.run(app_for(settings), name="chatqueue", route_prefix="/")
-            url = f"http://127.0.0.1:{port}"
-            asyncio.run(_until_ready(url))
-            yield Cluster(url, redis_url)
+            proxy_port = free_port()
+            serve.start(http_options={"host": "127.0.0.1", "port": proxy_port})
+            address = ray_info.address_info["gcs_address"]
+            args = (
+                "--engine", "mock", "--mock-delay", "0.05", "--replicas", str(REPLICAS),
+                "--replica-cpus", "0.1", "--max-concurrent", str(N), "--max-queue-size", str(Q),
+                "--history", redis_url, "--shutdown-timeout", "30", "--ray-address", address,
+                "--data-dir", str(tmp),
+            )  # fmt: skip
+            env = {"CHATQUEUE_SESSION_SECRET": SECRET}
+            with running_server(*args, tmp_path=tmp, env=env, ready_timeout_s=240) as server:
+                asyncio.run(_until_ready(server.url))
+                yield Cluster(server.url, redis_url, server, f"http://127.0.0.1:{proxy_port}")
         finally:
             serve.shutdown()
             ray.shutdown()
@@ -360,21 +362,83 @@ async def test_admission_stays_exact_when_the_routers_figures_are_stale(cluster:
         handle = serve.get_deployment_handle("ChatQueueReplica", app_name="chatqueue")
         direct = [
             handle.options(stream=True).submit.remote(
-                Submission(messages=(ChatMessage("user", LONG),))
+                Submission(messages=(ChatMessage("user", LONG),), front="test", key=str(i))
             )
-            for _ in range(REPLICAS * (N + Q) // 2)
+            for i in range(REPLICAS * (N + Q) // 2)
         ]
         firsts = [await gen.__anext__() for gen in direct]
         assert all(isinstance(f, Admitted) for f in firsts), firsts
+        channels = [
+            handle.options(stream=True).events.remote("test", route=RouteHint(only=replica))
+            for replica in {f.replica for f in firsts if isinstance(f, Admitted)}
+        ]
         streams = [Stream(client, long_body()) for _ in range(REPLICAS * (N + Q) // 2 + k)]
         await asyncio.gather(*(s.open() for s in streams))
         assert sum(1 for s in streams if s.log.status == 429) == k
         logs = await asyncio.gather(*(s.read_to_end() for s in streams if s.log.status == 200))
         assert all(log.text == LONG for log in logs)
+        ends = [
+            event
+            for c in channels
+            async for data in c
+            for _, events in decode(data)
+            for event in events
+            if isinstance(event, Finished)
+        ]
+        assert len(ends) == len(direct) and all(e.text == LONG for e in ends), ends
         for gen in direct:
-            events = [event async for event in gen]
-            assert isinstance(events[-1], Finished) and events[-1].text == LONG
+            assert [event async for event in gen] == []
         asked_again = metric(
             (await client.get("/metrics")).text, "chatqueue_cluster_asked_again_total"
         )
         print(f"placements that asked a second replica after a refusal: {asked_again:.0f}")
+
+
+async def test_the_serve_front_behind_serves_proxy_works_too(cluster: Cluster) -> None:
+    """`build_app`'s application (the front as a Serve deployment, behind Serve's HTTP proxy),
+    deployed beside: a streamed completion and a /chat turn go through it."""
+    settings = Settings(
+        engine="mock",
+        mock_delay=0.0,
+        replicas=1,
+        replica_cpus=0.1,
+        history="memory",
+        session_secret=SECRET,
+    )
+    serve.run(app_for(settings), name="chatqueue-serve", route_prefix="/serve")
+    try:
+        url = f"{cluster.proxy_url}/serve"
+        async with httpx.AsyncClient(base_url=url, timeout=SAFETY_S) as client:
+            await until(lambda: _ready_replicas(client, 1), "the Serve front never got ready")
+            body = {"messages": [{"role": "user", "content": "through the proxy"}], "stream": True}
+            async with client.stream("POST", COMPLETIONS, json=body) as response:
+                text = "".join([e.content async for e in sse_records(response) if e.content])
+            assert text == "through the proxy"
+            assert reply_text(await chat_turn(client, "a turn")) == "a turn"
+    finally:
+        serve.delete("chatqueue-serve")
+
+
+async def test_sigterm_drains_new_requests_get_503_and_streams_in_flight_finish(
+    cluster: Cluster,
+) -> None:
+    """The last test (it stops the module's server): on SIGTERM a stream in flight goes on to
+    its end, new requests meanwhile get chatqueue's 503 `shutting_down`, and the server exits 0
+    once the stream is done."""
+    async with client_of(cluster) as client:
+        stream = await Stream(client, long_body()).open()
+        await stream.read_until(has_content)
+        cluster.server.process.send_signal(signal.SIGTERM)
+        body = {"messages": [{"role": "user", "content": "too late"}]}
+        answers: list[httpx.Response] = []
+
+        async def refused() -> bool:
+            answers.append(await client.post(COMPLETIONS, json=body))
+            return answers[-1].status_code == 503
+
+        await until(refused, "no 503 while draining")
+        assert answers[-1].json()["error"]["type"] == "shutting_down"
+        assert all(a.status_code in (200, 503) for a in answers), [a.status_code for a in answers]
+        log = await stream.read_to_end()
+        assert log.text == LONG and log.events[-1].is_done
+    assert await asyncio.to_thread(cluster.server.process.wait, SAFETY_S) == 0

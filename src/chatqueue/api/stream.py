@@ -31,6 +31,14 @@ class RequestStream:
         self._wakeup = asyncio.Event()
         self.finished: Finished | None = None  # set when Finished has been handed out
         self._is_closed = False
+        self._on_push: Callable[[], None] | None = None
+
+    def on_push(self, callback: Callable[[], None]) -> None:
+        """Call `callback` after every event pushed from now on (and at once if events wait):
+        for a reader that takes events in batches (`take_ready`) rather than awaiting them."""
+        self._on_push = callback
+        if self._events:
+            callback()
 
     def push(self, event: Event) -> None:
         last = self._events[-1] if self._events else None
@@ -48,6 +56,8 @@ class RequestStream:
         else:
             self._events.append(event)
         self._wakeup.set()
+        if self._on_push is not None:
+            self._on_push()
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -62,6 +72,14 @@ class RequestStream:
         if isinstance(event, Finished):
             self.finished = event
         return event
+
+    def take_ready(self) -> list[Event]:
+        """Every event waiting now (unread tokens merged), without waiting for more."""
+        events = list(self._events)
+        self._events.clear()
+        if events and isinstance(events[-1], Finished):
+            self.finished = events[-1]
+        return events
 
     async def collect(self) -> Finished:
         """Wait for the end; the whole text is in `Finished.text`."""

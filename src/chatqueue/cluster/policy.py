@@ -17,6 +17,7 @@ looking busier than it is. Then, in order:
 and never a replica that is loading, restarting, failed, hung or draining, nor one this request
 has been refused by already (`tried`). With none left, the tried ones come back (the front then
 knows every replica refused), else the unhealthy ones (whose refusal says why: loading, ...).
+A call for one replica (`only`: the front's channel to it) goes there whatever its figures.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class RouteHint:
 
     tried: tuple[str, ...] = ()  # replicas that refused this request already
     prefer: str | None = None  # the replica that served this conversation's last turn
+    only: str | None = None  # a call for this replica alone (the front's channel to it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +82,11 @@ class Candidate:
 
 def rank(candidates: list[Candidate], hint: RouteHint) -> list[str]:
     """Replica ids in the order they should be asked (see the module's NOTE)."""
+    if hint.only is not None:
+        # NOTE: a replica that is gone cannot be asked; any other answers at once that it is
+        # not the one meant, rather than the call waiting for good.
+        ids = [c.replica for c in candidates]
+        return [hint.only] if hint.only in ids else ids[:1]
     left = [c for c in candidates if c.replica not in hint.tried]
     ready = [c for c in left if c.stats is not None and c.stats.is_ready]
     with_slot = sorted(

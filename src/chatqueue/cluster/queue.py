@@ -4,13 +4,14 @@ A request is placed by asking the replicas one after another, in the order the r
 ranks them, until one admits it: a replica refuses what it cannot take (its stats were stale)
 and the next one is asked before the client hears anything. The client gets 429 only when every
 healthy replica has refused it as full. The admitted request's events come back from that
-replica into a RequestStream, as from a local queue; if the replica dies, the stream ends with a
-`replica_lost` error.
+replica into a RequestStream, as from a local queue, in batches on the front's channel to it
+(`channels`); if the replica dies, the stream ends with a `replica_lost` error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import random
@@ -31,6 +32,7 @@ from chatqueue.api import LoadInfo, RequestStream
 from chatqueue.api.admission import TokenBudget
 from chatqueue.api.chat_queue import sampling_defaults_of
 from chatqueue.cluster import view
+from chatqueue.cluster.channels import Channels, Placed
 from chatqueue.cluster.policy import RouteHint, conversation_key
 from chatqueue.cluster.stats import ReplicaStats
 from chatqueue.cluster.wire import Admitted, Description, Refused, Submission
@@ -53,12 +55,10 @@ from chatqueue.types import (
     ChatMessage,
     Event,
     Finished,
-    FinishReason,
     SamplingParams,
     Started,
     Token,
     ToolSpec,
-    Usage,
 )
 
 log = logging.getLogger(__name__)
@@ -89,12 +89,15 @@ class ClusterQueue:
         )
         self.metrics.registry.register(_ReplicaCollector(self._replicas))
         self._handle = handle
+        self._streaming = handle.options(stream=True)  # NOTE: made once; options() copies
         self._settings = settings
         self._app_name = app_name
         self._description: Description | None = None
         self._described = asyncio.Event()
         self._conversations: OrderedDict[str, str] = OrderedDict()  # key -> replica
-        self._pumps: set[asyncio.Task[None]] = set()
+        self._channels = Channels(
+            self._streaming, max_unread_tokens=settings.max_unread_tokens, on_event=self._observe
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self._tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="chatqueue-tokenizer")
         self._is_stopping = False
@@ -137,10 +140,8 @@ class ClusterQueue:
         self._is_stopping = True
         for task in self._tasks:
             task.cancel()
-        if self._pumps:
-            _, left = await asyncio.wait(set(self._pumps), timeout=timeout_s)
-            for task in left:
-                task.cancel()
+        cut_short = ShuttingDown("The server shut down before this request could finish.")
+        await self._channels.drain(timeout_s, cut_short)
         self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- state ----------------------------------------------------------------------------
@@ -288,35 +289,58 @@ class ClusterQueue:
         stands when none does. `key` names the conversation, whose replica is remembered and,
         when `sticky`, preferred."""
         self.description  # noqa: B018 - raises while loading or stopping
+        waits_as = self._check_user_cap(submission)
         prefer = self._conversations.get(key) if key is not None and sticky else None
+        placed = self._channels.new(time.monotonic())
+        submission = dataclasses.replace(submission, front=self._channels.front, key=placed.key)
         tried: list[str] = []
         refusals: list[Refused] = []
         lost = 0
-        started = time.monotonic()
-        while True:
-            route = RouteHint(tuple(tried), prefer)
-            call: DeploymentResponseGenerator[Any] = self._handle.options(
-                stream=True
-            ).submit.remote(submission, route=route)  # type: ignore[assignment]
-            try:
-                first = await call.__anext__()
-            except (RayError, StopAsyncIteration) as exc:
-                lost += 1
-                log.warning("a replica went away while asked to admit a request: %s", exc)
-                if lost >= MAX_LOST_ATTEMPTS:
-                    raise ReplicaLost("No replica answered. Retry shortly.") from exc
-                continue
-            if isinstance(first, Admitted):
-                if key is not None:
-                    self._remember(key, first.replica)
-                return self._stream(first, call, started)
-            assert isinstance(first, Refused)
-            if first.replica in tried or not _may_try_next(first.error):
-                call.cancel()
-                raise self._refusal(first, refusals)
-            tried.append(first.replica)
-            refusals.append(first)
-            self._asked_again.inc()
+        try:
+            while True:
+                route = RouteHint(tuple(tried), prefer)
+                call: DeploymentResponseGenerator[Any] = self._streaming.submit.remote(
+                    submission, route=route
+                )  # type: ignore[assignment]
+                try:
+                    first = await call.__anext__()
+                except (RayError, StopAsyncIteration) as exc:
+                    lost += 1
+                    log.warning("a replica went away while asked to admit a request: %s", exc)
+                    if lost >= MAX_LOST_ATTEMPTS:
+                        raise ReplicaLost("No replica answered. Retry shortly.") from exc
+                    continue
+                if isinstance(first, Admitted):
+                    if key is not None:
+                        self._remember(key, first.replica)
+                    self._channels.admitted(placed, first.replica, first.request_id, call, waits_as)
+                    return placed.stream
+                assert isinstance(first, Refused)
+                if first.replica in tried or not _may_try_next(first.error):
+                    call.cancel()
+                    raise self._refusal(first, refusals)
+                tried.append(first.replica)
+                refusals.append(first)
+                self._asked_again.inc()
+        except BaseException:
+            self._channels.refused(placed)
+            raise
+
+    def _check_user_cap(self, s: Submission) -> str | None:
+        """The per-user waiting cap, counted across the replicas: the front sees every request
+        placed and hears when each starts. Returns the key the request counts against."""
+        cap = s.max_queue_per_user or self._settings.max_queue_per_user
+        counted_as = s.user if s.cap_key is None else s.cap_key
+        if cap is None or not counted_as:
+            return None
+        if self._channels.waiting_for(counted_as) >= cap:
+            self.metrics.rejected.labels(UserQueueFull.kind).inc()
+            raise UserQueueFull(
+                f"You already have {cap} requests waiting, the most one user may queue. "
+                "Retry when one has started.",
+                retry_after_s=self.load().retry_after_s,
+            )
+        return counted_as
 
     def _refusal(self, last: Refused, refusals: list[Refused]) -> ChatQueueError:
         """Every replica asked has refused (or `last` refused for good): a 429 if any was full,
@@ -349,63 +373,13 @@ class ClusterQueue:
         if len(self._conversations) > MAX_CONVERSATIONS:
             self._conversations.popitem(last=False)
 
-    def _stream(
-        self, admitted: Admitted, call: DeploymentResponseGenerator[Any], started: float
-    ) -> RequestStream:
-        pump: asyncio.Task[None] | None = None
-
-        def abandon() -> None:
-            if pump is not None:
-                pump.cancel()
-
-        stream = RequestStream(
-            admitted.request_id,
-            on_abandon=abandon,
-            max_unread_tokens=self._settings.max_unread_tokens,
-        )
-        pump = asyncio.create_task(self._pump(call, stream, admitted.replica, started))
-        self._pumps.add(pump)
-        pump.add_done_callback(self._pumps.discard)
-        return stream
-
-    async def _pump(
-        self,
-        call: DeploymentResponseGenerator[Any],
-        stream: RequestStream,
-        replica: str,
-        started: float,
-    ) -> None:
-        """The replica's events into the stream; a replica that dies ends it with an error."""
-        parts: list[str] = []
-        num_tokens = 0
-        try:
-            async for event in call:
-                self._observe(event, started, num_tokens)
-                if isinstance(event, Token):
-                    parts.append(event.text)
-                    num_tokens += event.num_tokens
-                stream.push(event)
-                if isinstance(event, Finished):
-                    return
-            error = ReplicaLost("The replica ended this request without finishing it.")
-        except asyncio.CancelledError:
-            call.cancel()  # the replica aborts it
-            raise
-        except Exception as exc:
-            log.warning("replica %s lost a request: %s", replica, exc)
-            error = ReplicaLost()
-        self.metrics.finished.labels(FinishReason.ERROR.value).inc()
-        stream.push(
-            Finished(FinishReason.ERROR, Usage(0, num_tokens), text="".join(parts), error=error)
-        )
-
-    def _observe(self, event: Event, started: float, num_tokens: int) -> None:
+    def _observe(self, placed: Placed, event: Event) -> None:
         m = self.metrics
         if isinstance(event, Started):
             m.observe_queue_wait(event.queue_wait_s)
         elif isinstance(event, Token):
-            if num_tokens == 0:
-                m.ttft.observe(time.monotonic() - started)
+            if placed.num_tokens == 0:
+                m.ttft.observe(time.monotonic() - placed.started)
             m.observe_tokens(event.num_tokens)
         elif isinstance(event, Finished):
             m.finished.labels(event.reason.value).inc()

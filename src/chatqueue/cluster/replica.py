@@ -1,14 +1,18 @@
 """One replica of a cluster: one ChatQueue over one model, as a Ray Serve deployment class.
 
 The front submits through Serve's handle (routed by `router.ChatQueueRouter`); the replica admits
-or refuses at once (`Refused`: the front tries the next one), then streams the request's events.
-It publishes its figures for the router (`record_routing_stats`) and fails Serve's health check
+or refuses at once (`Refused`: the front tries the next one). The request's events go to the
+front in batches on the front's channel (`events`, one open call per front and replica, see
+`outbox`), while the submitting call stays open until the request's end has been sent: Serve
+counts it as one ongoing request (autoscaling, a graceful drain), the front hears at once if this
+replica dies, and the front cancelling it (its client went away) aborts the request. It publishes its figures for the router (`record_routing_stats`) and fails Serve's health check
 when its model has failed for good, so that Serve replaces it."""
 
 from __future__ import annotations
 
 import functools
 import os
+import sys
 import time
 from collections.abc import AsyncIterator
 
@@ -16,26 +20,33 @@ from ray import serve
 
 from chatqueue.api import ChatQueue, RequestStream
 from chatqueue.api.build import chat_queue_for
+from chatqueue.cluster.outbox import Outbox, encode
 from chatqueue.cluster.stats import ReplicaStats
 from chatqueue.cluster.wire import Admitted, Description, Refused, Submission
 from chatqueue.config import Settings
 from chatqueue.errors import ChatQueueError, NotReady
-from chatqueue.types import Event, Finished
+
+SWITCH_INTERVAL_S = 0.0005
 
 
 class ChatQueueReplica:
     # NOTE: Serve awaits an async constructor; the queue's worker needs the replica's loop.
     async def __init__(self, settings: Settings) -> None:  # type: ignore[misc]
+        # NOTE: as in one server (server/serve.py): the engine thread waits for the GIL behind
+        # this process's event loops (Serve runs two, and Ray's own threads) up to the switch
+        # interval each time, 5 ms by default, several times a step.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         self._settings = settings
         self._cq: ChatQueue = chat_queue_for(settings)
         self._id = serve.get_replica_context().replica_id.unique_id
         self._node = _node_id()
         self._num_admitted = 0
+        self._outboxes: dict[str, Outbox] = {}  # by front
         await self._cq.start_queue_worker()
 
     async def submit(
         self, submission: Submission, route: object = None
-    ) -> AsyncIterator[Admitted | Refused | Event]:
+    ) -> AsyncIterator[Admitted | Refused]:
         """`route` is the router's (a RouteHint); the replica has no use for it."""
         try:
             stream = await self._admit(submission)
@@ -44,12 +55,25 @@ class ChatQueueReplica:
             yield Refused(self._id, exc, load.waiting, load.drain_rate_per_s)
             return
         self._num_admitted += 1
+        outbox = self._outboxes.setdefault(submission.front, Outbox())
+        outbox.add(submission.key, stream)
         yield Admitted(self._id, stream.request_id)
         async with stream:  # leaving early (the front cancelled: client gone) aborts it
-            async for event in stream:
-                yield event
-                if isinstance(event, Finished):
-                    return
+            await outbox.until_sent(submission.key)
+
+    async def events(self, front: str, route: object = None) -> AsyncIterator[bytes]:
+        """The front's channel: its requests' events in batches (`outbox.decode`), until none
+        of its requests here is left. `route` (RouteHint.only) named the replica the front
+        meant: another one (that replica is gone) ends the channel at once."""
+        outbox = self._outboxes.get(front)
+        if outbox is None or getattr(route, "only", self._id) != self._id:
+            return
+        try:
+            async for batch in outbox.batches():
+                yield encode(batch)
+        finally:
+            if not outbox and self._outboxes.get(front) is outbox:
+                del self._outboxes[front]
 
     async def _admit(self, s: Submission) -> RequestStream:
         if s.messages is not None:

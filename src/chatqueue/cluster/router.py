@@ -37,8 +37,9 @@ class ChatQueueRouter(RequestRouter):
     ) -> list[list[RunningReplica]]:
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         candidates = [self._candidate(rid, r) for rid, r in by_id.items()]
-        order = rank(candidates, hint_of(pending_request))
-        if order and pending_request is not None:
+        hint = hint_of(pending_request)
+        order = rank(candidates, hint)
+        if order and pending_request is not None and hint.only is None:
             self._note_sent(pending_request.metadata.internal_request_id, order[0])
         # NOTE: one replica a rank, so Serve asks them in exactly this order.
         return [[by_id[rid]] for rid in order]
@@ -66,6 +67,8 @@ class ChatQueueRouter(RequestRouter):
     ) -> None:
         """Serve sent it to `replica_id`: normally the first of our ranking, but not always
         (that one's Serve queue was full)."""
+        if hint_of(pending_request).only is not None:
+            return  # a front's channel, not a request
         request = pending_request.metadata.internal_request_id
         chosen = self._sent.get(request)
         at = chosen[1] if chosen is not None else time.time()

@@ -1,6 +1,7 @@
 """The typed messages between the front and a replica (pickled by Ray). A replica answers a
-submission with `Admitted` or `Refused` first, then the request's own events (Queued, Started,
-Token, Finished) as a ChatQueue gives them."""
+submission with `Admitted` or `Refused`; an admitted request's own events (Queued, Started,
+Token, Finished, as a ChatQueue gives them) come on the front's channel (`outbox`), labelled
+with the submission's `key`."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ class Submission:
     max_queue_per_user: int | None = None
     cap_key: str | None = None
     tools: tuple[ToolSpec, ...] = ()  # offered to the model (messages only)
+    front: str = ""  # the front that placed it: its channel carries the events
+    key: str = ""  # the front's name for the request on that channel
 
 
 @dataclass(frozen=True, slots=True)

@@ -89,7 +89,8 @@ class _DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings, *, chat_queue: QueueService | None = None) -> None:
+    """`chat_queue`: one made elsewhere (a cluster's front over its replicas)."""
     # NOTE: the engine thread and the event loop share the GIL. At the default 5 ms switch
     # interval a busy event loop makes the engine wait up to 5 ms for each GIL hand-back (several
     # a step), which stretched 20 ms mock steps to 35 ms at 256 streams.
@@ -97,7 +98,7 @@ def serve(settings: Settings) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    app = create_app(settings)
+    app = create_app(settings, chat_queue=chat_queue)
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -127,3 +127,13 @@ def test_domain_errors_cross_processes_whole() -> None:
     assert type(mine) is UserQueueFull and mine.kind == "user_queue_full"
     lost = pickle.loads(pickle.dumps(ReplicaLost()))
     assert lost.kind == "replica_lost" and lost.retry_after_s == 1
+
+
+def test_a_channel_goes_to_the_replica_it_names_whatever_its_figures() -> None:
+    """A front's channel to one replica (RouteHint.only): that replica even when full or not
+    ready; when it is gone, any other one, which answers at once that it is not the one."""
+    full = c("a", running=2, waiting=2, state="loading")
+    free = c("b")
+    assert rank([free, full], RouteHint(only="a")) == ["a"]
+    assert rank([free], RouteHint(only="a")) == ["b"]
+    assert rank([], RouteHint(only="a")) == []
