@@ -26,7 +26,15 @@ import pytest
 from chatqueue import ChatMessage, ChatQueue
 from chatqueue.api.build import load_hf, load_llamacpp
 from chatqueue.config import Settings
-from chatqueue.engine.runner import ModelRunner, StepBatch, StepOutput, TokenizedRunner
+from chatqueue.engine.runner import (
+    KVSpec,
+    ModelRunner,
+    NewSequence,
+    PagedKV,
+    StepBatch,
+    StepOutput,
+    TokenizedRunner,
+)
 from chatqueue.types import FinishReason, SamplingParams
 from tests.integration.test_hf_runner import drive
 from tests.integration.test_hf_runner import reference as generate_alone
@@ -37,6 +45,7 @@ pytestmark = [pytest.mark.model, pytest.mark.timeout(600)]
 GREEDY = SamplingParams(temperature=0.0)
 QUESTIONS = ["What is 2+2?", "Name a color.", "Write a haiku about the sea.", "Hi"]
 SLOTS = 4
+MOST_NEW = 64  # the most tokens a test steps a sequence by hand
 NEAR_TIE = 0.5  # logits: a 0.25 margin was seen to flip (SmolLM2, "Hi", its 6th token)
 
 
@@ -50,8 +59,47 @@ class Kept:
     def context_window(self) -> int:
         return self.model.context_window
 
+    @property
+    def kv_spec(self) -> KVSpec | None:
+        return self.model.kv_spec if isinstance(self.model, PagedKV) else None
+
     def step(self, batch: StepBatch) -> StepOutput:
         return self.model.step(batch)
+
+    def close(self) -> None:
+        pass
+
+
+class WholeTables:
+    """Steps by hand for a runner with a KV pool (the paged one): each new sequence gets a block
+    table long enough for its prompt and `MOST_NEW` tokens, from the pool's free blocks, until
+    it is released; without a pool, steps pass through. (Through the queue, the scheduler's block
+    manager hands tables out instead.)"""
+
+    def __init__(self, model: ModelRunner) -> None:
+        self.model = model
+        self.spec = model.kv_spec if isinstance(model, PagedKV) else None
+        self.free = list(range(self.spec.num_blocks)) if self.spec else []
+        self.tables: dict[int, list[int]] = {}
+
+    @property
+    def context_window(self) -> int:
+        return self.model.context_window
+
+    def step(self, batch: StepBatch) -> StepOutput:
+        if self.spec is None:
+            return self.model.step(batch)
+        for rid in batch.released:
+            self.free += self.tables.pop(rid, [])
+        new = []
+        for seq in batch.new:
+            size = self.spec.blocks_for(len(seq.prompt_ids) + MOST_NEW)
+            assert len(self.free) >= size, "the pool holds too few tables for this test"
+            self.tables[seq.rid], self.free = self.free[:size], self.free[size:]
+            new.append(
+                NewSequence(seq.rid, seq.prompt_ids, seq.params, block_table=self.tables[seq.rid])
+            )
+        return self.model.step(StepBatch(new=new, running=batch.running, released=batch.released))
 
     def close(self) -> None:
         pass
@@ -73,6 +121,10 @@ class Subject:
         ids, margins = self.reference(prompt, max_tokens)
         near = [i for i, margin in enumerate(margins) if margin < NEAR_TIE]
         return ids[: near[0]] if near else ids
+
+    def stepped(self) -> WholeTables:
+        """The runner to step by hand (`drive`)."""
+        return WholeTables(self.runner.model)
 
     def prompt(self, question: str) -> list[int]:
         return self.runner.tokenizer.apply_chat_template([ChatMessage("user", question)])
@@ -149,7 +201,7 @@ def test_greedy_equals_the_model_alone_while_sequences_join_and_leave(subject: S
     settled = {i: subject.settled(p, 16) for i, p in enumerate(prompts)}
 
     got = drive(
-        subject.runner,
+        subject.stepped(),
         prompts,
         joins={0: [0, 1], 2: [2], 5: [3]},
         max_new_tokens=lambda i: len(expected[i]),
@@ -168,10 +220,10 @@ def test_seeded_sampling_does_not_depend_on_the_batch(subject: Subject) -> None:
     others = [SamplingParams(temperature=1.2), seeded, SamplingParams(temperature=0.5, seed=3)]
 
     alone = drive(
-        subject.runner, [prompts[1]], joins={0: [0]}, max_new_tokens=10, params=lambda _: seeded
+        subject.stepped(), [prompts[1]], joins={0: [0]}, max_new_tokens=10, params=lambda _: seeded
     )
     crowded = drive(
-        subject.runner,
+        subject.stepped(),
         prompts,
         joins={0: [0], 2: [1, 2]},
         max_new_tokens=10,
