@@ -3,7 +3,8 @@
 Builds `llama-server` from the very llama.cpp source that the installed llama-cpp-python vendors
 (its sdist, fetched once with pip; cmake, CPU only, GGML_NATIVE as the runner's build), cached
 under chatqueue's cache folder (`$CHATQUEUE_CACHE` or ~/.cache/chatqueue)/llama-server/VERSION. Then, at
-each concurrency N: `chatqueue serve --engine llamacpp --max-concurrent N` and `llama-server -np N
+each concurrency N: `chatqueue serve --max-concurrent N` (`--engine auto` unless `--engine` says
+otherwise: what a user gets, llama.cpp up to 8 at once, transformers above) and `llama-server -np N
 -cb`, both on the default GGUF, one model thread each, the same per-slot context, both up at once
 and measured alternately for several rounds (the machine is shared and noisy) with one load
 generator: N streams of the same chat prompts, 64 greedy tokens each, EOS ignored. Prints per round
@@ -13,6 +14,7 @@ an HTTP request waiting while it streams; for chatqueue, its event loop's lag).
 
     .venv/bin/python benchmarks/bench_llamacpp.py                      # 1 8 32 streams, 3 rounds
     .venv/bin/python benchmarks/bench_llamacpp.py --concurrency 8 --rounds 5
+    .venv/bin/python benchmarks/bench_llamacpp.py --engine llamacpp     # our llama.cpp runner at 32 too
     .venv/bin/python benchmarks/bench_llamacpp.py --build-only         # just build llama-server
 
 Building by hand instead (what --build-only runs):
@@ -179,7 +181,7 @@ def compare(args: argparse.Namespace, binary: Path, n: int, tmp: Path) -> tuple[
     ours, theirs = Side(), Side()
     flags = [
         "--engine",
-        "llamacpp",
+        args.engine,
         "--max-concurrent",
         str(n),
         "--max-queue-size",
@@ -222,13 +224,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="model threads, each side")
     ap.add_argument("--context", type=int, default=1024, help="KV tokens a slot, each side")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="build jobs")
+    ap.add_argument("--engine", default="auto", choices=["auto", "llamacpp", "hf"])
     ap.add_argument("--build-only", action="store_true")
     args = ap.parse_args()
     binary = llama_server_binary(args.jobs)
     if args.build_only:
         return
     print(
-        f"default GGUF {default_gguf_path().name}; {args.threads} model thread(s) each; "
+        f"default GGUF {default_gguf_path().name}; chatqueue --engine {args.engine}; "
+        f"{args.threads} model thread(s) each; "
         f"{args.max_tokens} greedy tokens a request, EOS ignored; {args.context} KV tokens a slot; "
         f"{args.rounds} rounds, alternating which server goes first",
         flush=True,
