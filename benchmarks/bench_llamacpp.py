@@ -9,8 +9,10 @@ otherwise: what a user gets, llama.cpp up to 8 at once, transformers above) and 
 and measured alternately for several rounds (the machine is shared and noisy) with one load
 generator: N streams of the same chat prompts, 64 greedy tokens each, EOS ignored. Prints per round
 and as medians over the rounds: total tokens/s, the ratio chatqueue / llama.cpp, time to first token
-p50, and /health latency p99 (a probe every 50 ms from another process: how long a server leaves
-an HTTP request waiting while it streams; for chatqueue, its event loop's lag).
+p50, /health latency p99 (a probe every 50 ms from another process: how long a server leaves an
+HTTP request waiting while it streams, the probe's own HTTP client included), and for chatqueue
+its event loop's lag p99 (the bucket of `chatqueue_event_loop_lag_seconds` it falls in, counted
+over the run from /metrics; llama-server has no such figure).
 
     .venv/bin/python benchmarks/bench_llamacpp.py                      # 1 8 32 streams, 3 rounds
     .venv/bin/python benchmarks/bench_llamacpp.py --concurrency 8 --rounds 5
@@ -32,6 +34,7 @@ import argparse
 import asyncio
 import contextlib
 import importlib.metadata
+import math
 import os
 import statistics
 import subprocess
@@ -45,6 +48,7 @@ from pathlib import Path
 
 import aiohttp
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from _common import health_probe, pct, running_server, stream_chat
 from bench_hf_batching import body, prompts
@@ -143,6 +147,29 @@ class Run:
     tokens_per_s: float
     ttft_p50_s: float
     health_p99_s: float
+    lag_p99_s: float = math.nan  # chatqueue only: the upper bound of its p99's bucket
+
+
+def lag_buckets(url: str) -> dict[float, float] | None:
+    """chatqueue's event-loop lag histogram (cumulative counts by upper bound); None elsewhere."""
+    reply = httpx.get(f"{url}/metrics", timeout=10)
+    if reply.status_code != 200:
+        return None
+    for family in text_string_to_metric_families(reply.text):
+        if family.name == "chatqueue_event_loop_lag_seconds":
+            return {
+                float(sample.labels["le"]): sample.value
+                for sample in family.samples
+                if sample.name.endswith("_bucket")
+            }
+    return None
+
+
+def lag_p99(before: dict[float, float], after: dict[float, float]) -> float:
+    """The smallest bucket bound holding 99% of the samples taken between the two reads."""
+    counts = sorted((bound, after[bound] - before.get(bound, 0.0)) for bound in after)
+    total = counts[-1][1]
+    return next(bound for bound, count in counts if count >= 0.99 * total)
 
 
 @dataclass
@@ -172,9 +199,12 @@ async def load(url: str, n: int, max_tokens: int) -> tuple[float, float]:
 
 
 def measure(url: str, n: int, max_tokens: int) -> Run:
+    before = lag_buckets(url)
     with health_probe(url) as probes:
         tokens_per_s, ttft = asyncio.run(load(url, n, max_tokens))
-    return Run(tokens_per_s, ttft, pct([lat for _, lat in probes], 99))
+    after = lag_buckets(url)
+    lag = lag_p99(before, after) if before is not None and after is not None else math.nan
+    return Run(tokens_per_s, ttft, pct([lat for _, lat in probes], 99), lag)
 
 
 def compare(args: argparse.Namespace, binary: Path, n: int, tmp: Path) -> tuple[Side, Side]:
@@ -192,6 +222,7 @@ def compare(args: argparse.Namespace, binary: Path, n: int, tmp: Path) -> tuple[
         str(args.threads),
         "--log-level",
         "warning",
+        *args.serve_args.split(),
     ]
     env = {"OMP_WAIT_POLICY": "PASSIVE"}
     with (
@@ -208,7 +239,8 @@ def compare(args: argparse.Namespace, binary: Path, n: int, tmp: Path) -> tuple[
                 print(
                     f"  {n:>2} streams round {round_ + 1} {name:>9}: {run.tokens_per_s:6.1f} tok/s"
                     f"  TTFT p50 {run.ttft_p50_s * 1e3:6.0f} ms"
-                    f"  /health p99 {run.health_p99_s * 1e3:6.1f} ms",
+                    f"  /health p99 {run.health_p99_s * 1e3:6.1f} ms"
+                    + (f"  loop lag p99 <= {run.lag_p99_s * 1e3:g} ms" if side is ours else ""),
                     flush=True,
                 )
             ratio = ours.runs[-1].tokens_per_s / theirs.runs[-1].tokens_per_s
@@ -225,6 +257,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024, help="KV tokens a slot, each side")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="build jobs")
     ap.add_argument("--engine", default="auto", choices=["auto", "llamacpp", "hf"])
+    ap.add_argument("--serve-args", default="", help="more `chatqueue serve` flags")
     ap.add_argument("--build-only", action="store_true")
     args = ap.parse_args()
     binary = llama_server_binary(args.jobs)
@@ -247,15 +280,17 @@ def main() -> None:
         table.append((n, ours, theirs, statistics.median(ratios)))
     print("\nmedians over the rounds:")
     print(
-        "| streams | chatqueue tok/s | llama.cpp tok/s | ratio | TTFT p50 cq / llama | /health p99 cq / llama |"
+        "| streams | chatqueue tok/s | llama.cpp tok/s | ratio | TTFT p50 cq / llama "
+        "| /health p99 cq / llama | cq loop lag p99 (worst round) |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for n, ours, theirs, ratio in table:
         print(
             f"| {n} | {ours.median('tokens_per_s'):.1f} | {theirs.median('tokens_per_s'):.1f} "
             f"| {ratio:.2f} | {ours.median('ttft_p50_s') * 1e3:.0f} / "
             f"{theirs.median('ttft_p50_s') * 1e3:.0f} ms | "
-            f"{ours.median('health_p99_s') * 1e3:.1f} / {theirs.median('health_p99_s') * 1e3:.1f} ms |"
+            f"{ours.median('health_p99_s') * 1e3:.1f} / {theirs.median('health_p99_s') * 1e3:.1f} ms "
+            f"| <= {max(run.lag_p99_s for run in ours.runs) * 1e3:g} ms |"
         )
 
 
