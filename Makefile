@@ -66,7 +66,7 @@ format: install
 typecheck: install $(SYSDEPS)
 	$(BIN)/mypy
 
-check: install $(SYSDEPS) $(CLIENTS)
+check: install $(SYSDEPS) $(CLIENTS) $(LLAMACPP_STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy

@@ -76,6 +76,12 @@ class Settings(BaseSettings):
         ge=1,
         description="Most prompt tokens prefilled a step (beside the step's decode tokens)",
     )
+    prefill_stall_limit: float = Field(
+        2.0,
+        ge=0,
+        description="While streams decode, a step's prompt tokens keep it within this many "
+        "decode steps (measured); 0: off",
+    )
     kv_cache_memory: str | None = Field(
         None,
         description="Paged KV pool size: bytes (4GiB, 512MiB, 1e9) or a fraction of free memory "
@@ -218,6 +224,13 @@ class Settings(BaseSettings):
     def _memory(cls, v: str | None) -> str | None:
         if v is not None:
             parse_memory(v)  # raises ValueError with what is wrong
+        return v
+
+    @field_validator("prefill_stall_limit")
+    @classmethod
+    def _stall_limit(cls, v: float) -> float:
+        if v != 0 and v <= 1:
+            raise ValueError("expected 0 (off) or more than 1 (decode steps)")
         return v
 
     @field_validator("cors_origins", mode="before")

@@ -16,6 +16,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from chatqueue.engine.hf.paged import HFPagedRunner
+from chatqueue.engine.prefill_budget import PrefillBudget
 from chatqueue.engine.runner import NewSequence, StepBatch
 from chatqueue.scheduler import Request, Scheduler
 from chatqueue.scheduler.blocks import Allocation, BlockManager
@@ -170,6 +171,36 @@ def test_long_prompts_go_through_in_chunks_beside_decode(
     assert got.outputs == expected
     # the running streams never stopped: every step produced a token for each decoding row
     assert got.steps >= (57 + chunk - 1) // chunk
+
+
+class SpyBudget(PrefillBudget):
+    """A budget that has learned prompt tokens are dear: 8 a step while streams decode."""
+
+    def tokens(self, *, decoding: bool) -> int:
+        return 8 if decoding else self.most
+
+    def observe(self, seconds: float, *, decode_rows: int, prompt_tokens: int) -> None:
+        self.seen.append((decode_rows, prompt_tokens))  # type: ignore[attr-defined]
+
+
+def test_while_streams_decode_a_step_takes_the_budgets_prompt_tokens(
+    tiny_model: LlamaForCausalLM,
+) -> None:
+    prompts = prompts_of([6, 57, 30], seed=6)
+    expected = {i: reference(tiny_model, p, 12) for i, p in enumerate(prompts)}
+    runner = HFPagedRunner(tiny_model, num_blocks=96, block_size=4, prefill_stall_limit=3.0)
+    spy = SpyBudget(runner.prefill_chunk, 3.0)
+    spy.seen = []  # type: ignore[attr-defined]
+    runner._budget = spy
+
+    got = drive(runner, prompts, joins={0: [0], 2: [1, 2]}, max_new=lambda _: 12)
+
+    assert got.outputs == expected
+    seen: list[tuple[int, int]] = spy.seen  # type: ignore[attr-defined]
+    assert seen[0] == (0, 6)  # nothing decoding: the whole prompt
+    beside_decode = [tokens for rows, tokens in seen if rows and tokens]
+    assert max(beside_decode) == 8  # the two prompts, 8 tokens a step
+    assert sum(beside_decode) == 57 + 30
 
 
 def test_preempted_requests_resume_and_equal_generate(tiny_model: LlamaForCausalLM) -> None:

@@ -89,6 +89,7 @@ def paged_runner(settings: Settings, model: PreTrainedModel) -> HFPagedRunner:
         block_size=settings.kv_block_size,
         prefill_chunk=settings.prefill_chunk,
         prefix_caching=settings.prefix_caching == "on",
+        prefill_stall_limit=settings.prefill_stall_limit or None,
     )
 
 

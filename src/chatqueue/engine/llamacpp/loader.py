@@ -25,4 +25,9 @@ def load_llamacpp_runner(settings: Settings, gguf: Path, *, threads: int) -> Lla
             threads=threads,
         ),
     )
-    return LlamaCppRunner(context, slots=slots, prefill_chunk=settings.prefill_chunk)
+    return LlamaCppRunner(
+        context,
+        slots=slots,
+        prefill_chunk=settings.prefill_chunk,
+        prefill_stall_limit=settings.prefill_stall_limit or None,
+    )

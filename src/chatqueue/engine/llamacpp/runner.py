@@ -3,14 +3,16 @@ chunk, all in one `llama_decode` per step; chatqueue's own sampler picks the tok
 
 NOTE: a step frees `released` sequences (their slots keep their cache for prefix reuse, slots.py),
 gives each new sequence a slot, then fills one batch: a token for every decoding sequence (its
-last sampled token, at its next position, logits wanted), then prompt tokens up to `prefill_chunk`,
-oldest prompt first; a prompt's last token wants logits. llama.cpp splits the batch into its own
+last sampled token, at its next position, logits wanted), then prompt tokens up to `prefill_chunk`
+(fewer while sequences decode, where the step would outlast `prefill_stall_limit` decode steps:
+`engine/prefill_budget.py`), oldest prompt first; a prompt's last token wants logits. llama.cpp splits the batch into its own
 micro-batches. The logits come back as one [rows, vocab] tensor: decoding rows first, in the
 sampler's row order, then the prompts that finished, which join the sampler's rows. A prompt longer
 than the chunk runs over several steps and is in no step's output until its last chunk."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,6 +21,7 @@ import torch
 from chatqueue.engine.hf.sampling import Sampled, SamplingBatch, SamplingRequest, step_output
 from chatqueue.engine.llamacpp.context import LlamaContext
 from chatqueue.engine.llamacpp.slots import PrefixStats, SlotTable
+from chatqueue.engine.prefill_budget import PrefillBudget
 from chatqueue.engine.runner import NewSequence, StepBatch, StepOutput, row_masks
 
 _CPU = torch.device("cpu")
@@ -41,11 +44,19 @@ class _Sequence:
 
 
 class LlamaCppRunner:
-    def __init__(self, context: LlamaContext, *, slots: int, prefill_chunk: int) -> None:
+    def __init__(
+        self,
+        context: LlamaContext,
+        *,
+        slots: int,
+        prefill_chunk: int,
+        prefill_stall_limit: float | None = None,
+    ) -> None:
         assert context.batch.capacity >= slots + prefill_chunk, "a step's batch must fit"
         self._ctx = context
         self._table = SlotTable(slots)
         self._chunk = prefill_chunk
+        self._budget = PrefillBudget(prefill_chunk, prefill_stall_limit)
         self._held: dict[int, _Sequence] = {}
         self._decoding: list[_Sequence] = []  # in the sampler's row order
         self._prefilling: list[_Sequence] = []  # oldest first
@@ -66,6 +77,7 @@ class LlamaCppRunner:
             "slots": len(self._table),
             "context_window": self.context_window,
             "prefill_chunk": self._chunk,
+            "prefill_stall_limit": self._budget.stall_limit,
         }
 
     def step(self, batch: StepBatch) -> StepOutput:
@@ -77,12 +89,18 @@ class LlamaCppRunner:
             self._admit(new)
         decoding = list(self._decoding)
         finishing = self._fill(decoding)
+        began = time.perf_counter()
         try:
             logits = self._ctx.decode()
         except Exception:
             self._forget(decoding + self._prefilling)
             raise
-        return self._sample(batch, decoding, finishing, logits)
+        output = self._sample(batch, decoding, finishing, logits)
+        prompt_tokens = self._ctx.batch.size - len(decoding)
+        self._budget.observe(
+            time.perf_counter() - began, decode_rows=len(decoding), prompt_tokens=prompt_tokens
+        )
+        return output
 
     def close(self) -> None:
         self._ctx.close()
@@ -126,7 +144,7 @@ class LlamaCppRunner:
             for seq in decoding:
                 self._table.tokens(seq.slot).append(seq.pending)  # type: ignore[arg-type]
                 seq.length += 1
-        budget, finishing = self._chunk, []
+        budget, finishing = self._budget.tokens(decoding=bool(decoding)), []
         for seq in self._prefilling:
             if budget == 0:
                 break

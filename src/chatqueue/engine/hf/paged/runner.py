@@ -7,7 +7,9 @@ hold already (a cached prefix: another request's, or this conversation's earlier
 only the rest of its prompt is prefilled; a running one gets a block appended when it crosses a
 block boundary. Each step runs one forward over the decode rows' pending tokens and up to
 `prefill_chunk` prompt tokens (a long prompt goes through in chunks, one a step, beside the
-decode), so a long prompt holds the running streams up by one chunk at most. A sequence whose
+decode), fewer while streams decode where the step would outlast `prefill_stall_limit` decode
+steps (`engine/prefill_budget.py`), so a long prompt holds the running streams up by one bounded
+chunk at most. A sequence whose
 prompt is done samples its first token there and decodes from the next step on.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +29,7 @@ from chatqueue.engine.hf.kv_batch import UnsupportedCache
 from chatqueue.engine.hf.paged.attention import NAME, STEP_KWARG, PagedStep, PrefillChunk
 from chatqueue.engine.hf.paged.pool import KVPool, KVShape, check_paged_supported
 from chatqueue.engine.hf.sampling import Sampled, SamplingBatch, SamplingRequest, step_output
+from chatqueue.engine.prefill_budget import PrefillBudget
 from chatqueue.engine.runner import KVSpec, NewSequence, StepBatch, StepOutput, row_masks
 
 
@@ -62,11 +66,13 @@ class HFPagedRunner:
         prefill_chunk: int = 512,
         prefix_caching: bool = True,
         context_window: int | None = None,
+        prefill_stall_limit: float | None = None,
     ) -> None:
         check_paged_supported(model)
         self.model = model
         self.device = model.device
         self.prefill_chunk = prefill_chunk
+        self._budget = PrefillBudget(prefill_chunk, prefill_stall_limit)
         self.pool = KVPool(
             KVShape.of(model), num_blocks=num_blocks, block_size=block_size, device=self.device
         )
@@ -106,6 +112,7 @@ class HFPagedRunner:
             },
             "dtype": str(self.model.dtype).removeprefix("torch."),
             "cuda_graph_batch_sizes": [],
+            "prefill": {"chunk": self.prefill_chunk, "stall_limit": self._budget.stall_limit},
         }
 
     def step(self, batch: StepBatch) -> StepOutput:
@@ -118,11 +125,18 @@ class HFPagedRunner:
         for new in batch.new:
             self._join(new)
         chunks = self._plan_prefill()
-        if not self._decoding and not chunks:
+        decode_rows = len(self._decoding)
+        if not decode_rows and not chunks:
             return StepOutput({})
+        prompt_tokens = sum(chunk.end - chunk.seq.num_computed for chunk in chunks)
+        began = time.perf_counter()
         with torch.inference_mode():
             logits = self._forward(chunks)
-            return step_output(self._sample(logits, chunks, batch))
+            output = step_output(self._sample(logits, chunks, batch))  # the tokens: synced
+        self._budget.observe(
+            time.perf_counter() - began, decode_rows=decode_rows, prompt_tokens=prompt_tokens
+        )
+        return output
 
     def close(self) -> None:
         device = self.device
@@ -157,8 +171,8 @@ class HFPagedRunner:
 
     def _plan_prefill(self) -> list[_Chunk]:
         """This step's prompt tokens: whole prompts and at most one partial chunk, in order,
-        `prefill_chunk` tokens in all."""
-        budget, chunks = self.prefill_chunk, []
+        `prefill_chunk` tokens in all, fewer while streams decode (`PrefillBudget`)."""
+        budget, chunks = self._budget.tokens(decoding=bool(self._decoding)), []
         for seq in self._prefilling:
             if budget <= 0:
                 break

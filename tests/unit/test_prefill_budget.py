@@ -1,0 +1,64 @@
+"""PrefillBudget: the prompt tokens a step may take while streams decode, from step times it is
+told (made-up seconds here: what the runner would measure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from chatqueue.config import Settings
+from chatqueue.engine.prefill_budget import MIN_TOKENS, PrefillBudget
+
+
+def learned(decode_s: float, token_s: float, *, stall_limit: float | None = 3.0) -> PrefillBudget:
+    budget = PrefillBudget(512, stall_limit)
+    budget.observe(decode_s, decode_rows=8, prompt_tokens=0)
+    budget.observe(decode_s + 100 * token_s, decode_rows=8, prompt_tokens=100)
+    return budget
+
+
+def test_the_whole_chunk_before_anything_is_measured_or_when_nothing_decodes() -> None:
+    budget = PrefillBudget(512, 3.0)
+    assert budget.tokens(decoding=True) == 512
+    budget = learned(decode_s=0.05, token_s=0.005)
+    assert budget.tokens(decoding=False) == 512
+
+
+def test_while_streams_decode_a_step_stays_within_the_stall_limit() -> None:
+    # a decode step 50 ms, a prompt token 5 ms: 3 decode steps leave 100 ms, 20 tokens
+    budget = learned(decode_s=0.05, token_s=0.005)
+    assert budget.tokens(decoding=True) == 20
+    # where prompt tokens are cheap (a GPU), the chunk is the limit
+    assert learned(decode_s=0.002, token_s=0.000005).tokens(decoding=True) == 512
+
+
+def test_a_prompt_always_advances() -> None:
+    assert learned(decode_s=0.01, token_s=1.0).tokens(decoding=True) == MIN_TOKENS
+    tiny = PrefillBudget(4, 3.0)
+    tiny.observe(0.01, decode_rows=1, prompt_tokens=0)
+    tiny.observe(10.0, decode_rows=1, prompt_tokens=8)
+    assert tiny.tokens(decoding=True) == 4  # never more than the chunk
+
+
+def test_no_limit_means_the_chunk() -> None:
+    assert learned(decode_s=0.05, token_s=0.005, stall_limit=None).tokens(decoding=True) == 512
+
+
+def test_it_follows_the_machine_as_it_changes() -> None:
+    budget = learned(decode_s=0.1, token_s=0.005)
+    assert budget.tokens(decoding=True) == 40
+    for _ in range(40):  # the machine gets twice as slow at prompts
+        budget.observe(0.1 + 100 * 0.01, decode_rows=8, prompt_tokens=100)
+    assert budget.tokens(decoding=True) == 20
+
+
+def test_steps_with_few_prompt_tokens_teach_nothing_of_their_cost() -> None:
+    budget = learned(decode_s=0.05, token_s=0.005)
+    budget.observe(5.0, decode_rows=8, prompt_tokens=2)  # a stall elsewhere: noise
+    assert budget.tokens(decoding=True) == 20
+
+
+def test_the_flag_is_off_or_more_than_one_step() -> None:
+    assert Settings(prefill_stall_limit=0).prefill_stall_limit == 0
+    assert Settings(prefill_stall_limit=4).prefill_stall_limit == 4
+    with pytest.raises(ValueError, match="more than 1"):
+        Settings(prefill_stall_limit=0.5)
