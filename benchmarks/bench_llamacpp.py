@@ -5,7 +5,8 @@ Builds `llama-server` from the very llama.cpp source that the installed llama-cp
 under chatqueue's cache folder (`$CHATQUEUE_CACHE` or ~/.cache/chatqueue)/llama-server/VERSION. Then, at
 each concurrency N: `chatqueue serve --max-concurrent N` (`--engine auto` unless `--engine` says
 otherwise: what a user gets, llama.cpp up to 8 at once, transformers above) and `llama-server -np N
--cb`, both on the default GGUF, one model thread each, the same per-slot context, both up at once
+-cb --no-repack`, both on the default GGUF, one model thread each, the same per-slot context (and
+CPU kernels: no extra buffer types, as the runner), both up at once
 and measured alternately for several rounds (the machine is shared and noisy) with one load
 generator: N streams of the same chat prompts, 64 greedy tokens each, EOS ignored. Prints per round
 and as medians over the rounds: total tokens/s, the ratio chatqueue / llama.cpp, time to first token
@@ -116,6 +117,9 @@ def llama_server(binary: Path, *, slots: int, context: int, threads: int) -> Ite
         "-tb",
         str(threads),
         "--no-webui",
+        # as chatqueue's runner loads the model (llamacpp/context.py): no AMX or repacked
+        # weights (llama.cpp's AMX matmul crashes on this project's AVX-512 Xeon VMs)
+        "--no-repack",
     ]
     log = Path(tempfile.mkdtemp()) / "llama-server.log"
     with log.open("wb") as out:

@@ -184,9 +184,13 @@ def load_model(settings: Settings, folder: str) -> ModelRunner:
 
 def load_llamacpp_model(settings: Settings, gguf: str) -> ModelRunner:
     """The llama.cpp runner (module-level, so the model process can unpickle it)."""
+    import torch
+
     from chatqueue.engine.llamacpp.loader import load_llamacpp_runner
 
     threads = settings.torch_threads or default_torch_threads()
+    # torch only samples here: its idle OpenMP threads would spin on the cores the model needs
+    torch.set_num_threads(threads)
     return load_llamacpp_runner(settings, Path(gguf), threads=threads)
 
 
