@@ -56,10 +56,13 @@ def wait_status(url: str, status: str, proc: subprocess.Popen[bytes], limit_s: f
     while time.monotonic() < deadline:
         assert proc.poll() is None, "the server exited"
         try:
-            if httpx.get(f"{url}/health", timeout=5).json().get("status") == status:
-                return
+            said = httpx.get(f"{url}/health", timeout=5).json()
         except httpx.HTTPError:
-            pass
+            said = {}
+        if said.get("status") == status:
+            return
+        if said.get("status") == "failed":
+            raise RuntimeError(f"the server failed: {said}")
         time.sleep(0.05)
     raise TimeoutError(f"/health never said {status}")
 

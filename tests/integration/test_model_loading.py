@@ -92,6 +92,18 @@ def test_a_sharded_folder_loads_on_the_static_runner_in_the_dtype_asked(
 GREEDY = SamplingParams(temperature=0.0)
 
 
+def test_a_model_loads_without_hub_kernels(qwen3_folder: Path) -> None:
+    """transformers 5.2x swaps layers for kernels it fetches from the Hub unless told not to;
+    offline that failed every load on a GPU (benchmarks/RESULTS.md, issue 12)."""
+    from chatqueue.engine.hf.loader import load_model
+
+    model = load_model(qwen3_folder, device=torch.device("cpu"), dtype=torch.float32)
+
+    assert model.use_kernels is False
+    read = gguf_cache.read_gguf_model(gguf_cache.default_gguf_path())
+    assert read.use_kernels is False
+
+
 def test_chat_template_flag_overrides_the_models(qwen3_folder: Path, tmp_path: Path) -> None:
     template = tmp_path / "template.jinja"
     template.write_text("{% for m in messages %}[{{ m.content }}]{% endfor %}", encoding="utf-8")

@@ -174,7 +174,7 @@ def read_gguf_model(gguf_path: Path) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
     model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True
+        gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True, use_kernels=False
     )
     return model
 
@@ -183,7 +183,7 @@ def read_gguf_tokenizer(gguf_path: Path) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True
+        gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True, use_kernels=False
     )
     return tokenizer
 

@@ -154,11 +154,15 @@ def _context_window(model: PreTrainedModel) -> int:
 
 def load_model(folder: Path, *, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
     # from_pretrained returns the model in eval mode; device_map places weights as they load.
+    # NOTE: use_kernels=False: transformers 5.2x swaps layers for "hub kernels" by default, which
+    # it fetches from the Hugging Face Hub; offline (as chatqueue always loads) that failed every
+    # GPU load with transformers 5.25, and the runners replace the model's forward anyway.
     model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
         folder,
         dtype=dtype,
         device_map=str(device),
         local_files_only=True,
+        use_kernels=False,
         **_attention_implementation(folder),
     )
     return model
