@@ -490,7 +490,7 @@ class Engine:
                     seq.first_token_at = now
                     self.metrics.ttft.observe(now - seq.arrival)
             else:
-                continue  # its prompt is not through yet
+                continue  # still prefilling in chunks
             if step.text or step.logprobs:
                 outbox.append((seq, Token(step.text, logprobs=step.logprobs)))
             if step.finish is not None:

@@ -115,8 +115,7 @@ class SampledLogprobs:
 @dataclass(frozen=True, slots=True)
 class StepOutput:
     """What a step produced: rid -> the token sampled for it, and the logprobs of the rows that
-    asked for them. A sequence whose prompt is not through yet (prefilling in chunks, or admitted
-    while the runner decoded ahead: llamacpp/runner.py) is in neither."""
+    asked for them. A sequence still prefilling in chunks is in neither."""
 
     tokens: dict[int, int]
     logprobs: dict[int, SampledLogprobs] = field(default_factory=dict)
@@ -139,7 +138,7 @@ class ModelRunner(Protocol):
 
     def step(self, batch: StepBatch) -> StepOutput:
         """Advance the batch one token. Returns rid -> the token sampled for it (and logprobs
-        where asked). A sequence whose prompt is not through yet may be missing; every other sequence
+        where asked). A sequence still prefilling in chunks may be missing; every other sequence
         in the batch must be present."""
         ...
 

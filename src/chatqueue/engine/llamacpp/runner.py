@@ -8,22 +8,12 @@ last sampled token, at its next position, logits wanted), then prompt tokens up 
 `engine/prefill_budget.py`), oldest prompt first; a prompt's last token wants logits. llama.cpp splits the batch into its own
 micro-batches. The logits come back as one [rows, vocab] tensor: decoding rows first, in the
 sampler's row order, then the prompts that finished, which join the sampler's rows. A prompt longer
-than the chunk runs over several steps and is in no step's output until its last chunk.
-
-NOTE: decode ahead. A step returns its tokens and at once starts the next decode on a thread of
-its own, as if the next batch were the same sequences again (llama.cpp's decode releases the GIL):
-the server detokenizes, streams and schedules while the model already runs, and the next `step`
-only samples from logits that are ready or nearly so. The guess costs nothing when wrong: a
-sequence released meanwhile leaves its extra token in its slot's cache (harmless, prefix reuse
-counts it), masks apply at sampling, which waits for the batch, and a sequence admitted meanwhile
-is prefilled in the next decode (it is then in no output until that one: one step later). The
-decode ahead is skipped when every decoding sequence has reached its `max_tokens`."""
+than the chunk runs over several steps and is in no step's output until its last chunk."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +33,6 @@ class _Sequence:
     slot: int
     length: int  # tokens in its KV cache
     pending: int | None = None  # its last sampled token, not yet in the cache; None: prefilling
-    sampled: int = 0  # tokens sampled for it
 
     @property
     def rid(self) -> int:
@@ -52,23 +41,6 @@ class _Sequence:
     @property
     def prompt_left(self) -> int:
         return len(self.new.prompt_ids) - self.length
-
-    @property
-    def is_at_limit(self) -> bool:
-        """It has sampled its `max_tokens`: the server ends it, whatever it sampled."""
-        most = self.new.params.max_tokens
-        return most is not None and self.new.num_generated + self.sampled >= most
-
-
-@dataclass(slots=True)
-class _Decoded:
-    """One decode's result: logits rows for `decoding` (in the sampler's row order), then for
-    `finishing` (prompts it finished), or the error it raised."""
-
-    decoding: list[_Sequence]
-    finishing: list[_Sequence]
-    logits: torch.Tensor | None = None  # a view of llama.cpp's buffer
-    error: Exception | None = None
 
 
 class LlamaCppRunner:
@@ -79,7 +51,6 @@ class LlamaCppRunner:
         slots: int,
         prefill_chunk: int,
         prefill_stall_limit: float | None = None,
-        decode_ahead: bool = True,
     ) -> None:
         assert context.batch.capacity >= slots + prefill_chunk, "a step's batch must fit"
         self._ctx = context
@@ -90,10 +61,6 @@ class LlamaCppRunner:
         self._decoding: list[_Sequence] = []  # in the sampler's row order
         self._prefilling: list[_Sequence] = []  # oldest first
         self._sampling: SamplingBatch | None = None
-        self._ahead_pool = (
-            ThreadPoolExecutor(1, thread_name_prefix="llamacpp-ahead") if decode_ahead else None
-        )
-        self._ahead: Future[_Decoded] | None = None
 
     @property
     def context_window(self) -> int:
@@ -109,75 +76,35 @@ class LlamaCppRunner:
             "runner": "llamacpp",
             "slots": len(self._table),
             "context_window": self.context_window,
+            "kv_cache": self._ctx.kv_type,
             "prefill_chunk": self._chunk,
             "prefill_stall_limit": self._budget.stall_limit,
-            "decode_ahead": self._ahead_pool is not None,
         }
 
     def step(self, batch: StepBatch) -> StepOutput:
-        ahead = self._ahead.result() if self._ahead is not None else None
-        self._ahead = None
-        if ahead is not None and ahead.error is not None:
-            self._forget(ahead.decoding + ahead.finishing + self._prefilling)
-            raise ahead.error
         self._release(batch.released)
         assert set(self._held) == set(batch.running), (
             f"running {sorted(batch.running)} != sequences held {sorted(self._held)}"
         )
         for new in batch.new:
             self._admit(new)
-        decoded = self._kept(ahead) if ahead is not None else None
-        if decoded is None:  # nothing ahead for a sequence still here: decode now
-            decoded = self._decode()
-        if decoded.error is not None:
-            self._forget(decoded.decoding + decoded.finishing + self._prefilling)
-            raise decoded.error
-        assert decoded.logits is not None
-        output = self._sample(batch, decoded.decoding, decoded.finishing, decoded.logits)
-        if self._ahead_pool is not None and self._worth_decoding_ahead():
-            self._ahead = self._ahead_pool.submit(self._decode)
-        return output
-
-    def close(self) -> None:
-        if self._ahead_pool is not None:
-            self._ahead_pool.shutdown(wait=True)
-        self._ctx.close()
-
-    # -- decoding, now or ahead ------------------------------------------------------------
-    def _decode(self) -> _Decoded:
-        """Fill the batch from what is held and run it (on the step's thread or ahead of it)."""
         decoding = list(self._decoding)
         finishing = self._fill(decoding)
         began = time.perf_counter()
         try:
             logits = self._ctx.decode()
-        except Exception as exc:
-            return _Decoded(decoding, finishing, error=exc)
+        except Exception:
+            self._forget(decoding + self._prefilling)
+            raise
+        output = self._sample(batch, decoding, finishing, logits)
         prompt_tokens = self._ctx.batch.size - len(decoding)
         self._budget.observe(
             time.perf_counter() - began, decode_rows=len(decoding), prompt_tokens=prompt_tokens
         )
-        return _Decoded(decoding, finishing, logits)
+        return output
 
-    def _kept(self, ahead: _Decoded) -> _Decoded | None:
-        """The decode ahead's rows of the sequences still held (the batch released the others),
-        or None if none is left."""
-        assert ahead.logits is not None
-        rows = [row for row, seq in enumerate(ahead.decoding) if seq.rid in self._held]
-        first = len(ahead.decoding)
-        rows += [first + i for i, seq in enumerate(ahead.finishing) if seq.rid in self._held]
-        if not rows:
-            return None
-        decoding = [seq for seq in ahead.decoding if seq.rid in self._held]
-        finishing = [seq for seq in ahead.finishing if seq.rid in self._held]
-        assert decoding == self._decoding, "the sampler's rows changed under the decode ahead"
-        logits = ahead.logits
-        if len(rows) < len(logits):
-            logits = logits.index_select(0, torch.tensor(rows, dtype=torch.long))
-        return _Decoded(decoding, finishing, logits)
-
-    def _worth_decoding_ahead(self) -> bool:
-        return bool(self._prefilling) or any(not seq.is_at_limit for seq in self._decoding)
+    def close(self) -> None:
+        self._ctx.close()
 
     # -- the phases of a step -------------------------------------------------------------
     def _release(self, released: Sequence[int]) -> None:
@@ -258,7 +185,6 @@ class LlamaCppRunner:
         output = step_output(parts)
         for seq in decoding + finishing:
             seq.pending = output.tokens[seq.rid]
-            seq.sampled += 1
         return output
 
     def _forget(self, sequences: list[_Sequence]) -> None:
