@@ -19,16 +19,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_hf_batching import prompts
 from chatqueue.api.build import load_hf, load_llamacpp
 from chatqueue.config import Settings
-from chatqueue.engine.runner import NewSequence, Runner, StepBatch
+from chatqueue.engine.runner import NewSequence, PagedKV, Runner, StepBatch
 from chatqueue.types import ChatMessage, SamplingParams
 
 
+def block_tables(runner: Runner, ids: list[list[int]], steps: int) -> list[list[int]]:
+    """What the scheduler would hand a runner with a KV pool (the paged one): blocks for each
+    prompt and `steps` + 1 tokens; none for a runner without one."""
+    spec = runner.kv_spec if isinstance(runner, PagedKV) else None
+    if spec is None:
+        return [[] for _ in ids]
+    free = iter(range(spec.num_blocks))
+    return [[next(free) for _ in range(spec.blocks_for(len(p) + steps + 1))] for p in ids]
+
+
 def decode_rate(runner: Runner, n: int, steps: int) -> float:
-    """Prefill n prompts, then time `steps` decode steps of all n; tokens/s of the decode."""
+    """Prefill n prompts (in as many steps as the runner takes), then time `steps` decode steps
+    of all n; tokens/s of the decode."""
     ids = [runner.tokenizer.apply_chat_template([ChatMessage("user", p)]) for p in prompts(n)]
     greedy = SamplingParams(temperature=0.0)
-    runner.step(StepBatch([NewSequence(i, p, greedy) for i, p in enumerate(ids)], [], []))
+    tables = block_tables(runner, ids, steps + len(ids))
+    new = [
+        NewSequence(i, p, greedy, block_table=t)
+        for i, (p, t) in enumerate(zip(ids, tables, strict=True))
+    ]
+    started = set(runner.step(StepBatch(new, [], [])).tokens)
     running = list(range(n))
+    while len(started) < n:  # prompts cut into chunks: step until every one has its first token
+        started |= set(runner.step(StepBatch([], running, [])).tokens)
     began = time.perf_counter()
     for _ in range(steps):
         runner.step(StepBatch([], running, []))

@@ -57,9 +57,10 @@ def runner_for(settings: Settings) -> Runner | Callable[[], Runner]:
 
 
 # NOTE: the most sequences at once for which `--engine auto` picks llama.cpp. Measured in-process
-# on the 2-vCPU machine, one thread each (benchmarks/RESULTS.md, issue 17): llama.cpp's decode
-# 5.6x the transformers runner's tokens/s at 1 sequence, 1.5x at 8, but 0.5x at 32, where
-# the fp32 GEMMs scale and llama.cpp's Q4_1 dot products do not.
+# on 2-vCPU machines, one thread each (benchmarks/RESULTS.md, issue 17): llama.cpp's decode
+# 3.4x the transformers runner's tokens/s at 1 sequence, 2.0x at 8, but 0.81x at 32 on an
+# AVX-512 Xeon (5.6x, 1.5x, 0.5x on a loaded AVX2 EPYC), where the fp32 GEMMs scale and
+# llama.cpp's Q4_1 dot products do not.
 LLAMACPP_MAX_CONCURRENT = 8
 
 
