@@ -183,7 +183,7 @@ def read_gguf_tokenizer(gguf_path: Path) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True, use_kernels=False
+        gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True
     )
     return tokenizer
 

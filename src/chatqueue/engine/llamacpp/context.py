@@ -52,10 +52,10 @@ class LlamaContext:
         llama_cpp.llama_backend_init()
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = 0
-        # NOTE: no extra CPU buffer types (AMX, repacked weights). On an Intel Xeon with AMX (a
-        # Sapphire Rapids VM), llama.cpp's AMX matmul crashed the process (SIGSEGV in
-        # ggml_backend_amx_mul_mat) at the first prompt of more than a few tokens; the default
-        # model's Q4_1 gains nothing from repacking on AVX2 machines.
+        # NOTE: no extra CPU buffer types (AMX, repacked weights). On a 2-vCPU Intel Xeon VM with
+        # AMX, llama.cpp's AMX matmul crashed the process (SIGSEGV in ggml_backend_amx_mul_mat)
+        # at the first prompt of more than a few tokens; and repacking has no layout for Q4_1,
+        # the default model's layers.
         model_params.use_extra_bufts = False
         self._model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), model_params)
         if not self._model:
