@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import llama_cpp
 import numpy as np
@@ -23,7 +22,13 @@ from chatqueue.engine.llamacpp.batch import TokenBatch
 log = logging.getLogger(__name__)
 
 
-_KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
+# NOTE: the KV cache in q8_0 with flash attention (which a quantized V cache needs), not
+# llama.cpp's default (f16, flash attention on a CPU too). Measured on one thread (RESULTS.md,
+# issue 17): the default's decode slows with the context, 17.5 ms a token at 40 positions but
+# 40.4 ms at 1,000 (8 sequences: 74 and 253 ms a step); q8_0 with flash attention runs 17.1 and
+# 24.9 ms (65 and 123 ms), within 6% of f16 without flash attention at 1,000 and faster than
+# either below 400. It also halves the KV memory every slot holds from the start.
+KV_CACHE_TYPE = "q8_0"
 
 
 class LlamaCppError(RuntimeError):
@@ -36,14 +41,6 @@ class ContextConfig:
     context_window: int  # KV cells of one slot (the longest sequence), at most the model's trained
     batch_tokens: int  # most tokens one decode takes (decode rows + prompt chunk)
     threads: int
-    # NOTE: the KV cache in q8_0 with flash attention (which a quantized V cache needs), not
-    # llama.cpp's default (f16, flash attention on a CPU too). Measured on one thread (RESULTS.md,
-    # issue 17): the default's decode slows with the context, 17.5 ms a token at 40 positions
-    # but 40.4 ms at 1,000 (8 sequences: 74 and 253 ms a step); q8_0 with flash attention runs
-    # 17.1 and 24.9 ms (65 and 123 ms), within 6% of f16 without flash attention at 1,000 and
-    # faster than either below 400. It also halves the KV memory every slot holds from the start.
-    kv_type: Literal["f16", "q8_0"] = "q8_0"
-    flash_attention: bool | None = True  # None: llama.cpp's own choice
 
 
 class LlamaContext:
@@ -70,13 +67,9 @@ class LlamaContext:
         params.n_threads = params.n_threads_batch = config.threads
         params.kv_unified = False
         params.no_perf = True
-        params.type_k = params.type_v = _KV_TYPES[config.kv_type]
-        if config.flash_attention is not None:
-            params.flash_attn_type = (
-                llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-                if config.flash_attention
-                else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-            )
+        # KV_CACHE_TYPE, with the flash attention a quantized V cache needs
+        params.type_k = params.type_v = llama_cpp.GGML_TYPE_Q8_0
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         self._ctx = llama_cpp.llama_init_from_model(self._model, params)
         if not self._ctx:
             llama_cpp.llama_model_free(self._model)
@@ -84,13 +77,12 @@ class LlamaContext:
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self.context_window = int(llama_cpp.llama_n_ctx_seq(self._ctx))
         self.batch = TokenBatch(config.batch_tokens)
-        self.kv_type = config.kv_type
         log.info(
             "llama.cpp: %s, %d slots of %d tokens, KV cache %s, %d threads",
             gguf.name,
             config.slots,
             self.context_window,
-            config.kv_type,
+            KV_CACHE_TYPE,
             config.threads,
         )
 
