@@ -19,7 +19,9 @@ prints:
 CPU (SmolLM2, the default model):
     .venv/bin/python benchmarks/bench_multiturn.py [--reply-tokens 100 300] [--conversations 8]
 GPU (a Llama-3.2-1B-shaped model with random bf16 weights and SmolLM2's tokenizer, saved once
-to a temporary folder; the paged runner, `--kv-cache dynamic`):
+to a temporary folder; the paged runner with its graphed decode step, `--kv-cache paged`;
+`--tokenizer-from` a folder holding SmolLM2's tokenizer files where the converted default model
+is not in the cache, as on a fresh GPU machine):
     .venv/bin/python benchmarks/bench_multiturn.py --device cuda --conversations 64
 """
 
@@ -230,7 +232,7 @@ def report(name: str, run: Run) -> dict[str, float]:
     return figures
 
 
-def gpu_model_folder(tmp: Path) -> Path:
+def gpu_model_folder(tmp: Path, tokenizer_from: Path | None) -> Path:
     """A Llama-3.2-1B-shaped model with random bf16 weights and SmolLM2's tokenizer (the vocab
     resized to it), saved for `chatqueue serve --model`."""
     import torch
@@ -239,7 +241,7 @@ def gpu_model_folder(tmp: Path) -> Path:
 
     from chatqueue.engine.hf import gguf_cache
 
-    smollm2 = gguf_cache.default_model_folder()
+    smollm2 = tokenizer_from or gguf_cache.default_model_folder()
     config = llama_1b_config()
     tokenizer_files = [p for p in smollm2.iterdir() if "token" in p.name or p.suffix == ".jinja"]
     config.vocab_size = json.loads((smollm2 / "config.json").read_text())["vocab_size"]
@@ -264,6 +266,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--modes", nargs="+", default=["on", "off"])
     ap.add_argument("--serve-args", default="", help="more `chatqueue serve` flags")
+    ap.add_argument("--tokenizer-from", type=Path, default=None, help="SmolLM2's tokenizer files")
     args = ap.parse_args()
     args.conversations = args.conversations or (64 if args.device == "cuda" else 8)
     with tempfile.TemporaryDirectory() as name:
@@ -275,8 +278,8 @@ def main() -> None:
             "--log-level", "warning",
         ]  # fmt: skip
         if args.device == "cuda":
-            base += ["--model", str(gpu_model_folder(tmp)), "--device", "cuda"]
-            base += ["--kv-cache", "dynamic"]
+            base += ["--model", str(gpu_model_folder(tmp, args.tokenizer_from)), "--device", "cuda"]
+            base += ["--kv-cache", "paged"]
         base += args.serve_args.split()
         print(
             f"{args.conversations} conversations, turns {args.turns}, user tokens "

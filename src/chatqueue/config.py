@@ -62,9 +62,10 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         None, ge=1, description="CPU threads for torch or llama.cpp; default: all cores but one"
     )
-    kv_cache: Literal["auto", "static", "dynamic"] = Field(
+    kv_cache: Literal["auto", "paged", "static", "dynamic"] = Field(
         "auto",
-        description="auto: static on CUDA for the families the static runner knows (README), else dynamic",
+        description="auto: on CUDA paged (with a graphed decode step) or else static for the "
+        "families the decode step knows (README); elsewhere dynamic",
     )
     max_model_len: int | None = Field(
         None,

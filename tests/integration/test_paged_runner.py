@@ -3,27 +3,23 @@
 Steps go the way the engine drives them: the scheduler admits by blocks, hands out block tables
 and cached prefixes, grows and preempts; every greedy output must equal what
 `generate(do_sample=False)` gives for that request alone, with prefix hits, prefixes that end
-inside a block, prompts prefilled in chunks beside decode, and preemption and resume.
+inside a block, prompts prefilled in chunks beside decode, and preemption and resume. Each test
+runs twice: the decode rows packed with the prompts into the model's forward (the CPU's way), and
+apart, through the family's decode step over block tables (the GPU's way; here eager, SDPA).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import pytest
-import torch
 from transformers import LlamaForCausalLM
 
 from chatqueue.engine.hf.paged import HFPagedRunner
+from chatqueue.engine.hf.paged.decode import DecodeOptions
 from chatqueue.engine.prefill_budget import PrefillBudget
-from chatqueue.engine.runner import NewSequence, StepBatch
-from chatqueue.scheduler import Request, Scheduler
-from chatqueue.scheduler.blocks import Allocation, BlockManager
-from chatqueue.types import FinishReason, SamplingParams
 from tests.integration.test_hf_runner import reference, tiny_llama
-
-GREEDY = SamplingParams(temperature=0.0)
+from tests.support.paged_drive import drive, prompts_of
 
 
 @pytest.fixture(scope="module")
@@ -31,100 +27,27 @@ def tiny_model() -> LlamaForCausalLM:
     return tiny_llama()
 
 
-@dataclass(eq=False, slots=True, kw_only=True)
-class Req(Request):
-    params: SamplingParams = GREEDY
-    max_new: int = 1
-    steps_running: int = 0
+@pytest.fixture(params=["packed", "apart"])
+def paged(request: pytest.FixtureRequest) -> Callable[..., HFPagedRunner]:
+    """Makes a paged runner whose decode rows go as this test's parameter says."""
 
+    def make(model: LlamaForCausalLM, **kw: object) -> HFPagedRunner:
+        if request.param == "apart":
+            options = DecodeOptions(max_batch=8, compile=False, cuda_graphs=False)
+            kw |= {"decode": options, "context_window": 256}
+        return HFPagedRunner(model, **kw)  # type: ignore[arg-type]
 
-@dataclass
-class Run:
-    outputs: dict[int, list[int]]
-    cached: dict[int, int]  # rid -> prompt tokens found cached at its first start
-    preemptions: int = 0
-    steps: int = 0
-    prefill_steps: dict[int, int] = field(default_factory=dict)  # rid -> steps before its token
-
-
-def new_sequence(req: Req, allocation: Allocation | None) -> NewSequence:
-    resumed = bool(req.num_preemptions and req.output_ids)
-    assert allocation is not None
-    return NewSequence(
-        req.rid,
-        req.token_ids() if resumed else list(req.prompt_ids),
-        req.params,
-        num_generated=len(req.output_ids) if resumed else 0,
-        block_table=allocation.block_ids,
-        num_cached_tokens=allocation.num_cached_tokens,
-    )
-
-
-def drive(
-    runner: HFPagedRunner,
-    prompts: list[list[int]],
-    *,
-    joins: dict[int, list[int]],
-    max_new: Callable[[int], int],
-    max_concurrent: int = 8,
-    rid_base: int = 0,
-) -> Run:
-    spec = runner.kv_spec
-    scheduler: Scheduler[Req] = Scheduler(max_concurrent=max_concurrent, max_queue_size=64)
-    if not hasattr(runner, "_test_kv"):
-        runner._test_kv = BlockManager(  # type: ignore[attr-defined]
-            num_blocks=spec.num_blocks,
-            block_size=spec.block_size,
-            cache_key=spec.cache_key,
-            prefix_caching=spec.prefix_caching,
-        )
-    scheduler.kv = runner._test_kv  # type: ignore[attr-defined]  # the pool outlives one drive
-    reqs: dict[int, Req] = {}
-    run = Run({}, {})
-    step = 0
-    while step <= max(joins) or scheduler.has_work:
-        for i in joins.get(step, []):
-            rid = rid_base + i
-            reqs[rid] = Req(rid=rid, arrival=step, prompt_ids=prompts[i], max_new=max_new(i))
-            scheduler.add(reqs[rid], step)
-        plan = scheduler.schedule(step)
-        run.preemptions += len(plan.preempted)
-        batch = StepBatch(
-            new=[new_sequence(r, plan.allocations.get(r.rid)) for r in plan.admitted],
-            running=[r.rid for r in plan.running],
-            released=[r.rid for r in plan.released + plan.preempted],
-            grown=plan.grown,
-        )
-        tokens = runner.step(batch).tokens
-        for r in plan.batch:
-            if r.rid not in tokens:
-                continue
-            scheduler.note_computed(r, r.num_tokens)
-            r.output_ids.append(tokens[r.rid])
-            if len(r.output_ids) >= r.max_new:
-                scheduler.finish(r, FinishReason.LENGTH, step)
-        step += 1
-    runner.step(
-        StepBatch(new=[], running=[], released=[r.rid for r in scheduler.schedule(step).released])
-    )
-    run.outputs = {rid - rid_base: r.output_ids for rid, r in reqs.items()}
-    run.cached = {rid - rid_base: r.num_cached_tokens for rid, r in reqs.items()}
-    run.steps = step
-    return run
-
-
-def prompts_of(lengths: list[int], seed: int = 1) -> list[list[int]]:
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 320, (n,), generator=generator).tolist() for n in lengths]
+    return make
 
 
 def test_greedy_equals_generate_while_sequences_join_and_leave(
     tiny_model: LlamaForCausalLM,
+    paged: Callable[..., HFPagedRunner],
 ) -> None:
     prompts = prompts_of([5, 17, 3, 30, 9, 1, 22, 12])
     new_tokens = [12, 4, 9, 12, 2, 7, 12, 5]
     expected = {i: reference(tiny_model, p, new_tokens[i]) for i, p in enumerate(prompts)}
-    runner = HFPagedRunner(tiny_model, num_blocks=64, block_size=4)
+    runner = paged(tiny_model, num_blocks=64, block_size=4)
 
     got = drive(
         runner,
@@ -138,10 +61,11 @@ def test_greedy_equals_generate_while_sequences_join_and_leave(
 
 def test_a_later_request_reuses_a_cached_prefix_and_still_equals_generate(
     tiny_model: LlamaForCausalLM,
+    paged: Callable[..., HFPagedRunner],
 ) -> None:
     system = prompts_of([24], seed=2)[0]  # 6 blocks of 4
     first = [*system, 7, 8, 9]
-    runner = HFPagedRunner(tiny_model, num_blocks=64, block_size=4)
+    runner = paged(tiny_model, num_blocks=64, block_size=4)
     turn1 = drive(runner, [first], joins={0: [0]}, max_new=lambda _: 10)
     assert turn1.outputs[0] == reference(tiny_model, first, 10)
     # turn 2: the same system prompt, turn 1's prompt and reply, then more; and a second user
@@ -160,11 +84,11 @@ def test_a_later_request_reuses_a_cached_prefix_and_still_equals_generate(
 
 @pytest.mark.parametrize("chunk", [1, 5, 16])
 def test_long_prompts_go_through_in_chunks_beside_decode(
-    tiny_model: LlamaForCausalLM, chunk: int
+    tiny_model: LlamaForCausalLM, paged: Callable[..., HFPagedRunner], chunk: int
 ) -> None:
     prompts = prompts_of([40, 3, 57, 9], seed=3)
     expected = {i: reference(tiny_model, p, 10) for i, p in enumerate(prompts)}
-    runner = HFPagedRunner(tiny_model, num_blocks=96, block_size=4, prefill_chunk=chunk)
+    runner = paged(tiny_model, num_blocks=96, block_size=4, prefill_chunk=chunk)
 
     got = drive(runner, prompts, joins={0: [1], 1: [0], 3: [2, 3]}, max_new=lambda _: 10)
 
@@ -185,10 +109,11 @@ class SpyBudget(PrefillBudget):
 
 def test_while_streams_decode_a_step_takes_the_budgets_prompt_tokens(
     tiny_model: LlamaForCausalLM,
+    paged: Callable[..., HFPagedRunner],
 ) -> None:
     prompts = prompts_of([6, 57, 30], seed=6)
     expected = {i: reference(tiny_model, p, 12) for i, p in enumerate(prompts)}
-    runner = HFPagedRunner(tiny_model, num_blocks=96, block_size=4, prefill_stall_limit=3.0)
+    runner = paged(tiny_model, num_blocks=96, block_size=4, prefill_stall_limit=3.0)
     spy = SpyBudget(runner.prefill_chunk, 3.0)
     spy.seen = []  # type: ignore[attr-defined]
     runner._budget = spy
@@ -203,12 +128,14 @@ def test_while_streams_decode_a_step_takes_the_budgets_prompt_tokens(
     assert sum(beside_decode) == 57 + 30
 
 
-def test_preempted_requests_resume_and_equal_generate(tiny_model: LlamaForCausalLM) -> None:
+def test_preempted_requests_resume_and_equal_generate(
+    tiny_model: LlamaForCausalLM, paged: Callable[..., HFPagedRunner]
+) -> None:
     """A pool far too small for all of them: the newest are preempted, recomputed later, and
     nobody's output changes."""
     prompts = prompts_of([10, 14, 7, 12, 9, 11], seed=4)
     expected = {i: reference(tiny_model, p, 24) for i, p in enumerate(prompts)}
-    runner = HFPagedRunner(tiny_model, num_blocks=20, block_size=4)  # 80 tokens; 6 x 34 needed
+    runner = paged(tiny_model, num_blocks=20, block_size=4)  # 80 tokens; 6 x 34 needed
 
     got = drive(runner, prompts, joins={0: [0, 1, 2, 3, 4, 5]}, max_new=lambda _: 24)
 
@@ -216,9 +143,11 @@ def test_preempted_requests_resume_and_equal_generate(tiny_model: LlamaForCausal
     assert got.preemptions > 0
 
 
-def test_without_prefix_caching_nothing_is_reused(tiny_model: LlamaForCausalLM) -> None:
+def test_without_prefix_caching_nothing_is_reused(
+    tiny_model: LlamaForCausalLM, paged: Callable[..., HFPagedRunner]
+) -> None:
     prompt = prompts_of([20], seed=5)[0]
-    runner = HFPagedRunner(tiny_model, num_blocks=32, block_size=4, prefix_caching=False)
+    runner = paged(tiny_model, num_blocks=32, block_size=4, prefix_caching=False)
     drive(runner, [prompt], joins={0: [0]}, max_new=lambda _: 3)
     again = drive(runner, [prompt], joins={0: [0]}, max_new=lambda _: 3, rid_base=10)
     assert again.cached == {0: 0}

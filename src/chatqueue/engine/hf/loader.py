@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from chatqueue.config import Settings, parse_memory
 from chatqueue.engine.hf.kv_batch import UnsupportedCache
 from chatqueue.engine.hf.paged import HFPagedRunner, check_paged_supported, num_blocks_for
+from chatqueue.engine.hf.paged.decode import DecodeOptions
 from chatqueue.engine.hf.runner import HFBatchedRunner, HFSequentialRunner
 from chatqueue.engine.hf.static import StaticCacheRunner, UnsupportedModel, check_supported
 from chatqueue.engine.runner import ModelRunner
@@ -30,12 +32,17 @@ log = logging.getLogger(__name__)
 def load_model_runner(settings: Settings, folder: Path) -> ModelRunner:
     """The runner Settings ask for, over the model in `folder`.
 
-    `kv_cache`: "static" (slots of a fixed-size cache, decode captured as CUDA graphs on a GPU,
-    chunked prefill; the families in `static/families.py`), "dynamic" (any model), or "auto":
-    static on CUDA where the model allows it, else dynamic (with a log line saying why). Dynamic
-    is the paged KV pool (prefix reuse, admission by blocks) where every layer is plain full
-    attention, else the right-aligned batch. `attention` (static cache): "triton" reads only the
-    columns each row holds (CUDA), "sdpa" all of them under a mask, "auto" Triton where it runs."""
+    `kv_cache`:
+    - "paged": the paged KV pool (prefix reuse, admission by blocks) for models whose layers are
+      all plain full attention; on CUDA its decode rows go through the family's compiled decode
+      step captured as CUDA graphs (`paged/decode.py`), where the family has one;
+    - "static": slots of a fixed-size cache, decode captured as CUDA graphs on a GPU, chunked
+      prefill (the families in `static/families.py`, sliding windows and soft-capping too);
+    - "dynamic": any model: paged where its layers allow, else the right-aligned batch;
+    - "auto": on CUDA paged where the model allows both the pool and the decode step, else
+      static where the family allows, else dynamic (a log line says why); on a CPU, dynamic.
+    `attention` (the decode step): "triton" reads only the positions each row holds (CUDA),
+    "sdpa" all of them under a mask, "auto" Triton where it runs."""
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     batching = settings.batching == "on"
@@ -51,29 +58,73 @@ def load_model_runner(settings: Settings, folder: Path) -> ModelRunner:
     )
     max_len = min(settings.max_model_len or 4096, _context_window(model))
     runner: StaticCacheRunner | HFPagedRunner | HFBatchedRunner | HFSequentialRunner
-    if batching and _wants_static(settings.kv_cache, model, device, max_len):
+    kind = _runner_kind(settings.kv_cache, model, device, max_len) if batching else "sequential"
+    if kind == "static":
         runner = StaticCacheRunner(
             model=model,
             max_batch=settings.max_concurrent,
             max_len=max_len,
             prefill_chunk=settings.prefill_chunk,
             attention=settings.attention,
-            compile_cache=settings.cache / "compile" / "regions",
+            compile_cache=_compile_cache(settings),
         )
-    elif not batching:
-        runner = HFSequentialRunner(model)
+    elif kind == "paged":
+        runner = paged_runner(settings, model, max_len=max_len, decode_apart=True)
+    elif kind == "paged-packed":
+        runner = paged_runner(settings, model, max_len=max_len, decode_apart=False)
+    elif kind == "batched":
+        runner = HFBatchedRunner(model)
     else:
-        try:
-            check_paged_supported(model)
-            runner = paged_runner(settings, model)
-        except UnsupportedCache as exc:
-            log.info("paged KV cache off (%s): batching without prefix reuse", exc)
-            runner = HFBatchedRunner(model)
+        runner = HFSequentialRunner(model)
     log_choice(runner.info)
     return runner
 
 
-def paged_runner(settings: Settings, model: PreTrainedModel) -> HFPagedRunner:
+def _runner_kind(kv_cache: str, model: PreTrainedModel, device: torch.device, max_len: int) -> str:
+    """ "static", "paged" (its decode step apart, compiled and graphed on CUDA), "paged-packed"
+    (decode rows packed with the prompts into the model's forward) or "batched"."""
+    paged_why = _why_not(check_paged_supported, model)
+    step_why = _why_not(lambda m: check_supported(m, max_len), model)
+    if kv_cache == "static":
+        check_supported(model, max_len)
+        return "static"
+    if kv_cache == "paged":
+        check_paged_supported(model)
+        if device.type == "cuda" and step_why:
+            log.info("no decode step for this family (%s): decode packed with prefill", step_why)
+        return "paged" if device.type == "cuda" and not step_why else "paged-packed"
+    if kv_cache == "auto" and step_why:
+        log.info(
+            "static KV cache off, the dynamic runner serves instead (no decode step): %s", step_why
+        )
+    elif kv_cache == "auto" and device.type == "cuda":
+        if not paged_why:
+            return "paged"
+        log.info("paged KV cache off (%s): the static cache serves", paged_why)
+        return "static"
+    if paged_why:
+        log.info("paged KV cache off (%s): batching without prefix reuse", paged_why)
+        return "batched"
+    return "paged-packed"
+
+
+def _why_not(check: Callable[[PreTrainedModel], None], model: PreTrainedModel) -> str | None:
+    try:
+        check(model)
+    except (UnsupportedCache, UnsupportedModel) as exc:
+        return str(exc)
+    return None
+
+
+def _compile_cache(settings: Settings) -> Path:
+    return settings.cache / "compile" / "regions"
+
+
+def paged_runner(
+    settings: Settings, model: PreTrainedModel, *, max_len: int, decode_apart: bool
+) -> HFPagedRunner:
+    """`decode_apart`: the decode rows through the family's decode step (compiled and graphed
+    on CUDA), sequences at most `max_len` tokens; else packed with the prompts."""
     memory = settings.kv_cache_memory
     num_blocks = num_blocks_for(
         model,
@@ -81,8 +132,15 @@ def paged_runner(settings: Settings, model: PreTrainedModel) -> HFPagedRunner:
         blocks=settings.kv_cache_blocks,
         memory=None if memory is None else parse_memory(memory),
         max_concurrent=settings.max_concurrent,
-        context_window=_context_window(model),
+        context_window=max_len if decode_apart else _context_window(model),
     )
+    decode = None
+    if decode_apart:
+        decode = DecodeOptions(
+            max_batch=settings.max_concurrent,
+            attention=settings.attention,
+            compile_cache=_compile_cache(settings),
+        )
     return HFPagedRunner(
         model,
         num_blocks=num_blocks,
@@ -90,6 +148,8 @@ def paged_runner(settings: Settings, model: PreTrainedModel) -> HFPagedRunner:
         prefill_chunk=settings.prefill_chunk,
         prefix_caching=settings.prefix_caching == "on",
         prefill_stall_limit=settings.prefill_stall_limit or None,
+        context_window=max_len if decode_apart else None,
+        decode=decode,
     )
 
 
@@ -130,22 +190,6 @@ def prepare_process(settings: Settings, folder: Path) -> None:
         ones = torch.ones(8, 8, device=device, dtype=resolve_dtype(settings.dtype, device))
         (ones @ ones).sum().item()  # the context, the allocator and a cuBLAS handle
     log.debug("model process prepared in %.1f s", time.perf_counter() - began)
-
-
-def _wants_static(
-    kv_cache: str, model: PreTrainedModel, device: torch.device, max_len: int
-) -> bool:
-    if kv_cache == "dynamic":
-        return False
-    if kv_cache == "static":
-        check_supported(model, max_len)
-        return True
-    try:
-        check_supported(model, max_len)
-    except UnsupportedModel as exc:
-        log.info("static KV cache off, the dynamic runner serves instead: %s", exc)
-        return False
-    return device.type == "cuda"  # the GPU fast path; on a CPU, without graphs, no faster
 
 
 def _context_window(model: PreTrainedModel) -> int:

@@ -1,4 +1,4 @@
-"""Decode attention on the GPU over only the columns each row holds (a Triton kernel).
+"""Decode attention on the GPU over only the positions each row holds (a Triton kernel).
 
 The static cache gives every row one run of columns [start, col]; SDPA with a mask reads all
 `max_len` columns of every row and throws most away. This kernel reads [start, col] alone, in
@@ -6,6 +6,10 @@ splits (flash-decoding) so that a small batch still fills the GPU: each program 
 KV head) and one split of the columns, and answers for that KV head's whole group of query heads
 at once, so each K/V element is read once per step. The splits' partial results are merged with
 their log-sum-exp weights in plain torch ops (Inductor fuses them).
+
+The paged pool (`paged/pool.py`) is read by the same kernel: row r's position n lives in block
+`table[r, n // block_size]` at offset `n % block_size`, and the row attends to its positions
+[start[r], end[r]).
 
 Only imported where Triton and CUDA exist; `decode_attention` is a custom op, so Inductor treats
 it as one opaque kernel and CUDA graphs capture its launch.
@@ -28,7 +32,8 @@ def _partials_kernel(  # type: ignore[no-untyped-def]  # Triton pointers and con
     k_ptr,
     v_ptr,
     start_ptr,
-    col_ptr,
+    col_ptr,  # static: the one last column of every row; paged: each row's end (exclusive)
+    table_ptr,  # paged: each row's block table
     o_ptr,
     m_ptr,
     l_ptr,
@@ -41,6 +46,7 @@ def _partials_kernel(  # type: ignore[no-untyped-def]  # Triton pointers and con
     stride_vb,
     stride_vh,
     stride_vn,
+    stride_tb,
     scale,
     softcap,
     NUM_KV: tl.constexpr,
@@ -52,13 +58,22 @@ def _partials_kernel(  # type: ignore[no-untyped-def]  # Triton pointers and con
     NUM_SPLITS: tl.constexpr,
     IEEE: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    PAGED: tl.constexpr,
+    BS: tl.constexpr,  # paged: tokens a block
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // NUM_KV
     h = pid % NUM_KV
     lo = tl.maximum(tl.load(start_ptr + b), split * SPLIT)
-    hi = tl.minimum(tl.load(col_ptr) + 1, (split + 1) * SPLIT)
+    if PAGED:
+        hi = tl.minimum(tl.load(col_ptr + b), (split + 1) * SPLIT)
+        k_base = k_ptr + h * stride_kh  # the pool: [kv_heads, slots, head_dim] a layer
+        v_base = v_ptr + h * stride_vh
+    else:
+        hi = tl.minimum(tl.load(col_ptr) + 1, (split + 1) * SPLIT)
+        k_base = k_ptr + b * stride_kb + h * stride_kh
+        v_base = v_ptr + b * stride_vb + h * stride_vh
     offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, D)
     is_head = offs_g < G
@@ -70,16 +85,19 @@ def _partials_kernel(  # type: ignore[no-untyped-def]  # Triton pointers and con
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
-    k_base = k_ptr + b * stride_kb + h * stride_kh
-    v_base = v_ptr + b * stride_vb + h * stride_vh
     for n0 in range(lo, hi, BLOCK):
         offs_n = n0 + tl.arange(0, BLOCK)
         in_run = offs_n < hi
+        if PAGED:
+            block = tl.load(table_ptr + b * stride_tb + offs_n // BS, mask=in_run, other=0)
+            where = block.to(tl.int64) * BS + offs_n % BS
+        else:
+            where = offs_n
         k = tl.load(
-            k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=in_run[:, None], other=0.0
+            k_base + where[:, None] * stride_kn + offs_d[None, :], mask=in_run[:, None], other=0.0
         )
         v = tl.load(
-            v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=in_run[:, None], other=0.0
+            v_base + where[:, None] * stride_vn + offs_d[None, :], mask=in_run[:, None], other=0.0
         )
         if IEEE:  # noqa: SIM108  (Triton: a constexpr branch, not a ternary)
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
@@ -128,6 +146,7 @@ def decode_attention_partials(
         v,
         start,
         col,
+        start,  # no block table
         o,
         m,
         l_sum,
@@ -140,6 +159,7 @@ def decode_attention_partials(
         v.stride(0),
         v.stride(1),
         v.stride(2),
+        0,
         scale,
         softcap,
         NUM_KV=num_kv,
@@ -151,6 +171,8 @@ def decode_attention_partials(
         NUM_SPLITS=num_splits,
         IEEE=q.dtype == torch.float32,
         SOFTCAP=softcap > 0,
+        PAGED=False,
+        BS=1,
     )
     return o, m, l_sum
 
@@ -187,8 +209,114 @@ def decode_attention(
     to columns start[r] ..= col[0]. `softcap` > 0: scores soft-capped with tanh (Gemma2).
     Returns [B, KV, G, D] in q's dtype."""
     o, m, l_sum = decode_attention_partials(q, k, v, start, col, scale, num_splits, softcap)
+    return _merge(o, m, l_sum, q.dtype)
+
+
+def _merge(
+    o: torch.Tensor, m: torch.Tensor, l_sum: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """The splits' partial results weighed by their log-sum-exp (Inductor fuses these ops)."""
     weight = torch.exp(m - m.amax(dim=-1, keepdim=True))  # empty splits: exp(-inf) = 0
     out: torch.Tensor = (o * weight.unsqueeze(-1)).sum(dim=-2) / (l_sum * weight).sum(
         dim=-1, keepdim=True
     )
-    return out.to(q.dtype)
+    return out.to(dtype)
+
+
+@torch.library.custom_op("chatqueue::paged_decode_attention_partials", mutates_args=())
+def paged_decode_attention_partials(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    table: torch.Tensor,
+    start: torch.Tensor,
+    end: torch.Tensor,
+    scale: float,
+    num_splits: int,
+    softcap: float,
+    block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As `decode_attention_partials`, over a paged pool: k, v [KV, slots, D] (one layer's);
+    table [B, blocks a row] of block ids; row r reads its positions [start[r], end[r])."""
+    b, num_kv, groups, dim = q.shape
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+    o = torch.empty(b, num_kv, groups, num_splits, dim, dtype=torch.float32, device=q.device)
+    m = torch.empty(b, num_kv, groups, num_splits, dtype=torch.float32, device=q.device)
+    l_sum = torch.empty_like(m)
+    max_len = table.shape[1] * block_size
+    split = math.ceil(max_len / num_splits / BLOCK_N) * BLOCK_N
+    _partials_kernel[(b * num_kv, num_splits)](
+        q,
+        k,
+        v,
+        start,
+        end,
+        table,
+        o,
+        m,
+        l_sum,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        0,
+        k.stride(0),
+        k.stride(1),
+        0,
+        v.stride(0),
+        v.stride(1),
+        table.stride(0),
+        scale,
+        softcap,
+        NUM_KV=num_kv,
+        G=groups,
+        G_PAD=max(16, triton.next_power_of_2(groups)),
+        D=dim,
+        BLOCK=BLOCK_N,
+        SPLIT=split,
+        NUM_SPLITS=num_splits,
+        IEEE=q.dtype == torch.float32,
+        SOFTCAP=softcap > 0,
+        PAGED=True,
+        BS=block_size,
+    )
+    return o, m, l_sum
+
+
+@paged_decode_attention_partials.register_fake
+def _(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    table: torch.Tensor,
+    start: torch.Tensor,
+    end: torch.Tensor,
+    scale: float,
+    num_splits: int,
+    softcap: float,
+    block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, num_kv, groups, dim = q.shape
+    o = q.new_empty(b, num_kv, groups, num_splits, dim, dtype=torch.float32)
+    m = q.new_empty(b, num_kv, groups, num_splits, dtype=torch.float32)
+    return o, m, torch.empty_like(m)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    table: torch.Tensor,
+    start: torch.Tensor,
+    end: torch.Tensor,
+    block_size: int,
+    scale: float,
+    num_splits: int,
+    softcap: float = 0.0,
+) -> torch.Tensor:
+    """q [B, KV, G, D]; k, v [KV, slots, D], a layer of the paged pool; table [B, n] each row's
+    blocks; row r attends to its positions start[r] .. end[r] - 1. Returns [B, KV, G, D]."""
+    o, m, l_sum = paged_decode_attention_partials(
+        q, k, v, table, start, end, scale, num_splits, softcap, block_size
+    )
+    return _merge(o, m, l_sum, q.dtype)

@@ -38,8 +38,9 @@ class KVShape:
 
 class KVPool:
     """Per layer, keys and values as [kv_heads, blocks * block_size, head_dim]: token slot
-    `block * block_size + offset` of every head. One extra block at the end stays zero: rows
-    shorter than the longest in a decode batch are padded with it.
+    `block * block_size + offset` of every head. Two extra blocks at the end: the null block
+    stays zero (rows shorter than the longest in a packed decode batch are padded with it), and
+    the scratch block takes what idle rows of a captured decode step write.
 
     NOTE: why this layout. A decode step gathers each row's blocks along dim 1 and views them as
     [rows, kv_heads, tokens, head_dim] with every (row, head) run of tokens contiguous, which is
@@ -53,7 +54,8 @@ class KVPool:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.null_block = num_blocks
-        slots = (num_blocks + 1) * block_size
+        self.scratch_block = num_blocks + 1
+        slots = (num_blocks + 2) * block_size
         size = (shape.num_kv_heads, slots, shape.head_dim)
         self.keys = [
             torch.zeros(size, dtype=shape.dtype, device=device) for _ in range(shape.num_layers)
@@ -79,7 +81,7 @@ class KVPool:
 
     def _gather(self, pool: torch.Tensor, blocks: torch.Tensor, rows: int) -> torch.Tensor:
         heads, _, dim = pool.shape
-        by_block = pool.view(heads, self.num_blocks + 1, self.block_size, dim)
+        by_block = pool.view(heads, self.num_blocks + 2, self.block_size, dim)
         picked = by_block.index_select(1, blocks)  # [heads, rows * n, block_size, dim]
         return picked.view(heads, rows, -1, dim).transpose(0, 1)
 

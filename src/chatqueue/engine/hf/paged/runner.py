@@ -11,6 +11,10 @@ decode), fewer while streams decode where the step would outlast `prefill_stall_
 steps (`engine/prefill_budget.py`), so a long prompt holds the running streams up by one bounded
 chunk at most. A sequence whose
 prompt is done samples its first token there and decodes from the next step on.
+
+With `decode` options (on a GPU, the loader's choice) the decode rows go apart from the prompts,
+through the model family's compiled decode step captured as CUDA graphs (`paged/decode.py`);
+the prompt chunks still go through the model's own forward, after it, in the same step.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from transformers import PreTrainedModel
 
 from chatqueue.engine.hf.kv_batch import UnsupportedCache
 from chatqueue.engine.hf.paged.attention import NAME, STEP_KWARG, PagedStep, PrefillChunk
+from chatqueue.engine.hf.paged.decode import DecodeOptions, DecodeRow, PagedDecode
 from chatqueue.engine.hf.paged.pool import KVPool, KVShape, check_paged_supported
 from chatqueue.engine.hf.sampling import Sampled, SamplingBatch, SamplingRequest, step_output
 from chatqueue.engine.prefill_budget import PrefillBudget
@@ -67,7 +72,12 @@ class HFPagedRunner:
         prefix_caching: bool = True,
         context_window: int | None = None,
         prefill_stall_limit: float | None = None,
+        decode: DecodeOptions | None = None,
     ) -> None:
+        """`decode`: the decode rows through a compiled, graphed step apart from prefill (its
+        sequences at most `context_window` tokens long, which then must be given); None: packed
+        with the prompts into the model's own forward. Raises UnsupportedCache (the model's
+        layers) or UnsupportedModel (its family has no decode step)."""
         check_paged_supported(model)
         self.model = model
         self.device = model.device
@@ -85,6 +95,10 @@ class HFPagedRunner:
         self._sampling: SamplingBatch | None = None
         self._pending = torch.empty(0, dtype=torch.long, device=self.device)  # sampled, not in KV
         self._check_attention_is_ours()
+        self._decode: PagedDecode | None = None
+        if decode is not None:
+            assert context_window is not None, "a decode step needs the longest sequence"
+            self._decode = PagedDecode(model, self.pool, max_len=context_window, options=decode)
 
     # -- the ModelRunner contract ---------------------------------------------------------
     @property
@@ -98,11 +112,21 @@ class HFPagedRunner:
     @property
     def info(self) -> dict[str, Any]:
         """What was chosen, for the start-up log and /v1/models."""
-        spec, config = self._kv_spec, self.model.config
+        spec, config, decode = self._kv_spec, self.model.config, self._decode
+        if decode is None:
+            runner, attention, graphs = (
+                "paged (continuous batching, prefix reuse)",
+                "paged SDPA",
+                [],
+            )
+        else:
+            runner = "paged (continuous batching, prefix reuse, a decode step apart)"
+            attention = f"decode {decode.info['attention']}, prefill paged SDPA"
+            graphs = decode.info["cuda_graph_batch_sizes"]
         return {
-            "runner": "paged (continuous batching, prefix reuse)",
+            "runner": runner,
             "model_type": config.model_type,
-            "attention": "paged SDPA through block tables (paged/attention.py)",
+            "attention": f"{attention} through block tables",
             "cache": {
                 "layout": "a pool of KV blocks a layer, block tables per sequence",
                 "blocks": spec.num_blocks,
@@ -111,7 +135,7 @@ class HFPagedRunner:
                 "bytes": sum(t.nbytes for t in (*self.pool.keys, *self.pool.values)),
             },
             "dtype": str(self.model.dtype).removeprefix("torch."),
-            "cuda_graph_batch_sizes": [],
+            "cuda_graph_batch_sizes": graphs,
             "prefill": {"chunk": self.prefill_chunk, "stall_limit": self._budget.stall_limit},
         }
 
@@ -131,7 +155,7 @@ class HFPagedRunner:
         prompt_tokens = sum(chunk.end - chunk.seq.num_computed for chunk in chunks)
         began = time.perf_counter()
         with torch.inference_mode():
-            logits = self._forward(chunks)
+            logits = self._logits(chunks)
             output = step_output(self._sample(logits, chunks, batch))  # the tokens: synced
         self._budget.observe(
             time.perf_counter() - began, decode_rows=decode_rows, prompt_tokens=prompt_tokens
@@ -140,6 +164,9 @@ class HFPagedRunner:
 
     def close(self) -> None:
         device = self.device
+        if self._decode is not None:
+            self._decode.close()
+            self._decode = None
         del self.pool
         gc.collect()
         if device.type == "cuda":
@@ -181,10 +208,23 @@ class HFPagedRunner:
             chunks.append(_Chunk(seq, end))
         return chunks
 
-    def _forward(self, chunks: list[_Chunk]) -> torch.Tensor:
-        """One forward over the decode rows and the prefill chunks, packed in one row; the
-        logits of each decode row and of each prompt's last token (for those that end here)."""
-        decoding = self._decoding
+    def _logits(self, chunks: list[_Chunk]) -> torch.Tensor:
+        """The logits of each decode row, then of each prompt's last token (those that end in
+        this step's chunks)."""
+        if self._decode is None:
+            return self._forward(chunks, self._decoding)
+        parts = []
+        if self._decoding:
+            rows = [DecodeRow(s.rid, s.num_computed, s.blocks) for s in self._decoding]
+            parts.append(self._decode.run(rows, self._pending))
+        if chunks:
+            parts.append(self._forward(chunks, []).float())
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _forward(self, chunks: list[_Chunk], decoding: list[_Seq]) -> torch.Tensor:
+        """One forward over `decoding`'s pending tokens and the prefill chunks, packed in one
+        row; the logits of each decode row and of each prompt's last token (for those that end
+        here)."""
         positions = [s.num_computed for s in decoding]
         slots = [
             slot for s in decoding for slot in self._slots(s, s.num_computed, s.num_computed + 1)
@@ -193,7 +233,7 @@ class HFPagedRunner:
         step = PagedStep(pool=self.pool, slots=self.pool.keys[0].new_empty(0, dtype=torch.long))
         keep = list(range(len(decoding)))
         if decoding:
-            self._describe_decode(step)
+            self._describe_decode(step, decoding)
         start = len(decoding)
         for chunk in chunks:
             seq, begin = chunk.seq, chunk.seq.num_computed
@@ -212,7 +252,8 @@ class HFPagedRunner:
             if chunk.end == seq.num_prompt:
                 keep.append(start - 1)
         step.slots = self._tensor(slots)
-        input_ids = torch.cat([self._pending, self._tensor(prompt_ids)]).unsqueeze(0)
+        pending = self._pending if decoding else self._pending[:0]
+        input_ids = torch.cat([pending, self._tensor(prompt_ids)]).unsqueeze(0)
         with self._paged_attention():
             output = self.model(
                 input_ids=input_ids,
@@ -224,8 +265,8 @@ class HFPagedRunner:
         logits: torch.Tensor = output.logits[0]
         return logits
 
-    def _describe_decode(self, step: PagedStep) -> None:
-        decoding, block_size = self._decoding, self.pool.block_size
+    def _describe_decode(self, step: PagedStep, decoding: list[_Seq]) -> None:
+        block_size = self.pool.block_size
         lengths = [s.num_computed + 1 for s in decoding]  # the pending token's KV too
         width = self._blocks_for(max(lengths))
         padded = [

@@ -17,12 +17,17 @@ from chatqueue.engine.hf.static.slots import KvSlots
 
 @dataclass(frozen=True, slots=True)
 class Span:
-    """Which columns rows [0, b) attend to in the layers of one attention span (full, or one
-    sliding window): an additive mask over every column (SDPA, eager), or each row's first
-    column (Triton, which reads [start, col] alone)."""
+    """Which positions rows [0, b) attend to in the layers of one attention span (full, or one
+    sliding window), and where their new key and value go. The static cache: an additive mask
+    over every column (SDPA, eager), or each row's first column (Triton, which reads
+    [start, col] alone). The paged pool (`paged/decode.py`) also gives each row's block table,
+    its end and the slot its new token's KV is written to."""
 
     mask: torch.Tensor | None
     start: torch.Tensor | None
+    table: torch.Tensor | None = None
+    end: torch.Tensor | None = None
+    slot: torch.Tensor | None = None
 
 
 class SlotAttention:
@@ -110,7 +115,7 @@ class SlotAttention:
                 softcap=self._softcap or 0.0,
             )
         elif self._softcap:
-            o = _eager_softcapped(q, keys, values, span.mask, self._scale, self._softcap)
+            o = eager_softcapped(q, keys, values, span.mask, self._scale, self._softcap)
         else:
             o = F.scaled_dot_product_attention(
                 q, keys, values, attn_mask=span.mask, scale=self._scale
@@ -118,7 +123,7 @@ class SlotAttention:
         return o
 
 
-def _eager_softcapped(
+def eager_softcapped(
     q: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,

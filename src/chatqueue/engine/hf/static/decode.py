@@ -1,6 +1,8 @@
-"""The decode step over the static cache, for every family in `families.py`: the model's own
-modules and weights (norms, activations, projections), with q/k/v and gate/up each run as one
-fused projection, and the family's switches (its `ModelPlan`) deciding what runs around them."""
+"""The decode step for every family in `families.py`: the model's own modules and weights (norms,
+activations, projections), with q/k/v and gate/up each run as one fused projection, and the
+family's switches (its `ModelPlan`) deciding what runs around them. Where the KV lives is the
+caller's: the static cache's rows (`slots.py`, `attention.py`) or the paged pool's blocks
+(`paged/decode.py`), behind `StepInputs` and `StepAttention`."""
 
 from __future__ import annotations
 
@@ -8,18 +10,52 @@ import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from chatqueue.engine.hf.static.attention import SlotAttention, Span
+from chatqueue.engine.hf.static.attention import Span
 from chatqueue.engine.hf.static.families import ModelPlan, Rope, plan_for
 from chatqueue.engine.hf.static.regions import Region
-from chatqueue.engine.hf.static.slots import KvShape, KvSlots
+from chatqueue.engine.hf.static.slots import KvShape
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
+
+
+class StepInputs(Protocol):
+    """The decode step's input buffers: each row's next token and its position, and each layer's
+    KV buffers. Written in place, never replaced, so that captured CUDA graphs keep reading them."""
+
+    ids: torch.Tensor
+    pos: torch.Tensor
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+
+    def advance(self, b: int) -> None:
+        """After a step of rows [0, b), on the device (capturable)."""
+
+
+class StepAttention(Protocol):
+    """Decode attention over where the KV lives: which positions each row reads (`spans`, once a
+    step), then a layer's new KV written and attended over (`attend_into`)."""
+
+    @property
+    def kernel(self) -> str: ...
+
+    def spans(self, b: int, windows: Sequence[int | None]) -> dict[int | None, Span]: ...
+
+    def attend_into(
+        self,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        *,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        span: Span,
+    ) -> torch.Tensor: ...
 
 
 def kv_shape(model: PreTrainedModel, max_len: int) -> KvShape:
@@ -27,35 +63,34 @@ def kv_shape(model: PreTrainedModel, max_len: int) -> KvShape:
     return KvShape(len(plan.layers), plan.num_kv_heads, plan.head_dim)
 
 
+def attention_scale(model: PreTrainedModel, max_len: int) -> float:
+    """The scale of the model's attention scores (its first layer's, as all share it)."""
+    return float(plan_for(model, max_len).text_model.layers[0].self_attn.scaling)
+
+
 class DecodeStep:
     def __init__(
         self,
         model: PreTrainedModel,
-        slots: KvSlots,
+        inputs: StepInputs,
+        attention: StepAttention,
         *,
-        attention: str,
+        max_len: int,
         compile: bool,
         compile_cache: Path | None = None,
     ) -> None:
         """Fuses the model's projections in place (its own forward, used for prefill, reads
-        them too); `attention` is SlotAttention's choice. `compile`: the decoder layer through
-        Inductor (regional compilation, see `_layer_step`), the compiled regions kept in
-        `compile_cache` (regions.py)."""
-        self.plan = plan = plan_for(model, slots.max_len)
+        them too). `max_len`: the longest sequence a row holds. `compile`: the decoder layer
+        through Inductor (regional compilation, see `_layer_step`), the compiled regions kept
+        in `compile_cache` (regions.py)."""
+        self.plan = plan = plan_for(model, max_len)
         inner = plan.text_model
         self._embed, self._layers, self._norm = inner.embed_tokens, inner.layers, inner.norm
         self._lm_head = plan.lm_head
-        first = self._layers[0].self_attn
         self._fused = [_fuse_projections(layer, plan) for layer in self._layers]
         self._qkv_sizes = list(self._fused[0].qkv_sizes)
-        self._slots = slots
-        self._attention = SlotAttention(
-            slots,
-            choice=attention,
-            num_heads=plan.num_heads,
-            scale=float(first.scaling),
-            softcap=plan.attn_softcap,
-        )
+        self._inputs = inputs
+        self._attention = attention
         self._windows = plan.windows
         # NOTE: regional compilation. The layers share one code path and differ only in their
         # tensors, all passed as arguments, so Dynamo traces one layer once and every layer
@@ -70,7 +105,7 @@ class DecodeStep:
             key = f"{model.config.to_json_string()}{model.dtype}"
             region = functools.partial(Region, folder=compile_cache, model_key=key)
             self._begin_step = region(self._begin, dynamic=("ids", "pos"))
-            dynamic = ("hidden", "delta", "cos", "sin", "mask", "start")
+            dynamic = ("hidden", "delta", "cos", "sin", "mask", "start", "table", "end", "slot")
             self._layer_step = region(self._layer, dynamic=dynamic)
             self._end_step = region(self._end, dynamic=("hidden", "delta"))
 
@@ -80,31 +115,34 @@ class DecodeStep:
 
     def forward(self, b: int) -> torch.Tensor:
         """One token for rows [0, b): only static buffers, no host synchronisation (capturable)."""
-        slots = self._slots
+        inputs = self._inputs
         spans = self._attention.spans(b, self._windows)
-        hidden, ropes = self._begin_step(slots.ids[:b], slots.pos[:b])
+        hidden, ropes = self._begin_step(inputs.ids[:b], inputs.pos[:b])
         delta: torch.Tensor | None = None
         for i, layer in enumerate(self._layers):
             planned, fused = self.plan.layers[i], self._fused[i]
             cos, sin = ropes[planned.rope] if planned.rope is not None else (None, None)
+            span = spans[planned.window]
             hidden, delta = self._layer_step(
                 layer,
                 hidden,
                 delta,
                 cos,
                 sin,
-                spans[planned.window].mask,
-                spans[planned.window].start,
+                span.mask,
+                span.start,
+                span.table,
+                span.end,
+                span.slot,
                 fused.qkv_weight,
                 fused.qkv_bias,
                 fused.gate_up,
                 fused.gate_up_bias,
-                slots.k[i],
-                slots.v[i],
+                inputs.k[i],
+                inputs.v[i],
             )
         logits: torch.Tensor = self._end_step(hidden, delta)
-        slots.pos[:b].add_(1)
-        slots.col_t.add_(1)
+        inputs.advance(b)
         return logits
 
     def _begin(
@@ -129,6 +167,9 @@ class DecodeStep:
         sin: torch.Tensor | None,
         mask: torch.Tensor | None,
         start: torch.Tensor | None,
+        table: torch.Tensor | None,
+        end: torch.Tensor | None,
+        slot: torch.Tensor | None,
         qkv_weight: torch.Tensor,
         qkv_bias: torch.Tensor | None,
         gate_up: torch.Tensor,
@@ -138,12 +179,12 @@ class DecodeStep:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One decoder layer for rows [0, b): every tensor it reads is an argument, so one
         compiled graph serves every layer (and one more the first, which has no `delta`, and
-        for a layer without RoPE). `mask` or `start`: the layer's span of columns.
+        for a layer without RoPE). `mask` ... `slot`: the layer's `Span`.
         `delta` is what the previous layer's MLP adds to the residual stream, added here so
         that the add fuses with this layer's norm (as it would within one compiled graph)."""
         if delta is not None:
             hidden = hidden + delta
-        span = Span(mask, start)
+        span = Span(mask, start, table, end, slot)
         out = self._attention_block(
             layer, hidden, cos, sin, span, qkv_weight, qkv_bias, k_cache, v_cache
         )

@@ -16,8 +16,9 @@ import torch
 from transformers import PreTrainedModel
 
 from chatqueue.engine.hf.sampling import Sampled, SamplingBatch, SamplingRequest, step_output
-from chatqueue.engine.hf.static.decode import DecodeStep, kv_shape
-from chatqueue.engine.hf.static.families import check_supported
+from chatqueue.engine.hf.static.attention import SlotAttention
+from chatqueue.engine.hf.static.decode import DecodeStep, attention_scale, kv_shape
+from chatqueue.engine.hf.static.families import check_supported, plan_for
 from chatqueue.engine.hf.static.graphs import DecodeGraphs
 from chatqueue.engine.hf.static.prefill import Prefilled, PrefillQueue
 from chatqueue.engine.hf.static.slots import KvSlots
@@ -55,10 +56,19 @@ class StaticCacheRunner:
         )
         graphs = self.device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
         wants_compile = self.device.type == "cuda" if compile is None else compile
+        plan = plan_for(model, max_len)
+        slot_attention = SlotAttention(
+            self.slots,
+            choice=attention,
+            num_heads=plan.num_heads,
+            scale=attention_scale(model, max_len),
+            softcap=plan.attn_softcap,
+        )
         self.decode = DecodeStep(
             model,
             self.slots,
-            attention=attention,
+            slot_attention,
+            max_len=max_len,
             compile=wants_compile,
             compile_cache=compile_cache,
         )

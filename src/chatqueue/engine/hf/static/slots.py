@@ -113,6 +113,11 @@ class KvSlots:
         self.col = col
         self.col_t.fill_(col)
 
+    def advance(self, b: int) -> None:
+        """The decode step's end, on the device: rows [0, b) one position on, `col` with them."""
+        self.pos[:b].add_(1)
+        self.col_t.add_(1)
+
     def stepped(self) -> None:
         """The decode step moved `col_t` on the device; follow it here without a sync."""
         self.col += 1

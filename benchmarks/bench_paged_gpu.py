@@ -1,0 +1,319 @@
+"""The paged runner on a GPU, in one run:
+
+(a) correctness: tiny fp32 models of the families the paged pool takes, through the path the
+    GPU serves (the decode step compiled by Inductor, captured as CUDA graphs, Triton
+    attention through block tables; prefill through the model's forward over the pool),
+    driven by the real scheduler and block manager: greedy tokens equal to `generate()` token
+    for token while requests join and leave, with prefix hits, prompts in chunks beside
+    decode, and preemption and resume;
+(b) speed: decode ms/step of the paged runner and of the static-cache runner, side by side on
+    the same shape (Llama-3.2-1B, random bf16 weights), at batch 1, 16 and 64, each ÷ the
+    memory-bandwidth floor (weights + the KV a step reads, at the copy bandwidth measured
+    here).
+
+  python benchmarks/bench_paged_gpu.py [--parts correctness,speed] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support, benchmarks
+
+from benchmarks.gpu_model import llama_1b_config
+
+from chatqueue.engine.hf.kv_batch import UnsupportedCache
+from chatqueue.engine.hf.paged import HFPagedRunner, check_paged_supported
+from chatqueue.engine.hf.paged.decode import DecodeOptions
+from chatqueue.engine.hf.static import StaticCacheRunner
+from chatqueue.engine.runner import ModelRunner, NewSequence, StepBatch
+from chatqueue.types import SamplingParams
+from tests.support import tiny_families
+from tests.support.paged_drive import drive, prompts_of
+
+RESULTS: dict[str, Any] = {}
+PROMPT_TOKENS = 256
+DECODE_STEPS = 64
+BLOCK = 16
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# -- (a) correctness ------------------------------------------------------------------------
+def scenarios(model: Any, make: Callable[..., HFPagedRunner]) -> dict[str, bool]:
+    """The test suite's scenarios (tests/integration/test_paged_runner.py) on this device."""
+
+    def expected(prompt: list[int], n: int) -> list[int]:
+        return tiny_families.reference(model, prompt, n).tokens
+
+    ok: dict[str, bool] = {}
+    prompts = prompts_of([5, 17, 3, 30, 9, 1, 22, 12])
+    new = [12, 4, 9, 12, 2, 7, 12, 5]
+    want = {i: expected(p, new[i]) for i, p in enumerate(prompts)}
+    got = drive(
+        make(num_blocks=64, block_size=4),
+        prompts,
+        joins={0: [0, 1, 2], 2: [3], 3: [4, 5], 7: [6], 9: [7]},
+        max_new=lambda i: len(want[i]),
+    )
+    ok["join_and_leave"] = got.outputs == want
+
+    system = prompts_of([24], seed=2)[0]
+    first = [*system, 7, 8, 9]
+    runner = make(num_blocks=64, block_size=4)
+    turn1 = drive(runner, [first], joins={0: [0]}, max_new=lambda _: 10)
+    turn2 = [*first, *turn1.outputs[0], 11, 12, 13]
+    both = [turn2, [*system, 5, 6]]
+    want = {i: expected(p, 8) for i, p in enumerate(both)}
+    got = drive(runner, both, joins={0: [0, 1]}, max_new=lambda i: len(want[i]), rid_base=10)
+    ok["prefix_reuse"] = (
+        turn1.outputs[0] == expected(first, 10)[: len(turn1.outputs[0])]
+        and got.outputs == want
+        and got.cached[1] == 24
+    )
+
+    prompts = prompts_of([40, 3, 57, 9], seed=3)
+    want = {i: expected(p, 10) for i, p in enumerate(prompts)}
+    got = drive(
+        make(num_blocks=96, block_size=4, prefill_chunk=5),
+        prompts,
+        joins={0: [1], 1: [0], 3: [2, 3]},
+        max_new=lambda i: len(want[i]),
+    )
+    ok["chunks_beside_decode"] = got.outputs == want
+
+    prompts = prompts_of([10, 14, 7, 12, 9, 11], seed=4)
+    want = {i: expected(p, 24) for i, p in enumerate(prompts)}
+    got = drive(
+        make(num_blocks=20, block_size=4),
+        prompts,
+        joins={0: [0, 1, 2, 3, 4, 5]},
+        max_new=lambda i: len(want[i]),  # generate() stops at EOS; the drive does not
+    )
+    ok["preemption"] = got.outputs == want and got.preemptions > 0
+    return ok
+
+
+_WINDOW_KEYS = ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types")
+
+
+def tiny_models(device: str) -> dict[str, Any]:
+    """Each family's tiny model, and those with sliding windows once more without them (as
+    Qwen3's and Qwen2.5's checkpoints ship): the paged pool takes full attention only."""
+    models: dict[str, Callable[[], Any]] = {}
+    for family, spec in tiny_families.FAMILIES.items():
+        models[family] = lambda family=family: tiny_families.tiny(family, device)
+        if spec.window and not family.startswith("gemma"):
+            extra = {k: v for k, v in spec.extra.items() if k not in _WINDOW_KEYS}
+            extra["sliding_window"] = None
+
+            def unwindowed(spec: Any = spec, extra: dict[str, Any] = extra) -> Any:
+                torch.manual_seed(0)
+                config = getattr(transformers, spec.config)(**{**tiny_families.COMMON, **extra})
+                with torch.device(device):
+                    return getattr(transformers, spec.model)(config).eval()
+
+            models[f"{family} (no window)"] = unwindowed
+    return models
+
+
+def correctness(cache: Path, device: str) -> bool:
+    all_ok = True
+    for family, build in tiny_models(device).items():
+        model = build()
+        try:
+            check_paged_supported(model)
+        except UnsupportedCache as exc:
+            log(f"{family}: not paged ({exc}); the static runner serves it")
+            continue
+        options = DecodeOptions(max_batch=8, compile_cache=cache / family.replace(" ", "-"))
+
+        def make(model: Any = model, options: DecodeOptions = options, **kw: Any) -> HFPagedRunner:
+            return HFPagedRunner(model, decode=options, context_window=256, **kw)
+
+        t0 = time.perf_counter()
+        try:
+            ok = scenarios(model, make)
+        except Exception:
+            traceback.print_exc()
+            ok = {"error": False}
+        RESULTS.setdefault("correctness", {})[family] = ok
+        all_ok &= all(ok.values())
+        log(f"{family}: {ok} ({time.perf_counter() - t0:.1f} s)")
+    return all_ok
+
+
+# -- (b) speed ------------------------------------------------------------------------------
+def sync() -> None:
+    torch.cuda.synchronize()
+
+
+def copy_bandwidth() -> float:
+    src = torch.randn(512 * 1024 * 1024 // 2, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(20):
+        sync()
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync()
+        times.append(time.perf_counter() - t0)
+    del src, dst
+    return 2 * 512 * 1024 * 1024 / statistics.median(times[5:])
+
+
+def decode_ms(runner: ModelRunner, batch: int, vocab: int, *, paged: bool) -> float:
+    """Median ms of one decode step (sampling and the token ids' transfer included) for `batch`
+    running sequences of PROMPT_TOKENS prompts."""
+    greedy = SamplingParams(temperature=0, ignore_eos=True)
+    g = torch.Generator().manual_seed(batch)
+    width = -(-(PROMPT_TOKENS + DECODE_STEPS + 8) // BLOCK)
+    news = [
+        NewSequence(
+            i,
+            torch.randint(3, vocab, (PROMPT_TOKENS,), generator=g).tolist(),
+            greedy,
+            block_table=list(range(i * width, (i + 1) * width)) if paged else (),
+        )
+        for i in range(batch)
+    ]
+    ids = [n.rid for n in news]
+    got = runner.step(StepBatch(new=news, running=[], released=[])).tokens
+    while len(got) < batch:
+        got |= runner.step(StepBatch(new=[], running=ids, released=[])).tokens
+    times = []
+    for _ in range(DECODE_STEPS):
+        sync()
+        t0 = time.perf_counter()
+        runner.step(StepBatch(new=[], running=ids, released=[]))
+        times.append(time.perf_counter() - t0)
+    runner.step(StepBatch(new=[], running=[], released=ids))
+    return statistics.median(times[8:]) * 1e3
+
+
+def floor_ms(model: Any, batch: int, bandwidth: float) -> float:
+    c = model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 2
+    return (weights + batch * (PROMPT_TOKENS + DECODE_STEPS / 2) * per_token) / bandwidth * 1e3
+
+
+def speed(cache: Path, batches: list[int]) -> None:
+    bandwidth = copy_bandwidth()
+    RESULTS["copy_bandwidth_GBps"] = bandwidth / 1e9
+    log(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+    config = llama_1b_config()
+    max_len = PROMPT_TOKENS + DECODE_STEPS + 8
+    width = -(-max_len // BLOCK)
+    buckets = sorted({max(2, b) for b in batches})
+
+    def build() -> Any:
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            return transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+
+    def static(model: Any) -> StaticCacheRunner:
+        runner = StaticCacheRunner(
+            model=model,
+            max_batch=max(batches),
+            max_len=max_len,
+            prefill_chunk=8192,
+            use_cuda_graphs=False,
+            compile_cache=cache / "static",
+        )
+        runner.graphs.buckets = buckets
+        runner.graphs.capture()
+        runner.slots.reset()
+        return runner
+
+    def paged(model: Any) -> HFPagedRunner:
+        options = DecodeOptions(
+            max_batch=max(batches), cuda_graphs=False, compile_cache=cache / "paged"
+        )
+        runner = HFPagedRunner(
+            model,
+            num_blocks=max(batches) * width,
+            block_size=BLOCK,
+            prefill_chunk=8192,
+            context_window=max_len,
+            decode=options,
+        )
+        assert runner._decode is not None
+        runner._decode.graphs.buckets = buckets
+        runner._decode.graphs.capture()
+        runner._decode.inputs.reset()
+        return runner
+
+    builders: dict[str, Callable[[Any], ModelRunner]] = {"static": static, "paged": paged}
+    for name, make in builders.items():
+        model = build()
+        t0 = time.perf_counter()
+        runner = make(model)
+        log(f"{name}: ready in {time.perf_counter() - t0:.1f} s: {runner.info}")  # type: ignore[attr-defined]
+        for batch in batches:
+            decode_ms(runner, batch, config.vocab_size, paged=name == "paged")  # warm
+            ms = statistics.median(
+                decode_ms(runner, batch, config.vocab_size, paged=name == "paged") for _ in range(3)
+            )
+            floor = floor_ms(model, batch, bandwidth)
+            RESULTS.setdefault("speed", {}).setdefault(name, {})[batch] = {
+                "ms": ms,
+                "floor_ms": floor,
+                "ratio": ms / floor,
+            }
+            log(f"{name}: batch {batch}: {ms:.3f} ms/step, floor {floor:.3f} ms, {ms / floor:.2f}x")
+        runner.close()
+        del runner, model
+        torch.cuda.empty_cache()
+    figures = RESULTS["speed"]
+    for batch in batches:
+        log(
+            f"batch {batch}: paged ÷ static ms/step = "
+            f"{figures['paged'][batch]['ms'] / figures['static'][batch]['ms']:.3f}"
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--parts", default="correctness,speed")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--out", default=None, help="write the figures as JSON into this folder")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: (a) only")
+    args = ap.parse_args()
+    parts = set(args.parts.split(","))
+    if args.device == "cpu":
+        parts.discard("speed")
+        log("on the CPU: the decode step eager, no graphs")
+    else:
+        log(f"{torch.cuda.get_device_name()} torch {torch.__version__}")
+    ok = True
+    with tempfile.TemporaryDirectory() as name:
+        cache = Path(name)
+        if "correctness" in parts:
+            ok = correctness(cache, args.device)
+            log(f"correctness: {'all equal' if ok else 'FAILED'}")
+        if "speed" in parts:
+            speed(cache, args.batches)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        Path(args.out, "bench_paged_gpu.json").write_text(json.dumps(RESULTS, indent=1))
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

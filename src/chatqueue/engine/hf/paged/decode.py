@@ -1,0 +1,284 @@
+"""The decode rows of the paged runner as one compiled step, captured as CUDA graphs: the family's
+decode step (`static/decode.py`) reading and writing the KV pool through block tables.
+
+NOTE: how. A captured graph replays fixed buffers, so the step reads its rows from buffers
+written before each replay: every row's next token, its position and its block table (a row of
+`max_len / block_size` block ids). Once a step (`spans`), each row's slot for its new token's KV
+is looked up in its table; each layer then writes there and attends to the row's positions
+[0, position] (or the last W of them in a sliding-window layer) through its table: a Triton
+kernel on CUDA (`triton_decode.py`, the static cache's kernel reading through the table), else
+the row's blocks gathered and SDPA under a mask. Rows of the graph's batch past the running ones
+read and write the pool's scratch block only. Prefill stays the model's own forward over the
+packed prompts (`paged/attention.py`): a prompt's length changes every step, which a graph
+cannot hold, and prefill is compute-bound, where a graph gains nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from chatqueue.engine.hf.paged.pool import KVPool
+from chatqueue.engine.hf.static.attention import Span, eager_softcapped, triton_attention
+from chatqueue.engine.hf.static.decode import DecodeStep, attention_scale
+from chatqueue.engine.hf.static.families import plan_for
+from chatqueue.engine.hf.static.graphs import DecodeGraphs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeOptions:
+    """The decode step apart from prefill, for up to `max_batch` rows. `attention`: "triton"
+    (CUDA), "sdpa", or "auto"; `compile` and `cuda_graphs`: None is on CUDA only;
+    `compile_cache`: where compiled regions are kept for the next process."""
+
+    max_batch: int
+    attention: str = "auto"
+    compile: bool | None = None
+    cuda_graphs: bool | None = None
+    compile_cache: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeRow:
+    rid: int
+    position: int  # of its pending token, whose KV this step writes
+    blocks: Sequence[int]
+
+
+class PagedInputs:
+    """The captured step's input buffers (see `StepInputs`), and their host copies."""
+
+    def __init__(self, pool: KVPool, *, max_batch: int, max_len: int) -> None:
+        device = pool.keys[0].device
+        self.k, self.v = pool.keys, pool.values
+        self.width = -(-max_len // pool.block_size)  # blocks a row's table holds
+        self.ids = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.pos = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.table = torch.full(
+            (max_batch, self.width), pool.scratch_block, dtype=torch.int32, device=device
+        )
+        pin = device.type == "cuda"
+        self._pos_host = torch.zeros(max_batch, dtype=torch.long, pin_memory=pin)
+        self._table_host = torch.full(
+            (max_batch, self.width), pool.scratch_block, dtype=torch.int32, pin_memory=pin
+        )
+        self._scratch = pool.scratch_block
+        self._held: list[tuple[int, int] | None] = [None] * max_batch  # (rid, blocks) a row
+
+    def advance(self, b: int) -> None:
+        self.pos[:b].add_(1)
+
+    def set_rows(self, rows: Sequence[DecodeRow], pending: torch.Tensor) -> None:
+        """Rows [0, len(rows)) as given, the rest idle (position 0, the scratch block).
+
+        NOTE: a row's table is written only when it holds another sequence or more blocks
+        than it did (blocks are only ever appended), so a step copies few Python ints."""
+        n = len(rows)
+        table, held = self._table_host, self._held
+        for r, row in enumerate(rows):
+            if held[r] != (row.rid, len(row.blocks)):
+                table[r, : len(row.blocks)] = torch.tensor(row.blocks, dtype=torch.int32)
+                held[r] = (row.rid, len(row.blocks))
+        for r in range(n, len(held)):
+            if held[r] is not None:
+                table[r].fill_(self._scratch)
+                held[r] = None
+        self._pos_host.zero_()
+        self._pos_host[:n] = torch.tensor([row.position for row in rows], dtype=torch.long)
+        # NOTE: the host buffers are not written again before this copy ran: every step waits
+        # for its sampled tokens
+        self.pos.copy_(self._pos_host, non_blocking=True)
+        self.table.copy_(table, non_blocking=True)
+        self.ids[:n].copy_(pending)
+
+    def reset(self) -> None:
+        """Forget what capture wrote (positions only: the tables still name the scratch block)."""
+        self.pos.zero_()
+
+
+class PagedDecodeAttention:
+    """`StepAttention` over the pool: Triton through the block tables, or gather + SDPA."""
+
+    def __init__(
+        self,
+        inputs: PagedInputs,
+        *,
+        block_size: int,
+        choice: str,
+        num_heads: int,
+        scale: float,
+        softcap: float | None,
+        head_dim: int,
+    ) -> None:
+        self._inputs = inputs
+        self._block_size = block_size
+        self._num_heads = num_heads
+        self._scale = scale
+        self._softcap = softcap
+        self._max_len = inputs.width * block_size
+        device = inputs.pos.device
+        self._columns = torch.arange(self._max_len, device=device)
+        self.triton = triton_attention(choice, device, head_dim)
+        self._num_splits = -(-self._max_len // 256)  # as the static cache's kernel
+
+    @property
+    def kernel(self) -> str:
+        if self.triton is not None:
+            return "triton (paged)"
+        return "gather + eager (soft-capped)" if self._softcap else "gather + sdpa"
+
+    def spans(self, b: int, windows: Sequence[int | None]) -> dict[int | None, Span]:
+        inputs, size = self._inputs, self._block_size
+        pos, table = inputs.pos[:b], inputs.table[:b]
+        end = pos + 1
+        block = table.gather(1, (pos // size).unsqueeze(1)).squeeze(1).long()
+        slot = block * size + pos % size
+        spans = {}
+        for window in windows:
+            start = torch.zeros_like(pos) if window is None else (end - window).clamp_min(0)
+            mask = None
+            if self.triton is None:
+                outside = (self._columns < start[:, None]) | (self._columns >= end[:, None])
+                dtype = inputs.k[0].dtype
+                mask = (outside.to(dtype) * torch.finfo(dtype).min).view(b, 1, 1, -1)
+            spans[window] = Span(mask, start, table, end, slot)
+        return spans
+
+    def attend_into(
+        self,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        *,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        span: Span,
+    ) -> torch.Tensor:
+        """As `SlotAttention.attend_into`, with k_cache, v_cache a layer of the pool."""
+        assert span.slot is not None and span.table is not None
+        write_kv_paged(k_cache, v_cache, k, v, span.slot)
+        b, kv_heads, dim = q.shape[0], k_cache.shape[0], k_cache.shape[2]
+        q = q.reshape(b, kv_heads, self._num_heads // kv_heads, dim)
+        if self.triton is not None:
+            assert span.start is not None and span.end is not None
+            o: torch.Tensor = self.triton.paged_decode_attention(
+                q,
+                k_cache,
+                v_cache,
+                table=span.table,
+                start=span.start,
+                end=span.end,
+                block_size=self._block_size,
+                scale=self._scale,
+                num_splits=self._num_splits,
+                softcap=self._softcap or 0.0,
+            )
+            return o
+        keys, values = (
+            _gather(k_cache, span.table, self._block_size),
+            _gather(v_cache, span.table, self._block_size),
+        )
+        if self._softcap:
+            return eager_softcapped(q, keys, values, span.mask, self._scale, self._softcap)
+        return F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=span.mask, scale=self._scale
+        )
+
+
+def _gather(pool: torch.Tensor, table: torch.Tensor, block_size: int) -> torch.Tensor:
+    """A layer's pool [KV, slots, D] read through `table` [b, n] -> [b, KV, n * block_size, D]."""
+    heads, _, dim = pool.shape
+    by_block = pool.view(heads, -1, block_size, dim)
+    picked = by_block.index_select(1, table.flatten().long())
+    return picked.view(heads, table.shape[0], -1, dim).transpose(0, 1)
+
+
+@torch.library.custom_op("chatqueue::write_kv_paged", mutates_args=("k_pool", "v_pool"))
+def write_kv_paged(
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slot: torch.Tensor,
+) -> None:
+    """Rows' new key and value [b, KV, 1, D] into their slots of a layer's pool [KV, slots, D].
+    An op of its own, as the static cache's `write_kv`: the write stays in place."""
+    k_pool.index_copy_(1, slot, k[:, :, 0].transpose(0, 1))
+    v_pool.index_copy_(1, slot, v[:, :, 0].transpose(0, 1))
+
+
+@write_kv_paged.register_fake
+def _(
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slot: torch.Tensor,
+) -> None:
+    return None
+
+
+class PagedDecode:
+    """The paged runner's decode rows as one step: the family's compiled decode step over the
+    pool, captured as CUDA graphs at a set of batch sizes."""
+
+    def __init__(
+        self, model: PreTrainedModel, pool: KVPool, *, max_len: int, options: DecodeOptions
+    ) -> None:
+        """Raises UnsupportedModel where the model's family has no decode step."""
+        device = pool.keys[0].device
+        plan = plan_for(model, max_len)
+        self.inputs = PagedInputs(pool, max_batch=options.max_batch, max_len=max_len)
+        self.attention = PagedDecodeAttention(
+            self.inputs,
+            block_size=pool.block_size,
+            choice=options.attention,
+            num_heads=plan.num_heads,
+            scale=attention_scale(model, max_len),
+            softcap=plan.attn_softcap,
+            head_dim=plan.head_dim,
+        )
+        on_cuda = device.type == "cuda"
+        graphs = on_cuda if options.cuda_graphs is None else options.cuda_graphs
+        compiled = on_cuda if options.compile is None else options.compile
+        self.step = DecodeStep(
+            model,
+            self.inputs,
+            self.attention,
+            max_len=max_len,
+            compile=compiled,
+            compile_cache=options.compile_cache,
+        )
+        self.graphs = DecodeGraphs(
+            self.step.forward,
+            max_batch=options.max_batch,
+            smallest=2 if graphs or compiled else 1,
+        )
+        if graphs:
+            self.graphs.capture()
+            self.inputs.reset()
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return {
+            "attention": self.attention.kernel,
+            "compiled": self.step.compiled,
+            "cuda_graph_batch_sizes": sorted(self.graphs.captured),
+        }
+
+    def run(self, rows: Sequence[DecodeRow], pending: torch.Tensor) -> torch.Tensor:
+        """Each row's pending token through the model: their logits [len(rows), vocab]."""
+        self.inputs.set_rows(rows, pending)
+        return self.graphs.run(len(rows))[: len(rows)]
+
+    def close(self) -> None:
+        self.graphs.clear()
