@@ -55,7 +55,14 @@ class DecodeRow:
 
 
 class PagedInputs:
-    """The captured step's input buffers (see `StepInputs`), and their host copies."""
+    """The captured step's input buffers (see `StepInputs`), and their host copies.
+
+    NOTE: what a step costs on the host. With the decode step a graph, what the host does
+    between two replays is on the critical path (the step ends waiting for its tokens). A steady
+    step copies only the rows' next tokens (device to device); the step itself moves each live
+    row's position on (`live` is 1 for a running row, 0 for an idle one, which stays at position
+    0). Tables and positions are written again only when the rows change: a sequence joins or
+    leaves, or a row gets another block."""
 
     def __init__(self, pool: KVPool, *, max_batch: int, max_len: int) -> None:
         device = pool.keys[0].device
@@ -63,11 +70,12 @@ class PagedInputs:
         self.width = -(-max_len // pool.block_size)  # blocks a row's table holds
         self.ids = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.pos = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.live = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.table = torch.full(
             (max_batch, self.width), pool.scratch_block, dtype=torch.int32, device=device
         )
         pin = device.type == "cuda"
-        self._pos_host = torch.zeros(max_batch, dtype=torch.long, pin_memory=pin)
+        self._host = torch.zeros(2, max_batch, dtype=torch.long, pin_memory=pin)  # pos, live
         self._table_host = torch.full(
             (max_batch, self.width), pool.scratch_block, dtype=torch.int32, pin_memory=pin
         )
@@ -75,13 +83,11 @@ class PagedInputs:
         self._held: list[tuple[int, int] | None] = [None] * max_batch  # (rid, blocks) a row
 
     def advance(self, b: int) -> None:
-        self.pos[:b].add_(1)
+        self.pos.add_(self.live)
 
-    def set_rows(self, rows: Sequence[DecodeRow], pending: torch.Tensor) -> None:
-        """Rows [0, len(rows)) as given, the rest idle (position 0, the scratch block).
-
-        NOTE: a row's table is written only when it holds another sequence or more blocks
-        than it did (blocks are only ever appended), so a step copies few Python ints."""
+    def set_rows(self, rows: Sequence[DecodeRow]) -> None:
+        """Rows [0, len(rows)) as given, the rest idle (position 0, the scratch block). Call it
+        when the rows changed; their positions then move on with each step by themselves."""
         n = len(rows)
         table, held = self._table_host, self._held
         for r, row in enumerate(rows):
@@ -92,17 +98,19 @@ class PagedInputs:
             if held[r] is not None:
                 table[r].fill_(self._scratch)
                 held[r] = None
-        self._pos_host.zero_()
-        self._pos_host[:n] = torch.tensor([row.position for row in rows], dtype=torch.long)
-        # NOTE: the host buffers are not written again before this copy ran: every step waits
-        # for its sampled tokens
-        self.pos.copy_(self._pos_host, non_blocking=True)
+        self._host.zero_()
+        self._host[0, :n] = torch.tensor([row.position for row in rows], dtype=torch.long)
+        self._host[1, :n] = 1
+        # NOTE: the host buffers are not written again before these copies ran: every step
+        # waits for its sampled tokens
+        self.pos.copy_(self._host[0], non_blocking=True)
+        self.live.copy_(self._host[1], non_blocking=True)
         self.table.copy_(table, non_blocking=True)
-        self.ids[:n].copy_(pending)
 
     def reset(self) -> None:
-        """Forget what capture wrote (positions only: the tables still name the scratch block)."""
+        """Forget what capture wrote: every row idle."""
         self.pos.zero_()
+        self.live.zero_()
 
 
 class PagedDecodeAttention:
@@ -275,10 +283,15 @@ class PagedDecode:
             "cuda_graph_batch_sizes": sorted(self.graphs.captured),
         }
 
-    def run(self, rows: Sequence[DecodeRow], pending: torch.Tensor) -> torch.Tensor:
-        """Each row's pending token through the model: their logits [len(rows), vocab]."""
-        self.inputs.set_rows(rows, pending)
-        return self.graphs.run(len(rows))[: len(rows)]
+    def set_rows(self, rows: Sequence[DecodeRow]) -> None:
+        """The running rows, in order, when they change (see `PagedInputs`)."""
+        self.inputs.set_rows(rows)
+
+    def run(self, pending: torch.Tensor) -> torch.Tensor:
+        """Each row's pending token through the model: their logits [rows, vocab]."""
+        n = pending.shape[0]
+        self.inputs.ids[:n].copy_(pending)
+        return self.graphs.run(n)[:n]
 
     def close(self) -> None:
         self.graphs.clear()

@@ -96,6 +96,7 @@ class HFPagedRunner:
         self._pending = torch.empty(0, dtype=torch.long, device=self.device)  # sampled, not in KV
         self._check_attention_is_ours()
         self._decode: PagedDecode | None = None
+        self._rows_changed = True  # the decode rows or their blocks, since the step last ran
         if decode is not None:
             assert context_window is not None, "a decode step needs the longest sequence"
             self._decode = PagedDecode(model, self.pool, max_len=context_window, options=decode)
@@ -143,6 +144,7 @@ class HFPagedRunner:
         self._release(batch.released)
         for rid, added in batch.grown.items():
             self._seqs[rid].blocks.extend(added)
+            self._rows_changed = True
         assert sorted(self._seqs) == sorted(batch.running), (
             f"running {sorted(batch.running)} != sequences held {sorted(self._seqs)}"
         )
@@ -180,6 +182,7 @@ class HFPagedRunner:
         self._prefilling = [s for s in self._prefilling if s.rid not in gone]
         keep = [row for row, s in enumerate(self._decoding) if s.rid not in gone]
         if len(keep) < len(self._decoding):
+            self._rows_changed = True
             self._decoding = [self._decoding[row] for row in keep]
             index = torch.tensor(keep, dtype=torch.long, device=self.device)
             self._pending = self._pending.index_select(0, index)
@@ -215,8 +218,11 @@ class HFPagedRunner:
             return self._forward(chunks, self._decoding)
         parts = []
         if self._decoding:
-            rows = [DecodeRow(s.rid, s.num_computed, s.blocks) for s in self._decoding]
-            parts.append(self._decode.run(rows, self._pending))
+            if self._rows_changed:
+                rows = [DecodeRow(s.rid, s.num_computed, s.blocks) for s in self._decoding]
+                self._decode.set_rows(rows)
+                self._rows_changed = False
+            parts.append(self._decode.run(self._pending))
         if chunks:
             parts.append(self._forward(chunks, []).float())
         return parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -315,6 +321,7 @@ class HFPagedRunner:
             sampled = joining.sample(logits[rows:], masks=row_masks(batch, rids))
             parts.append((rids, sampled))
             self._decoding = self._decoding + done
+            self._rows_changed = True
             self._pending = torch.cat([self._pending, sampled.tokens])
             self._sampling = joining if self._sampling is None else self._sampling.concat(joining)
         return parts

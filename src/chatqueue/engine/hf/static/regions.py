@@ -49,6 +49,7 @@ class Region:
         self._fn = fn
         self._model_key = model_key
         self._owner = getattr(fn, "__self__", None)  # a bound method: its object is argument 0
+        self._globals: dict[str, Any] = getattr(fn, "__func__", fn).__globals__
         params = list(inspect.signature(fn).parameters)
         unknown = set(dynamic) - set(params)
         assert not unknown, f"no such parameters of {fn.__name__}: {sorted(unknown)}"
@@ -80,7 +81,10 @@ class Region:
         try:
             if path.is_file():
                 with path.open("rb") as f:
-                    loaded = torch.compiler.load_compiled_function(f)
+                    # NOTE: the globals the region's code reads (torch, F): where a process has
+                    # traced the same code before (several models in one process), the loader
+                    # no longer finds them itself
+                    loaded = torch.compiler.load_compiled_function(f, f_globals=self._globals)
                 how = "loaded"
             else:
                 loaded = self._aot_compile(args, path)
