@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import random
 import shutil
@@ -144,12 +145,22 @@ async def ask(
 
 
 def sample_kv(url: str, stop: threading.Event, out: list[tuple[int, int]]) -> None:
+    """/load every 0.2 s; every 20 s a line of it, to follow a long run."""
+    began = time.perf_counter()
     with httpx.Client(timeout=30) as client:
-        while not stop.wait(0.2):
+        for sample in itertools.count():
+            if stop.wait(0.2):
+                break
             try:
                 load = client.get(f"{url}/load").json()
             except httpx.TransportError:  # a keep-alive connection closed under us: ask again
                 continue
+            if sample % 100 == 99:
+                print(
+                    f"  {time.perf_counter() - began:.0f} s: processing {load['processing']}, "
+                    f"waiting {load['waiting']}, KV blocks used {load['kv_blocks_used']}",
+                    flush=True,
+                )
             if load["processing"] and load["kv_blocks_used"] is not None:
                 out.append((load["kv_blocks_used"] * load["kv_block_size"], load["kv_tokens_live"]))
 
@@ -164,7 +175,9 @@ async def workload(url: str, args: argparse.Namespace) -> list[Turn]:
 
 
 def run_one(serve_args: list[str], args: argparse.Namespace, tmp: Path) -> Run:
+    started = time.perf_counter()
     with running_server(*serve_args, tmp_path=tmp, ready_timeout_s=600) as server:
+        print(f"  server ready in {time.perf_counter() - started:.0f} s", flush=True)
         stop, samples = threading.Event(), []
         sampler = threading.Thread(target=sample_kv, args=(server.url, stop, samples))
         sampler.start()

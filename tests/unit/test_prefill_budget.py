@@ -39,6 +39,29 @@ def test_a_prompt_always_advances() -> None:
     assert tiny.tokens(decoding=True) == 4  # never more than the chunk
 
 
+def test_a_fixed_cost_of_prompt_steps_is_told_from_the_cost_a_token() -> None:
+    # a decode step 10 ms; prompt tokens add 4 ms + 0.1 ms each (a forward of their own)
+    budget = PrefillBudget(512, 3.0)
+    budget.observe(0.010, decode_rows=8, prompt_tokens=0)
+    for n in (16, 256, 64, 512, 32, 128):
+        budget.observe(0.010 + 0.004 + n * 0.0001, decode_rows=8, prompt_tokens=n)
+    assert budget.fixed_s == pytest.approx(0.004, rel=0.05)
+    assert budget.token_s == pytest.approx(0.0001, rel=0.05)
+    # 2 decode steps of spare, 20 ms, less the fixed 4 ms: 160 tokens (a cost a token alone
+    # read from the 128-token step would have given 119)
+    assert budget.tokens(decoding=True) == pytest.approx(160, abs=8)
+
+
+def test_where_the_fixed_cost_alone_breaks_the_limit_the_whole_chunk_goes() -> None:
+    # a graphed decode step of 2 ms, a prompt forward of 15 ms + 0.01 ms a token (a GPU)
+    budget = PrefillBudget(512, 2.0)
+    budget.observe(0.002, decode_rows=64, prompt_tokens=0)
+    for n in (16, 512, 16, 300, 16, 64):
+        budget.observe(0.002 + 0.015 + n * 0.00001, decode_rows=64, prompt_tokens=n)
+    assert budget.fixed_s == pytest.approx(0.015, rel=0.05)
+    assert budget.tokens(decoding=True) == 512
+
+
 def test_no_limit_means_the_chunk() -> None:
     assert learned(decode_s=0.05, token_s=0.005, stall_limit=None).tokens(decoding=True) == 512
 

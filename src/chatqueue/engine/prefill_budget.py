@@ -4,9 +4,17 @@ A step runs the running streams' decode rows and some prompt tokens together, so
 makes every stream wait for its chunk. `--prefill-chunk` caps the tokens a step; on a CPU even a
 few hundred prompt tokens cost many decode steps (prefill is compute-bound there), so a fixed cap
 that suits a GPU stalls streams for seconds. `PrefillBudget` learns, from the runner's own step
-times, what a decode step costs and what each prompt token adds, and while streams decode gives a
-step only as many prompt tokens as keep it within `stall_limit` decode steps. With nothing
-decoding, or before anything is measured, a step takes the whole `--prefill-chunk`.
+times, what a decode step costs and what prompt tokens add (a fixed cost for a step that has any,
+and a cost a token, fitted over steps of different sizes), and while streams decode gives a step
+only as many prompt tokens as keep it within `stall_limit` decode steps. With nothing decoding,
+or before anything is measured, a step takes the whole `--prefill-chunk`.
+
+NOTE: why a fixed cost. Where the decode step runs apart as a CUDA graph (the paged runner on a
+GPU), prompts go through the model's own forward after it: some 10 ms of kernel launches on a
+1B model whatever the tokens, against a decode step of 2 ms. Read as a cost a token, that made
+every prompt token look dear, and prompts crawled through 16 tokens a step. Where the fixed cost
+alone breaks the limit, no number of tokens keeps it: the whole chunk goes, so that prompts take
+the fewest steps and streams stall the fewest times.
 """
 
 from __future__ import annotations
@@ -29,16 +37,30 @@ class PrefillBudget:
     most: int
     stall_limit: float | None
     decode_s: float | None = None  # a decode-only step, smoothed
-    token_s: float | None = None  # what one prompt token adds to a step, smoothed
+    # moments of (prompt tokens n, seconds t they added to a step), smoothed: n, t, n*n, n*t
+    _moments: tuple[float, float, float, float] | None = None
+
+    @property
+    def token_s(self) -> float | None:
+        """What one more prompt token adds to a step."""
+        return None if self._moments is None else self._fit()[1]
+
+    @property
+    def fixed_s(self) -> float | None:
+        """What a step's prompt tokens cost beyond their number (a forward of their own)."""
+        return None if self._moments is None else self._fit()[0]
 
     def tokens(self, *, decoding: bool) -> int:
         """This step's prompt tokens at most."""
         if not decoding or self.stall_limit is None:
             return self.most
-        if self.decode_s is None or self.token_s is None:
+        if self.decode_s is None or self._moments is None:
             return self.most
-        spare_s = (self.stall_limit - 1.0) * self.decode_s
-        fits = int(spare_s / self.token_s) if self.token_s > 0 else self.most
+        fixed_s, token_s = self._fit()
+        spare_s = (self.stall_limit - 1.0) * self.decode_s - fixed_s
+        if spare_s <= 0:
+            return self.most  # the limit cannot hold: the fewest stalls
+        fits = int(spare_s / token_s) if token_s > 0 else self.most
         return max(min(self.most, MIN_TOKENS), min(self.most, fits))
 
     def observe(self, seconds: float, *, decode_rows: int, prompt_tokens: int) -> None:
@@ -50,7 +72,26 @@ class PrefillBudget:
         if self.decode_s is None or prompt_tokens < _MIN_SAMPLE_TOKENS:
             return
         base_s = self.decode_s if decode_rows else 0.0
-        self.token_s = _smooth(self.token_s, max(seconds - base_s, 0.0) / prompt_tokens)
+        n, t = float(prompt_tokens), max(seconds - base_s, 0.0)
+        sample = (n, t, n * n, n * t)
+        old = self._moments
+        self._moments = (
+            sample
+            if old is None
+            else tuple(o + _SMOOTHING * (x - o) for o, x in zip(old, sample, strict=True))  # type: ignore[assignment]
+        )
+
+    def _fit(self) -> tuple[float, float]:
+        """(fixed, per token) seconds: a least-squares line through the smoothed samples; where
+        their sizes hardly vary, a cost a token alone."""
+        assert self._moments is not None
+        n, t, nn, nt = self._moments
+        variance = nn - n * n
+        if variance > (0.1 * n) ** 2:
+            slope = (nt - n * t) / variance
+            if slope > 0:
+                return max(t - slope * n, 0.0), slope
+        return 0.0, t / n
 
     def describe(self) -> dict[str, float | int | None]:
         return {
@@ -58,6 +99,7 @@ class PrefillBudget:
             "stall_limit": self.stall_limit,
             "decode_ms": None if self.decode_s is None else round(self.decode_s * 1e3, 3),
             "prompt_token_ms": None if self.token_s is None else round(self.token_s * 1e3, 4),
+            "prompt_fixed_ms": None if self.fixed_s is None else round(self.fixed_s * 1e3, 3),
         }
 
 

@@ -34,11 +34,13 @@ def load_model_runner(settings: Settings, folder: Path) -> ModelRunner:
 
     `kv_cache`:
     - "paged": the paged KV pool (prefix reuse, admission by blocks) for models whose layers are
-      all plain full attention; on CUDA its decode rows go through the family's compiled decode
-      step captured as CUDA graphs (`paged/decode.py`), where the family has one;
+      all plain full attention, its decode rows through the family's decode step apart from
+      prefill (`paged/decode.py`; compiled and captured as CUDA graphs on CUDA), where the
+      family has one;
     - "static": slots of a fixed-size cache, decode captured as CUDA graphs on a GPU, chunked
       prefill (the families in `static/families.py`, sliding windows and soft-capping too);
-    - "dynamic": any model: paged where its layers allow, else the right-aligned batch;
+    - "dynamic": any model: paged where its layers allow (decode rows packed with the prompts
+      into the model's forward), else the right-aligned batch;
     - "auto": on CUDA paged where the model allows both the pool and the decode step, else
       static where the family allows, else dynamic (a log line says why); on a CPU, dynamic.
     `attention` (the decode step): "triton" reads only the positions each row holds (CUDA),
@@ -90,9 +92,9 @@ def _runner_kind(kv_cache: str, model: PreTrainedModel, device: torch.device, ma
         return "static"
     if kv_cache == "paged":
         check_paged_supported(model)
-        if device.type == "cuda" and step_why:
+        if step_why:
             log.info("no decode step for this family (%s): decode packed with prefill", step_why)
-        return "paged" if device.type == "cuda" and not step_why else "paged-packed"
+        return "paged-packed" if step_why else "paged"
     if kv_cache == "auto" and step_why:
         log.info(
             "static KV cache off, the dynamic runner serves instead (no decode step): %s", step_why
