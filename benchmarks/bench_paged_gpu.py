@@ -218,63 +218,72 @@ def floor_ms(model: Any, batch: int, bandwidth: float) -> float:
     return (weights + batch * (PROMPT_TOKENS + DECODE_STEPS / 2) * per_token) / bandwidth * 1e3
 
 
+def build_1b() -> Any:
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        return transformers.LlamaForCausalLM(llama_1b_config()).to(torch.bfloat16).eval()
+
+
+def static_runner(
+    model: Any, *, max_batch: int, max_len: int, cache: Path, buckets: list[int] | None
+) -> StaticCacheRunner:
+    """`buckets`: the batch sizes to capture (None: every one up to `max_batch`, as served)."""
+    runner = StaticCacheRunner(
+        model=model,
+        max_batch=max_batch,
+        max_len=max_len,
+        use_cuda_graphs=buckets is None,
+        compile_cache=cache / "static",
+    )
+    if buckets is not None:
+        runner.graphs.buckets = buckets
+        runner.graphs.capture()
+        runner.slots.reset()
+    return runner
+
+
+def paged_runner(
+    model: Any, *, max_batch: int, max_len: int, cache: Path, buckets: list[int] | None
+) -> HFPagedRunner:
+    options = DecodeOptions(
+        max_batch=max_batch, cuda_graphs=buckets is None, compile_cache=cache / "paged"
+    )
+    runner = HFPagedRunner(
+        model,
+        num_blocks=max_batch * -(-max_len // BLOCK),
+        block_size=BLOCK,
+        prefill_stall_limit=2.0,  # the server's default
+        context_window=max_len,
+        decode=options,
+    )
+    assert runner._decode is not None
+    if buckets is not None:
+        runner._decode.graphs.buckets = buckets
+        runner._decode.graphs.capture()
+        runner._decode.inputs.reset()
+    return runner
+
+
+RUNNERS: dict[str, Callable[..., Any]] = {"static": static_runner, "paged": paged_runner}
+
+
 def speed(cache: Path, batches: list[int]) -> None:
     bandwidth = copy_bandwidth()
     RESULTS["copy_bandwidth_GBps"] = bandwidth / 1e9
     log(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s")
-    config = llama_1b_config()
+    vocab = llama_1b_config().vocab_size
     max_len = PROMPT_TOKENS + DECODE_STEPS + 8
-    width = -(-max_len // BLOCK)
     buckets = sorted({max(2, b) for b in batches})
-
-    def build() -> Any:
-        torch.manual_seed(0)
-        with torch.device("cuda"):
-            return transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
-
-    def static(model: Any) -> StaticCacheRunner:
-        runner = StaticCacheRunner(
-            model=model,
-            max_batch=max(batches),
-            max_len=max_len,
-            prefill_chunk=8192,
-            use_cuda_graphs=False,
-            compile_cache=cache / "static",
-        )
-        runner.graphs.buckets = buckets
-        runner.graphs.capture()
-        runner.slots.reset()
-        return runner
-
-    def paged(model: Any) -> HFPagedRunner:
-        options = DecodeOptions(
-            max_batch=max(batches), cuda_graphs=False, compile_cache=cache / "paged"
-        )
-        runner = HFPagedRunner(
-            model,
-            num_blocks=max(batches) * width,
-            block_size=BLOCK,
-            prefill_chunk=8192,
-            context_window=max_len,
-            decode=options,
-        )
-        assert runner._decode is not None
-        runner._decode.graphs.buckets = buckets
-        runner._decode.graphs.capture()
-        runner._decode.inputs.reset()
-        return runner
-
-    builders: dict[str, Callable[[Any], ModelRunner]] = {"static": static, "paged": paged}
-    for name, make in builders.items():
+    for name, make in RUNNERS.items():
         torch._dynamo.reset()
-        model = build()
+        model = build_1b()
         t0 = time.perf_counter()
-        runner = make(model)
-        log(f"{name}: ready in {time.perf_counter() - t0:.1f} s: {runner.info}")  # type: ignore[attr-defined]
+        runner = make(model, max_batch=max(batches), max_len=max_len, cache=cache, buckets=buckets)
+        log(f"{name}: ready in {time.perf_counter() - t0:.1f} s: {runner.info}")
         for batch in batches:
-            decode_ms(runner, batch, config.vocab_size, paged=name == "paged")  # warm
+            decode_ms(runner, batch, vocab, paged=name == "paged")  # warm
             ms = statistics.median(
-                decode_ms(runner, batch, config.vocab_size, paged=name == "paged") for _ in range(3)
+                decode_ms(runner, batch, vocab, paged=name == "paged") for _ in range(3)
             )
             floor = floor_ms(model, batch, bandwidth)
             RESULTS.setdefault("speed", {}).setdefault(name, {})[batch] = {
@@ -294,17 +303,98 @@ def speed(cache: Path, batches: list[int]) -> None:
         )
 
 
+def arrive_together(runner: Any, n: int, new_tokens: int, vocab: int, *, paged: bool) -> float:
+    """n requests at once (PROMPT_TOKENS-token prompts), each released after `new_tokens`
+    tokens, stepped as the engine steps: seconds until the last is done."""
+    greedy = SamplingParams(temperature=0, ignore_eos=True)
+    g = torch.Generator().manual_seed(n)
+    width = -(-(PROMPT_TOKENS + new_tokens) // BLOCK)
+    news = [
+        NewSequence(
+            i,
+            torch.randint(3, vocab, (PROMPT_TOKENS,), generator=g).tolist(),
+            greedy,
+            block_table=list(range(i * width, (i + 1) * width)) if paged else (),
+        )
+        for i in range(n)
+    ]
+    counts = dict.fromkeys(range(n), 0)
+    released: list[int] = []
+    sync()
+    t0 = time.perf_counter()
+    batch = StepBatch(new=news, running=[], released=[])
+    while counts:
+        tokens = runner.step(batch).tokens
+        released = []
+        for rid in tokens:
+            counts[rid] += 1
+            if counts[rid] == new_tokens:
+                released.append(rid)
+                del counts[rid]
+        batch = StepBatch(new=[], running=sorted(counts), released=released)
+    runner.step(batch)
+    sync()
+    return time.perf_counter() - t0
+
+
+def prefill_ms(runner: Any, tokens: int, vocab: int, *, paged: bool) -> float:
+    """One prompt of `tokens` alone through a step (nothing decoding): median ms of 5."""
+    times = []
+    for i in range(6):
+        prompt = torch.randint(3, vocab, (tokens,)).tolist()
+        table = list(range(-(-tokens // BLOCK))) if paged else ()
+        new = NewSequence(10_000 + i, prompt, SamplingParams(temperature=0), block_table=table)
+        sync()
+        t0 = time.perf_counter()
+        runner.step(StepBatch(new=[new], running=[], released=[]))
+        sync()
+        times.append(time.perf_counter() - t0)
+        runner.step(StepBatch(new=[], running=[], released=[new.rid]))
+    return statistics.median(times[1:]) * 1e3
+
+
+def throughput(cache: Path, sizes: list[int], new_tokens: int) -> None:
+    vocab = llama_1b_config().vocab_size
+    max_len = PROMPT_TOKENS + new_tokens + 8
+    for name, make in RUNNERS.items():
+        torch._dynamo.reset()
+        model = build_1b()
+        t0 = time.perf_counter()
+        runner = make(model, max_batch=max(sizes), max_len=max_len, cache=cache, buckets=None)
+        log(f"{name}: ready in {time.perf_counter() - t0:.1f} s (every batch size captured)")
+        arrive_together(runner, 8, 16, vocab, paged=name == "paged")  # warm
+        for n in sizes:
+            seconds = arrive_together(runner, n, new_tokens, vocab, paged=name == "paged")
+            tps = n * new_tokens / seconds
+            RESULTS.setdefault("throughput", {}).setdefault(name, {})[n] = tps
+            log(f"{name}: {n} requests together: {tps:.0f} tok/s ({seconds:.2f} s)")
+        tokens = min(512, max_len - 8)
+        ms = prefill_ms(runner, tokens, vocab, paged=name == "paged")
+        RESULTS.setdefault("prefill_ms", {})[name] = {"tokens": tokens, "ms": ms}
+        log(f"{name}: one {tokens}-token prompt's step alone: {ms:.1f} ms")
+        runner.close()
+        del runner, model
+        torch.cuda.empty_cache()
+    figures = RESULTS["throughput"]
+    for n in sizes:
+        log(
+            f"{n} requests: paged ÷ static tok/s = {figures['paged'][n] / figures['static'][n]:.3f}"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--parts", default="correctness,speed")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 256], help="(c) requests")
+    ap.add_argument("--new-tokens", type=int, default=256, help="(c) tokens a request")
     ap.add_argument("--out", default=None, help="write the figures as JSON into this folder")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: (a) only")
     ap.add_argument("--families", nargs="*", default=[], help="(a): these model types only")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     if args.device == "cpu":
-        parts.discard("speed")
+        parts -= {"speed", "throughput"}
         log("on the CPU: the decode step eager, no graphs")
     else:
         log(f"{torch.cuda.get_device_name()} torch {torch.__version__}")
@@ -316,6 +406,8 @@ def main() -> None:
             log(f"correctness: {'all equal' if ok else 'FAILED'}")
         if "speed" in parts:
             speed(cache, args.batches)
+        if "throughput" in parts:
+            throughput(cache, args.sizes, args.new_tokens)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         Path(args.out, "bench_paged_gpu.json").write_text(json.dumps(RESULTS, indent=1))

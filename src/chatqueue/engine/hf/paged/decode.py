@@ -91,6 +91,7 @@ class PagedInputs:
         n = len(rows)
         table, held = self._table_host, self._held
         for r, row in enumerate(rows):
+            assert len(row.blocks) <= self.width, f"{len(row.blocks)} blocks for one row"
             if held[r] != (row.rid, len(row.blocks)):
                 table[r, : len(row.blocks)] = torch.tensor(row.blocks, dtype=torch.int32)
                 held[r] = (row.rid, len(row.blocks))
