@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -22,6 +23,7 @@ from transformers import (
 )
 
 from chatqueue.engine.hf import gguf_cache
+from chatqueue.engine.hf.kv_batch import UnsupportedCache
 from chatqueue.engine.runner import NewSequence, StepBatch, runner_info
 from chatqueue.types import ChatMessage, SamplingParams
 from tests.integration.test_hf_runner import (
@@ -179,6 +181,47 @@ def test_the_server_reports_what_serves_in_its_log_and_v1_models(
     assert engine["attention"] == "sdpa" and engine["cuda_graph_batch_sizes"] == []
     assert reply.status_code == 200, reply.text
     assert "runner static for qwen3: attention sdpa" in server.log()
+
+
+def test_the_paged_cache_asked_for_serves_with_its_decode_step_apart(
+    qwen3_folder: Path, tmp_path: Path
+) -> None:
+    """`--kv-cache paged`: the pool, prefix reuse and the family's decode step apart from
+    prefill (on a GPU compiled and graphed; here eager), through the model process."""
+    args = ("--model", str(qwen3_folder), "--device", "cpu", "--dtype", "float32")
+    paged = ("--kv-cache", "paged", "--kv-block-size", "4", "--max-concurrent", "2")
+    first = [{"role": "user", "content": "tell me about the weather in the hills today"}]
+    with running_server(*args, *paged, tmp_path=tmp_path) as server:
+        (entry,) = httpx.get(f"{server.url}/v1/models", timeout=30).json()["data"]
+
+        def ask(messages: list[dict[str, str]]) -> dict[str, Any]:
+            body = {"messages": messages, "max_tokens": 4, "temperature": 0}
+            reply = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+            assert reply.status_code == 200, reply.text
+            answer: dict[str, Any] = reply.json()
+            return answer
+
+        one = ask(first)
+        said = one["choices"][0]["message"]["content"]
+        two = ask(
+            [*first, {"role": "assistant", "content": said}, {"role": "user", "content": "and?"}]
+        )
+    assert (
+        entry["engine"]["runner"]
+        == "paged (continuous batching, prefix reuse, a decode step apart)"
+    )
+    assert entry["engine"]["attention"].startswith("decode gather + sdpa")
+    assert (
+        two["usage"]["prompt_tokens_details"]["cached_tokens"] >= one["usage"]["prompt_tokens"] - 4
+    )
+
+
+def test_the_paged_cache_refuses_sliding_windows_by_name(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    config = Qwen3Config(**QWEN3, use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    folder = save_with_tokenizer(Qwen3ForCausalLM(config), tmp_path / "windowed")
+    with pytest.raises(UnsupportedCache, match="only full attention is paged"):
+        load_in_process(model=str(folder), device="cpu", dtype="float32", kv_cache="paged")
 
 
 def test_the_runners_pass_the_cache_without_a_deprecation_warning() -> None:
