@@ -33,6 +33,9 @@ class PrefillChunk:
     end: int
     num_before: int  # tokens of the sequence whose KV was in the pool before this chunk
     blocks: torch.Tensor  # [n] the blocks that hold its tokens up to the chunk's end
+    # [tokens, num_before + tokens] True: a key the query sees (None: nothing before, causal);
+    # made once a step, not in every layer
+    seen: torch.Tensor | None = None
 
 
 @dataclass(slots=True)
@@ -107,13 +110,19 @@ def _prefill(
         total = chunk.num_before + n
         keys, values = step.pool.gather(layer, chunk.blocks, 1)
         keys, values = keys[:, :, :total], values[:, :, :total]
-        seen = torch.arange(total, device=q.device).unsqueeze(0) <= (
-            torch.arange(n, device=q.device).unsqueeze(1) + chunk.num_before
-        )
+        seen = chunk.seen if chunk.seen is not None else causal_after(chunk.num_before, n, q.device)
         attended = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=seen, scale=scaling, enable_gqa=True
         )
     return attended[0].transpose(0, 1)  # [n, heads, dim]
+
+
+def causal_after(num_before: int, n: int, device: torch.device) -> torch.Tensor:
+    """[n, num_before + n]: query i sees every key before it and itself."""
+    total = num_before + n
+    return torch.arange(total, device=device).unsqueeze(0) <= (
+        torch.arange(n, device=device).unsqueeze(1) + num_before
+    )
 
 
 AttentionInterface.register(NAME, paged_attention)

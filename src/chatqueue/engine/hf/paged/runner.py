@@ -30,7 +30,13 @@ import torch
 from transformers import PreTrainedModel
 
 from chatqueue.engine.hf.kv_batch import UnsupportedCache
-from chatqueue.engine.hf.paged.attention import NAME, STEP_KWARG, PagedStep, PrefillChunk
+from chatqueue.engine.hf.paged.attention import (
+    NAME,
+    STEP_KWARG,
+    PagedStep,
+    PrefillChunk,
+    causal_after,
+)
 from chatqueue.engine.hf.paged.decode import DecodeOptions, DecodeRow, PagedDecode
 from chatqueue.engine.hf.paged.pool import KVPool, KVShape, check_paged_supported
 from chatqueue.engine.hf.sampling import Sampled, SamplingBatch, SamplingRequest, step_output
@@ -252,6 +258,7 @@ class HFPagedRunner:
                     end=start + chunk.end - begin,
                     num_before=begin,
                     blocks=self._tensor(seq.blocks[: self._blocks_for(chunk.end)]),
+                    seen=causal_after(begin, chunk.end - begin, self.device) if begin else None,
                 )
             )
             start += chunk.end - begin
