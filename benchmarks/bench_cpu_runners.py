@@ -1,9 +1,12 @@
-"""The two CPU runners of the default model in-process, side by side: llama.cpp (the GGUF) against
-transformers (the GGUF dequantized to fp32), one thread each, no server: decode tokens/s of N
-sequences stepping together, alternating runners round by round. Prints each round's ratio
-llama.cpp / transformers and the medians. (The server against llama-server: bench_llamacpp.py.)
+"""Two CPU runners of the default model in-process, side by side: by default llama.cpp (the GGUF)
+against transformers (the GGUF dequantized to fp32, the paged runner with its decode rows packed
+into the model's forward); `transformers-apart` is the paged runner with the family's decode
+step apart (`--kv-cache paged`). One thread each, no server: decode tokens/s of N sequences
+stepping together, alternating runners round by round. Prints each round's ratio first / second
+and the medians. (The server against llama-server: bench_llamacpp.py.)
 
     .venv/bin/python benchmarks/bench_cpu_runners.py --concurrency 1 8 32 --steps 32 --rounds 3
+    .venv/bin/python benchmarks/bench_cpu_runners.py --runners transformers-apart transformers
 """
 
 from __future__ import annotations
@@ -60,6 +63,12 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--runners",
+        nargs=2,
+        default=["llama.cpp", "transformers"],
+        choices=["llama.cpp", "transformers", "transformers-apart"],
+    )
     args = ap.parse_args()
     settings = Settings(
         device="cpu",
@@ -72,21 +81,25 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    runners = {"llama.cpp": load_llamacpp(settings), "transformers": load_hf(settings)}
+    loaders = {
+        "llama.cpp": lambda: load_llamacpp(settings),
+        "transformers": lambda: load_hf(settings.model_copy(update={"kv_cache": "dynamic"})),
+        "transformers-apart": lambda: load_hf(settings.model_copy(update={"kv_cache": "paged"})),
+    }
+    first, second = args.runners
+    runners = {name: loaders[name]() for name in args.runners}
     for n in args.concurrency:
         ratios = []
         for round_ in range(args.rounds):
             order = list(runners) if round_ % 2 == 0 else list(runners)[::-1]
             rates = {name: decode_rate(runners[name], n, args.steps) for name in order}
-            ratios.append(rates["llama.cpp"] / rates["transformers"])
+            ratios.append(rates[first] / rates[second])
             print(
-                f"{n:>2} sequences round {round_ + 1}: llama.cpp {rates['llama.cpp']:6.1f} tok/s, "
-                f"transformers {rates['transformers']:6.1f} tok/s, ratio {ratios[-1]:.2f}",
+                f"{n:>2} sequences round {round_ + 1}: {first} {rates[first]:6.1f} tok/s, "
+                f"{second} {rates[second]:6.1f} tok/s, ratio {ratios[-1]:.2f}",
                 flush=True,
             )
-        print(
-            f"{n:>2} sequences: median ratio llama.cpp / transformers {statistics.median(ratios):.2f}"
-        )
+        print(f"{n:>2} sequences: median ratio {first} / {second} {statistics.median(ratios):.2f}")
 
 
 if __name__ == "__main__":
