@@ -9,13 +9,13 @@ is looked up in its table; each layer then writes there and attends to the row's
 kernel on CUDA (`triton_decode.py`, the static cache's kernel reading through the table), else
 the row's blocks gathered and SDPA under a mask. Rows of the graph's batch past the running ones
 read and write the pool's scratch block only. Prefill stays the model's own forward over the
-packed prompts (`paged/attention.py`): a prompt's length changes every step, which a graph
-cannot hold, and prefill is compute-bound, where a graph gains nothing.
+packed prompts (`paged/attention.py`), eager: its shapes change every step, which a graph cannot
+hold. (On an H100 those eager prompt steps were the slow part of a multi-turn run:
+benchmarks/RESULTS.md, issue 14.)
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +30,6 @@ from chatqueue.engine.hf.static.attention import Span, eager_softcapped, triton_
 from chatqueue.engine.hf.static.decode import DecodeStep, attention_scale
 from chatqueue.engine.hf.static.families import plan_for
 from chatqueue.engine.hf.static.graphs import DecodeGraphs
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
