@@ -1,5 +1,7 @@
 """One set of behaviour tests for every runner of the real default model (SmolLM2-135M-Instruct):
-the transformers runner (the GGUF converted to fp32) and the llama.cpp runner (the GGUF itself).
+the transformers runner (the GGUF converted to fp32; the paged runner with its decode rows packed
+with the prompts, and with the family's decode step apart, as on a GPU) and the llama.cpp runner
+(the GGUF itself).
 
 Each runner's greedy output must equal its reference, the same model run one request alone
 (transformers' `generate`; llama-cpp-python's high-level `Llama`), while sequences join and leave.
@@ -136,8 +138,11 @@ class Subject:
 
 
 def load(kind: str) -> Subject:
+    """`kind`: "hf" (the paged runner, decode packed with prefill), "hf-apart" (its decode step
+    apart, as on a GPU: `--kv-cache paged`) or "llamacpp"."""
     settings = Settings(
-        engine=kind,  # type: ignore[arg-type]
+        engine="hf" if kind.startswith("hf") else kind,  # type: ignore[arg-type]
+        kv_cache="paged" if kind == "hf-apart" else "auto",
         device="cpu",
         dtype="float32",
         model_process="off",
@@ -149,7 +154,7 @@ def load(kind: str) -> Subject:
         # equality is test_paged_runner.py's, at fixed chunks
         prefill_stall_limit=0,
     )
-    if kind == "hf":
+    if kind.startswith("hf"):
         runner = load_hf(settings)
         assert isinstance(runner, TokenizedRunner)
         model = runner.model.model  # type: ignore[attr-defined]
@@ -208,7 +213,7 @@ def llama_alone() -> Callable[[list[int], int], tuple[list[int], list[float]]]:
     return alone
 
 
-@pytest.fixture(scope="module", params=["hf", "llamacpp"])
+@pytest.fixture(scope="module", params=["hf", "hf-apart", "llamacpp"])
 def subject(request: pytest.FixtureRequest) -> Iterator[Subject]:
     loaded = load(request.param)
     yield loaded

@@ -1,4 +1,5 @@
-"""Every transformers runner (batched, sequential, static cache, paged) honours StepBatch.masks (a tiny random Llama on the CPU): a masked
+"""Every transformers runner (batched, sequential, static cache, paged with its decode rows packed or
+apart) honours StepBatch.masks (a tiny random Llama on the CPU): a masked
 row samples only the tokens its mask allows, at every step, prefill included; the rows beside it
 sample exactly what they sample without it."""
 
@@ -9,6 +10,7 @@ from collections.abc import Callable
 import pytest
 from transformers import LlamaForCausalLM
 
+from chatqueue.engine.hf.paged.decode import DecodeOptions
 from chatqueue.engine.hf.paged.runner import HFPagedRunner
 from chatqueue.engine.hf.runner import HFBatchedRunner, HFSequentialRunner
 from chatqueue.engine.hf.static import StaticCacheRunner
@@ -26,6 +28,14 @@ RUNNERS: dict[str, Callable[[LlamaForCausalLM], ModelRunner]] = {
     "sequential": HFSequentialRunner,
     "static": lambda m: StaticCacheRunner(model=m, max_batch=4, max_len=64, use_cuda_graphs=False),
     "paged": lambda m: HFPagedRunner(m, num_blocks=16, block_size=4, prefix_caching=False),
+    "paged-apart": lambda m: HFPagedRunner(
+        m,
+        num_blocks=16,
+        block_size=4,
+        prefix_caching=False,
+        context_window=64,
+        decode=DecodeOptions(max_batch=4, compile=False, cuda_graphs=False),
+    ),
 }
 
 
