@@ -382,6 +382,94 @@ def throughput(cache: Path, sizes: list[int], new_tokens: int) -> None:
         )
 
 
+def profile_turns(cache: Path, rows: int, turns: int, history: int, new: int) -> None:
+    """The multi-turn shape the server saw (benchmarks/RESULTS.md, issue 14): `rows` streams
+    decoding, and `turns` new turns whose first `history` tokens are cached, `new` tokens each to
+    prefill. Times a decode step alone and a step with the turns, then prints torch.profiler's
+    table of that step (where a prompt step's time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    vocab = llama_1b_config().vocab_size
+    max_len = history + new + 64
+    width = -(-max_len // BLOCK)
+    torch._dynamo.reset()
+    model = build_1b()
+    runner = paged_runner(model, max_batch=rows + turns, max_len=max_len, cache=cache, buckets=None)
+    greedy = SamplingParams(temperature=0, ignore_eos=True)
+    g = torch.Generator().manual_seed(0)
+
+    def seq(rid: int, tokens: list[int]) -> NewSequence:
+        table = list(range(rid * width, (rid + 1) * width))
+        return NewSequence(rid, tokens, greedy, block_table=table)
+
+    streams = [seq(i, torch.randint(3, vocab, (64,), generator=g).tolist()) for i in range(rows)]
+    running = [s.rid for s in streams]
+    runner.step(StepBatch(new=streams, running=[], released=[]))
+    histories = [torch.randint(3, vocab, (history,), generator=g).tolist() for _ in range(turns)]
+    # the turns' histories prefilled once, then released: their blocks stay cached
+    firsts = [seq(rows + i, h) for i, h in enumerate(histories)]
+    batch = StepBatch(new=firsts, running=running, released=[])
+    while True:
+        done = runner.step(batch).tokens
+        batch = StepBatch(new=[], running=running + [f.rid for f in firsts], released=[])
+        if all(f.rid in done for f in firsts):
+            break
+    runner.step(StepBatch(new=[], running=running, released=[f.rid for f in firsts]))
+
+    def timed(news: list[NewSequence]) -> float:
+        sync()
+        t0 = time.perf_counter()
+        runner.step(StepBatch(new=news, running=running, released=[]))
+        sync()
+        return (time.perf_counter() - t0) * 1e3
+
+    decode = statistics.median(timed([]) for _ in range(20))
+    rid = 10_000
+    turn_ms = []
+    for _ in range(4):
+        news = []
+        for i, h in enumerate(histories):
+            tail = torch.randint(3, vocab, (new,), generator=g).tolist()
+            news.append(
+                NewSequence(
+                    rid + i,
+                    h + tail,
+                    greedy,
+                    block_table=list(range((rows + i) * width, (rows + i + 1) * width)),
+                    num_cached_tokens=history // BLOCK * BLOCK,
+                )
+            )
+        turn_ms.append(timed(news))
+        gone = [n.rid for n in news]
+        runner.step(StepBatch(new=[], running=running, released=gone))
+        rid += 100
+    log(
+        f"{rows} streams decoding: a step alone {decode:.2f} ms; with {turns} turns of {new} new "
+        f"tokens after {history} cached: {statistics.median(turn_ms[1:]):.1f} ms (runs {turn_ms})"
+    )
+    RESULTS["profile"] = {"decode_ms": decode, "turns_step_ms": turn_ms}
+    news = [
+        NewSequence(
+            rid + i,
+            h + torch.randint(3, vocab, (new,), generator=g).tolist(),
+            greedy,
+            block_table=list(range((rows + i) * width, (rows + i + 1) * width)),
+            num_cached_tokens=history // BLOCK * BLOCK,
+        )
+        for i, h in enumerate(histories)
+    ]
+    activities = [ProfilerActivity.CPU] + (
+        [ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+    )
+    with profile(activities=activities) as prof:
+        runner.step(StepBatch(new=news, running=running, released=[]))
+        sync()
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    log(prof.key_averages().table(sort_by=key, row_limit=25))
+    log(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    runner.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--parts", default="correctness,speed")
@@ -394,7 +482,7 @@ def main() -> None:
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     if args.device == "cpu":
-        parts -= {"speed", "throughput"}
+        parts -= {"speed", "throughput", "profile"}
         log("on the CPU: the decode step eager, no graphs")
     else:
         log(f"{torch.cuda.get_device_name()} torch {torch.__version__}")
@@ -408,6 +496,8 @@ def main() -> None:
             speed(cache, args.batches)
         if "throughput" in parts:
             throughput(cache, args.sizes, args.new_tokens)
+        if "profile" in parts:
+            profile_turns(cache, rows=64, turns=4, history=1500, new=150)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         Path(args.out, "bench_paged_gpu.json").write_text(json.dumps(RESULTS, indent=1))
