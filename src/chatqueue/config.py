@@ -64,8 +64,7 @@ class Settings(BaseSettings):
     )
     kv_cache: Literal["auto", "paged", "static", "dynamic"] = Field(
         "auto",
-        description="auto: on CUDA paged (with a graphed decode step) or else static for the "
-        "families the decode step knows (README); elsewhere dynamic",
+        description="auto: static on CUDA for the families in the README, else dynamic",
     )
     max_model_len: int | None = Field(
         None,

@@ -41,8 +41,8 @@ def load_model_runner(settings: Settings, folder: Path) -> ModelRunner:
       prefill (the families in `static/families.py`, sliding windows and soft-capping too);
     - "dynamic": any model: paged where its layers allow (decode rows packed with the prompts
       into the model's forward), else the right-aligned batch;
-    - "auto": on CUDA paged where the model allows both the pool and the decode step, else
-      static where the family allows, else dynamic (a log line says why); on a CPU, dynamic.
+    - "auto": on CUDA static where the family allows, else dynamic (a log line says why); on a
+      CPU, dynamic.
     `attention` (the decode step): "triton" reads only the positions each row holds (CUDA),
     "sdpa" all of them under a mask, "auto" Triton where it runs."""
     device = resolve_device(settings.device)
@@ -100,9 +100,9 @@ def _runner_kind(kv_cache: str, model: PreTrainedModel, device: torch.device, ma
             "static KV cache off, the dynamic runner serves instead (no decode step): %s", step_why
         )
     elif kv_cache == "auto" and device.type == "cuda":
-        if not paged_why:
-            return "paged"
-        log.info("paged KV cache off (%s): the static cache serves", paged_why)
+        # NOTE: not yet the paged pool, though its decode step is as fast: its prompt steps on a
+        # GPU (the model's eager forward over the pool) were slow in a multi-turn run and are not
+        # yet measured against the static cache's (benchmarks/RESULTS.md, issue 14)
         return "static"
     if paged_why:
         log.info("paged KV cache off (%s): batching without prefix reuse", paged_why)
