@@ -10,11 +10,12 @@ only as many prompt tokens as keep it within `stall_limit` decode steps. With no
 or before anything is measured, a step takes the whole `--prefill-chunk`.
 
 NOTE: why a fixed cost. Where the decode step runs apart as a CUDA graph (the paged runner on a
-GPU), prompts go through the model's own forward after it: some 10 ms of kernel launches on a
-1B model whatever the tokens, against a decode step of 2 ms. Read as a cost a token, that made
-every prompt token look dear, and prompts crawled through 16 tokens a step. Where the fixed cost
-alone breaks the limit, no number of tokens keeps it: the whole chunk goes, so that prompts take
-the fewest steps and streams stall the fewest times.
+GPU), prompts go through the model's own eager forward after it, whose kernel launches cost the
+same for one token as for hundreds, and many times a graphed decode step of a 1B model (2 ms on
+an H100). Read as a cost a token, that makes every prompt token look dear, and prompts would go
+through `MIN_TOKENS` a step. Where the fixed cost alone breaks the limit, no number of tokens
+keeps it: the whole chunk goes, so that prompts take the fewest steps and streams stall the
+fewest times.
 """
 
 from __future__ import annotations
