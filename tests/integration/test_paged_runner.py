@@ -13,13 +13,17 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+import torch
 from transformers import LlamaForCausalLM
 
 from chatqueue.engine.hf.paged import HFPagedRunner
-from chatqueue.engine.hf.paged.decode import DecodeOptions
+from chatqueue.engine.hf.paged.decode import DecodeOptions, DecodeRow, PagedInputs
+from chatqueue.engine.hf.paged.pool import KVPool, KVShape
 from chatqueue.engine.prefill_budget import PrefillBudget
 from tests.integration.test_hf_runner import reference, tiny_llama
 from tests.support.paged_drive import drive, prompts_of
+
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +156,19 @@ def test_without_prefix_caching_nothing_is_reused(
     again = drive(runner, [prompt], joins={0: [0]}, max_new=lambda _: 3, rid_base=10)
     assert again.cached == {0: 0}
     assert again.outputs[0] == reference(tiny_model, prompt, 3)
+
+
+def test_a_row_resumed_with_other_blocks_reads_its_new_table() -> None:
+    """A sequence preempted and resumed keeps its rid but comes back with other blocks: the
+    decode step's table for its row is written again, even at the same row and block count."""
+    pool = KVPool(KVShape(1, 1, 4, torch.float32), num_blocks=16, block_size=4, device=CPU)
+    inputs = PagedInputs(pool, max_batch=2, max_len=16)
+    inputs.set_rows([DecodeRow(5, 9, [1, 2, 3])])
+    inputs.set_rows([DecodeRow(5, 9, [7, 8, 9])])  # resumed: a new list, the same rid and length
+    assert inputs.table[0, :3].tolist() == [7, 8, 9]
+    grown = [7, 8, 9]
+    inputs.set_rows([DecodeRow(5, 9, grown)])
+    grown.append(10)  # the runner appends a block in place
+    inputs.set_rows([DecodeRow(5, 12, grown)])
+    assert inputs.table[0, :4].tolist() == [7, 8, 9, 10]
+    assert inputs.pos.tolist() == [12, 0] and inputs.live.tolist() == [1, 0]

@@ -49,7 +49,7 @@ class DecodeOptions:
 class DecodeRow:
     rid: int
     position: int  # of its pending token, whose KV this step writes
-    blocks: Sequence[int]
+    blocks: Sequence[int]  # the sequence's own list, appended to as it grows
 
 
 class PagedInputs:
@@ -60,7 +60,8 @@ class PagedInputs:
     step copies only the rows' next tokens (device to device); the step itself moves each live
     row's position on (`live` is 1 for a running row, 0 for an idle one, which stays at position
     0). Tables and positions are written again only when the rows change: a sequence joins or
-    leaves, or a row gets another block."""
+    leaves, or a row gets another block; a row's table only where it holds another block list
+    or more of it."""
 
     def __init__(self, pool: KVPool, *, max_batch: int, max_len: int) -> None:
         device = pool.keys[0].device
@@ -79,7 +80,9 @@ class PagedInputs:
             (max_batch, self.width), pool.scratch_block, dtype=torch.int32, pin_memory=pin
         )
         self._scratch = pool.scratch_block
-        self._held: list[tuple[int, int] | None] = [None] * max_batch  # (rid, blocks) a row
+        # what each row's table holds: the row's block list (the object: a sequence resumed
+        # after preemption comes back with a new one, its rid unchanged) and how many of them
+        self._held: list[tuple[Sequence[int], int] | None] = [None] * max_batch
 
     def advance(self, b: int) -> None:
         self.pos.add_(self.live)
@@ -91,9 +94,10 @@ class PagedInputs:
         table, held = self._table_host, self._held
         for r, row in enumerate(rows):
             assert len(row.blocks) <= self.width, f"{len(row.blocks)} blocks for one row"
-            if held[r] != (row.rid, len(row.blocks)):
+            was = held[r]
+            if was is None or was[0] is not row.blocks or was[1] != len(row.blocks):
                 table[r, : len(row.blocks)] = torch.tensor(row.blocks, dtype=torch.int32)
-                held[r] = (row.rid, len(row.blocks))
+                held[r] = (row.blocks, len(row.blocks))
         for r in range(n, len(held)):
             if held[r] is not None:
                 table[r].fill_(self._scratch)
