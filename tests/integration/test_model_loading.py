@@ -242,3 +242,29 @@ def test_the_runners_pass_the_cache_without_a_deprecation_warning() -> None:
             runner.step(StepBatch(new=new, running=[], released=[]))
             runner.step(StepBatch(new=[], running=[0], released=[]))
     assert [str(w.message) for w in caught if "deprecated" in str(w.message)] == []
+
+
+def test_which_cache_serves_by_kv_cache_device_and_model() -> None:
+    """The loader's choice (`_runner_kind`, no GPU needed: it reads the device's type only)."""
+    from chatqueue.engine.hf.loader import _runner_kind
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    llama = tiny_llama()
+    windowed = Qwen3ForCausalLM(
+        Qwen3Config(**QWEN3, use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    )
+    moe = Qwen3MoeForCausalLM(
+        Qwen3MoeConfig(**QWEN3, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
+    )
+    assert _runner_kind("auto", llama, cuda, 64) == "static"  # until the pool's prompts hold up
+    assert _runner_kind("auto", windowed, cuda, 64) == "static"
+    assert _runner_kind("auto", llama, cpu, 64) == "paged-packed"
+    assert _runner_kind("auto", windowed, cpu, 64) == "batched"
+    assert _runner_kind("auto", moe, cuda, 64) == "paged-packed"  # no decode step: dynamic
+    assert _runner_kind("paged", llama, cuda, 64) == "paged"
+    assert _runner_kind("paged", llama, cpu, 64) == "paged"
+    assert _runner_kind("paged", moe, cpu, 64) == "paged-packed"
+    assert _runner_kind("dynamic", llama, cuda, 64) == "paged-packed"
+    assert _runner_kind("static", llama, cpu, 64) == "static"
+    with pytest.raises(UnsupportedCache):
+        _runner_kind("paged", windowed, cuda, 64)
