@@ -122,6 +122,70 @@ def _partials_kernel(  # type: ignore[no-untyped-def]  # Triton pointers and con
     tl.store(o_ptr + row[:, None] * D + offs_d[None, :], acc, mask=is_head[:, None])
 
 
+def _partials(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    start: torch.Tensor,
+    end: torch.Tensor,
+    table: torch.Tensor,
+    k_strides: tuple[int, int, int],
+    v_strides: tuple[int, int, int],
+    max_len: int,
+    scale: float,
+    num_splits: int,
+    softcap: float,
+    block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the kernel: `k_strides`, `v_strides` (row, head, position); `block_size` > 0
+    reads through `table` (paged), else `end` is the static cache's one last column."""
+    b, num_kv, groups, dim = q.shape
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+    o, m, l_sum = _empty_partials(q, num_splits)
+    _partials_kernel[(b * num_kv, num_splits)](
+        q,
+        k,
+        v,
+        start,
+        end,
+        table,
+        o,
+        m,
+        l_sum,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        *k_strides,
+        *v_strides,
+        table.stride(0),
+        scale,
+        softcap,
+        NUM_KV=num_kv,
+        G=groups,
+        G_PAD=max(16, triton.next_power_of_2(groups)),
+        D=dim,
+        BLOCK=BLOCK_N,
+        SPLIT=math.ceil(max_len / num_splits / BLOCK_N) * BLOCK_N,
+        NUM_SPLITS=num_splits,
+        IEEE=q.dtype == torch.float32,
+        SOFTCAP=softcap > 0,
+        PAGED=block_size > 0,
+        BS=max(block_size, 1),
+    )
+    return o, m, l_sum
+
+
+def _empty_partials(
+    q: torch.Tensor, num_splits: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The partial results' buffers: output [B, KV, G, S, D], max and sum [B, KV, G, S]."""
+    b, num_kv, groups, dim = q.shape
+    o = q.new_empty(b, num_kv, groups, num_splits, dim, dtype=torch.float32)
+    m = q.new_empty(b, num_kv, groups, num_splits, dtype=torch.float32)
+    return o, m, torch.empty_like(m)
+
+
 @torch.library.custom_op("chatqueue::decode_attention_partials", mutates_args=())
 def decode_attention_partials(
     q: torch.Tensor,
@@ -134,47 +198,21 @@ def decode_attention_partials(
     softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per split: the unnormalised output [B, KV, G, S, D], running max and sum [B, KV, G, S]."""
-    b, num_kv, groups, dim = q.shape
-    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
-    o = torch.empty(b, num_kv, groups, num_splits, dim, dtype=torch.float32, device=q.device)
-    m = torch.empty(b, num_kv, groups, num_splits, dtype=torch.float32, device=q.device)
-    l_sum = torch.empty_like(m)
-    split = math.ceil(k.shape[2] / num_splits / BLOCK_N) * BLOCK_N
-    _partials_kernel[(b * num_kv, num_splits)](
+    return _partials(
         q,
         k,
         v,
-        start,
-        col,
-        start,  # no block table
-        o,
-        m,
-        l_sum,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        0,
-        scale,
-        softcap,
-        NUM_KV=num_kv,
-        G=groups,
-        G_PAD=max(16, triton.next_power_of_2(groups)),
-        D=dim,
-        BLOCK=BLOCK_N,
-        SPLIT=split,
-        NUM_SPLITS=num_splits,
-        IEEE=q.dtype == torch.float32,
-        SOFTCAP=softcap > 0,
-        PAGED=False,
-        BS=1,
+        start=start,
+        end=col,
+        table=start,  # no block table
+        k_strides=(k.stride(0), k.stride(1), k.stride(2)),
+        v_strides=(v.stride(0), v.stride(1), v.stride(2)),
+        max_len=k.shape[2],
+        scale=scale,
+        num_splits=num_splits,
+        softcap=softcap,
+        block_size=0,
     )
-    return o, m, l_sum
 
 
 @decode_attention_partials.register_fake
@@ -188,10 +226,7 @@ def _(
     num_splits: int,
     softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    b, num_kv, groups, dim = q.shape
-    o = q.new_empty(b, num_kv, groups, num_splits, dim, dtype=torch.float32)
-    m = q.new_empty(b, num_kv, groups, num_splits, dtype=torch.float32)
-    return o, m, torch.empty_like(m)
+    return _empty_partials(q, num_splits)
 
 
 def decode_attention(
@@ -238,48 +273,21 @@ def paged_decode_attention_partials(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """As `decode_attention_partials`, over a paged pool: k, v [KV, slots, D] (one layer's);
     table [B, blocks a row] of block ids; row r reads its positions [start[r], end[r])."""
-    b, num_kv, groups, dim = q.shape
-    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
-    o = torch.empty(b, num_kv, groups, num_splits, dim, dtype=torch.float32, device=q.device)
-    m = torch.empty(b, num_kv, groups, num_splits, dtype=torch.float32, device=q.device)
-    l_sum = torch.empty_like(m)
-    max_len = table.shape[1] * block_size
-    split = math.ceil(max_len / num_splits / BLOCK_N) * BLOCK_N
-    _partials_kernel[(b * num_kv, num_splits)](
+    return _partials(
         q,
         k,
         v,
-        start,
-        end,
-        table,
-        o,
-        m,
-        l_sum,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        0,
-        k.stride(0),
-        k.stride(1),
-        0,
-        v.stride(0),
-        v.stride(1),
-        table.stride(0),
-        scale,
-        softcap,
-        NUM_KV=num_kv,
-        G=groups,
-        G_PAD=max(16, triton.next_power_of_2(groups)),
-        D=dim,
-        BLOCK=BLOCK_N,
-        SPLIT=split,
-        NUM_SPLITS=num_splits,
-        IEEE=q.dtype == torch.float32,
-        SOFTCAP=softcap > 0,
-        PAGED=True,
-        BS=block_size,
+        start=start,
+        end=end,
+        table=table,
+        k_strides=(0, k.stride(0), k.stride(1)),
+        v_strides=(0, v.stride(0), v.stride(1)),
+        max_len=table.shape[1] * block_size,
+        scale=scale,
+        num_splits=num_splits,
+        softcap=softcap,
+        block_size=block_size,
     )
-    return o, m, l_sum
 
 
 @paged_decode_attention_partials.register_fake
@@ -295,10 +303,7 @@ def _(
     softcap: float,
     block_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    b, num_kv, groups, dim = q.shape
-    o = q.new_empty(b, num_kv, groups, num_splits, dim, dtype=torch.float32)
-    m = q.new_empty(b, num_kv, groups, num_splits, dtype=torch.float32)
-    return o, m, torch.empty_like(m)
+    return _empty_partials(q, num_splits)
 
 
 def paged_decode_attention(

@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from chatqueue.engine.hf.paged.pool import KVPool
-from chatqueue.engine.hf.static.attention import Span, eager_softcapped, triton_attention
+from chatqueue.engine.hf.paged.pool import KVPool, gather_blocks
+from chatqueue.engine.hf.static.attention import Span, attend_masked, triton_attention
 from chatqueue.engine.hf.static.decode import DecodeStep, attention_scale
 from chatqueue.engine.hf.static.families import plan_for
 from chatqueue.engine.hf.static.graphs import DecodeGraphs
@@ -203,23 +202,10 @@ class PagedDecodeAttention:
                 softcap=self._softcap or 0.0,
             )
             return o
-        keys, values = (
-            _gather(k_cache, span.table, self._block_size),
-            _gather(v_cache, span.table, self._block_size),
-        )
-        if self._softcap:
-            return eager_softcapped(q, keys, values, span.mask, self._scale, self._softcap)
-        return F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=span.mask, scale=self._scale
-        )
-
-
-def _gather(pool: torch.Tensor, table: torch.Tensor, block_size: int) -> torch.Tensor:
-    """A layer's pool [KV, slots, D] read through `table` [b, n] -> [b, KV, n * block_size, D]."""
-    heads, _, dim = pool.shape
-    by_block = pool.view(heads, -1, block_size, dim)
-    picked = by_block.index_select(1, table.flatten().long())
-    return picked.view(heads, table.shape[0], -1, dim).transpose(0, 1)
+        blocks, rows = span.table.flatten().long(), span.table.shape[0]
+        keys = gather_blocks(k_cache, blocks, rows, self._block_size)
+        values = gather_blocks(v_cache, blocks, rows, self._block_size)
+        return attend_masked(q, keys, values, span.mask, self._scale, self._softcap)
 
 
 @torch.library.custom_op("chatqueue::write_kv_paged", mutates_args=("k_pool", "v_pool"))

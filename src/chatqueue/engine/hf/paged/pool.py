@@ -80,10 +80,18 @@ class KVPool:
         )
 
     def _gather(self, pool: torch.Tensor, blocks: torch.Tensor, rows: int) -> torch.Tensor:
-        heads, _, dim = pool.shape
-        by_block = pool.view(heads, self.num_blocks + 2, self.block_size, dim)
-        picked = by_block.index_select(1, blocks)  # [heads, rows * n, block_size, dim]
-        return picked.view(heads, rows, -1, dim).transpose(0, 1)
+        return gather_blocks(pool, blocks, rows, self.block_size)
+
+
+def gather_blocks(
+    pool: torch.Tensor, blocks: torch.Tensor, rows: int, block_size: int
+) -> torch.Tensor:
+    """A layer's keys or values [kv_heads, slots, head_dim] read through `blocks` ([rows * n]
+    block ids, row-major) -> [rows, kv_heads, n * block_size, head_dim]."""
+    heads, _, dim = pool.shape
+    by_block = pool.view(heads, -1, block_size, dim)
+    picked = by_block.index_select(1, blocks)  # [heads, rows * n, block_size, dim]
+    return picked.view(heads, rows, -1, dim).transpose(0, 1)
 
 
 def num_blocks_for(

@@ -114,16 +114,27 @@ class SlotAttention:
                 num_splits=self._num_splits,
                 softcap=self._softcap or 0.0,
             )
-        elif self._softcap:
-            o = eager_softcapped(q, keys, values, span.mask, self._scale, self._softcap)
         else:
-            o = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=span.mask, scale=self._scale
-            )
+            o = attend_masked(q, keys, values, span.mask, self._scale, self._softcap)
         return o
 
 
-def eager_softcapped(
+def attend_masked(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """Every column under an additive mask: SDPA, or transformers' eager ops where scores are
+    soft-capped (SDPA cannot)."""
+    if softcap:
+        return _eager_softcapped(q, keys, values, mask, scale, softcap)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+
+
+def _eager_softcapped(
     q: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
