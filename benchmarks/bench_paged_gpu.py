@@ -33,6 +33,7 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support, benchmarks
 
+from benchmarks.bench_families import copy_bandwidth
 from benchmarks.gpu_model import llama_1b_config
 
 from chatqueue.engine.hf.kv_batch import UnsupportedCache
@@ -168,35 +169,27 @@ def sync() -> None:
     torch.cuda.synchronize()
 
 
-def copy_bandwidth() -> float:
-    src = torch.randn(512 * 1024 * 1024 // 2, dtype=torch.bfloat16, device="cuda")
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(20):
-        sync()
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        sync()
-        times.append(time.perf_counter() - t0)
-    del src, dst
-    return 2 * 512 * 1024 * 1024 / statistics.median(times[5:])
-
-
-def decode_ms(runner: ModelRunner, batch: int, vocab: int, *, paged: bool) -> float:
-    """Median ms of one decode step (sampling and the token ids' transfer included) for `batch`
-    running sequences of PROMPT_TOKENS prompts."""
+def prompts(n: int, longest: int, vocab: int, *, paged: bool) -> list[NewSequence]:
+    """n greedy requests of PROMPT_TOKENS random ids (EOS ignored); for the paged runner each
+    with blocks of its own for `longest` tokens, as the scheduler would give."""
     greedy = SamplingParams(temperature=0, ignore_eos=True)
-    g = torch.Generator().manual_seed(batch)
-    width = -(-(PROMPT_TOKENS + DECODE_STEPS + 8) // BLOCK)
-    news = [
+    g = torch.Generator().manual_seed(n)
+    width = -(-longest // BLOCK)
+    return [
         NewSequence(
             i,
             torch.randint(3, vocab, (PROMPT_TOKENS,), generator=g).tolist(),
             greedy,
             block_table=list(range(i * width, (i + 1) * width)) if paged else (),
         )
-        for i in range(batch)
+        for i in range(n)
     ]
+
+
+def decode_ms(runner: ModelRunner, batch: int, vocab: int, *, paged: bool) -> float:
+    """Median ms of one decode step (sampling and the token ids' transfer included) for `batch`
+    running sequences of PROMPT_TOKENS prompts."""
+    news = prompts(batch, PROMPT_TOKENS + DECODE_STEPS + 8, vocab, paged=paged)
     ids = [n.rid for n in news]
     got = runner.step(StepBatch(new=news, running=[], released=[])).tokens
     while len(got) < batch:
@@ -268,7 +261,7 @@ RUNNERS: dict[str, Callable[..., Any]] = {"static": static_runner, "paged": page
 
 
 def speed(cache: Path, batches: list[int]) -> None:
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth("cuda")
     RESULTS["copy_bandwidth_GBps"] = bandwidth / 1e9
     log(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s")
     vocab = llama_1b_config().vocab_size
@@ -306,18 +299,7 @@ def speed(cache: Path, batches: list[int]) -> None:
 def arrive_together(runner: Any, n: int, new_tokens: int, vocab: int, *, paged: bool) -> float:
     """n requests at once (PROMPT_TOKENS-token prompts), each released after `new_tokens`
     tokens, stepped as the engine steps: seconds until the last is done."""
-    greedy = SamplingParams(temperature=0, ignore_eos=True)
-    g = torch.Generator().manual_seed(n)
-    width = -(-(PROMPT_TOKENS + new_tokens) // BLOCK)
-    news = [
-        NewSequence(
-            i,
-            torch.randint(3, vocab, (PROMPT_TOKENS,), generator=g).tolist(),
-            greedy,
-            block_table=list(range(i * width, (i + 1) * width)) if paged else (),
-        )
-        for i in range(n)
-    ]
+    news = prompts(n, PROMPT_TOKENS + new_tokens, vocab, paged=paged)
     counts = dict.fromkeys(range(n), 0)
     released: list[int] = []
     sync()
