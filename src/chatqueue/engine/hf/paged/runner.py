@@ -12,9 +12,11 @@ steps (`engine/prefill_budget.py`), so a long prompt holds the running streams u
 chunk at most. A sequence whose
 prompt is done samples its first token there and decodes from the next step on.
 
-With `decode` options (on a GPU, the loader's choice) the decode rows go apart from the prompts,
-through the model family's compiled decode step captured as CUDA graphs (`paged/decode.py`);
-the prompt chunks still go through the model's own forward, after it, in the same step.
+With `decode` options (on a GPU, the loader's choice) a step of decode rows alone runs the model
+family's compiled decode step captured as CUDA graphs (`paged/decode.py`); a step with prompt
+tokens runs the decode rows and the prompt chunks packed together through the same compiled
+layers (`paged/packed.py`), or, where that cannot run (compiled without Triton), the prompt
+chunks through the model's own forward after the graphed decode rows.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from chatqueue.engine.hf.paged.attention import (
     causal_after,
 )
 from chatqueue.engine.hf.paged.decode import DecodeOptions, DecodeRow, PagedDecode
+from chatqueue.engine.hf.paged.packed import PackedStep, Segment
 from chatqueue.engine.hf.paged.pool import KVPool, KVShape, check_paged_supported
 from chatqueue.engine.hf.sampling import Sampled, SamplingBatch, SamplingRequest, step_output
 from chatqueue.engine.prefill_budget import PrefillBudget
@@ -102,10 +105,19 @@ class HFPagedRunner:
         self._pending = torch.empty(0, dtype=torch.long, device=self.device)  # sampled, not in KV
         self._check_attention_is_ours()
         self._decode: PagedDecode | None = None
+        self._packed: PackedStep | None = None
         self._rows_changed = True  # the decode rows or their blocks, since the step last ran
         if decode is not None:
             assert context_window is not None, "a decode step needs the longest sequence"
             self._decode = PagedDecode(model, self.pool, max_len=context_window, options=decode)
+            self._packed = _packed_step(
+                model,
+                self.pool,
+                self._decode,
+                max_len=context_window,
+                max_rows=decode.max_batch,
+                most_tokens=decode.max_batch + prefill_chunk,
+            )
 
     # -- the ModelRunner contract ---------------------------------------------------------
     @property
@@ -128,7 +140,8 @@ class HFPagedRunner:
             )
         else:
             runner = "paged (continuous batching, prefix reuse, a decode step apart)"
-            attention = f"decode {decode.info['attention']}, prefill paged SDPA"
+            prompts = "paged SDPA" if self._packed is None else self._packed.info["attention"]
+            attention = f"decode {decode.info['attention']}, steps with prompts {prompts}"
             graphs = decode.info["cuda_graph_batch_sizes"]
         return {
             "runner": runner,
@@ -185,6 +198,8 @@ class HFPagedRunner:
         gone = {rid for rid in released if self._seqs.pop(rid, None) is not None}
         if not gone:
             return
+        if self._packed is not None:
+            self._packed.release(list(gone))
         self._prefilling = [s for s in self._prefilling if s.rid not in gone]
         keep = [row for row, s in enumerate(self._decoding) if s.rid not in gone]
         if len(keep) < len(self._decoding):
@@ -222,6 +237,9 @@ class HFPagedRunner:
         this step's chunks)."""
         if self._decode is None:
             return self._forward(chunks, self._decoding)
+        if chunks and self._packed is not None:
+            self._rows_changed = True  # the graph's positions did not move on with this step
+            return self._packed.run(self._pending, self._segments(chunks))
         parts = []
         if self._decoding:
             if self._rows_changed:
@@ -277,6 +295,19 @@ class HFPagedRunner:
             )
         logits: torch.Tensor = output.logits[0]
         return logits
+
+    def _segments(self, chunks: list[_Chunk]) -> list[Segment]:
+        """The decode rows, then the prompt chunks, for the packed step."""
+        segments = [Segment(s.rid, s.blocks, s.num_computed, 1, None, True) for s in self._decoding]
+        for chunk in chunks:
+            seq, begin = chunk.seq, chunk.seq.num_computed
+            ids = seq.new.prompt_ids[begin : chunk.end]
+            segments.append(
+                Segment(
+                    seq.rid, seq.blocks, begin, chunk.end - begin, ids, chunk.end == seq.num_prompt
+                )
+            )
+        return segments
 
     def _describe_decode(self, step: PagedStep, decoding: list[_Seq]) -> None:
         block_size = self.pool.block_size
@@ -375,6 +406,36 @@ class HFPagedRunner:
             yield
         finally:
             config._attn_implementation = before
+
+
+def _packed_step(
+    model: PreTrainedModel,
+    pool: KVPool,
+    decode: PagedDecode,
+    *,
+    max_len: int,
+    max_rows: int,
+    most_tokens: int,
+) -> PackedStep | None:
+    """Prompt steps through the decode step's compiled regions and the packed kernel; None
+    (the model's own forward instead) where the step is compiled and Triton cannot run."""
+    kernel = None
+    if decode.attention.triton is not None:
+        from chatqueue.engine.hf import triton_packed
+
+        kernel = triton_packed
+    if kernel is None and decode.step.compiled:
+        return None
+    return PackedStep(
+        model,
+        pool,
+        decode.step,
+        max_len=max_len,
+        max_rows=max_rows,
+        most_tokens=most_tokens,
+        kernel=kernel,
+        cuda_graphs=bool(decode.graphs.captured),
+    )
 
 
 def _sampling_request(new: NewSequence) -> SamplingRequest:

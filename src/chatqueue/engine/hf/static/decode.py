@@ -78,26 +78,36 @@ class DecodeStep:
         max_len: int,
         compile: bool,
         compile_cache: Path | None = None,
+        fused_by: DecodeStep | None = None,
     ) -> None:
         """Fuses the model's projections in place (its own forward, used for prefill, reads
-        them too). `max_len`: the longest sequence a row holds. `compile`: the decoder layer
-        through Inductor (regional compilation, see `_layer_step`), the compiled regions kept
-        in `compile_cache` (regions.py)."""
+        them too), or reads those `fused_by` fused (another step over the same model).
+        `max_len`: the longest sequence a row holds. `compile`: the decoder layer through
+        Inductor (regional compilation, see `_layer_step`), the compiled regions kept in
+        `compile_cache` (regions.py)."""
         self.plan = plan = plan_for(model, max_len)
         inner = plan.text_model
         self._embed, self._layers, self._norm = inner.embed_tokens, inner.layers, inner.norm
         self._lm_head = plan.lm_head
-        self._fused = [_fuse_projections(layer, plan) for layer in self._layers]
+        self._fused: list[_Fused] = (
+            fused_by._fused
+            if fused_by is not None
+            else [_fuse_projections(layer, plan) for layer in self._layers]
+        )
         self._qkv_sizes = list(self._fused[0].qkv_sizes)
         self._inputs = inputs
         self._attention = attention
         self._windows = plan.windows
+        # where the KV lives and how it is read: part of each compiled region's key (regions.py
+        # keys a region by its owner's plain attributes), as the attention is traced into it
+        self.attention_kind = type(attention).__qualname__
         # NOTE: regional compilation. The layers share one code path and differ only in their
         # tensors, all passed as arguments, so Dynamo traces one layer once and every layer
         # runs the same compiled graph (one more where a layer has no RoPE); the step's start
         # (embedding, RoPE) and end (norm, head) are regions of their own. Compiling the whole
         # step traced every layer: 37-47 s of each restart on an H200 even with warm caches.
         self.compiled = compile
+        self.compile_cache = compile_cache
         self._begin_step: Any = self._begin
         self._layer_step: Any = self._layer
         self._end_step: Any = self._end
@@ -107,14 +117,30 @@ class DecodeStep:
             self._begin_step = region(self._begin, dynamic=("ids", "pos"))
             dynamic = ("hidden", "delta", "cos", "sin", "mask", "start", "table", "end", "slot")
             self._layer_step = region(self._layer, dynamic=dynamic)
-            self._end_step = region(self._end, dynamic=("hidden", "delta"))
+            self._end_step = region(self._end, dynamic=("hidden", "delta", "keep"))
 
     @property
     def attention_kernel(self) -> str:
         return self._attention.kernel
 
     def forward(self, b: int) -> torch.Tensor:
-        """One token for rows [0, b): only static buffers, no host synchronisation (capturable)."""
+        """One token for rows [0, b): only static buffers, no host synchronisation (capturable).
+        Returns the logits of every row."""
+        hidden, delta = self.layers(b)
+        logits = self.logits(hidden, delta)
+        self._inputs.advance(b)
+        return logits
+
+    def logits(
+        self, hidden: torch.Tensor, delta: torch.Tensor | None, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The last layer's output -> the logits [rows, vocab] of every row or of `keep`'s."""
+        logits: torch.Tensor = self._end_step(hidden, delta, keep)
+        return logits
+
+    def layers(self, b: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rows [0, b) through every layer (capturable): the residual stream and what the last
+        layer adds to it (`logits` adds them)."""
         inputs = self._inputs
         spans = self._attention.spans(b, self._windows)
         hidden, ropes = self._begin_step(inputs.ids[:b], inputs.pos[:b])
@@ -141,9 +167,7 @@ class DecodeStep:
                 inputs.k[i],
                 inputs.v[i],
             )
-        logits: torch.Tensor = self._end_step(hidden, delta)
-        inputs.advance(b)
-        return logits
+        return hidden, delta
 
     def _begin(
         self, ids: torch.Tensor, pos: torch.Tensor
@@ -248,9 +272,13 @@ class DecodeStep:
         multiplier = self.plan.residual_multiplier
         return out if multiplier == 1.0 else out * multiplier
 
-    def _end(self, hidden: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+    def _end(
+        self, hidden: torch.Tensor, delta: torch.Tensor | None, keep: torch.Tensor | None
+    ) -> torch.Tensor:
         if delta is not None:
             hidden = hidden + delta
+        if keep is not None:  # the rows whose logits are wanted: the norm and head for no other
+            hidden = hidden.index_select(0, keep)
         logits: torch.Tensor = self._lm_head(self._norm(hidden)[:, -1])
         plan = self.plan
         if plan.logits_divisor != 1.0:  # Granite

@@ -7,7 +7,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,12 +27,22 @@ class CapturedStep:
 
 
 class DecodeGraphs:
-    def __init__(self, forward: DecodeStep, *, max_batch: int, smallest: int = 1) -> None:
+    def __init__(
+        self,
+        forward: DecodeStep,
+        *,
+        max_batch: int,
+        smallest: int = 1,
+        buckets: Sequence[int] = _BUCKETS,
+        what: str = "decode",
+    ) -> None:
         """`smallest`: the least bucket. Captured graphs start at 2: Dynamo compiles a size of 1
         apart from the others (it specialises 0 and 1), which cost a restart another 7-10 s on
-        an H200, and one idle row more at batch 1 costs nothing measurable there."""
+        an H200, and one idle row more at batch 1 costs nothing measurable there. `buckets`:
+        the sizes to capture (up to `max_batch`, which is one of them); `what`: for the log."""
         low = min(smallest, max_batch)
-        self.buckets = [b for b in _BUCKETS if low <= b < max_batch] + [max_batch]
+        self.buckets = [b for b in buckets if low <= b < max_batch] + [max_batch]
+        self._what = what
         self.captured: dict[int, CapturedStep] = {}
         self.step: DecodeStep = forward
 
@@ -66,7 +76,8 @@ class DecodeGraphs:
                 torch.cuda.synchronize()
                 took[b] = time.perf_counter() - began
         log.info(
-            "captured decode graphs for batch sizes %s in %.1f s (compiling included): %s",
+            "captured %s graphs for sizes %s in %.1f s (compiling included): %s",
+            self._what,
             self.buckets,
             sum(took.values()),
             ", ".join(f"{b}: {t:.1f} s" for b, t in took.items()),
