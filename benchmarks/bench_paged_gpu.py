@@ -2,16 +2,22 @@
 
 (a) correctness: tiny fp32 models of the families the paged pool takes, through the path the
     GPU serves (the decode step compiled by Inductor, captured as CUDA graphs, Triton
-    attention through block tables; prefill through the model's forward over the pool),
+    attention through block tables; steps with prompt tokens packed through the same compiled
+    layers, captured by token count, the packed Triton kernel),
     driven by the real scheduler and block manager: greedy tokens equal to `generate()` token
     for token while requests join and leave, with prefix hits, prompts in chunks beside
     decode, and preemption and resume;
 (b) speed: decode ms/step of the paged runner and of the static-cache runner, side by side on
     the same shape (Llama-3.2-1B, random bf16 weights), at batch 1, 16 and 64, each ÷ the
     memory-bandwidth floor (weights + the KV a step reads, at the copy bandwidth measured
-    here).
+    here);
+(c) throughput: 64 and 256 requests arriving together (256-token prompts, 256 new tokens),
+    the static cache's runner and the pool's, each ÷ the ideal for that work (every decode
+    step at the bandwidth floor, every prompt token at the bf16 matmul rate measured here);
+(d) profile: 64 streams decoding while 4 new turns of 150 tokens after 1500 cached go in,
+    a step alone and with the turns, and torch.profiler's table of that step.
 
-  python benchmarks/bench_paged_gpu.py [--parts correctness,speed] [--out DIR]
+  python benchmarks/bench_paged_gpu.py [--parts correctness,speed,throughput,profile] [--out DIR]
 """
 
 from __future__ import annotations
@@ -204,11 +210,35 @@ def decode_ms(runner: ModelRunner, batch: int, vocab: int, *, paged: bool) -> fl
     return statistics.median(times[8:]) * 1e3
 
 
-def floor_ms(model: Any, batch: int, bandwidth: float) -> float:
+def floor_ms(
+    model: Any, batch: int, bandwidth: float, context: float = PROMPT_TOKENS + DECODE_STEPS / 2
+) -> float:
+    """A decode step's floor: the weights and `context` tokens of KV a row read once."""
     c = model.config
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 2
-    return (weights + batch * (PROMPT_TOKENS + DECODE_STEPS / 2) * per_token) / bandwidth * 1e3
+    return (weights + batch * context * per_token) / bandwidth * 1e3
+
+
+def matmul_rate() -> float:
+    """bf16 FLOP/s of a large square matmul (the best a prompt token can go at)."""
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    for _ in range(3):
+        a @ a
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        a @ a
+    sync()
+    return 20 * 2 * 8192**3 / (time.perf_counter() - t0)
+
+
+def ideal_s(model: Any, n: int, new_tokens: int, bandwidth: float, rate: float) -> float:
+    """n requests' work at the hardware's rates: each decode step at its floor (the KV read
+    at the mean context), each prompt token's matmuls (2 x parameters FLOPs) at `rate`."""
+    params = sum(p.numel() for p in model.parameters())
+    decode = new_tokens * floor_ms(model, n, bandwidth, PROMPT_TOKENS + new_tokens / 2) / 1e3
+    return decode + n * PROMPT_TOKENS * 2 * params / rate
 
 
 def build_1b() -> Any:
@@ -338,6 +368,9 @@ def prefill_ms(runner: Any, tokens: int, vocab: int, *, paged: bool) -> float:
 def throughput(cache: Path, sizes: list[int], new_tokens: int) -> None:
     vocab = llama_1b_config().vocab_size
     max_len = PROMPT_TOKENS + new_tokens + 8
+    bandwidth, rate = copy_bandwidth("cuda"), matmul_rate()
+    RESULTS["matmul_TFLOPs"] = rate / 1e12
+    log(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s")
     for name, make in RUNNERS.items():
         torch._dynamo.reset()
         model = build_1b()
@@ -348,8 +381,13 @@ def throughput(cache: Path, sizes: list[int], new_tokens: int) -> None:
         for n in sizes:
             seconds = arrive_together(runner, n, new_tokens, vocab, paged=name == "paged")
             tps = n * new_tokens / seconds
+            ideal = ideal_s(model, n, new_tokens, bandwidth, rate)
             RESULTS.setdefault("throughput", {}).setdefault(name, {})[n] = tps
-            log(f"{name}: {n} requests together: {tps:.0f} tok/s ({seconds:.2f} s)")
+            RESULTS.setdefault("of_ideal", {}).setdefault(name, {})[n] = ideal / seconds
+            log(
+                f"{name}: {n} requests together: {tps:.0f} tok/s ({seconds:.2f} s; the ideal "
+                f"{ideal:.2f} s: {ideal / seconds:.2f} of it)"
+            )
         tokens = min(512, max_len - 8)
         ms = prefill_ms(runner, tokens, vocab, paged=name == "paged")
         RESULTS.setdefault("prefill_ms", {})[name] = {"tokens": tokens, "ms": ms}

@@ -256,15 +256,20 @@ def test_which_cache_serves_by_kv_cache_device_and_model() -> None:
     moe = Qwen3MoeForCausalLM(
         Qwen3MoeConfig(**QWEN3, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
     )
-    assert _runner_kind("auto", llama, cuda, 64) == "static"  # until the pool's prompts hold up
-    assert _runner_kind("auto", windowed, cuda, 64) == "static"
-    assert _runner_kind("auto", llama, cpu, 64) == "paged-packed"
-    assert _runner_kind("auto", windowed, cpu, 64) == "batched"
-    assert _runner_kind("auto", moe, cuda, 64) == "paged-packed"  # no decode step: dynamic
-    assert _runner_kind("paged", llama, cuda, 64) == "paged"
-    assert _runner_kind("paged", llama, cpu, 64) == "paged"
-    assert _runner_kind("paged", moe, cpu, 64) == "paged-packed"
-    assert _runner_kind("dynamic", llama, cuda, 64) == "paged-packed"
-    assert _runner_kind("static", llama, cpu, 64) == "static"
+
+    def kind(kv_cache: str, model: Any, device: torch.device, *, triton: bool = True) -> str:
+        return _runner_kind(kv_cache, model, device, 64, triton_runs=triton)
+
+    assert kind("auto", llama, cuda) == "paged"
+    assert kind("auto", llama, cuda, triton=False) == "static"  # prompt steps would be eager
+    assert kind("auto", windowed, cuda) == "static"
+    assert kind("auto", llama, cpu) == "paged-packed"
+    assert kind("auto", windowed, cpu) == "batched"
+    assert kind("auto", moe, cuda) == "paged-packed"  # no decode step: dynamic
+    assert kind("paged", llama, cuda) == "paged"
+    assert kind("paged", llama, cpu) == "paged"
+    assert kind("paged", moe, cpu) == "paged-packed"
+    assert kind("dynamic", llama, cuda) == "paged-packed"
+    assert kind("static", llama, cpu) == "static"
     with pytest.raises(UnsupportedCache):
-        _runner_kind("paged", windowed, cuda, 64)
+        kind("paged", windowed, cuda)
