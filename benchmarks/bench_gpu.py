@@ -36,11 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from chatqueue import ChatMessage, ChatQueue, SamplingParams
 from chatqueue.engine.runner import NewSequence, StepBatch
-from gpu_model import PROMPT_TOKENS, build_model, static_runner
+from gpu_model import PROMPT_TOKENS, build_model, paged_runner, static_runner
 
 NEW_TOKENS = 256
 DEVICE = "cuda"  # `--cpu`: a small model on the CPU, to run the script anywhere
 HTTP_STREAMS = 64
+KV_CACHE = "static"  # `--kv-cache paged`: the paged pool's runner, in-process and served
 RESULTS: dict[str, object] = {}
 
 
@@ -125,6 +126,12 @@ class _Kept:
     def context_window(self) -> int:
         return int(self._runner.context_window)
 
+    @property
+    def kv_spec(self):  # type: ignore[no-untyped-def]
+        # NOTE: said outright: Python 3.12's isinstance() against a protocol (the engine's
+        # `PagedKV`) looks attributes up statically, never through __getattr__
+        return getattr(self._runner, "kv_spec", None)
+
     def step(self, batch):  # type: ignore[no-untyped-def]
         return self._runner.step(batch)
 
@@ -139,11 +146,14 @@ SLOTS = 256  # one runner (one compile) serves every batch size measured in-proc
 def kept_runner(model, attention: str = "auto") -> _Kept:  # type: ignore[no-untyped-def]
     if attention not in _RUNNERS:
         t0 = time.perf_counter()
-        _RUNNERS[attention] = static_runner(
-            model, max_batch=SLOTS, max_len=PROMPT_TOKENS + NEW_TOKENS, attention=attention
+        max_len = PROMPT_TOKENS + NEW_TOKENS
+        _RUNNERS[attention] = (
+            paged_runner(model, max_batch=SLOTS, max_len=max_len)
+            if KV_CACHE == "paged"
+            else static_runner(model, max_batch=SLOTS, max_len=max_len, attention=attention)
         )
         log(
-            f"runner for {SLOTS} slots ({attention} attention) ready in "
+            f"{KV_CACHE} runner for {SLOTS} sequences ({attention} attention) ready in "
             f"{time.perf_counter() - t0:.1f} s (compile + graph capture)"
         )
     return _Kept(_RUNNERS[attention])
@@ -333,6 +343,8 @@ def serve_and_measure(mode: str, profile_dir: str | None) -> float:
             str(PROMPT_TOKENS + NEW_TOKENS),
             "--model-process",
             mode,
+            "--kv-cache",
+            KV_CACHE,
             *(["--cpu"] if DEVICE == "cpu" else []),
         ],
         env=env,
@@ -476,6 +488,9 @@ def main() -> None:
     ap.add_argument("--compare-sdpa", action="store_true", help="decode with SDPA too")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness checks")
     ap.add_argument("--profile-server", action="store_true", help="py-spy the HTTP server")
+    ap.add_argument("--kv-cache", choices=["static", "paged"], default="static")
+    ap.add_argument("--http-streams", type=int, default=64)
+    ap.add_argument("--sizes", type=int, nargs="+", default=None, help="throughput: requests")
     ap.add_argument(
         "--model-process",
         default="on,off",
@@ -485,7 +500,9 @@ def main() -> None:
     parts = set(args.parts.split(","))
     import transformers
 
-    global DEVICE, NEW_TOKENS, HTTP_STREAMS, SLOTS
+    global DEVICE, NEW_TOKENS, HTTP_STREAMS, SLOTS, KV_CACHE
+    KV_CACHE, HTTP_STREAMS = args.kv_cache, args.http_streams
+    SLOTS = max(SLOTS, HTTP_STREAMS)
     if args.cpu:
         DEVICE, NEW_TOKENS, HTTP_STREAMS, SLOTS = "cpu", 32, 8, 16
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (small model)"
@@ -529,6 +546,7 @@ def main() -> None:
     if "throughput" in parts:
         sizes = (64,) if args.quick else (64, 256)
         sizes = sizes if DEVICE == "cuda" else (8, 16)
+        sizes = tuple(args.sizes) if args.sizes else sizes
         for n in sizes:
             ours, theirs = [], []
             asyncio.run(chatqueue_tokens_per_s(model, min(n, 16), max_concurrent=n))

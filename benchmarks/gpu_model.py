@@ -104,6 +104,28 @@ def static_runner(
     return TokenizedRunner(runner, PromptTokenizer(), MODEL_NAME)
 
 
+def paged_runner(model: LlamaForCausalLM, *, max_batch: int, max_len: int, chunk: int = 512):
+    """The paged pool's runner as `--kv-cache paged` (and auto on CUDA) builds it: a block of
+    KV for every position of `max_batch` sequences, the server's prefill chunk and stall limit."""
+    from chatqueue.engine.hf.paged import HFPagedRunner
+    from chatqueue.engine.hf.paged.decode import DecodeOptions
+    from chatqueue.engine.runner import TokenizedRunner
+
+    runner = HFPagedRunner(
+        model,
+        num_blocks=max_batch * -(-max_len // 16),
+        block_size=16,
+        prefill_chunk=chunk,
+        prefill_stall_limit=2.0,
+        context_window=max_len,
+        decode=DecodeOptions(max_batch=max_batch),
+    )
+    return TokenizedRunner(runner, PromptTokenizer(), MODEL_NAME)
+
+
+RUNNERS = {"static": static_runner, "paged": paged_runner}
+
+
 def _log_gc_pauses(where: str, longer_than_s: float = 0.01) -> None:
     """Print each garbage collection that stops the process for longer than `longer_than_s`."""
     import gc
@@ -123,12 +145,12 @@ def _log_gc_pauses(where: str, longer_than_s: float = 0.01) -> None:
     gc.callbacks.append(callback)
 
 
-def served_runner(max_concurrent: int, max_len: int, cpu: bool, in_child: bool):  # type: ignore[no-untyped-def]
+def served_runner(max_concurrent: int, max_len: int, cpu: bool, in_child: bool, kv_cache: str):  # type: ignore[no-untyped-def]
     """The runner the server serves (in the model process, or in the server's own)."""
     if in_child:
         _log_gc_pauses("model process")
     model = build_model("cpu", torch.float32, small=True) if cpu else build_model()
-    return static_runner(model, max_batch=max_concurrent, max_len=max_len)
+    return RUNNERS[kv_cache](model, max_batch=max_concurrent, max_len=max_len)
 
 
 def main() -> None:
@@ -138,6 +160,7 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--cpu", action="store_true", help="the small model on the CPU")
     ap.add_argument("--model-process", choices=["on", "off"], default="on")
+    ap.add_argument("--kv-cache", choices=sorted(RUNNERS), default="static")
     args = ap.parse_args()
     import functools
 
@@ -151,7 +174,12 @@ def main() -> None:
 
     in_child = args.model_process == "on"
     load = functools.partial(
-        gpu_model.served_runner, args.max_concurrent, args.max_len, args.cpu, in_child
+        gpu_model.served_runner,
+        args.max_concurrent,
+        args.max_len,
+        args.cpu,
+        in_child,
+        args.kv_cache,
     )
     runner = (
         functools.partial(

@@ -4,8 +4,11 @@ Steps go the way the engine drives them: the scheduler admits by blocks, hands o
 and cached prefixes, grows and preempts; every greedy output must equal what
 `generate(do_sample=False)` gives for that request alone, with prefix hits, prefixes that end
 inside a block, prompts prefilled in chunks beside decode, and preemption and resume. Each test
-runs twice: the decode rows packed with the prompts into the model's forward (the CPU's way), and
-apart, through the family's decode step over block tables (the GPU's way; here eager, SDPA).
+runs three times: the decode rows packed with the prompts into the model's forward (the CPU's
+way); apart, through the family's decode step over block tables (the GPU's way; here eager,
+SDPA), steps with prompt tokens packed through the same step; and so again with the packed
+steps' attention through tiles, table rows and ends, as the GPU's kernel reads them (its
+contract in torch, `tests/support/packed_reference.py`).
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from transformers import LlamaForCausalLM
 
 from chatqueue.engine.hf.paged import HFPagedRunner
 from chatqueue.engine.hf.paged.decode import DecodeOptions, DecodeRow, PagedInputs
+from chatqueue.engine.hf.paged.packed import PackedStep
 from chatqueue.engine.hf.paged.pool import KVPool, KVShape
 from chatqueue.engine.prefill_budget import PrefillBudget
 from tests.integration.test_hf_runner import reference, tiny_llama
+from tests.support import packed_reference
 from tests.support.paged_drive import drive, prompts_of
 
 CPU = torch.device("cpu")
@@ -31,15 +36,29 @@ def tiny_model() -> LlamaForCausalLM:
     return tiny_llama()
 
 
-@pytest.fixture(params=["packed", "apart"])
+@pytest.fixture(params=["packed", "apart", "tiled"])
 def paged(request: pytest.FixtureRequest) -> Callable[..., HFPagedRunner]:
     """Makes a paged runner whose decode rows go as this test's parameter says."""
 
     def make(model: LlamaForCausalLM, **kw: object) -> HFPagedRunner:
-        if request.param == "apart":
-            options = DecodeOptions(max_batch=8, compile=False, cuda_graphs=False)
-            kw |= {"decode": options, "context_window": 256}
-        return HFPagedRunner(model, **kw)  # type: ignore[arg-type]
+        if request.param == "packed":
+            return HFPagedRunner(model, **kw)  # type: ignore[arg-type]
+        options = DecodeOptions(max_batch=8, compile=False, cuda_graphs=False)
+        kw |= {"decode": options, "context_window": 256}
+        runner = HFPagedRunner(model, **kw)  # type: ignore[arg-type]
+        assert runner._decode is not None and runner._packed is not None
+        if request.param == "tiled":  # the packed step as on the GPU, its kernel in torch
+            runner._packed = PackedStep(
+                model,
+                runner.pool,
+                runner._decode.step,
+                max_len=256,
+                max_rows=8,
+                most_tokens=8 + runner.prefill_chunk,
+                kernel=packed_reference,
+                cuda_graphs=False,
+            )
+        return runner
 
     return make
 
