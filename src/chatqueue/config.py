@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     )
     kv_cache: Literal["auto", "paged", "static", "dynamic"] = Field(
         "auto",
-        description="auto: static on CUDA for the families in the README, else dynamic",
+        description="auto: on CUDA paged or static for the families in the README, else dynamic",
     )
     max_model_len: int | None = Field(
         None,

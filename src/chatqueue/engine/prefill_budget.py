@@ -9,10 +9,10 @@ and a cost a token, fitted over steps of different sizes), and while streams dec
 only as many prompt tokens as keep it within `stall_limit` decode steps. With nothing decoding,
 or before anything is measured, a step takes the whole `--prefill-chunk`.
 
-NOTE: why a fixed cost. Where the decode step runs apart as a CUDA graph (the paged runner on a
-GPU), prompts go through the model's own eager forward after it, whose kernel launches cost the
-same for one token as for hundreds, and many times a graphed decode step of a 1B model (2 ms on
-an H100). Read as a cost a token, that makes every prompt token look dear, and prompts would go
+NOTE: why a fixed cost. Where a step with prompt tokens runs eager beside a decode step that is
+a CUDA graph (the paged runner on a GPU where its packed step cannot run: the model's own
+forward after the graphed decode), its kernel launches cost the same for one token as for
+hundreds, and many times a graphed decode step of a 1B model (2 ms on an H100). Read as a cost a token, that makes every prompt token look dear, and prompts would go
 through `MIN_TOKENS` a step. Where the fixed cost alone breaks the limit, no number of tokens
 keeps it: the whole chunk goes, so that prompts take the fewest steps and streams stall the
 fewest times.

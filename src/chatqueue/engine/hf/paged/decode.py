@@ -8,10 +8,8 @@ is looked up in its table; each layer then writes there and attends to the row's
 [0, position] (or the last W of them in a sliding-window layer) through its table: a Triton
 kernel on CUDA (`triton_decode.py`, the static cache's kernel reading through the table), else
 the row's blocks gathered and SDPA under a mask. Rows of the graph's batch past the running ones
-read and write the pool's scratch block only. Prefill stays the model's own forward over the
-packed prompts (`paged/attention.py`), eager: its shapes change every step, which a graph cannot
-hold. (On an H100 those eager prompt steps were the slow part of a multi-turn run:
-benchmarks/RESULTS.md, issue 14.)
+read and write the pool's scratch block only. A step with prompt tokens runs the same layers
+over the decode rows and the prompt chunks packed together (`paged/packed.py`).
 """
 
 from __future__ import annotations

@@ -156,6 +156,7 @@ class HFPagedRunner:
             },
             "dtype": str(self.model.dtype).removeprefix("torch."),
             "cuda_graph_batch_sizes": graphs,
+            "packed_step": None if self._packed is None else self._packed.info,
             "prefill": {"chunk": self.prefill_chunk, "stall_limit": self._budget.stall_limit},
         }
 
