@@ -10,8 +10,11 @@ benchmarks/RESULTS.md). Here the same step runs the decode step's compiled regio
 dimension is already symbolic, over every token at once: a token is a row of one, at its own
 position, its KV written to its slot; attention is one kernel a layer for all of them
 (`triton_packed.py`: tiles of a sequence's consecutive tokens read its keys through its block
-table, causal). Where Triton cannot run (a CPU; then the step is eager), each sequence's blocks
-are gathered and SDPA attends under a causal mask.
+table, causal). Compiled regions alone still cost the host 0.4 ms a layer, so the step is
+captured as CUDA graphs at a set of token counts, its tokens and tiles padded up to the count
+(padding writes only the scratch block); the logits of the rows wanted come after the graph.
+Where Triton cannot run (a CPU; then the step is eager), each sequence's blocks are gathered and
+SDPA attends under a causal mask.
 
 Every token's table row comes from `BlockTables`: one device row a sequence, written when its
 blocks change, so a step copies only its tokens' ids, positions and slots and its tiles.
