@@ -13,6 +13,10 @@ configurations alternated, after a warm-up. Prints:
     and one with it on the server's engine thread (`--model-process off`), one after the other.
 
     python benchmarks/bench_gpu.py [--quick] [--out DIR] [--parts floor,throughput,http] [--model-process on,off]
+        [--kv-cache static|paged] [--http-streams N] [--sizes N ...]
+    (`--kv-cache paged`: the paged pool's runner, as `auto` serves on CUDA, in-process and in
+    the server, for the throughput and http parts; `bench_paged_gpu.py --parts speed` gives its
+    decode step against the floor)
     .venv/bin/python benchmarks/bench_gpu.py --cpu     # a small model on the CPU, anywhere
 """
 
@@ -498,6 +502,8 @@ def main() -> None:
     )
     args = ap.parse_args()
     parts = set(args.parts.split(","))
+    if "floor" in parts and args.kv_cache == "paged":
+        ap.error("the floor part times the static cache: bench_paged_gpu.py times the pool's")
     import transformers
 
     global DEVICE, NEW_TOKENS, HTTP_STREAMS, SLOTS, KV_CACHE
