@@ -27,6 +27,71 @@ BLOCK_N = 64  # columns per inner iteration
 
 
 @triton.jit  # type: ignore[untyped-decorator]
+def attend_block(  # type: ignore[no-untyped-def]  # Triton tensors and constexprs
+    q,
+    m_i,
+    l_i,
+    acc,
+    k_base,
+    v_base,
+    table_row,  # PAGED: the row's block table
+    n0,
+    hi,
+    position,  # CAUSAL: each query row's position
+    stride_kn,
+    stride_vn,
+    scale,
+    softcap,
+    D: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PAGED: tl.constexpr,
+    BS: tl.constexpr,
+    IEEE: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    CAUSAL: tl.constexpr,
+):
+    """Positions [n0, n0 + BLOCK) below `hi` into the query rows' running softmax (max `m_i`, sum
+    `l_i`, unnormalised output `acc`): their keys and values read at `k_base`, `v_base` (through
+    `table_row` where PAGED), scores scaled (and soft-capped), a position past a row's own
+    unseen where CAUSAL. Returns the new (m_i, l_i, acc). Shared by this module's kernel and
+    the packed one (`triton_packed.py`)."""
+    offs_n = n0 + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D)
+    in_run = offs_n < hi
+    if PAGED:
+        block = tl.load(table_row + offs_n // BS, mask=in_run, other=0)
+        where = block.to(tl.int64) * BS + offs_n % BS
+    else:
+        where = offs_n
+    k = tl.load(
+        k_base + where[:, None] * stride_kn + offs_d[None, :], mask=in_run[:, None], other=0.0
+    )
+    v = tl.load(
+        v_base + where[:, None] * stride_vn + offs_d[None, :], mask=in_run[:, None], other=0.0
+    )
+    if IEEE:  # noqa: SIM108  (Triton: a constexpr branch, not a ternary)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = s * scale
+    if SOFTCAP:  # Gemma2: softcap * tanh(s / softcap), tanh(x) written as 2 sigmoid(2x) - 1
+        s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
+    seen = in_run[None, :]
+    if CAUSAL:
+        seen = seen & (offs_n[None, :] <= position[:, None])
+    s = tl.where(seen, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp(s - m_new[:, None])
+    alpha = tl.exp(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit  # type: ignore[untyped-decorator]
 def _partials_kernel(  # type: ignore[no-untyped-def]  # Triton pointers and constexprs
     q_ptr,
     k_ptr,
@@ -86,36 +151,29 @@ def _partials_kernel(  # type: ignore[no-untyped-def]  # Triton pointers and con
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
     for n0 in range(lo, hi, BLOCK):
-        offs_n = n0 + tl.arange(0, BLOCK)
-        in_run = offs_n < hi
-        if PAGED:
-            block = tl.load(table_ptr + b * stride_tb + offs_n // BS, mask=in_run, other=0)
-            where = block.to(tl.int64) * BS + offs_n % BS
-        else:
-            where = offs_n
-        k = tl.load(
-            k_base + where[:, None] * stride_kn + offs_d[None, :], mask=in_run[:, None], other=0.0
+        m_i, l_i, acc = attend_block(
+            q,
+            m_i,
+            l_i,
+            acc,
+            k_base,
+            v_base,
+            table_ptr + b * stride_tb,
+            n0,
+            hi,
+            offs_g,
+            stride_kn,
+            stride_vn,
+            scale,
+            softcap,
+            D=D,
+            BLOCK=BLOCK,
+            PAGED=PAGED,
+            BS=BS,
+            IEEE=IEEE,
+            SOFTCAP=SOFTCAP,
+            CAUSAL=False,
         )
-        v = tl.load(
-            v_base + where[:, None] * stride_vn + offs_d[None, :], mask=in_run[:, None], other=0.0
-        )
-        if IEEE:  # noqa: SIM108  (Triton: a constexpr branch, not a ternary)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * scale
-        if SOFTCAP:  # Gemma2: softcap * tanh(s / softcap), tanh(x) written as 2 sigmoid(2x) - 1
-            s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
-        s = tl.where(in_run[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
     row = (pid * G + offs_g) * NUM_SPLITS + split  # in [B * NUM_KV * G, NUM_SPLITS]
     tl.store(m_ptr + row, m_i, mask=is_head)
     tl.store(l_ptr + row, l_i, mask=is_head)

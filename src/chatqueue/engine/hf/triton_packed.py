@@ -7,9 +7,10 @@ chunk's tokens. The run is cut into tiles, each up to `tokens_a_tile` consecutiv
 sequence (consecutive positions; a decode row is a tile of one). A program owns one tile and one
 KV head: it loads the tile's queries of that head's whole group of query heads at once (rows
 `token * G_PAD + head`), then walks the sequence's keys up to the tile's last position through
-its block table, each key read once for the whole tile and group, with a running softmax. Query
-i of a tile sees the keys at positions <= its own: the prefix cached or run before, and this
-step's own tokens (written to the pool before the kernel runs).
+its block table, each key read once for the whole tile and group, with a running softmax (the
+decode kernel's `attend_block`). Query i of a tile sees the keys at positions <= its own: the
+prefix cached or run before, and this step's own tokens (written to the pool before the kernel
+runs).
 
 Only imported where Triton and CUDA exist; `packed_attention` is a custom op, so Inductor treats
 it as one opaque kernel.
@@ -20,6 +21,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from chatqueue.engine.hf.triton_decode import attend_block
 
 BLOCK_N = 64  # keys per inner iteration
 ROWS = 64  # query rows a program holds: tokens a tile * the group's heads (padded)
@@ -79,33 +82,30 @@ def _packed_kernel(  # type: ignore[no-untyped-def]  # Triton pointers and const
     l_i = tl.zeros([TOKENS * G_PAD], tl.float32)
     acc = tl.zeros([TOKENS * G_PAD, D], tl.float32)
     for n0 in range(0, end, BLOCK):
-        offs_n = n0 + tl.arange(0, BLOCK)
-        in_run = offs_n < end
-        block = tl.load(table_ptr + row * stride_tr + offs_n // BS, mask=in_run, other=0)
-        where = block.to(tl.int64) * BS + offs_n % BS
-        k = tl.load(
-            k_base + where[:, None] * stride_kn + offs_d[None, :], mask=in_run[:, None], other=0.0
+        # key 0 is in every row's first block: each row's maximum is finite from there on
+        m_i, l_i, acc = attend_block(
+            q,
+            m_i,
+            l_i,
+            acc,
+            k_base,
+            v_base,
+            table_ptr + row * stride_tr,
+            n0,
+            end,
+            position,
+            stride_kn,
+            stride_vn,
+            scale,
+            0.0,
+            D=D,
+            BLOCK=BLOCK,
+            PAGED=True,
+            BS=BS,
+            IEEE=IEEE,
+            SOFTCAP=False,
+            CAUSAL=True,
         )
-        v = tl.load(
-            v_base + where[:, None] * stride_vn + offs_d[None, :], mask=in_run[:, None], other=0.0
-        )
-        if IEEE:  # noqa: SIM108  (Triton: a constexpr branch, not a ternary)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * scale
-        # key 0 is in every row's first iteration: each row's maximum is finite from there on
-        seen = in_run[None, :] & (offs_n[None, :] <= position[:, None])
-        s = tl.where(seen, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
     out = acc / l_i[:, None]
     o_rows = (first + tok).to(tl.int64) * stride_ot + h * stride_oh + g * stride_og
     tl.store(
