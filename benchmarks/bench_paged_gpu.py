@@ -418,9 +418,11 @@ def profile_turns(cache: Path, rows: int, turns: int, history: int, new: int) ->
     greedy = SamplingParams(temperature=0, ignore_eos=True)
     g = torch.Generator().manual_seed(0)
 
-    def seq(rid: int, tokens: list[int]) -> NewSequence:
-        table = list(range(rid * width, (rid + 1) * width))
-        return NewSequence(rid, tokens, greedy, block_table=table)
+    def seq(rid: int, tokens: list[int], *, row: int | None = None, cached: int = 0) -> NewSequence:
+        """Its blocks those of `row` (default: its rid), the first `cached` tokens' KV there."""
+        row = rid if row is None else row
+        table = list(range(row * width, (row + 1) * width))
+        return NewSequence(rid, tokens, greedy, block_table=table, num_cached_tokens=cached)
 
     streams = [seq(i, torch.randint(3, vocab, (64,), generator=g).tolist()) for i in range(rows)]
     running = [s.rid for s in streams]
@@ -436,6 +438,19 @@ def profile_turns(cache: Path, rows: int, turns: int, history: int, new: int) ->
             break
     runner.step(StepBatch(new=[], running=running, released=[f.rid for f in firsts]))
 
+    def new_turns(rid: int) -> list[NewSequence]:
+        """Each history with `new` more tokens, in the blocks its first turn filled."""
+        cached = history // BLOCK * BLOCK
+        return [
+            seq(
+                rid + i,
+                h + torch.randint(3, vocab, (new,), generator=g).tolist(),
+                row=rows + i,
+                cached=cached,
+            )
+            for i, h in enumerate(histories)
+        ]
+
     def timed(news: list[NewSequence]) -> float:
         sync()
         t0 = time.perf_counter()
@@ -447,18 +462,7 @@ def profile_turns(cache: Path, rows: int, turns: int, history: int, new: int) ->
     rid = 10_000
     turn_ms = []
     for _ in range(4):
-        news = []
-        for i, h in enumerate(histories):
-            tail = torch.randint(3, vocab, (new,), generator=g).tolist()
-            news.append(
-                NewSequence(
-                    rid + i,
-                    h + tail,
-                    greedy,
-                    block_table=list(range((rows + i) * width, (rows + i + 1) * width)),
-                    num_cached_tokens=history // BLOCK * BLOCK,
-                )
-            )
+        news = new_turns(rid)
         turn_ms.append(timed(news))
         gone = [n.rid for n in news]
         runner.step(StepBatch(new=[], running=running, released=gone))
@@ -468,16 +472,7 @@ def profile_turns(cache: Path, rows: int, turns: int, history: int, new: int) ->
         f"tokens after {history} cached: {statistics.median(turn_ms[1:]):.1f} ms (runs {turn_ms})"
     )
     RESULTS["profile"] = {"decode_ms": decode, "turns_step_ms": turn_ms}
-    news = [
-        NewSequence(
-            rid + i,
-            h + torch.randint(3, vocab, (new,), generator=g).tolist(),
-            greedy,
-            block_table=list(range((rows + i) * width, (rows + i + 1) * width)),
-            num_cached_tokens=history // BLOCK * BLOCK,
-        )
-        for i, h in enumerate(histories)
-    ]
+    news = new_turns(rid)
     activities = [ProfilerActivity.CPU] + (
         [ProfilerActivity.CUDA] if torch.cuda.is_available() else []
     )
