@@ -237,7 +237,7 @@ class PackedStep:
         cuda_graphs: bool,
     ) -> None:
         """`max_rows`: sequences at once; `most_tokens`: tokens a step; `kernel`: the
-        `triton_packed` module, or None (eager only: a compiled step needs it)."""
+        `triton_packed` module, or None (eager only: compiled or graphed steps need it)."""
         plan = plan_for(model, max_len)
         self._pool = pool
         self._block_size = pool.block_size
@@ -254,7 +254,9 @@ class PackedStep:
         self._per_tile = 1
         if kernel is not None:
             self._per_tile = kernel.tokens_a_tile(plan.num_heads // plan.num_kv_heads)
-        assert kernel is not None or not decode.compiled, "a compiled packed step needs Triton"
+        # NOTE: without the kernel, attention loops over the step's sequences on the host, which
+        # neither a compiled region nor a graph can hold
+        assert kernel is not None or not (decode.compiled or cuda_graphs), "eager without Triton"
         self.step = DecodeStep(
             model,
             self.inputs,
@@ -271,7 +273,7 @@ class PackedStep:
         if cuda_graphs:
             self.inputs.write([], [], [], [])  # every token padding
             self.graphs.capture()
-        self.pad_keep = decode.compiled  # Dynamo's sizes >= 2 for the kept rows too
+        self._pad_keep = decode.compiled  # Dynamo's sizes >= 2 for the kept rows too
 
     @property
     def info(self) -> dict[str, Any]:
@@ -306,7 +308,7 @@ class PackedStep:
             for at in range(0, n, self._per_tile):
                 took = min(self._per_tile, n - at)
                 tiles.append((first + at, took, row, begin + at + took))
-            if self._eager:
+            if self.attention.triton is None:
                 table = self._tensor(blocks[: -(-(begin + n) // size)])
                 eager.append((first, n, begin + n, table))
             first += n
@@ -314,7 +316,7 @@ class PackedStep:
                 keep.append(first - 1)
         assert first <= self.inputs.most, f"{first} tokens in a step of at most {self.inputs.most}"
         kept = len(keep)
-        if self.pad_keep and kept < 2:
+        if self._pad_keep and kept < 2:
             keep += [0] * (2 - kept)
         self.tables.sync()
         self.inputs.write(ids, positions, slots, tiles)

@@ -419,13 +419,15 @@ def _packed_step(
     most_tokens: int,
 ) -> PackedStep | None:
     """Prompt steps through the decode step's compiled regions and the packed kernel; None
-    (the model's own forward instead) where the step is compiled and Triton cannot run."""
+    (the model's own forward instead) where the step is compiled or graphed and Triton cannot
+    run."""
     kernel = None
     if decode.attention.triton is not None:
         from chatqueue.engine.hf import triton_packed
 
         kernel = triton_packed
-    if kernel is None and decode.step.compiled:
+    graphed = bool(decode.graphs.captured)
+    if kernel is None and (decode.step.compiled or graphed):
         return None
     return PackedStep(
         model,
@@ -435,7 +437,7 @@ def _packed_step(
         max_rows=max_rows,
         most_tokens=most_tokens,
         kernel=kernel,
-        cuda_graphs=bool(decode.graphs.captured),
+        cuda_graphs=graphed,
     )
 
 
