@@ -11,6 +11,7 @@ from pathlib import Path
 
 from chatqueue.api.chat_queue import ChatQueue
 from chatqueue.config import Settings
+from chatqueue.engine.loading import load_hf_runner, load_llamacpp_runner, prepare_hf_process
 from chatqueue.engine.mock import MockConfig, MockRunner
 from chatqueue.engine.process import ModelProcess, Preload, ProcessRunner
 from chatqueue.engine.runner import ModelRunner, Runner, TokenizedRunner
@@ -104,9 +105,9 @@ def load_hf(settings: Settings) -> Runner:
         settings,
         folder,
         name,
-        load=functools.partial(load_model, settings, str(folder)),
+        load=functools.partial(load_hf_runner, settings, str(folder)),
         preload=("torch", "transformers", "chatqueue.engine.hf.loader"),
-        prepare=functools.partial(prepare_model_process, settings, str(folder)),
+        prepare=functools.partial(prepare_hf_process, settings, str(folder)),
     )
 
 
@@ -120,7 +121,7 @@ def load_llamacpp(settings: Settings) -> Runner:
         settings,
         folder,
         name,
-        load=functools.partial(load_llamacpp_model, settings, str(gguf)),
+        load=functools.partial(load_llamacpp_runner, settings, str(gguf)),
         preload=("torch", "llama_cpp", "chatqueue.engine.llamacpp.loader"),
     )
 
@@ -164,56 +165,3 @@ def _tokenizer(settings: Settings, folder: Path, name: str) -> Tokenizer:
         settings.chat_template.read_text(encoding="utf-8") if settings.chat_template else None
     )
     return load_tokenizer(folder, model_name=name, chat_template=template)
-
-
-def prepare_model_process(settings: Settings, folder: str) -> None:
-    """In a model process before its `Load` (a spare's ahead of need): what a load would do
-    first and needs no weights."""
-    use_compile_cache(settings.cache)
-    from chatqueue.engine.hf.loader import prepare_process
-
-    prepare_process(settings, Path(folder))
-
-
-def load_model(settings: Settings, folder: str) -> ModelRunner:
-    """The model runner (module-level, so the model process can unpickle it)."""
-    use_compile_cache(settings.cache)
-    import torch
-
-    from chatqueue.engine.hf.loader import load_model_runner
-
-    torch.set_num_threads(settings.torch_threads or default_torch_threads())
-    return load_model_runner(settings, Path(folder))
-
-
-def load_llamacpp_model(settings: Settings, gguf: str) -> ModelRunner:
-    """The llama.cpp runner (module-level, so the model process can unpickle it)."""
-    import torch
-
-    from chatqueue.engine.llamacpp.loader import load_llamacpp_runner
-
-    threads = settings.torch_threads or default_torch_threads()
-    # torch only samples here: its idle OpenMP threads would spin on the cores the model needs
-    torch.set_num_threads(threads)
-    return load_llamacpp_runner(settings, Path(gguf), threads=threads)
-
-
-def default_torch_threads() -> int:
-    """Every core but one, which the event loop and the tokenizer need.
-    NOTE: measured on 2 vCPUs (benchmarks/RESULTS.md, issue 3): 1 torch thread served 1.5x the
-    tokens/s of 2 and halved the event loop's p99 lag, since a second OpenMP thread only fought
-    the event loop for the other core."""
-    return max(1, (os.cpu_count() or 1) - 1)
-
-
-def use_compile_cache(cache: Path) -> None:
-    """Keep Inductor's and Triton's caches in chatqueue's cache folder (unless the environment
-    names others), before torch reads where they are.
-
-    NOTE: why. On a GPU the static runner compiles its decode step and captures it as CUDA
-    graphs; a cold start of a 1B model spent ~100 s of its 121 s there. With the compiled code
-    kept beside the converted models, a restart of the model process and a second start of the
-    same model reuse it (benchmarks/RESULTS.md: cold and warm starts), and it outlives a /tmp
-    that is cleaned at boot."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "compile" / "inductor"))
-    os.environ.setdefault("TRITON_CACHE_DIR", str(cache / "compile" / "triton"))

@@ -14,6 +14,7 @@ import importlib
 import logging
 import signal
 import sys
+import time
 from multiprocessing.connection import Connection
 
 from chatqueue.engine.process.messages import (
@@ -36,13 +37,16 @@ def serve(conn: Connection) -> None:
     # the service: the server drains its requests, then closes us (or its end of the socket does).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    began = time.perf_counter()
     preload: Preload = conn.recv()
     for module in preload.modules:
         importlib.import_module(module)
+    imported = time.perf_counter()
     if preload.prepare is not None:
         # a failure here is met again by the load, which reports it to the server
         with contextlib.suppress(Exception):
             preload.prepare()
+    prepared = time.perf_counter()
     try:
         load: Load = conn.recv()
     except EOFError:  # a spare never used: the server closed it
@@ -50,12 +54,21 @@ def serve(conn: Connection) -> None:
     logging.basicConfig(
         level=load.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    asked = time.perf_counter()
     try:
         runner: ModelRunner = load.load()
     except BaseException as exc:
         log.exception("loading the model failed")
         conn.send(LoadFailed(str(exc) or type(exc).__name__))
         return
+    # NOTE: where a start's time goes (a spare's imports and preparation ran before it was asked)
+    log.info(
+        "model process: imports %.1f s, prepared %.1f s, waited %.1f s for its load, loaded %.1f s",
+        imported - began,
+        prepared - imported,
+        asked - prepared,
+        time.perf_counter() - asked,
+    )
     kv_spec = runner.kv_spec if isinstance(runner, PagedKV) else None
     conn.send(Ready(runner.context_window, runner_info(runner), kv_spec))
     gc.collect()
