@@ -13,7 +13,7 @@ from chatqueue.api.chat_queue import ChatQueue
 from chatqueue.config import Settings
 from chatqueue.engine.loading import load_hf_runner, load_llamacpp_runner, prepare_hf_process
 from chatqueue.engine.mock import MockConfig, MockRunner
-from chatqueue.engine.process import ModelProcess, Preload, ProcessRunner
+from chatqueue.engine.process import Load, ModelProcess, Preload, ProcessRunner
 from chatqueue.engine.runner import ModelRunner, Runner, TokenizedRunner
 from chatqueue.text.tokenizer import Tokenizer
 from chatqueue.text.tool_calls import ToolCallFormat
@@ -140,9 +140,11 @@ def _with_model(
     if settings.model_process == "off":
         return TokenizedRunner(load(), _tokenizer(settings, folder, name), name)
     # NOTE: the model process starts first: its imports and the GPU's preparation (~19 s on an
-    # H200 machine) overlap the tokenizer's here (~5 s: transformers, torch).
+    # H200 machine) overlap the tokenizer's here (~5 s: transformers, torch). It is asked for
+    # the model at once: were the tokenizer slower than its preparation, it would not wait.
     started = ModelProcess(Preload(preload, prepare))
     try:
+        started.ask(Load(load, settings.log_level))
         tokenizer = _tokenizer(settings, folder, name)
     except BaseException:
         started.kill()

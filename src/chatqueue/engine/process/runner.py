@@ -71,8 +71,16 @@ class ModelProcess:
             )
             self.conn = Connection(ours.detach())
         atexit.register(self.kill)  # an engine thread stuck past exit must not orphan it
+        self._asked = False
         with contextlib.suppress(OSError):  # a child dead at once shows when it is loaded
             self.conn.send(preload)
+
+    def ask(self, load: Load) -> None:
+        """Send its `Load` (once: later calls do nothing). The child reads it when its imports
+        and preparation are done, so asking early costs nothing and waits for nothing."""
+        if not self._asked:
+            self._asked = True
+            self.conn.send(load)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -106,7 +114,8 @@ class ProcessRunner:
         started: ModelProcess | None = None,
     ) -> None:
         """`started`: a model process started earlier with the same `preload` and `prepare`,
-        to load into (its imports overlapped whatever the caller did meanwhile)."""
+        to load into (its imports overlapped whatever the caller did meanwhile), and asked for
+        the same `load` if it was asked at all."""
         self.tokenizer = tokenizer
         self.model_name = model_name
         self._load = load
@@ -119,7 +128,7 @@ class ProcessRunner:
     def _start(self) -> None:
         self._child, self._spare = self._spare or ModelProcess(self._preload or Preload()), None
         try:
-            self._child.conn.send(Load(self._load, self._log_level))
+            self._child.ask(Load(self._load, self._log_level))
             ready: LoadReply = self._recv()
         except (RunnerLost, OSError) as exc:
             self._child.kill()
