@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractContextManager, asynccontextmanager
@@ -24,6 +25,7 @@ import httpx
 import pytest
 
 from chatqueue.engine.mock import LOREM, MockConfig, MockRunner, MockTokenizer
+from chatqueue.engine.process import Preload
 from chatqueue.engine.process.runner import ModelLoadError, ProcessRunner
 from chatqueue.engine.runner import (
     ModelRunner,
@@ -354,7 +356,9 @@ async def test_a_model_that_cannot_be_loaded_again_leaves_the_server_failed(
 
 def test_a_restart_takes_the_spare_process_whose_imports_are_done() -> None:
     load = functools.partial(MockRunner, MockConfig(mode="echo"))
-    runner = ProcessRunner(load, tokenizer=MockTokenizer(), model_name="mock", preload=("json",))
+    runner = ProcessRunner(
+        load, tokenizer=MockTokenizer(), model_name="mock", preload=Preload(("json",))
+    )
     first, spare = runner.pid, runner.spare_pid
     assert spare is not None and spare != first
     os.kill(first, signal.SIGKILL)
@@ -385,7 +389,7 @@ def test_the_spare_is_prepared_before_it_is_needed(tmp_path: Path) -> None:
     load = functools.partial(MockRunner, MockConfig(mode="echo"))
     prepare = functools.partial(note_prepared, str(tmp_path))
     runner = ProcessRunner(
-        load, tokenizer=MockTokenizer(), model_name="mock", preload=("json",), prepare=prepare
+        load, tokenizer=MockTokenizer(), model_name="mock", preload=Preload(("json",), prepare)
     )
     assert runner.spare_pid is not None
     prepared = {runner.pid, runner.spare_pid}
@@ -397,10 +401,43 @@ def test_the_spare_is_prepared_before_it_is_needed(tmp_path: Path) -> None:
     assert model_processes() == []
 
 
+def note_beside(folder: str) -> None:
+    """What runs beside the imports: leaves `<pid>.beside` in `folder`, from its own thread."""
+    assert threading.current_thread() is not threading.main_thread()
+    Path(folder, f"{os.getpid()}.beside").touch()
+
+
+def note_prepared_after_beside(folder: str) -> None:
+    """A `prepare` that leaves `<pid>.prepared` only where `<pid>.beside` is there already."""
+    if Path(folder, f"{os.getpid()}.beside").exists():
+        Path(folder, f"{os.getpid()}.prepared").touch()
+
+
+def test_what_runs_beside_the_imports_is_done_before_prepare(tmp_path: Path) -> None:
+    load = functools.partial(MockRunner, MockConfig(mode="echo"))
+    runner = ProcessRunner(
+        load,
+        tokenizer=MockTokenizer(),
+        model_name="mock",
+        preload=Preload(
+            ("json",),
+            prepare=functools.partial(note_prepared_after_beside, str(tmp_path)),
+            beside=functools.partial(note_beside, str(tmp_path)),
+        ),
+    )
+    assert (tmp_path / f"{runner.pid}.beside").exists()
+    assert (tmp_path / f"{runner.pid}.prepared").exists()  # prepare ran after, in the same process
+    runner.close()
+    assert model_processes() == []
+
+
 def test_a_prepare_that_fails_leaves_the_load_to_say_what_is_wrong() -> None:
     load = functools.partial(MockRunner, MockConfig(mode="echo"))
     runner = ProcessRunner(
-        load, tokenizer=MockTokenizer(), model_name="mock", prepare=prepare_that_fails
+        load,
+        tokenizer=MockTokenizer(),
+        model_name="mock",
+        preload=Preload(prepare=prepare_that_fails, beside=prepare_that_fails),
     )
     prompt = runner.tokenizer.apply_chat_template([ChatMessage("user", "hi")])
     first = runner.step(
@@ -413,7 +450,7 @@ def test_a_prepare_that_fails_leaves_the_load_to_say_what_is_wrong() -> None:
             load_that_fails,
             tokenizer=MockTokenizer(),
             model_name="mock",
-            prepare=prepare_that_fails,
+            preload=Preload(prepare=prepare_that_fails),
         )
     assert model_processes() == []
 

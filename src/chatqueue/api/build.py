@@ -11,7 +11,12 @@ from pathlib import Path
 
 from chatqueue.api.chat_queue import ChatQueue
 from chatqueue.config import Settings
-from chatqueue.engine.loading import load_hf_runner, load_llamacpp_runner, prepare_hf_process
+from chatqueue.engine.loading import (
+    load_hf_runner,
+    load_llamacpp_runner,
+    prepare_hf_process,
+    warm_hf_device,
+)
 from chatqueue.engine.mock import MockConfig, MockRunner
 from chatqueue.engine.process import Load, ModelProcess, Preload, ProcessRunner
 from chatqueue.engine.runner import ModelRunner, Runner, TokenizedRunner
@@ -106,8 +111,11 @@ def load_hf(settings: Settings) -> Runner:
         folder,
         name,
         load=functools.partial(load_hf_runner, settings, str(folder)),
-        preload=("torch", "transformers", "chatqueue.engine.hf.loader"),
-        prepare=functools.partial(prepare_hf_process, settings, str(folder)),
+        preload=Preload(
+            ("torch", "transformers", "chatqueue.engine.hf.loader"),
+            prepare=functools.partial(prepare_hf_process, settings, str(folder)),
+            beside=functools.partial(warm_hf_device, settings),
+        ),
     )
 
 
@@ -122,7 +130,7 @@ def load_llamacpp(settings: Settings) -> Runner:
         folder,
         name,
         load=functools.partial(load_llamacpp_runner, settings, str(gguf)),
-        preload=("torch", "llama_cpp", "chatqueue.engine.llamacpp.loader"),
+        preload=Preload(("torch", "llama_cpp", "chatqueue.engine.llamacpp.loader")),
     )
 
 
@@ -132,8 +140,7 @@ def _with_model(
     name: str,
     *,
     load: Callable[[], ModelRunner],
-    preload: tuple[str, ...],
-    prepare: Callable[[], None] | None = None,
+    preload: Preload,
 ) -> Runner:
     """The tokenizer of `folder` loaded in this process, and `load()` here or in a model process."""
     name = settings.served_model_name or name
@@ -142,7 +149,7 @@ def _with_model(
     # NOTE: the model process starts first: its imports and the GPU's preparation (~19 s on an
     # H200 machine) overlap the tokenizer's here (~5 s: transformers, torch). It is asked for
     # the model at once: were the tokenizer slower than its preparation, it would not wait.
-    started = ModelProcess(Preload(preload, prepare))
+    started = ModelProcess(preload)
     try:
         started.ask(Load(load, settings.log_level))
         tokenizer = _tokenizer(settings, folder, name)
@@ -155,7 +162,6 @@ def _with_model(
         model_name=name,
         log_level=settings.log_level,
         preload=preload,
-        prepare=prepare,
         started=started,
     )
 

@@ -27,6 +27,13 @@ def prepare_hf_process(settings: Settings, folder: str) -> None:
     prepare_process(settings, Path(folder))
 
 
+def warm_hf_device(settings: Settings) -> None:
+    """The GPU's context and a cuBLAS handle, on a thread while the model process imports."""
+    from chatqueue.engine.hf.device import warm_device
+
+    warm_device(settings.device, settings.dtype)
+
+
 def load_hf_runner(settings: Settings, folder: str) -> ModelRunner:
     """The model runner (module-level, so the model process can unpickle it)."""
     use_compile_cache(settings.cache)

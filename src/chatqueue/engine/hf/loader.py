@@ -4,6 +4,7 @@ the cache), or any HF model folder. The tokenizer is not loaded here: the server
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import time
@@ -19,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from chatqueue.config import Settings, parse_memory
+from chatqueue.engine.hf.device import resolve_device, resolve_dtype, warm_device
 from chatqueue.engine.hf.kv_batch import UnsupportedCache
 from chatqueue.engine.hf.paged import HFPagedRunner, check_paged_supported, num_blocks_for
 from chatqueue.engine.hf.paged.decode import DecodeOptions
@@ -210,13 +212,11 @@ def prepare_process(settings: Settings, folder: Path) -> None:
     began = time.perf_counter()
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     _ = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)  # imports its modeling module
-    device = resolve_device(settings.device)
-    if device.type == "cuda":
-        import torch._dynamo
-        import torch._inductor.compile_fx
-
-        ones = torch.ones(8, 8, device=device, dtype=resolve_dtype(settings.dtype, device))
-        (ones @ ones).sum().item()  # the context, the allocator and a cuBLAS handle
+    if resolve_device(settings.device).type == "cuda":
+        # the compiler's modules, which loading the compiled regions imports too
+        importlib.import_module("torch._dynamo")
+        importlib.import_module("torch._inductor.compile_fx")
+        warm_device(settings.device, settings.dtype)  # done already where a thread did it
     log.debug("model process prepared in %.1f s", time.perf_counter() - began)
 
 
@@ -250,23 +250,3 @@ def _attention_implementation(folder: Path) -> dict[str, str]:
     if getattr(config, "attn_logit_softcapping", None) is not None:
         return {"attn_implementation": "eager"}
     return {}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, not {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda was asked for, but torch sees no CUDA device")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        # CPUs lack fast half-precision matmuls; GPUs want bf16, which keeps fp32's range.
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in dtypes:
-        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {name!r}")
-    return dtypes[name]

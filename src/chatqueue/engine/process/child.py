@@ -14,7 +14,9 @@ import importlib
 import logging
 import signal
 import sys
+import threading
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 from chatqueue.engine.process.messages import (
@@ -39,8 +41,11 @@ def serve(conn: Connection) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     began = time.perf_counter()
     preload: Preload = conn.recv()
+    beside = _start_beside(preload.beside)
     for module in preload.modules:
         importlib.import_module(module)
+    if beside is not None:
+        beside.join()
     imported = time.perf_counter()
     if preload.prepare is not None:
         # a failure here is met again by the load, which reports it to the server
@@ -89,6 +94,20 @@ def serve(conn: Connection) -> None:
             conn.send(reply)
     finally:
         runner.close()
+
+
+def _start_beside(work: Callable[[], None] | None) -> threading.Thread | None:
+    if work is None:
+        return None
+
+    def run() -> None:
+        # a failure here is met again by `prepare` or the load, which report it
+        with contextlib.suppress(Exception):
+            work()
+
+    thread = threading.Thread(target=run, name="preload-beside", daemon=True)
+    thread.start()
+    return thread
 
 
 if __name__ == "__main__":

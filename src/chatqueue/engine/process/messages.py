@@ -22,6 +22,9 @@ class Preload:
 
     modules: tuple[str, ...] = ()
     prepare: Callable[[], None] | None = None
+    # NOTE: run on a thread beside the imports (the GPU's context: time spent outside Python,
+    # which imports need not wait for); `prepare` runs once both are done
+    beside: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)

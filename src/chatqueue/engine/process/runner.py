@@ -94,10 +94,11 @@ class ProcessRunner:
     """A Runner whose model lives in a child process. The child calls `load()` (a picklable
     callable: a module-level function or a functools.partial of one) and serves steps.
 
-    With `preload` (module names, e.g. torch), a spare child is kept with those modules imported,
-    so that a restart after a death only loads the weights: importing torch and transformers is
-    most of a small model's start. `prepare` (picklable too) then runs in every child before its
-    `Load`: in a spare, ahead of need (the GPU's context, the compiler's imports).
+    With a `preload` (module names, e.g. torch; what runs beside them and after them), a spare
+    child is kept with those modules imported, so that a restart after a death only loads the
+    weights: importing torch and transformers is most of a small model's start. Its `prepare`
+    (picklable too) then runs in every child before its `Load`: in a spare, ahead of need (the
+    GPU's context, the compiler's imports).
 
     Blocks until the model is loaded; raises ModelLoadError if it fails. Every method runs on the
     engine thread but `kill`, which any thread may call."""
@@ -109,18 +110,17 @@ class ProcessRunner:
         tokenizer: Tokenizer,
         model_name: str,
         log_level: str = "info",
-        preload: tuple[str, ...] = (),
-        prepare: Callable[[], None] | None = None,
+        preload: Preload | None = None,
         started: ModelProcess | None = None,
     ) -> None:
-        """`started`: a model process started earlier with the same `preload` and `prepare`,
+        """`started`: a model process started earlier with the same `preload`,
         to load into (its imports overlapped whatever the caller did meanwhile), and asked for
         the same `load` if it was asked at all."""
         self.tokenizer = tokenizer
         self.model_name = model_name
         self._load = load
         self._log_level = log_level
-        self._preload = Preload(preload, prepare) if preload or prepare else None
+        self._preload = preload
         self._spare: ModelProcess | None = started
         self.info: dict[str, Any] = {}  # the loaded runner's choices, from its Ready
         self._start()
