@@ -133,15 +133,18 @@ def serve(**given: Any) -> None:
     # NOTE: OpenMP threads that spin while waiting made 2-thread CPU forwards here intermittently
     # 30x slower next to the busy event loop; passive waiting must be set before torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from chatqueue.server.auth import KeyFileError
-    from chatqueue.server.serve import serve as run
-
     settings = _settings(**given)
     if settings.is_cluster:
         _serve_cluster(settings)
         return
+    from chatqueue.engine.loading import head_start
+
+    model_process = head_start(settings)  # before the server's imports: they overlap its own
+    from chatqueue.server.auth import KeyFileError
+    from chatqueue.server.serve import serve as run
+
     try:
-        run(settings)
+        run(settings, model_process=model_process)
     except KeyFileError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc

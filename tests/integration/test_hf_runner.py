@@ -28,6 +28,8 @@ from chatqueue.config import Settings
 from chatqueue.engine.hf import gguf_cache
 from chatqueue.engine.hf.paged import HFPagedRunner
 from chatqueue.engine.hf.runner import HFBatchedRunner, HFSequentialRunner
+from chatqueue.engine.loading import head_start
+from chatqueue.engine.process import ProcessRunner
 from chatqueue.engine.runner import ModelRunner, NewSequence, StepBatch, TokenizedRunner
 from chatqueue.text.hf_tokenizer import HFTokenizer, MissingChatTemplate
 from chatqueue.types import ChatMessage, SamplingParams
@@ -267,6 +269,43 @@ def test_loader_uses_the_chat_template_file(tiny_folder: Path, tmp_path: Path) -
         StepBatch(new=[NewSequence(0, prompt, GREEDY, block_table=table)], running=[], released=[])
     ).tokens
     assert list(sampled) == [0]
+
+
+def test_a_head_start_is_only_for_a_model_folder_in_its_own_process(tmp_path: Path) -> None:
+    assert head_start(Settings(engine="mock")) is None
+    assert head_start(Settings(engine="hf")) is None  # the default GGUF: the load converts it
+    assert head_start(Settings(engine="hf", model=str(tmp_path))) is None  # no config.json
+    assert head_start(Settings(engine="hf", model="x.gguf")) is None
+    assert head_start(Settings(engine="hf", model=str(tmp_path), model_process="off")) is None
+
+
+def test_the_head_started_model_process_is_the_one_that_serves(
+    tiny_folder: Path, tmp_path: Path
+) -> None:
+    template_file = tmp_path / "template.jinja"
+    template_file.write_text(TEMPLATE)
+    settings = Settings(
+        engine="hf",
+        model=str(tiny_folder),
+        device="cpu",
+        dtype="float32",
+        chat_template=template_file,
+        cache=tmp_path / "cache",
+    )
+    started = head_start(settings)
+    assert started is not None
+    runner = load_hf(settings, started)
+    assert isinstance(runner, ProcessRunner)
+    assert runner.pid == started.proc.pid  # taken over: no second model process
+    prompt = runner.tokenizer.apply_chat_template([ChatMessage("user", "how are you")])
+    assert runner.kv_spec is not None
+    table = range(runner.kv_spec.blocks_for(len(prompt)))
+    sampled = runner.step(
+        StepBatch(new=[NewSequence(0, prompt, GREEDY, block_table=table)], running=[], released=[])
+    ).tokens
+    assert list(sampled) == [0]
+    runner.close()
+    assert started.proc.poll() is not None
 
 
 def test_loader_refuses_a_model_without_chat_template(tiny_folder: Path) -> None:

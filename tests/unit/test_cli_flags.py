@@ -23,7 +23,11 @@ def served(monkeypatch: pytest.MonkeyPatch) -> list[Settings]:
     import chatqueue.server.serve
 
     seen: list[Settings] = []
-    monkeypatch.setattr(chatqueue.server.serve, "serve", seen.append)
+
+    def served(settings: Settings, **_: object) -> None:
+        seen.append(settings)
+
+    monkeypatch.setattr(chatqueue.server.serve, "serve", served)
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # serve sets it; put back after the test
     return seen
 

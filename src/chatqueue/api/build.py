@@ -11,12 +11,7 @@ from pathlib import Path
 
 from chatqueue.api.chat_queue import ChatQueue
 from chatqueue.config import Settings
-from chatqueue.engine.loading import (
-    load_hf_runner,
-    load_llamacpp_runner,
-    prepare_hf_process,
-    warm_hf_device,
-)
+from chatqueue.engine.loading import hf_preload, load_hf_runner, load_llamacpp_runner
 from chatqueue.engine.mock import MockConfig, MockRunner
 from chatqueue.engine.process import Load, ModelProcess, Preload, ProcessRunner
 from chatqueue.engine.runner import ModelRunner, Runner, TokenizedRunner
@@ -24,9 +19,15 @@ from chatqueue.text.tokenizer import Tokenizer
 from chatqueue.text.tool_calls import ToolCallFormat
 
 
-def chat_queue_for(settings: Settings, queue_class: type[ChatQueue] = ChatQueue) -> ChatQueue:
+def chat_queue_for(
+    settings: Settings,
+    queue_class: type[ChatQueue] = ChatQueue,
+    *,
+    model_process: ModelProcess | None = None,
+) -> ChatQueue:
+    """`model_process`: one started ahead for these settings (`engine.loading.head_start`)."""
     return queue_class(
-        runner_for(settings),
+        runner_for(settings, model_process=model_process),
         max_concurrent=settings.max_concurrent,
         max_queue_size=settings.max_queue_size,
         max_queue_per_user=settings.max_queue_per_user,
@@ -42,7 +43,9 @@ def chat_queue_for(settings: Settings, queue_class: type[ChatQueue] = ChatQueue)
     )
 
 
-def runner_for(settings: Settings) -> Runner | Callable[[], Runner]:
+def runner_for(
+    settings: Settings, *, model_process: ModelProcess | None = None
+) -> Runner | Callable[[], Runner]:
     """A ready mock runner, or a factory the engine thread calls to load the model."""
     if settings.engine == "mock":
         return MockRunner(
@@ -59,7 +62,7 @@ def runner_for(settings: Settings) -> Runner | Callable[[], Runner]:
         )
     if engine_for(settings) == "llamacpp":
         return functools.partial(load_llamacpp, settings)
-    return functools.partial(load_hf, settings)
+    return functools.partial(load_hf, settings, model_process)
 
 
 # NOTE: the most sequences at once for which `--engine auto` picks llama.cpp. Measured on a
@@ -100,9 +103,10 @@ def _nvidia_gpu_visible() -> bool:
     return gpus.is_dir() and any(gpus.iterdir())
 
 
-def load_hf(settings: Settings) -> Runner:
+def load_hf(settings: Settings, started: ModelProcess | None = None) -> Runner:
     """On the engine thread: find the model's folder (converting the default GGUF once), load the
-    tokenizer in this process, and the model here or in its own process."""
+    tokenizer in this process, and the model here or in its own process (`started`: one started
+    earlier for these settings, `engine/loading.py`'s head start)."""
     from chatqueue.engine.hf.gguf_cache import model_folder
 
     folder, name = model_folder(settings.model, settings.cache)
@@ -111,11 +115,8 @@ def load_hf(settings: Settings) -> Runner:
         folder,
         name,
         load=functools.partial(load_hf_runner, settings, str(folder)),
-        preload=Preload(
-            ("torch", "transformers", "chatqueue.engine.hf.loader"),
-            prepare=functools.partial(prepare_hf_process, settings, str(folder)),
-            beside=functools.partial(warm_hf_device, settings),
-        ),
+        preload=hf_preload(settings, folder),
+        started=started,
     )
 
 
@@ -141,15 +142,17 @@ def _with_model(
     *,
     load: Callable[[], ModelRunner],
     preload: Preload,
+    started: ModelProcess | None = None,
 ) -> Runner:
     """The tokenizer of `folder` loaded in this process, and `load()` here or in a model process."""
     name = settings.served_model_name or name
     if settings.model_process == "off":
+        assert started is None, "a model process was started for settings that run none"
         return TokenizedRunner(load(), _tokenizer(settings, folder, name), name)
     # NOTE: the model process starts first: its imports and the GPU's preparation (~19 s on an
     # H200 machine) overlap the tokenizer's here (~5 s: transformers, torch). It is asked for
     # the model at once: were the tokenizer slower than its preparation, it would not wait.
-    started = ModelProcess(preload)
+    started = started or ModelProcess(preload)
     try:
         started.ask(Load(load, settings.log_level))
         tokenizer = _tokenizer(settings, folder, name)

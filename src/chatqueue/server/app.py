@@ -11,6 +11,7 @@ from starlette.middleware.cors import CORSMiddleware
 from chatqueue import api
 from chatqueue.api.build import chat_queue_for
 from chatqueue.config import Settings
+from chatqueue.engine.process import ModelProcess
 from chatqueue.server import chat_routes, openai_routes, ops
 from chatqueue.server.auth import Keyring
 from chatqueue.server.embedding import ChatQueue
@@ -22,13 +23,18 @@ from chatqueue.server.ratelimit import RateLimiter
 
 
 def create_app(
-    settings: Settings | None = None, *, chat_queue: api.QueueService | None = None
+    settings: Settings | None = None,
+    *,
+    chat_queue: api.QueueService | None = None,
+    model_process: ModelProcess | None = None,
 ) -> FastAPI:
     """Raises KeyFileError (before anything starts) when the --api-keys file is bad. `chat_queue`:
     one made elsewhere (a test's, a cluster's front); else one from the settings."""
     settings = settings or Settings()
     keyring = Keyring.from_settings(settings)
-    cq: api.QueueService = chat_queue or chat_queue_for(settings, ChatQueue)
+    cq: api.QueueService = chat_queue or chat_queue_for(
+        settings, ChatQueue, model_process=model_process
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -19,6 +19,7 @@ import uvicorn
 
 from chatqueue.api import QueueService
 from chatqueue.config import Settings
+from chatqueue.engine.process import ModelProcess
 from chatqueue.server.app import create_app
 from chatqueue.server.connections import timed_protocol
 
@@ -89,8 +90,14 @@ class _DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
-def serve(settings: Settings, *, chat_queue: QueueService | None = None) -> None:
-    """`chat_queue`: one made elsewhere (a cluster's front over its replicas)."""
+def serve(
+    settings: Settings,
+    *,
+    chat_queue: QueueService | None = None,
+    model_process: ModelProcess | None = None,
+) -> None:
+    """`chat_queue`: one made elsewhere (a cluster's front over its replicas). `model_process`:
+    the model's process, started ahead for these settings (`engine.loading.head_start`)."""
     # NOTE: the engine thread and the event loop share the GIL. At the default 5 ms switch
     # interval a busy event loop makes the engine wait up to 5 ms for each GIL hand-back (several
     # a step), which stretched 20 ms mock steps to 35 ms at 256 streams.
@@ -98,7 +105,7 @@ def serve(settings: Settings, *, chat_queue: QueueService | None = None) -> None
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    app = create_app(settings, chat_queue=chat_queue)
+    app = create_app(settings, chat_queue=chat_queue, model_process=model_process)
     config = uvicorn.Config(
         app,
         host=settings.host,
