@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 
 from chatqueue.types import Event, Finished, Token
@@ -28,7 +28,9 @@ class RequestStream:
         self._max_unread_tokens = max_unread_tokens
         self.is_lagging = False
         self._events: deque[Event] = deque()
-        self._wakeup = asyncio.Event()
+        # NOTE: a bare future rather than an asyncio.Event: a token a step for hundreds of
+        # streams, and Event's set/clear/wait bookkeeping was a measurable part of each.
+        self._waiter: asyncio.Future[None] | None = None
         self.finished: Finished | None = None  # set when Finished has been handed out
         self._is_closed = False
         self._on_push: Callable[[], None] | None = None
@@ -55,7 +57,7 @@ class RequestStream:
                 self._on_abandon()
         else:
             self._events.append(event)
-        self._wakeup.set()
+        self._wake()
         if self._on_push is not None:
             self._on_push()
 
@@ -63,15 +65,34 @@ class RequestStream:
         return self
 
     async def __anext__(self) -> Event:
-        while not self._events:
-            if self.finished is not None or self._is_closed:
-                raise StopAsyncIteration
-            self._wakeup.clear()
-            await self._wakeup.wait()
+        if not await self._wait_ready():
+            raise StopAsyncIteration
         event = self._events.popleft()
         if isinstance(event, Finished):
             self.finished = event
         return event
+
+    async def batches(self) -> AsyncIterator[list[Event]]:
+        """Every event waiting at each wake-up (unread tokens merged), until the end: a writer
+        that sends each batch at once writes once a wake-up, however many events came."""
+        while await self._wait_ready():
+            yield self.take_ready()
+
+    async def _wait_ready(self) -> bool:
+        """Until an event waits (True), or none ever will (False)."""
+        while not self._events:
+            if self.finished is not None or self._is_closed:
+                return False
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return True
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     def take_ready(self) -> list[Event]:
         """Every event waiting now (unread tokens merged), without waiting for more."""
@@ -92,7 +113,7 @@ class RequestStream:
         if self._is_closed:
             return
         self._is_closed = True
-        self._wakeup.set()
+        self._wake()
         if self.finished is None and not any(isinstance(e, Finished) for e in self._events):
             self._on_abandon()
 

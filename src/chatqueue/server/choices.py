@@ -46,28 +46,37 @@ class Choices:
             raise
         return cls(streams)
 
-    async def events(self) -> AsyncIterator[tuple[int, Event]]:
-        """Every choice's events as they come, each with its choice's index."""
+    async def batches(self) -> AsyncIterator[list[tuple[int, Event]]]:
+        """Every choice's events as they come, each with its choice's index, in batches: what
+        was waiting at each wake-up (see RequestStream.batches)."""
         if len(self.streams) == 1:
-            async for event in self.streams[0]:
-                yield 0, event
+            async for events in self.streams[0].batches():
+                yield [(0, event) for event in events]
             return
-        queue: asyncio.Queue[tuple[int, Event | None]] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[int, list[Event] | None]] = asyncio.Queue()
 
         async def pump(index: int, stream: RequestStream) -> None:
-            async for event in stream:
-                await queue.put((index, event))
-            await queue.put((index, None))
+            async for events in stream.batches():
+                queue.put_nowait((index, events))
+            queue.put_nowait((index, None))
 
         tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(self.streams)]
         try:
             left = len(tasks)
             while left:
-                index, next_event = await queue.get()
-                if next_event is None:
-                    left -= 1
-                else:
-                    yield index, next_event
+                batch: list[tuple[int, Event]] = []
+                item = await queue.get()
+                while True:
+                    index, got = item
+                    if got is None:
+                        left -= 1
+                    else:
+                        batch += [(index, event) for event in got]
+                    if queue.empty():
+                        break
+                    item = queue.get_nowait()
+                if batch:
+                    yield batch
         finally:
             for task in tasks:
                 task.cancel()

@@ -27,7 +27,7 @@ from chatqueue.server.schemas import ChatCompletionRequest, CompletionRequest, O
 from chatqueue.server.structured import request_grammar
 from chatqueue.server.tool_format import ToolChatBuilder
 from chatqueue.text.tool_calls import ToolCallFormat
-from chatqueue.types import Finished, Queued, SamplingParams, Started, Token
+from chatqueue.types import Event, Finished, Queued, SamplingParams, Started, Token
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(identity)])
 
@@ -167,31 +167,55 @@ async def _respond(
 
 
 async def _stream(choices: Choices, builder: Builder, *, include_usage: bool) -> AsyncIterator[str]:
+    """The SSE body. NOTE: one string (one write to the socket) per batch of events: a stream
+    that fell behind sends its tokens of several steps at once, and its last token, its finish,
+    the usage and `[DONE]` go out together; a write is a system call, and hundreds of streams
+    make hundreds a step."""
     finished: dict[int, Finished] = {}
     async with choices:  # leaving early (client gone) aborts every choice
-        async for index, event in choices.events():
-            match event:
-                case Queued(position, eta_s):
-                    if index == 0:  # the choices wait together: one position
-                        eta = "unknown" if eta_s is None else f"{eta_s:.1f}s"
-                        yield sse.comment(f"queued position={position} eta={eta}")
-                case Started():
-                    line = builder.started_line(index)
-                    if line is not None:
-                        yield line
-                case Token(text, _, logprobs):
-                    line = builder.token_line(index, text, logprobs)
-                    if line:
-                        yield line
-                case Finished():
+        async for batch in choices.batches():
+            lines: list[str] = []
+            for index, event in batch:
+                if isinstance(event, Finished):
                     error = error_of(event)
                     if error is not None:
-                        yield sse.data(error_json(error))
-                        yield "data: [DONE]\n\n"
+                        yield "".join([*lines, sse.data(error_json(error)), DONE])
                         return  # leaving aborts the other choices
-                    yield builder.finish_line(index, event)
                     finished[index] = event
-        if include_usage:
-            ended = [finished[i] for i in sorted(finished)]
-            yield sse.data(builder.usage_chunk(total_usage(ended, builder.n)))
-        yield "data: [DONE]\n\n"
+                line = _line(builder, index, event)
+                if line:
+                    lines.append(line)
+            if len(finished) == len(choices.streams):
+                yield "".join([*lines, *_end(builder, finished, include_usage=include_usage)])
+                return
+            if lines:
+                yield "".join(lines)
+        yield "".join(_end(builder, finished, include_usage=include_usage))
+
+
+DONE = "data: [DONE]\n\n"
+
+
+def _line(builder: Builder, index: int, event: Event) -> str | None:
+    """An event's SSE line (None: it has none)."""
+    match event:
+        case Queued(position, eta_s):
+            if index != 0:  # the choices wait together: one position
+                return None
+            eta = "unknown" if eta_s is None else f"{eta_s:.1f}s"
+            return sse.comment(f"queued position={position} eta={eta}")
+        case Started():
+            return builder.started_line(index)
+        case Token(text, _, logprobs):
+            return builder.token_line(index, text, logprobs)
+        case Finished():
+            return builder.finish_line(index, event)
+    return None
+
+
+def _end(builder: Builder, finished: dict[int, Finished], *, include_usage: bool) -> list[str]:
+    """What follows the last event: the usage, if asked, and `[DONE]`."""
+    if not include_usage:
+        return [DONE]
+    ended = [finished[i] for i in sorted(finished)]
+    return [sse.data(builder.usage_chunk(total_usage(ended, builder.n))), DONE]
