@@ -160,6 +160,7 @@ class ChatQueue:
         self._grammar_pool = ThreadPoolExecutor(1, thread_name_prefix="chatqueue-grammar")
         self._grammars: GrammarCompiler | None = None
         self._tool_call_format = tool_call_format
+        self._detected_format: tuple[Tokenizer, ToolCallFormat] | None = None
         self._is_started = False
         self._is_stopped = False
 
@@ -272,8 +273,14 @@ class ChatQueue:
 
     @property
     def tool_call_format(self) -> ToolCallFormat:
-        """How the model writes tool calls: as configured, else as its chat template teaches."""
-        return format_for(self.runner.tokenizer, self._tool_call_format)
+        """How the model writes tool calls: as configured, else as its chat template teaches.
+
+        NOTE: found once per tokenizer: every chat request asks, on the event loop, and finding
+        it checks the tokenizer against a runtime Protocol (slow) and reads its template."""
+        tokenizer = self.runner.tokenizer
+        if self._detected_format is None or self._detected_format[0] is not tokenizer:
+            self._detected_format = (tokenizer, format_for(tokenizer, self._tool_call_format))
+        return self._detected_format[1]
 
     @property
     def token_budget(self) -> TokenBudget:
