@@ -97,8 +97,10 @@ class Figures:
     lag_arrivals: list[float] = field(default_factory=list)
     lag_after: list[float] = field(default_factory=list)
     gaps: list[float] = field(default_factory=list)
+    gaps_after: list[float] = field(default_factory=list)  # those ending after the arrivals
     tokens_per_s: list[float] = field(default_factory=list)
     ttft: list[float] = field(default_factory=list)
+    cpu: list[tuple[float, float, float]] = field(default_factory=list)  # server, client, wall s
 
 
 @dataclass
@@ -110,6 +112,7 @@ class Variant:
     flags: list[str]
     src: str | None = None
     url: str = ""
+    pid: int = 0
     in_process: float = float("nan")
     figures: Figures = field(default_factory=Figures)
 
@@ -127,7 +130,7 @@ class Variant:
 
 
 @contextmanager
-def server(args: argparse.Namespace, v: Variant) -> Iterator[str]:
+def server(args: argparse.Namespace, v: Variant) -> Iterator[tuple[str, int]]:
     port = free_port()
     cmd = [
         sys.executable, str(HERE / "front_model.py"), "--port", str(port),
@@ -146,7 +149,7 @@ def server(args: argparse.Namespace, v: Variant) -> Iterator[str]:
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
-        yield url
+        yield url, proc.pid
     finally:
         proc.terminate()
         proc.wait(30)
@@ -170,18 +173,32 @@ async def burst(url: str, args: argparse.Namespace, seed: int) -> tuple[float, F
         elapsed = time.perf_counter() - t0
     f = Figures()
     f.gaps = [b - a for st, _ in res for a, b in itertools.pairwise(st)]
+    f.gaps_after = [b - a for st, _ in res for a, b in itertools.pairwise(st) if b >= t0 + BURST_S]
     f.ttft = [st[0] - t0 for st, _ in res if st]
     f.tokens_per_s = [sum(n for _, n in res) / elapsed]
     return t0, f
 
 
+def cpu_s(pid: int | None = None) -> float:
+    """CPU seconds (user + system) of a process so far: this one (and its threads), or `pid`."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_variant(v: Variant, args: argparse.Namespace, run: int) -> None:
     httpx.post(f"{v.url}/bench/lag", timeout=10)
+    server0, client0, wall0 = cpu_s(v.pid), cpu_s(), time.perf_counter()
     start, f = uvloop.run(burst(v.url, args, seed=1000 * (run + 1)))
+    wall = time.perf_counter() - wall0
+    v.figures.cpu.append((cpu_s(v.pid) - server0, cpu_s() - client0, wall))
     samples = httpx.get(f"{v.url}/bench/lag", timeout=10).json()
     v.figures.lag_arrivals += [lag for t, lag in samples if start <= t < start + BURST_S]
     v.figures.lag_after += [lag for t, lag in samples if t >= start + BURST_S]
     v.figures.gaps += f.gaps
+    v.figures.gaps_after += f.gaps_after
     v.figures.ttft += f.ttft
     v.figures.tokens_per_s += f.tokens_per_s
 
@@ -245,11 +262,15 @@ def report(v: Variant, base: Variant, step_s: float) -> None:
         f"{max(f.lag_arrivals + f.lag_after) * 1e3:.1f} ms  (goal p99 <= 5 ms)\n"
         f"  chunk gap p50 {pct(f.gaps, 50) * 1e3:.2f} ms p99 {gap99 * 1e3:.2f} ms = "
         f"{gap99 / step_s:.1f} steps{ratio(gap99, pct(b.gaps, 99))}  (goal p99 <= 4 steps); "
+        f"after the arrivals p99 {pct(f.gaps_after, 99) / step_s:.1f} steps; "
         f"TTFT p50 {pct(f.ttft, 50) * 1e3:.0f} ms p99 {pct(f.ttft, 99) * 1e3:.0f} ms\n"
         f"  tokens/s {tps:.0f} (runs {[round(x) for x in f.tokens_per_s]}) ÷ in-process "
         f"{inproc:.0f} = {tps / inproc:.3f}; HTTP tokens/s"
         f"{ratio(tps, statistics.median(b.tokens_per_s)) or ' (base)'}"
-        "  (goal >= 0.95)"
+        "  (goal >= 0.95)\n"
+        f"  CPU a run: server {statistics.fmean(c[0] for c in f.cpu):.2f} s (its model process "
+        f"not counted), clients {statistics.fmean(c[1] for c in f.cpu):.2f} s, in "
+        f"{statistics.fmean(c[2] for c in f.cpu):.2f} s on {os.cpu_count()} CPUs"
     )
 
 
@@ -281,7 +302,7 @@ def main() -> None:
         v.in_process = in_process_of(v, args)
     with ExitStack() as stack:
         for v in variants:
-            v.url = stack.enter_context(server(args, v))
+            v.url, v.pid = stack.enter_context(server(args, v))
             uvloop.run(burst(v.url, argparse.Namespace(**{**vars(args), "tokens": 8}), 0))
         for run in range(args.runs):  # alternating: the machine's noise falls on every variant
             for v in variants:

@@ -111,10 +111,15 @@ def main() -> None:
         else TokenizedRunner(load(), tokenizer, MODEL_NAME)
     )
     n = args.max_concurrent
-    cq = ChatQueue(runner, max_concurrent=n, max_queue_size=n)
     settings = Settings(
         engine="mock", port=args.port, log_level="warning", **_flags(rest)
     )  # fmt: skip
+    extra = (
+        {"stream_interval": settings.stream_interval}
+        if "stream_interval" in rest_names(rest)
+        else {}
+    )
+    cq = ChatQueue(runner, max_concurrent=n, max_queue_size=n, **extra)
     create_app = app_module.create_app
 
     def with_recorder(*a, **kw):  # type: ignore[no-untyped-def]
@@ -124,6 +129,10 @@ def main() -> None:
 
     serve.create_app = with_recorder  # type: ignore[assignment]
     serve.serve(settings, chat_queue=cq)
+
+
+def rest_names(rest: list[str]) -> set[str]:
+    return set(_flags(rest))
 
 
 def _flags(rest: list[str]) -> dict[str, str]:

@@ -134,6 +134,9 @@ class Settings(BaseSettings):
         "0: never restart",
     )
     max_unread_tokens: int = Field(4096, ge=1, description="A reader this far behind is cut")
+    stream_interval: int = Field(
+        1, ge=1, description="A stream's text goes out every N tokens (first and last at once)"
+    )
     admit_per_tick: int = Field(
         2, ge=0, description="New POST requests let in per event-loop iteration; 0: no pacing"
     )

@@ -95,3 +95,24 @@ def test_sequence_finishes_on_eos_length_and_stop() -> None:
 def test_ignore_eos_keeps_generating() -> None:
     s = seq(ignore_eos=True)
     assert s.append(256).finish is None
+
+
+def streamed(s: GenSequence, data: bytes, interval: int) -> list[tuple[str, int]]:
+    """(text, tokens) of each Token the sequence streams, one byte-token at a time."""
+    tokens = [s.streamed(s.append(t), interval) for t in data]
+    return [(t.text, t.num_tokens) for t in tokens if t is not None]
+
+
+def test_stream_interval_sends_the_first_token_then_every_n_and_the_last_at_once() -> None:
+    assert streamed(seq(), b"abcdef", 1) == [(c, 1) for c in "abcdef"]
+    assert streamed(seq(), b"abcdef", 2) == [("a", 1), ("bc", 2), ("de", 2)]
+    s = seq(text_limit=6)
+    assert streamed(s, b"abcdef", 4) == [("a", 1), ("bcde", 4), ("f", 1)]
+    assert s.text == "abcdef"
+
+
+def test_stream_interval_starts_counting_after_a_first_token_without_text() -> None:
+    s = seq(text_limit=4)
+    # "é" is two byte-tokens: the first streams nothing (half a character), so it is no reason to
+    # hold what follows; the interval counts from the second
+    assert streamed(s, "éab".encode(), 2) == [("éa", 2), ("b", 1)]

@@ -126,8 +126,11 @@ class ChatQueue:
         on_finish: Callable[[FinishInfo], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         tool_call_format: ToolCallFormat | None = None,
+        stream_interval: int = 1,
     ) -> None:
-        """`tool_call_format`: how the model writes tool calls; None: from its chat template."""
+        """`tool_call_format`: how the model writes tool calls; None: from its chat template.
+        `stream_interval`: a stream's text goes out every this many tokens (first and last at
+        once)."""
         self._clock = clock
         self._on_finish = on_finish
         self.queue_timeout_s = queue_timeout_s
@@ -149,6 +152,7 @@ class ChatQueue:
             clock=clock,
             on_finished=self._finished,
             restart_policy=RestartPolicy(max_restarts=max_model_restarts),
+            stream_interval=stream_interval,
         )
         self._rids = itertools.count(1)
         self._id_prefix = secrets.token_hex(6)  # request ids stay unique across restarts

@@ -50,7 +50,7 @@ from chatqueue.errors import (
 from chatqueue.metrics import Metrics
 from chatqueue.scheduler import SchedulePlan, Scheduler
 from chatqueue.scheduler.blocks import Allocation, BlockManager
-from chatqueue.types import Finished, FinishReason, Queued, Started, Token
+from chatqueue.types import Finished, FinishReason, Queued, Started
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +90,15 @@ class Engine:
         clock: Callable[[], float],
         on_finished: Callable[[Sequence, Finished], None] | None = None,
         restart_policy: RestartPolicy | None = None,
+        stream_interval: int = 1,
     ) -> None:
+        """`stream_interval`: a stream's text goes out every this many tokens (Sequence.streamed)."""
         self.scheduler = scheduler
         self.metrics = metrics
         self._runner_source = runner
         self._clock = clock
         self._restart_policy = restart_policy or RestartPolicy()
+        self._stream_interval = stream_interval
         self._restarts: collections.deque[float] = collections.deque()
         self.last_exit: str | None = None  # why the model process last went away
         self.restarting_since: float | None = None
@@ -491,8 +494,9 @@ class Engine:
                     self.metrics.ttft.observe(now - seq.arrival)
             else:
                 continue  # still prefilling in chunks
-            if step.text or step.logprobs:
-                outbox.append((seq, Token(step.text, logprobs=step.logprobs)))
+            token = seq.streamed(step, self._stream_interval)
+            if token is not None:
+                outbox.append((seq, token))
             if step.finish is not None:
                 ended.append((seq, step.finish))
                 outbox.append((seq, self._finished(seq, step.finish, error or step.error)))

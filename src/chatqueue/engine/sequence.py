@@ -18,6 +18,7 @@ from chatqueue.types import (
     Finished,
     FinishReason,
     SamplingParams,
+    Token,
     TokenLogprob,
     TopLogprob,
     Usage,
@@ -56,6 +57,10 @@ class Sequence(Request):
     logprobs: list[TokenLogprob] = field(default_factory=list)  # every output token's, if asked
     grammar: GrammarMatcher | None = None  # structured output: where the reply stands in it
     _num_logprobs_sent: int = 0
+    # what `streamed` holds back (a stream interval above 1): text, logprobs, tokens
+    _held_text: str = ""
+    _held_logprobs: tuple[TokenLogprob, ...] = ()
+    _num_held: int = 0
     _detok: IncrementalDetokenizer = field(init=False)
     _stops: StopStrings = field(init=False)
 
@@ -94,6 +99,19 @@ class Sequence(Request):
         if len(self.output_ids) >= self.max_new_tokens:
             return self._emit(text + self._flush(), FinishReason.LENGTH)
         return self._emit(text, None)
+
+    def streamed(self, step: Step, interval: int = 1) -> Token | None:
+        """What to stream after `step`: a Token of the text held back so far and this step's,
+        or None. With `interval` above 1 the text goes out every `interval` tokens; the first
+        token and the last never wait."""
+        text, logprobs = self._held_text + step.text, self._held_logprobs + step.logprobs
+        self._num_held += 1
+        if step.finish is None and self.num_output_tokens > 1 and self._num_held < interval:
+            self._held_text, self._held_logprobs = text, logprobs
+            return None
+        num_tokens, self._num_held = self._num_held, 0
+        self._held_text, self._held_logprobs = "", ()
+        return Token(text, num_tokens, logprobs) if text or logprobs else None
 
     def finished(self, reason: FinishReason, error: ChatQueueError | None = None) -> Finished:
         usage = Usage(self.num_prompt_tokens, self.num_output_tokens, self.num_cached_tokens)
