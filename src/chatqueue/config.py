@@ -167,6 +167,9 @@ class Settings(BaseSettings):
     )
 
     # the server
+    gc_threshold: int = Field(
+        100_000, ge=1, description="Allocations between young garbage collections (Python's: 700)"
+    )
     host: str = Field("127.0.0.1", description="Address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on")
     shutdown_timeout: float = Field(30.0, ge=0, description="Grace for running requests, s")
