@@ -101,6 +101,7 @@ class Figures:
     tokens_per_s: list[float] = field(default_factory=list)
     ttft: list[float] = field(default_factory=list)
     cpu: list[tuple[float, float, float]] = field(default_factory=list)  # server, client, wall s
+    gc_pauses: list[float] = field(default_factory=list)  # the server's, during the runs, s
 
 
 @dataclass
@@ -195,6 +196,7 @@ def run_variant(v: Variant, args: argparse.Namespace, run: int) -> None:
     wall = time.perf_counter() - wall0
     v.figures.cpu.append((cpu_s(v.pid) - server0, cpu_s() - client0, wall))
     samples = httpx.get(f"{v.url}/bench/lag", timeout=10).json()
+    v.figures.gc_pauses += [s for _, _, s in httpx.get(f"{v.url}/bench/gc", timeout=10).json()]
     v.figures.lag_arrivals += [lag for t, lag in samples if start <= t < start + BURST_S]
     v.figures.lag_after += [lag for t, lag in samples if t >= start + BURST_S]
     v.figures.gaps += f.gaps
@@ -270,7 +272,10 @@ def report(v: Variant, base: Variant, step_s: float) -> None:
         "  (goal >= 0.95)\n"
         f"  CPU a run: server {statistics.fmean(c[0] for c in f.cpu):.2f} s (its model process "
         f"not counted), clients {statistics.fmean(c[1] for c in f.cpu):.2f} s, in "
-        f"{statistics.fmean(c[2] for c in f.cpu):.2f} s on {os.cpu_count()} CPUs"
+        f"{statistics.fmean(c[2] for c in f.cpu):.2f} s on {os.cpu_count()} CPUs\n"
+        f"  the server's garbage collections a run: {len(f.gc_pauses) / len(f.cpu):.0f}, over "
+        f"2 ms {sum(p > 0.002 for p in f.gc_pauses) / len(f.cpu):.1f}, longest "
+        f"{max(f.gc_pauses, default=0) * 1e3:.1f} ms, in all {sum(f.gc_pauses) * 1e3:.0f} ms"
     )
 
 
