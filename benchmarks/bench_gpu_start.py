@@ -80,14 +80,21 @@ def ask(url: str) -> int:
     return int(r.json()["usage"]["completion_tokens"])
 
 
-def start(folder: Path, cache: Path, log: Path) -> tuple[subprocess.Popen[bytes], str, float]:
+def start(
+    folder: Path,
+    cache: Path,
+    log: Path,
+    *,
+    flags: tuple[str, ...] = ("--max-concurrent", "64"),
+    env: dict[str, str] | None = None,
+) -> tuple[subprocess.Popen[bytes], str, float]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "chatqueue.cli", "serve", "--model", str(folder)]
-    cmd += ["--cache", str(cache), "--max-concurrent", "64", "--port", str(port)]
+    cmd += ["--cache", str(cache), "--port", str(port), *flags]
     t0 = time.perf_counter()
     with log.open("ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     wait_status(url, "ok", proc, 900)
     assert ask(url) == 16
     return proc, url, time.perf_counter() - t0
