@@ -10,9 +10,7 @@ else the installed one):
 from __future__ import annotations
 
 import argparse
-import asyncio
 import functools
-import gc
 import itertools
 import time
 from collections.abc import Sequence
@@ -20,6 +18,7 @@ from pathlib import Path
 
 from chatqueue.engine.runner import StepBatch, StepOutput
 from chatqueue.types import ChatMessage
+from lag_recorder import add_lag_recorder
 
 TOKENIZER = Path(__file__).resolve().parents[1] / ".bench" / "smollm2-tokenizer"
 MODEL_NAME = "fake"
@@ -139,43 +138,6 @@ def rest_names(rest: list[str]) -> set[str]:
 def _flags(rest: list[str]) -> dict[str, str]:
     """`--admit-per-tick 2` -> {"admit_per_tick": "2"}."""
     return {k.lstrip("-").replace("-", "_"): v for k, v in zip(rest[::2], rest[1::2], strict=True)}
-
-
-def add_lag_recorder(app) -> None:  # type: ignore[no-untyped-def]
-    """POST /bench/lag starts recording the event-loop lag of a 10 ms timer (chatqueue's own
-    sampler, every sample kept) and the garbage collector's pauses; GET /bench/lag returns
-    [(perf_counter, lag_s)], GET /bench/gc [(perf_counter at the end, generation, pause_s)]."""
-    from chatqueue.api.monitor import sample_loop_lag
-
-    samples: list[tuple[float, float]] = []
-    pauses: list[tuple[float, int, float]] = []
-    tasks: list[asyncio.Task[None]] = []
-    began = [0.0]
-
-    def on_gc(phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            began[0] = time.perf_counter()
-        else:
-            now = time.perf_counter()
-            pauses.append((now, info["generation"], now - began[0]))
-
-    gc.callbacks.append(on_gc)
-
-    @app.get("/bench/gc")
-    async def collections() -> list[tuple[float, int, float]]:
-        return pauses
-
-    @app.post("/bench/lag")
-    async def start() -> None:
-        samples.clear()
-        pauses.clear()
-        if not tasks:
-            on_sample = lambda at, lag: samples.append((at, lag))  # noqa: E731
-            tasks.append(asyncio.create_task(sample_loop_lag(on_sample, period_s=0.01)))
-
-    @app.get("/bench/lag")
-    async def recorded() -> list[tuple[float, float]]:
-        return samples
 
 
 if __name__ == "__main__":

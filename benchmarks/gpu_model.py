@@ -193,30 +193,10 @@ def main() -> None:
     settings = Settings(engine="mock", port=args.port, log_level="warning")
     sys.setswitchinterval(0.0005)
     app = create_app(settings, chat_queue=cq)
-    _add_lag_recorder(app)
+    from lag_recorder import add_lag_recorder
+
+    add_lag_recorder(app)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
-
-
-def _add_lag_recorder(app) -> None:  # type: ignore[no-untyped-def]
-    """POST /bench/lag starts recording the event-loop lag of a 10 ms timer (chatqueue's own
-    sampler, here with every sample kept); GET /bench/lag returns [(perf_counter, lag_s)]."""
-    import asyncio
-
-    from chatqueue.api.monitor import sample_loop_lag
-
-    samples: list[tuple[float, float]] = []
-    tasks: list[asyncio.Task[None]] = []
-
-    @app.post("/bench/lag")
-    async def start() -> None:
-        samples.clear()
-        if not tasks:
-            on_sample = lambda at, lag: samples.append((at, lag))  # noqa: E731
-            tasks.append(asyncio.create_task(sample_loop_lag(on_sample, period_s=0.01)))
-
-    @app.get("/bench/lag")
-    async def recorded() -> list[tuple[float, float]]:
-        return samples
 
 
 if __name__ == "__main__":
