@@ -11,7 +11,7 @@ from pathlib import Path
 
 from chatqueue.api.chat_queue import ChatQueue
 from chatqueue.config import Settings
-from chatqueue.engine.loading import hf_preload, load_hf_runner, load_llamacpp_runner
+from chatqueue.engine.loading import hf_load, hf_preload, load_llamacpp_runner
 from chatqueue.engine.mock import MockConfig, MockRunner
 from chatqueue.engine.process import Load, ModelProcess, Preload, ProcessRunner
 from chatqueue.engine.runner import ModelRunner, Runner, TokenizedRunner
@@ -115,7 +115,7 @@ def load_hf(settings: Settings, started: ModelProcess | None = None) -> Runner:
         settings,
         folder,
         name,
-        load=functools.partial(load_hf_runner, settings, str(folder)),
+        load=hf_load(settings, folder),
         preload=hf_preload(settings, folder),
         started=started,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +30,12 @@ def hf_preload(settings: Settings, folder: Path) -> Preload:
     )
 
 
+def hf_load(settings: Settings, folder: Path) -> Callable[[], ModelRunner]:
+    """The transformers runner's load over `folder`, as a model process unpickles it (one maker:
+    a head-started process and a restarted one load the same)."""
+    return functools.partial(load_hf_runner, settings, str(folder))
+
+
 def head_start(settings: Settings) -> ModelProcess | None:
     """`chatqueue serve --model DIR` (a Hugging Face folder) with the model in its own process:
     that process started first thing, before the server's own imports, and asked for the model
@@ -43,7 +50,7 @@ def head_start(settings: Settings) -> ModelProcess | None:
         return None
     folder = Path(settings.model).expanduser()
     started = ModelProcess(hf_preload(settings, folder))
-    started.ask(Load(functools.partial(load_hf_runner, settings, str(folder)), settings.log_level))
+    started.ask(Load(hf_load(settings, folder), settings.log_level))
     return started
 
 

@@ -12,10 +12,10 @@ or before anything is measured, a step takes the whole `--prefill-chunk`.
 NOTE: why a fixed cost. Where a step with prompt tokens runs eager beside a decode step that is
 a CUDA graph (the paged runner on a GPU where its packed step cannot run: the model's own
 forward after the graphed decode), its kernel launches cost the same for one token as for
-hundreds, and many times a graphed decode step of a 1B model (2 ms on an H100). Read as a cost a token, that makes every prompt token look dear, and prompts would go
-through `MIN_TOKENS` a step. Where the fixed cost alone breaks the limit, no number of tokens
-keeps it: the whole chunk goes, so that prompts take the fewest steps and streams stall the
-fewest times.
+hundreds, and many times a graphed decode step of a 1B model (2 ms on an H100). Read as a cost
+a token, that makes every prompt token look dear, and prompts would go through `MIN_TOKENS` a
+step. Where the fixed cost alone breaks the limit, no number of tokens keeps it: the whole chunk
+goes, so that prompts take the fewest steps and streams stall the fewest times.
 """
 
 from __future__ import annotations
