@@ -168,6 +168,7 @@ async def chatqueue_tokens_per_s(model, n: int, *, max_concurrent: int) -> float
     runner = kept_runner(model)
     cq = ChatQueue(runner, max_concurrent=max_concurrent, max_queue_size=n)
     await cq.start_queue_worker()
+    await cq.wait_ready(120)
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
     msgs = [[ChatMessage("user", f"request {i}")] for i in range(n)]
     t0 = time.perf_counter()
@@ -217,6 +218,7 @@ def sequential_tokens_per_s(model) -> float:  # type: ignore[no-untyped-def]
     async def go() -> float:
         cq = ChatQueue(runner, max_concurrent=8, max_queue_size=8)
         await cq.start_queue_worker()
+        await cq.wait_ready(120)
         params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
         t0 = time.perf_counter()
         streams = [await cq.submit([ChatMessage("user", f"s{i}")], params) for i in range(8)]

@@ -99,6 +99,7 @@ def in_process(args: argparse.Namespace, n: int) -> tuple[float, float]:
     async def ours() -> float:
         cq = ChatQueue(runner, max_concurrent=n, max_queue_size=n)
         await cq.start_queue_worker()
+        await cq.wait_ready(120)
         warm = [await cq.submit(m, params) for m in msgs[:2]]
         await asyncio.gather(*(s.collect() for s in warm))
         t0 = time.perf_counter()
