@@ -493,6 +493,9 @@ def main() -> None:
     ap.add_argument("--cpu", action="store_true", help="a small model on the CPU")
     ap.add_argument("--compare-sdpa", action="store_true", help="decode with SDPA too")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness checks")
+    ap.add_argument(
+        "--no-hf", action="store_true", help="throughput: ours only, no transformers CB"
+    )
     ap.add_argument("--profile-server", action="store_true", help="py-spy the HTTP server")
     ap.add_argument("--kv-cache", choices=["static", "paged"], default="static")
     ap.add_argument("--http-streams", type=int, default=64)
@@ -558,17 +561,18 @@ def main() -> None:
         for n in sizes:
             ours, theirs = [], []
             asyncio.run(chatqueue_tokens_per_s(model, min(n, 16), max_concurrent=n))
-            hf_cb_tokens_per_s(model, 8)  # warm-up: graphs captured
+            if not args.no_hf:
+                hf_cb_tokens_per_s(model, 8)  # warm-up: graphs captured
             for _ in range(2 if args.quick else 3):
                 ours.append(asyncio.run(chatqueue_tokens_per_s(model, n, max_concurrent=n)))
-                theirs.append(hf_cb_tokens_per_s(model, n))
+                theirs.append(float("nan") if args.no_hf else hf_cb_tokens_per_s(model, n))
                 empty_cache()
             o, t = statistics.median(ours), statistics.median(theirs)
             RESULTS[f"ours_tps_{n}"], RESULTS[f"hf_cb_tps_{n}"] = o, t
             log(
                 f"{n} requests: ours {o:.0f} tok/s ÷ transformers CB {t:.0f} tok/s = "
                 f"{o / max(t, 1e-9):.2f}x (target >= 3x) runs ours={[round(x) for x in ours]} "
-                f"theirs={[round(x) for x in theirs]}"
+                f"theirs={[f'{x:.0f}' for x in theirs]}"
             )
         seq = sequential_tokens_per_s(model)
         RESULTS["batching_off_tps"] = seq
