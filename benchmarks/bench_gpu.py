@@ -309,7 +309,7 @@ def correctness_fp32() -> None:
 
 
 def http_part(  # type: ignore[no-untyped-def]
-    model, modes: list[str], profile_dir: str | None = None
+    model, modes: list[str], profile_dir: str | None = None, overlaps: tuple[str, ...] = ("on",)
 ) -> None:
     """In-process tokens/s, then a server per `--model-process` mode, one after the other."""
     n = HTTP_STREAMS
@@ -319,14 +319,15 @@ def http_part(  # type: ignore[no-untyped-def]
     RESULTS["inproc_tps"] = i
     empty_cache()
     for mode in modes:
-        h = serve_and_measure(mode, profile_dir)
-        log(
-            f"[model process {mode}] HTTP {n} streams: {h:.0f} tok/s ÷ in-process {i:.0f} tok/s = "
-            f"{h / i:.3f} (target >= 0.9)"
-        )
+        for overlap in overlaps if mode == "on" else ("on",):
+            h = serve_and_measure(mode, profile_dir, overlap)
+            log(
+                f"[model process {mode}, overlap-steps {overlap}] HTTP {n} streams: {h:.0f} tok/s"
+                f" ÷ in-process {i:.0f} tok/s = {h / i:.3f} (target >= 0.9)"
+            )
 
 
-def serve_and_measure(mode: str, profile_dir: str | None) -> float:
+def serve_and_measure(mode: str, profile_dir: str | None, overlap: str = "on") -> float:
     """gpu_model.py's server with the model in its own process or not: 64 streams, 3 runs, /health
     probed every 10 ms from another process. Returns the median tokens/s; figures to RESULTS
     (keys suffixed with `_off` for the server that keeps the model in its own process)."""
@@ -351,6 +352,8 @@ def serve_and_measure(mode: str, profile_dir: str | None) -> float:
             mode,
             "--kv-cache",
             KV_CACHE,
+            "--overlap-steps",
+            overlap,
             *(["--cpu"] if DEVICE == "cpu" else []),
         ],
         env=env,
@@ -410,7 +413,7 @@ def serve_and_measure(mode: str, profile_dir: str | None) -> float:
         server.terminate()
         server.wait(30)
     h = statistics.median(http)
-    suffix = "" if mode == "on" else f"_{mode}"
+    suffix = ("" if mode == "on" else f"_{mode}") + ("" if overlap == "on" else "_serial")
     RESULTS.update(
         {
             f"http_tps{suffix}": h,
@@ -499,6 +502,9 @@ def main() -> None:
     ap.add_argument("--profile-server", action="store_true", help="py-spy the HTTP server")
     ap.add_argument("--kv-cache", choices=["static", "paged"], default="static")
     ap.add_argument("--http-streams", type=int, default=64)
+    ap.add_argument(
+        "--overlap-steps", default="on", help="http, model process on: on, off or on,off"
+    )
     ap.add_argument("--sizes", type=int, nargs="+", default=None, help="throughput: requests")
     ap.add_argument(
         "--model-process",
@@ -582,7 +588,8 @@ def main() -> None:
         )
     if "http" in parts:
         modes = args.model_process.split(",")
-        http_part(model, modes, args.out if args.profile_server else None)
+        overlaps = tuple(args.overlap_steps.split(","))
+        http_part(model, modes, args.out if args.profile_server else None, overlaps)
     Path(args.out, "bench_gpu.json").write_text(json.dumps(RESULTS, indent=1))
     log(json.dumps(RESULTS))
 

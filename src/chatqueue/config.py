@@ -137,6 +137,10 @@ class Settings(BaseSettings):
     stream_interval: int = Field(
         1, ge=1, description="A stream's text goes out every N tokens (first and last at once)"
     )
+    overlap_steps: Literal["on", "off"] = Field(
+        "on",
+        description="on: the model process runs a step while the last one's tokens are handled",
+    )
     admit_per_tick: int = Field(
         2, ge=0, description="New POST requests let in per event-loop iteration; 0: no pacing"
     )

@@ -127,10 +127,12 @@ class ChatQueue:
         clock: Callable[[], float] = time.monotonic,
         tool_call_format: ToolCallFormat | None = None,
         stream_interval: int = 1,
+        overlap_steps: bool = True,
     ) -> None:
         """`tool_call_format`: how the model writes tool calls; None: from its chat template.
         `stream_interval`: a stream's text goes out every this many tokens (first and last at
-        once)."""
+        once). `overlap_steps`: with the model in its own process, its next step runs while the
+        last one's tokens are handled (Engine)."""
         self._clock = clock
         self._on_finish = on_finish
         self.queue_timeout_s = queue_timeout_s
@@ -153,6 +155,7 @@ class ChatQueue:
             on_finished=self._finished,
             restart_policy=RestartPolicy(max_restarts=max_model_restarts),
             stream_interval=stream_interval,
+            overlap_steps=overlap_steps,
         )
         self._rids = itertools.count(1)
         self._id_prefix = secrets.token_hex(6)  # request ids stay unique across restarts

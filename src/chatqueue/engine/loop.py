@@ -33,6 +33,7 @@ from chatqueue.engine.handover import HandOver, Outbox
 from chatqueue.engine.runner import (
     NewSequence,
     PagedKV,
+    Pipelined,
     Restartable,
     Runner,
     RunnerLost,
@@ -50,6 +51,7 @@ from chatqueue.errors import (
 from chatqueue.metrics import Metrics
 from chatqueue.scheduler import SchedulePlan, Scheduler
 from chatqueue.scheduler.blocks import Allocation, BlockManager
+from chatqueue.scheduler.request import RequestState
 from chatqueue.types import Finished, FinishReason, Queued, Started
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,16 @@ AUTO_TIMEOUT_FLOOR_S = 30.0
 IDLE_CHECK_S = 1.0  # how often an idle engine makes sure its model process is alive
 
 
+@dataclass(slots=True)
+class _Sent:
+    """A step sent to the runner whose output has not been handled yet. `batch` is kept for a
+    runner that is not pipelined (it runs when collected)."""
+
+    seqs: list[Sequence]
+    batch: StepBatch | None
+    sent_at: float
+
+
 class Engine:
     def __init__(
         self,
@@ -91,14 +103,19 @@ class Engine:
         on_finished: Callable[[Sequence, Finished], None] | None = None,
         restart_policy: RestartPolicy | None = None,
         stream_interval: int = 1,
+        overlap_steps: bool = True,
     ) -> None:
-        """`stream_interval`: a stream's text goes out every this many tokens (Sequence.streamed)."""
+        """`stream_interval`: a stream's text goes out every this many tokens (Sequence.streamed).
+        `overlap_steps`: with a pipelined runner (the model in its own process), send each step
+        before the output of the one before it is handled (`_step`)."""
         self.scheduler = scheduler
         self.metrics = metrics
         self._runner_source = runner
         self._clock = clock
         self._restart_policy = restart_policy or RestartPolicy()
         self._stream_interval = stream_interval
+        self._overlap_steps = overlap_steps
+        self._in_flight: collections.deque[_Sent] = collections.deque()  # oldest first
         self._restarts: collections.deque[float] = collections.deque()
         self.last_exit: str | None = None  # why the model process last went away
         self.restarting_since: float | None = None
@@ -114,6 +131,7 @@ class Engine:
         self.load_error: BaseException | None = None
         self.loaded = threading.Event()  # set once loading ended, well or not
         self._step_started: float | None = None
+        self._last_output_at = 0.0  # perf_counter() when the model last answered a step
         self._step_seqs: list[Sequence] = []
         self.is_hung = False
         self._has_ended = False  # the engine thread has returned
@@ -272,8 +290,20 @@ class Engine:
         return self.runner if self.state is EngineState.READY else None
 
     def _step(self, runner: Runner) -> bool:
-        """One step: schedule, run the model, hand out the results. False when it is time to
-        stop, or the model is lost (`self.lost` says why)."""
+        """One step: schedule, send it to the model, hand out the results of the step before.
+        False when it is time to stop, or the model is lost (`self.lost` says why).
+
+        NOTE: why one step in flight. With the model in its own process, a step's output used
+        to be handled (detokenized, checked for stops, handed to the streams) and the next step
+        scheduled while the model waited: at 256 rows that host work took as long as the model's
+        step, and the two added up (benchmarks/RESULTS.md, issue 14). So step k+1 is scheduled
+        and sent before step k's output is handled, as if every running request goes on; the
+        model feeds each row the token it sampled itself. A request that k ends (a stop, EOS)
+        has one more token computed in k+1, which is dropped, and is released in k+2. Where the
+        next step depends on k's tokens (a grammar's mask, a request reaching its length), k is
+        handled first (`_may_schedule_ahead`)."""
+        if self._in_flight and not self._may_schedule_ahead():
+            return self._collect(runner)
         with self._cond:
             while not (self.scheduler.has_work or self._positions_dirty or self._is_stopping):
                 self._cond.wait(self._wait_timeout(runner))
@@ -301,30 +331,91 @@ class Engine:
             masks={s.rid: mask for s in plan.batch if (mask := s.mask()) is not None},
         )
         if batch.is_empty and not batch.released:
-            return True
-        seqs = plan.batch
-        with self._cond:
-            self._step_started, self._step_seqs = self._clock(), seqs
-        began = time.perf_counter()
+            return self._collect(runner) if self._in_flight else True
+        return self._send(runner, plan.batch, batch)
+
+    def _may_schedule_ahead(self) -> bool:
+        """Whether the next step can be scheduled before the step in flight is handled: some of
+        its requests go on, and none of them needs its token first (a grammar's next mask, or
+        the length it reaches)."""
+        going_on = [s for s in self._in_flight[-1].seqs if s.state is RequestState.RUNNING]
+        return bool(going_on) and not any(
+            s.grammar is not None or s.num_output_tokens + s.num_in_flight >= s.max_new_tokens
+            for s in going_on
+        )
+
+    def _send(self, runner: Runner, seqs: list[Sequence], batch: StepBatch) -> bool:
+        """Send the step; then handle the oldest step in flight (a pipelined runner keeps the
+        newest running meanwhile)."""
+        for seq in seqs:
+            seq.num_in_flight += 1
+        if not (self._overlap_steps and isinstance(runner, Pipelined)):
+            self._in_flight.append(_Sent(seqs, batch, time.perf_counter()))
+            return self._collect(runner)
+        sent = _Sent(seqs, None, time.perf_counter())
         try:
-            output = runner.step(batch)
+            runner.send_step(batch)
         except RunnerLost as exc:
-            self.lost = exc
-            self._lost_step_seqs = seqs
-            return False
+            self._in_flight.append(sent)
+            return self._lose(exc)
         except Exception as exc:
-            log.exception("the runner failed a step of %s requests", len(seqs))
-            error = EngineError(f"The model failed while generating: {exc}")
-            self._finish_step(seqs, StepOutput({}), error)
+            self._fail_step(sent, exc)
+            return True
+        self._in_flight.append(sent)
+        return True if len(self._in_flight) == 1 else self._collect(runner)
+
+    def _collect(self, runner: Runner) -> bool:
+        """Wait for the oldest step in flight (or run it, for a runner that is not pipelined)
+        and hand out its results."""
+        sent = self._in_flight[0]
+        with self._cond:
+            self._step_started = self._clock()
+            self._step_seqs = [s for step in self._in_flight for s in step.seqs]
+        try:
+            if sent.batch is not None:
+                output = runner.step(sent.batch)
+            else:
+                assert isinstance(runner, Pipelined)
+                output = runner.recv_step()
+        except RunnerLost as exc:
+            return self._lose(exc)
+        except Exception as exc:
+            self._fail_step(self._in_flight.popleft(), exc)
             return True
         finally:
             with self._cond:
                 self._step_started, self._step_seqs = None, []
                 self.is_hung = False
-        self._step_times.append(time.perf_counter() - began)
+        self._done_with(self._in_flight.popleft())
+        # NOTE: a pipelined step ran from when the model was done with the one before it
+        self._step_times.append(time.perf_counter() - max(sent.sent_at, self._last_output_at))
+        self._last_output_at = time.perf_counter()
         self.metrics.steps.inc()
-        self._finish_step(seqs, output, None)
+        self._finish_step(sent.seqs, output, None)
         return True
+
+    def _fail_step(self, sent: _Sent, exc: Exception) -> None:
+        """The runner raised for this step: its requests end with the error (it stays usable)."""
+        self._done_with(sent)
+        log.exception("the runner failed a step of %s requests", len(sent.seqs), exc_info=exc)
+        self._finish_step(
+            sent.seqs, StepOutput({}), EngineError(f"The model failed while generating: {exc}")
+        )
+
+    def _done_with(self, sent: _Sent) -> None:
+        for seq in sent.seqs:
+            seq.num_in_flight -= 1
+
+    def _lose(self, exc: RunnerLost) -> bool:
+        """The model went away with steps in flight: their requests are the ones it took."""
+        self.lost = exc
+        seqs: dict[int, Sequence] = {}
+        while self._in_flight:
+            sent = self._in_flight.popleft()
+            self._done_with(sent)
+            seqs.update((s.rid, s) for s in sent.seqs)
+        self._lost_step_seqs = list(seqs.values())
+        return False
 
     # -- when the model is lost -----------------------------------------------------------
     def _heal(self, runner: Runner) -> bool:
@@ -479,6 +570,8 @@ class Engine:
         computed: list[tuple[Sequence, int]] = []  # the KV written: every token fed this step
         num_tokens = 0
         for seq in seqs:
+            if seq.state is not RequestState.RUNNING:
+                continue  # ended, or preempted, while this step ran: its token is dropped
             if seq.is_failed:  # its client was already told (hang)
                 ended.append((seq, FinishReason.ERROR))
                 continue

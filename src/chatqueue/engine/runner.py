@@ -201,6 +201,20 @@ class PagedKV(Protocol):
 
 
 @runtime_checkable
+class Pipelined(Protocol):
+    """A runner that takes a step before the one it runs has been read back (its model runs
+    apart, in its own process): the engine sends step k+1, then reads step k's output, so
+    that the model runs k+1 while the server handles k's tokens and schedules k+2. Outputs
+    come back in the order the steps were sent; `step` is `send_step` then `recv_step`."""
+
+    def send_step(self, batch: StepBatch) -> None: ...
+
+    def recv_step(self) -> StepOutput:
+        """The output of the oldest step sent and not read yet (raises as `step` would)."""
+        ...
+
+
+@runtime_checkable
 class Restartable(Protocol):
     """A runner whose model lives apart (its own process) and can be started again when it dies
     or hangs. `kill` may be called from any thread; the others run on the engine thread."""

@@ -45,6 +45,9 @@ class Request:
     abort_requested: bool = False  # running, to leave at the next step
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when it first started
     num_preemptions: int = 0  # times its KV was taken back to let older requests go on
+    # NOTE: a step scheduled while the one before it still runs (the engine keeps one in flight)
+    # feeds the token that step will sample: the KV needs room for it too (set by the engine)
+    num_in_flight: int = 0
 
     @property
     def num_tokens(self) -> int:

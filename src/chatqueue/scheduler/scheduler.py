@@ -246,13 +246,14 @@ class Scheduler(Generic[R]):
         for req in list(self._running.values()):
             if req.rid not in self._running:
                 continue  # preempted for an older one
-            while not kv.can_append(req.rid, req.num_tokens):
+            num_tokens = req.num_tokens + req.num_in_flight
+            while not kv.can_append(req.rid, num_tokens):
                 newest = next(reversed(self._running.values()))
                 self._preempt(kv, newest, plan)
                 if newest is req:
                     break
             else:
-                if added := kv.append(req.rid, req.num_tokens):
+                if added := kv.append(req.rid, num_tokens):
                     plan.grown[req.rid] = tuple(added)
 
     def _preempt(self, kv: BlockManager, req: R, plan: SchedulePlan[R]) -> None:

@@ -18,6 +18,7 @@ tokenizer never crosses: the server loads its own (the child has no use for one)
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import logging
 import os
@@ -27,6 +28,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from chatqueue.engine.process.messages import (
@@ -44,6 +46,9 @@ from chatqueue.engine.runner import KVSpec, ModelRunner, RunnerLost, StepBatch, 
 from chatqueue.text.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+# a step message past this size is sent only once the step before it has been read back
+LARGE_MESSAGE_BYTES = 64 * 1024
 
 
 class ModelLoadError(RuntimeError):
@@ -126,6 +131,8 @@ class ProcessRunner:
         self._start()
 
     def _start(self) -> None:
+        self._num_unread = 0  # steps sent whose replies `recv_step` has not returned
+        self._read_ahead: collections.deque[StepReply] = collections.deque()
         self._child, self._spare = self._spare or ModelProcess(self._preload or Preload()), None
         try:
             self._child.ask(Load(self._load, self._log_level))
@@ -160,11 +167,28 @@ class ProcessRunner:
         return None if self._spare is None else self._spare.proc.pid
 
     def step(self, batch: StepBatch) -> StepOutput:
+        self.send_step(batch)
+        return self.recv_step()
+
+    # -- Pipelined --------------------------------------------------------------------------
+    def send_step(self, batch: StepBatch) -> None:
+        message = ForkingPickler.dumps(batch)
+        if self._num_unread and len(message) > LARGE_MESSAGE_BYTES:
+            # NOTE: while the child still runs the step before, it reads nothing: a message
+            # larger than the socket's buffer would block this send until it does, and its own
+            # reply, if larger than the buffer the other way, would block it too. Its reply is
+            # read first, then.
+            self._read_ahead.append(self._recv())
         try:
-            self._child.conn.send(batch)
+            self._child.conn.send_bytes(message)
         except OSError as exc:
             raise self._lost() from exc
-        reply: StepReply = self._recv()
+        self._num_unread += 1
+
+    def recv_step(self) -> StepOutput:
+        assert self._num_unread, "recv_step without a step sent"
+        reply: StepReply = self._read_ahead.popleft() if self._read_ahead else self._recv()
+        self._num_unread -= 1
         if isinstance(reply, StepFailed):
             raise StepError(reply.reason)
         assert isinstance(reply, StepDone), reply
