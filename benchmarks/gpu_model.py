@@ -160,7 +160,7 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--cpu", action="store_true", help="the small model on the CPU")
     ap.add_argument("--model-process", choices=["on", "off"], default="on")
-    ap.add_argument("--overlap-steps", choices=["on", "off"], default="on")
+    ap.add_argument("--overlap-steps", choices=["auto", "on", "off"], default="auto")
     ap.add_argument("--kv-cache", choices=sorted(RUNNERS), default="static")
     args = ap.parse_args()
     import functools
@@ -194,7 +194,7 @@ def main() -> None:
         runner,
         max_concurrent=args.max_concurrent,
         max_queue_size=args.max_concurrent,
-        overlap_steps=args.overlap_steps == "on",
+        overlap_steps=args.overlap_steps,
     )
     settings = Settings(engine="mock", port=args.port, log_level="warning")
     sys.setswitchinterval(0.0005)

@@ -137,9 +137,9 @@ class Settings(BaseSettings):
     stream_interval: int = Field(
         1, ge=1, description="A stream's text goes out every N tokens (first and last at once)"
     )
-    overlap_steps: Literal["on", "off"] = Field(
-        "on",
-        description="on: the model process runs a step while the last one's tokens are handled",
+    overlap_steps: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="The model process runs a step while the last one's tokens are handled",
     )
     admit_per_tick: int = Field(
         2, ge=0, description="New POST requests let in per event-loop iteration; 0: no pacing"

@@ -1,5 +1,5 @@
-"""One step in flight (`--overlap-steps on`, the default with the model in its own process): the
-engine sends step k+1 before it handles step k's tokens. Checked here: the replies are the same
+"""One step in flight (`--overlap-steps on`, or auto where it pays; with the model in its own
+process): the engine sends step k+1 before it handles step k's tokens. Checked here: the replies are the same
 as one step at a time, through a real model process and a KV pool small enough to preempt; a
 request that ends on a token the engine could not foresee (EOS) has its extra token dropped and
 is released a step later; one that reaches its length, or follows a grammar, is never sent a step
@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import time
 
 import pytest
 
 from chatqueue import ChatQueue
 from chatqueue.engine.mock import MockConfig, MockRunner, MockTokenizer
+from chatqueue.engine.overlap import OverlapMode
 from chatqueue.engine.process.runner import ProcessRunner
 from chatqueue.engine.runner import StepBatch, StepOutput
 from chatqueue.types import ChatMessage, GrammarSpec, SamplingParams
@@ -92,7 +94,7 @@ async def replies(cq: ChatQueue, asks: list[tuple[str, SamplingParams]]) -> list
 
 async def test_the_next_step_is_sent_before_the_last_one_is_read() -> None:
     runner = RecordingRunner(MockConfig(mode="echo"))
-    cq = ChatQueue(runner, max_concurrent=4, max_queue_size=8)
+    cq = ChatQueue(runner, max_concurrent=4, max_queue_size=8, overlap_steps="on")
     got = await replies(cq, [(words("a", 5), SamplingParams()), (words("b", 9), SamplingParams())])
     assert got == [(words("a", 5), "stop"), (words("b", 9), "stop")]
     assert runner.most_unread() == 2  # step k+1 went out while k was unread, never more
@@ -110,7 +112,7 @@ async def test_the_next_step_is_sent_before_the_last_one_is_read() -> None:
 
 async def test_one_step_at_a_time_when_overlap_is_off() -> None:
     runner = RecordingRunner(MockConfig(mode="echo"))
-    cq = ChatQueue(runner, max_concurrent=4, max_queue_size=8, overlap_steps=False)
+    cq = ChatQueue(runner, max_concurrent=4, max_queue_size=8, overlap_steps="off")
     got = await replies(cq, [(words("a", 5), SamplingParams())])
     assert got == [(words("a", 5), "stop")]
     assert runner.most_unread() == 1
@@ -118,7 +120,7 @@ async def test_one_step_at_a_time_when_overlap_is_off() -> None:
 
 async def test_a_request_is_never_sent_a_step_past_its_length() -> None:
     runner = RecordingRunner(MockConfig(mode="echo"))
-    cq = ChatQueue(runner, max_concurrent=4, max_queue_size=8)
+    cq = ChatQueue(runner, max_concurrent=4, max_queue_size=8, overlap_steps="on")
     asks = [(words("a", 20), SamplingParams(max_tokens=3)), (words("b", 20), SamplingParams())]
     got = await replies(cq, asks)
     assert got == [(words("a", 3), "length"), (words("b", 20), "stop")]
@@ -132,7 +134,7 @@ async def test_a_request_is_never_sent_a_step_past_its_length() -> None:
 
 async def test_a_grammar_row_waits_for_its_token_before_the_next_step() -> None:
     runner = RecordingRunner(MockConfig(mode="echo"))
-    cq = ChatQueue(runner, max_concurrent=4, max_queue_size=8)
+    cq = ChatQueue(runner, max_concurrent=4, max_queue_size=8, overlap_steps="on")
     params = SamplingParams(max_tokens=12, grammar=GrammarSpec("json_object"))
     await replies(cq, [("say json", params)])
     assert runner.most_unread() == 1  # its next mask needs the token it has just sampled
@@ -141,16 +143,42 @@ async def test_a_grammar_row_waits_for_its_token_before_the_next_step() -> None:
 async def test_the_blocks_of_a_row_always_hold_what_its_step_writes() -> None:
     # 16 blocks of 4 tokens for 4 requests of 9-16 prompt tokens and as many reply tokens
     runner = RecordingRunner(MockConfig(mode="echo", kv_blocks=16, kv_block_size=4))
-    cq = ChatQueue(runner, max_concurrent=4, max_queue_size=64)
+    cq = ChatQueue(runner, max_concurrent=4, max_queue_size=64, overlap_steps="on")
     texts = [words(f"r{n}w", 6 + n % 8) for n in range(12)]
     got = await replies(cq, [(text, SamplingParams()) for text in texts])
     assert [text for text, _ in got] == texts
     assert runner.most_unread() == 2
 
 
-@pytest.mark.parametrize("overlap", [True, False])
+class ChangingPace(RecordingRunner):
+    """A model whose steps take no time, then 30 ms, then no time again: auto turns the overlap
+    on, off and on again while requests run."""
+
+    def send_step(self, batch: StepBatch) -> None:
+        n = len(self.batches())
+        time.sleep(0.03 if 40 <= n < 80 else 0.0)
+        super().send_step(batch)
+
+
+async def test_auto_turns_the_overlap_on_and_off_while_requests_run() -> None:
+    runner = ChangingPace(MockConfig(mode="echo", kv_blocks=64, kv_block_size=4))
+    cq = ChatQueue(runner, max_concurrent=4, max_queue_size=64, overlap_steps="auto")
+    texts = [words(f"r{n}w", 40 + n) for n in range(16)]  # some 170 steps, 4 at a time
+    got = await replies(cq, [(text, SamplingParams()) for text in texts])
+    assert got == [(text, "stop") for text in texts]
+    unread, modes = 0, []  # at each send: was a step still unread (overlap on) or not
+    for kind, _ in runner.log:
+        if kind == "send":
+            modes.append(unread > 0)
+        unread += 1 if kind == "send" else -1
+    assert modes[10:40].count(True) > 20  # on while the steps took no time
+    assert modes[60:80].count(True) < 5  # off once they took 30 ms
+    assert modes[110:].count(True) > 10  # on again
+
+
+@pytest.mark.parametrize("overlap", ["on", "off"])
 async def test_through_a_model_process_under_preemption_the_replies_are_whole(
-    overlap: bool,
+    overlap: OverlapMode,
 ) -> None:
     # block_size 4 and 16 blocks (64 tokens) for 6 requests of 9-16 prompt tokens and as many
     # reply tokens: decode runs out of blocks and preempts

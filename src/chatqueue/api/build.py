@@ -38,7 +38,7 @@ def chat_queue_for(
         max_prompt_tokens=settings.max_prompt_tokens,
         max_unread_tokens=settings.max_unread_tokens,
         stream_interval=settings.stream_interval,
-        overlap_steps=settings.overlap_steps == "on",
+        overlap_steps=settings.overlap_steps,
         tool_call_format=None
         if settings.tool_call_format == "auto"
         else ToolCallFormat(settings.tool_call_format),

@@ -20,6 +20,7 @@ from chatqueue.api.admission import TokenBudget
 from chatqueue.api.monitor import sample_loop_lag, watch_steps
 from chatqueue.api.stream import RequestStream
 from chatqueue.engine.loop import Engine, EngineState, RestartPolicy
+from chatqueue.engine.overlap import OverlapMode
 from chatqueue.engine.runner import Runner, runner_info
 from chatqueue.engine.sequence import Sequence as EngineSequence
 from chatqueue.errors import (
@@ -127,12 +128,12 @@ class ChatQueue:
         clock: Callable[[], float] = time.monotonic,
         tool_call_format: ToolCallFormat | None = None,
         stream_interval: int = 1,
-        overlap_steps: bool = True,
+        overlap_steps: OverlapMode = "auto",
     ) -> None:
         """`tool_call_format`: how the model writes tool calls; None: from its chat template.
         `stream_interval`: a stream's text goes out every this many tokens (first and last at
         once). `overlap_steps`: with the model in its own process, its next step runs while the
-        last one's tokens are handled (Engine)."""
+        last one's tokens are handled: on, off, or auto (engine.overlap)."""
         self._clock = clock
         self._on_finish = on_finish
         self.queue_timeout_s = queue_timeout_s

@@ -7,7 +7,9 @@ NOTE: which thread runs what.
   to change the scheduler, never waits on the model, and delivers what it ends itself.
 - The engine thread (`_run`) loads the model (when given a factory), then loops in `_step`:
   schedule under the lock, run the model outside it, account for the tokens under it again, and
-  send the step's events to the event loop in one hop (`HandOver`). When a restartable model
+  send the step's events to the event loop in one hop (`HandOver`). With a pipelined runner (a
+  model process) one step stays in flight: step k+1 is sent before step k is handled. When a
+  restartable model
   (its own process) dies or is killed for hanging, the same thread restarts it (`_heal`): the
   running requests end with `EngineRestarted`, the waiting ones keep their places.
 - A worker thread of the event loop (`asyncio.to_thread`) calls `wait_idle` and `stop`, which
@@ -30,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from chatqueue.engine.handover import HandOver, Outbox
+from chatqueue.engine.overlap import OverlapMode, StepOverlap
 from chatqueue.engine.runner import (
     NewSequence,
     PagedKV,
@@ -103,18 +106,19 @@ class Engine:
         on_finished: Callable[[Sequence, Finished], None] | None = None,
         restart_policy: RestartPolicy | None = None,
         stream_interval: int = 1,
-        overlap_steps: bool = True,
+        overlap_steps: OverlapMode = "auto",
     ) -> None:
         """`stream_interval`: a stream's text goes out every this many tokens (Sequence.streamed).
         `overlap_steps`: with a pipelined runner (the model in its own process), send each step
-        before the output of the one before it is handled (`_step`)."""
+        before the output of the one before it is handled (`_step`): on, off, or auto (while the
+        server's turnaround is a fair share of the step: `StepOverlap`)."""
         self.scheduler = scheduler
         self.metrics = metrics
         self._runner_source = runner
         self._clock = clock
         self._restart_policy = restart_policy or RestartPolicy()
         self._stream_interval = stream_interval
-        self._overlap_steps = overlap_steps
+        self._overlap = StepOverlap(overlap_steps)
         self._in_flight: collections.deque[_Sent] = collections.deque()  # oldest first
         self._restarts: collections.deque[float] = collections.deque()
         self.last_exit: str | None = None  # why the model process last went away
@@ -306,6 +310,7 @@ class Engine:
             return self._collect(runner)
         with self._cond:
             while not (self.scheduler.has_work or self._positions_dirty or self._is_stopping):
+                self._overlap.note_idle()
                 self._cond.wait(self._wait_timeout(runner))
                 if not self.scheduler.has_work and isinstance(runner, Restartable):
                     try:
@@ -338,6 +343,8 @@ class Engine:
         """Whether the next step can be scheduled before the step in flight is handled: some of
         its requests go on, and none of them needs its token first (a grammar's next mask, or
         the length it reaches)."""
+        if not (self._overlap.is_on and self._is_pipelined(self.runner)):
+            return False
         going_on = [s for s in self._in_flight[-1].seqs if s.state is RequestState.RUNNING]
         return bool(going_on) and not any(
             s.grammar is not None or s.num_output_tokens + s.num_in_flight >= s.max_new_tokens
@@ -349,9 +356,13 @@ class Engine:
         newest running meanwhile)."""
         for seq in seqs:
             seq.num_in_flight += 1
-        if not (self._overlap_steps and isinstance(runner, Pipelined)):
+        pipelined = self._overlap.is_on and isinstance(runner, Pipelined)
+        self._overlap.note_sent(time.perf_counter())  # may turn it on or off from the next step
+        if not pipelined:
+            assert not self._in_flight, "a step in flight while overlap is off"
             self._in_flight.append(_Sent(seqs, batch, time.perf_counter()))
             return self._collect(runner)
+        assert isinstance(runner, Pipelined)
         sent = _Sent(seqs, None, time.perf_counter())
         try:
             runner.send_step(batch)
@@ -390,6 +401,7 @@ class Engine:
         # NOTE: a pipelined step ran from when the model was done with the one before it
         self._step_times.append(time.perf_counter() - max(sent.sent_at, self._last_output_at))
         self._last_output_at = time.perf_counter()
+        self._overlap.note_output(self._last_output_at)
         self.metrics.steps.inc()
         self._finish_step(sent.seqs, output, None)
         return True
@@ -401,6 +413,10 @@ class Engine:
         self._finish_step(
             sent.seqs, StepOutput({}), EngineError(f"The model failed while generating: {exc}")
         )
+
+    @staticmethod
+    def _is_pipelined(runner: Runner | None) -> bool:
+        return isinstance(runner, Pipelined)
 
     def _done_with(self, sent: _Sent) -> None:
         for seq in sent.seqs:

@@ -1,0 +1,72 @@
+"""Whether the engine keeps a step in flight (`--overlap-steps`): on, off, or auto, from what the
+steps measure.
+
+NOTE: why auto. A step in flight hides the server's turnaround between a step's output and the
+next step (detokenizing, stops, the hand-over, scheduling) behind the model's next step: worth a
+quarter of the tokens/s at 256 streams on an H100, where that turnaround is about as long as the
+step (benchmarks/RESULTS.md, issue 14). It costs a request that arrives mid-step one step more
+before it starts, since the step after is already sent. Where the turnaround is a sliver of the
+step (llama.cpp on a CPU: well under 1 ms of a 20-60 ms step) nothing is gained, and that step
+more showed in the time to first token (128 against 105 ms at 8 streams). So auto keeps a step in
+flight while the turnaround is at least ON_SHARE of the interval between the model's outputs,
+and stops below OFF_SHARE.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+OverlapMode = Literal["auto", "on", "off"]
+
+ON_SHARE = 0.10
+OFF_SHARE = 0.05
+MIN_SAMPLES = 8  # steps measured before auto decides
+ALPHA = 0.2  # weight of the newest step in the moving averages
+
+
+class StepOverlap:
+    def __init__(self, mode: OverlapMode) -> None:
+        self.mode = mode
+        self._is_on = mode == "on"
+        self._turnaround: float | None = None  # moving averages, seconds
+        self._interval: float | None = None
+        self._samples = 0
+        self._last_output: float | None = None
+        self._awaits_send = False  # an output came and no step was sent since
+
+    @property
+    def is_on(self) -> bool:
+        return self._is_on
+
+    def note_output(self, now: float) -> None:
+        """The model answered a step."""
+        if self._last_output is not None:
+            self._interval = _average(self._interval, now - self._last_output)
+        self._last_output = now
+        self._awaits_send = True
+
+    def note_sent(self, now: float) -> None:
+        """A step was sent (measured from the last output if none was sent since)."""
+        if self._awaits_send and self._last_output is not None:
+            self._turnaround = _average(self._turnaround, now - self._last_output)
+            self._samples += 1
+            self._decide()
+        self._awaits_send = False
+
+    def note_idle(self) -> None:
+        """The engine waited for work: what follows is not a step's turnaround."""
+        self._last_output = None
+        self._awaits_send = False
+
+    def _decide(self) -> None:
+        if self.mode != "auto" or self._samples < MIN_SAMPLES:
+            return
+        assert self._turnaround is not None
+        if not self._interval:
+            return
+        share = self._turnaround / self._interval
+        self._is_on = share >= (OFF_SHARE if self._is_on else ON_SHARE)
+
+
+def _average(old: float | None, new: float) -> float:
+    return new if old is None else old + ALPHA * (new - old)
