@@ -19,6 +19,7 @@ reuses the cached prefix of a released sequence's slot.
 from __future__ import annotations
 
 import asyncio
+import collections
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ import pytest
 from chatqueue import ChatMessage, ChatQueue
 from chatqueue.api.build import load_hf, load_llamacpp
 from chatqueue.config import Settings
+from chatqueue.engine.overlap import OverlapMode
 from chatqueue.engine.runner import (
     KVSpec,
     ModelRunner,
@@ -38,6 +40,7 @@ from chatqueue.engine.runner import (
     StepOutput,
     TokenizedRunner,
 )
+from chatqueue.text.tokenizer import Tokenizer
 from chatqueue.types import FinishReason, SamplingParams
 from tests.integration.test_hf_runner import drive
 from tests.integration.test_hf_runner import reference as generate_alone
@@ -71,6 +74,21 @@ class Kept:
 
     def close(self) -> None:
         pass
+
+
+class InFlight(TokenizedRunner):
+    """The runner pipelined in this process, as a model process is: a step runs when it is sent,
+    its output waits to be read, so the engine keeps a step in flight (`--overlap-steps on`)."""
+
+    def __init__(self, model: ModelRunner, tokenizer: Tokenizer, model_name: str) -> None:
+        super().__init__(model, tokenizer, model_name)
+        object.__setattr__(self, "outputs", collections.deque())
+
+    def send_step(self, batch: StepBatch) -> None:
+        self.outputs.append(self.model.step(batch))  # type: ignore[attr-defined]
+
+    def recv_step(self) -> StepOutput:
+        return self.outputs.popleft()  # type: ignore[attr-defined,no-any-return]
 
 
 class WholeTables:
@@ -132,9 +150,11 @@ class Subject:
     def prompt(self, question: str) -> list[int]:
         return self.runner.tokenizer.apply_chat_template([ChatMessage("user", question)])
 
-    def queue(self) -> ChatQueue:
-        runner = TokenizedRunner(Kept(self.runner.model), self.runner.tokenizer, "smollm2")
-        return ChatQueue(runner, max_concurrent=SLOTS, max_queue_size=SLOTS)
+    def queue(self, overlap: OverlapMode = "off") -> ChatQueue:
+        """`overlap` "on": the runner pipelined (`InFlight`), a step kept in flight."""
+        kind = InFlight if overlap == "on" else TokenizedRunner
+        runner = kind(Kept(self.runner.model), self.runner.tokenizer, "smollm2")
+        return ChatQueue(runner, max_concurrent=SLOTS, max_queue_size=SLOTS, overlap_steps=overlap)
 
 
 def load(kind: str) -> Subject:
@@ -276,9 +296,12 @@ def a_settled_reply(subject: Subject) -> tuple[str, list[int]]:
     raise AssertionError("every question's reference reply has a near tie, or runs on")
 
 
+@pytest.mark.parametrize("overlap", ["off", "on"])
 def test_eos_max_tokens_stop_strings_and_the_detokenizer_through_the_queue(
-    subject: Subject,
+    subject: Subject, overlap: OverlapMode
 ) -> None:
+    """With a step in flight too: a reply that ends on EOS or a stop string had one more token
+    computed, dropped; one cut at max_tokens was never stepped past it."""
     tokenizer = subject.runner.tokenizer
     question, whole = a_settled_reply(subject)
     prompt = subject.prompt(question)
@@ -287,7 +310,7 @@ def test_eos_max_tokens_stop_strings_and_the_detokenizer_through_the_queue(
     stop = reply.split()[3]  # a word from the middle of the reply
 
     async def run() -> list[object]:
-        queue = subject.queue()
+        queue = subject.queue(overlap)
         await queue.start_queue_worker()
         messages = [ChatMessage("user", question)]
         streams = [
