@@ -90,6 +90,11 @@ class Metrics:
             registry=r,
         )
         self.steps = Counter("chatqueue_engine_steps", "Engine steps run", registry=r)
+        self.steps_overlapped = Gauge(
+            "chatqueue_steps_overlapped",
+            "1 while the engine keeps a step in flight (--overlap-steps), else 0",
+            registry=r,
+        )
         self.model_restarts = Counter(
             "chatqueue_model_restarts", "Times the model process was started again", registry=r
         )

@@ -116,6 +116,7 @@ async def test_one_step_at_a_time_when_overlap_is_off() -> None:
     got = await replies(cq, [(words("a", 5), SamplingParams())])
     assert got == [(words("a", 5), "stop")]
     assert runner.most_unread() == 1
+    assert cq.metrics.registry.get_sample_value("chatqueue_steps_overlapped") == 0
 
 
 async def test_a_request_is_never_sent_a_step_past_its_length() -> None:
@@ -174,6 +175,7 @@ async def test_auto_turns_the_overlap_on_and_off_while_requests_run() -> None:
     assert modes[10:40].count(True) > 20  # on while the steps took no time
     assert modes[60:80].count(True) < 5  # off once they took 30 ms
     assert modes[110:].count(True) > 10  # on again
+    assert cq.metrics.registry.get_sample_value("chatqueue_steps_overlapped") == 1
 
 
 @pytest.mark.parametrize("overlap", ["on", "off"])

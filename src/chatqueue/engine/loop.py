@@ -119,6 +119,7 @@ class Engine:
         self._restart_policy = restart_policy or RestartPolicy()
         self._stream_interval = stream_interval
         self._overlap = StepOverlap(overlap_steps)
+        self._is_overlapping = False  # the last step sent was sent with one in flight
         self._in_flight: collections.deque[_Sent] = collections.deque()  # oldest first
         self._restarts: collections.deque[float] = collections.deque()
         self.last_exit: str | None = None  # why the model process last went away
@@ -357,6 +358,12 @@ class Engine:
         for seq in seqs:
             seq.num_in_flight += 1
         pipelined = self._overlap.is_on and isinstance(runner, Pipelined)
+        if pipelined is not self._is_overlapping:
+            self._is_overlapping = pipelined
+            self.metrics.steps_overlapped.set(int(pipelined))
+            log.info(
+                "a step in flight: %s (%s)", "on" if pipelined else "off", self._overlap.describe()
+            )
         self._overlap.note_sent(time.perf_counter())  # may turn it on or off from the next step
         if not pipelined:
             assert not self._in_flight, "a step in flight while overlap is off"

@@ -58,6 +58,18 @@ class StepOverlap:
         self._last_output = None
         self._awaits_send = False
 
+    def describe(self) -> str:
+        """Why it is on or off, for the log."""
+        if self.mode != "auto":
+            return f"--overlap-steps {self.mode}"
+        if self._turnaround is None or not self._interval or self._samples < MIN_SAMPLES:
+            return "auto, not measured yet"
+        share = self._turnaround / self._interval
+        return (
+            f"auto: the server's turnaround {self._turnaround * 1e3:.2f} ms is {share:.0%} of "
+            f"the {self._interval * 1e3:.2f} ms between the model's outputs"
+        )
+
     def _decide(self) -> None:
         if self.mode != "auto" or self._samples < MIN_SAMPLES:
             return
