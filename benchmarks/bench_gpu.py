@@ -503,7 +503,9 @@ def main() -> None:
     ap.add_argument("--kv-cache", choices=["static", "paged"], default="static")
     ap.add_argument("--http-streams", type=int, default=64)
     ap.add_argument(
-        "--overlap-steps", default="on", help="http, model process on: on, off or on,off"
+        "--overlap-steps",
+        default="on",
+        help="http, model process on: auto, on, off, or a list (on,off)",
     )
     ap.add_argument("--sizes", type=int, nargs="+", default=None, help="throughput: requests")
     ap.add_argument(
