@@ -344,7 +344,7 @@ class Engine:
         """Whether the next step can be scheduled before the step in flight is handled: some of
         its requests go on, and none of them needs its token first (a grammar's next mask, or
         the length it reaches)."""
-        if not (self._overlap.is_on and self._is_pipelined(self.runner)):
+        if not self._overlaps(self.runner):
             return False
         going_on = [s for s in self._in_flight[-1].seqs if s.state is RequestState.RUNNING]
         return bool(going_on) and not any(
@@ -357,7 +357,7 @@ class Engine:
         newest running meanwhile)."""
         for seq in seqs:
             seq.num_in_flight += 1
-        pipelined = self._overlap.is_on and isinstance(runner, Pipelined)
+        pipelined = self._overlaps(runner)
         if pipelined is not self._is_overlapping:
             self._is_overlapping = pipelined
             self.metrics.steps_overlapped.set(int(pipelined))
@@ -421,9 +421,9 @@ class Engine:
             sent.seqs, StepOutput({}), EngineError(f"The model failed while generating: {exc}")
         )
 
-    @staticmethod
-    def _is_pipelined(runner: Runner | None) -> bool:
-        return isinstance(runner, Pipelined)
+    def _overlaps(self, runner: Runner | None) -> bool:
+        """Whether a step is kept in flight now: the policy says so and the runner can."""
+        return self._overlap.is_on and isinstance(runner, Pipelined)
 
     def _done_with(self, sent: _Sent) -> None:
         for seq in sent.seqs:
