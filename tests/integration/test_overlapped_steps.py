@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import threading
 import time
 
 import pytest
@@ -176,6 +177,41 @@ async def test_auto_turns_the_overlap_on_and_off_while_requests_run() -> None:
     assert modes[60:80].count(True) < 5  # off once they took 30 ms
     assert modes[110:].count(True) > 10  # on again
     assert cq.metrics.registry.get_sample_value("chatqueue_steps_overlapped") == 1
+
+
+class HangsAfter(RecordingRunner):
+    """A model (in this process, so never restarted) that stops answering after `steps` steps,
+    until `resume` is set."""
+
+    def __init__(self, config: MockConfig, steps: int) -> None:
+        super().__init__(config)
+        self.steps, self.resume = steps, threading.Event()
+
+    def recv_step(self) -> StepOutput:
+        if sum(kind == "recv" for kind, _ in self.log) >= self.steps:
+            self.resume.wait(30)
+        return super().recv_step()
+
+
+async def test_a_hang_with_two_steps_in_flight_ends_each_request_once() -> None:
+    runner = HangsAfter(MockConfig(mode="echo"), steps=4)
+    cq = ChatQueue(
+        runner, max_concurrent=4, max_queue_size=8, overlap_steps="on", step_timeout_s=0.3
+    )
+    await cq.start_queue_worker()
+    await cq.wait_ready(60)
+    try:
+        streams = [await cq.submit([ChatMessage("user", words(w, 40))]) for w in "ab"]
+        done = await asyncio.wait_for(asyncio.gather(*(s.collect() for s in streams)), 30)
+        assert [d.reason.value for d in done] == ["error", "error"]
+        assert runner.most_unread() == 2  # the hang caught two steps in flight
+        ended = cq.metrics.registry.get_sample_value(
+            "chatqueue_finished_requests_total", {"reason": "error"}
+        )
+        assert ended == 2  # each request told once
+    finally:
+        runner.resume.set()
+        await cq.stop()
 
 
 @pytest.mark.parametrize("overlap", ["on", "off"])

@@ -388,7 +388,7 @@ class Engine:
         sent = self._in_flight[0]
         with self._cond:
             self._step_started = self._clock()
-            self._step_seqs = [s for step in self._in_flight for s in step.seqs]
+            self._step_seqs = self._seqs_in_flight()
         try:
             if sent.batch is not None:
                 output = runner.step(sent.batch)
@@ -429,15 +429,16 @@ class Engine:
         for seq in sent.seqs:
             seq.num_in_flight -= 1
 
+    def _seqs_in_flight(self) -> list[Sequence]:
+        """The requests of the steps in flight, each once (a request is in every one of them)."""
+        return list({s.rid: s for sent in self._in_flight for s in sent.seqs}.values())
+
     def _lose(self, exc: RunnerLost) -> bool:
         """The model went away with steps in flight: their requests are the ones it took."""
         self.lost = exc
-        seqs: dict[int, Sequence] = {}
+        self._lost_step_seqs = self._seqs_in_flight()
         while self._in_flight:
-            sent = self._in_flight.popleft()
-            self._done_with(sent)
-            seqs.update((s.rid, s) for s in sent.seqs)
-        self._lost_step_seqs = list(seqs.values())
+            self._done_with(self._in_flight.popleft())
         return False
 
     # -- when the model is lost -----------------------------------------------------------
