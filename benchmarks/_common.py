@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -16,6 +17,24 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.support.servers import Server, running_server
+
+
+def wait_healthy(
+    url: str, proc: subprocess.Popen[bytes], *, period_s: float = 0.2, timeout_s: float = 300
+) -> None:
+    """Until `url`'s /health answers 200; raises if `proc` (its server) exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited ({proc.returncode}): {proc.args}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url}/health not 200 after {timeout_s:.0f} s")
+        time.sleep(period_s)
 
 
 def pct(values: list[float], q: float) -> float:

@@ -36,7 +36,7 @@ import aiohttp
 import httpx
 import uvloop
 
-from _common import pct, stream_chat
+from _common import pct, stream_chat, wait_healthy
 from tests.support.servers import free_port
 
 BURST_S = 0.5
@@ -141,15 +141,7 @@ def server(args: argparse.Namespace, v: Variant) -> Iterator[tuple[str, int]]:
     proc = subprocess.Popen(cmd, env={**v.env, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {cmd}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        wait_healthy(url, proc, timeout_s=120)
         yield url, proc.pid
     finally:
         proc.terminate()

@@ -333,7 +333,7 @@ def serve_and_measure(mode: str, profile_dir: str | None, overlap: str = "on") -
     (keys suffixed with `_off` for the server that keeps the model in its own process)."""
     import aiohttp
 
-    from _common import health_probe, pct, stream_chat
+    from _common import health_probe, pct, stream_chat, wait_healthy
 
     n = HTTP_STREAMS
     port = 8123
@@ -362,13 +362,7 @@ def serve_and_measure(mode: str, profile_dir: str | None, overlap: str = "on") -
     try:
         import httpx
 
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+        wait_healthy(url, server, period_s=0.5)
         body = {
             "messages": [{"role": "user", "content": "x"}],
             "stream": True,
