@@ -68,7 +68,7 @@ def oai(srv: Server) -> Iterator[openai.OpenAI]:
 @pytest.fixture(scope="module")
 def tokenizer_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A local tokenizer folder for the clients that count tokens (never the hub)."""
-    from tests.integration.test_hf_runner import tiny_tokenizer
+    from tests.support.tiny_tokenizer import tiny_tokenizer
 
     folder = tmp_path_factory.mktemp("tokenizer")
     tiny_tokenizer().save_pretrained(folder)

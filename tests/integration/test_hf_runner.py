@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -33,6 +32,7 @@ from chatqueue.engine.process import ProcessRunner
 from chatqueue.engine.runner import ModelRunner, NewSequence, StepBatch, TokenizedRunner
 from chatqueue.text.hf_tokenizer import HFTokenizer, MissingChatTemplate
 from chatqueue.types import ChatMessage, SamplingParams
+from tests.support.tiny_tokenizer import tiny_tokenizer
 
 GREEDY = SamplingParams(temperature=0.0)
 TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}<|assistant|>"
@@ -61,21 +61,6 @@ def tiny_llama() -> LlamaForCausalLM:
         pad_token_id=0,
     )
     return LlamaForCausalLM(config).eval()
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<pad>", "<bos>", "<|end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tokenizer.train_from_iterator(["hello world, how are you today?"] * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<bos>", eos_token="<|end|>"
-    )
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,9 @@ from chatqueue.engine.hf import gguf_cache
 from chatqueue.engine.hf.kv_batch import UnsupportedCache
 from chatqueue.engine.runner import NewSequence, StepBatch, runner_info
 from chatqueue.types import ChatMessage, SamplingParams
-from tests.integration.test_hf_runner import (
-    TEMPLATE,
-    load_in_process,
-    tiny_llama,
-    tiny_tokenizer,
-)
+from tests.integration.test_hf_runner import TEMPLATE, load_in_process, tiny_llama
 from tests.support.servers import running_server
+from tests.support.tiny_tokenizer import tiny_tokenizer
 
 QWEN3 = {
     "vocab_size": 320,

@@ -5,25 +5,13 @@ from __future__ import annotations
 
 import itertools
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from chatqueue.text.hf_tokenizer import HFTokenizer
+from tests.support.tiny_tokenizer import tiny_tokenizer
 
 TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-
-
-def tiny_tokenizer(cls: type[PreTrainedTokenizerFast] = PreTrainedTokenizerFast):  # type: ignore[no-untyped-def]
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<pad>", "<bos>", "<|end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tokenizer.train_from_iterator(["héllo world, how are you today? ünïcode"] * 4, trainer=trainer)
-    return cls(tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<|end|>")
+UNICODE = "héllo world, how are you today? ünïcode"
 
 
 def hf(tokenizer: PreTrainedTokenizerFast) -> HFTokenizer:
@@ -31,7 +19,7 @@ def hf(tokenizer: PreTrainedTokenizerFast) -> HFTokenizer:
 
 
 def test_decode_matches_transformers_with_specials_and_split_characters() -> None:
-    tokenizer = tiny_tokenizer()
+    tokenizer = tiny_tokenizer(text=UNICODE, vocab_size=300)
     ours = hf(tokenizer)
     assert ours._backend_decode is not None  # the fast path is the one under test
     ids = [1, *tokenizer.encode("héllo world, ünïcode", add_special_tokens=False), 2, 0]
@@ -50,6 +38,6 @@ class Shouting(PreTrainedTokenizerFast):
 
 
 def test_a_class_that_changes_decoding_keeps_transformers_path() -> None:
-    ours = hf(tiny_tokenizer(Shouting))
+    ours = hf(tiny_tokenizer(Shouting, text=UNICODE, vocab_size=300))
     assert ours._backend_decode is None
     assert ours.decode(ours.encode("hello")) == "HELLO"
