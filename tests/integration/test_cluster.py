@@ -23,10 +23,10 @@ import pytest
 import ray
 from ray import serve
 
+from chatqueue.api.outbox import decode
+from chatqueue.api.wire import Admitted, Submission
 from chatqueue.cluster import app_for
-from chatqueue.cluster.outbox import decode
 from chatqueue.cluster.policy import RouteHint
-from chatqueue.cluster.wire import Admitted, Submission
 from chatqueue.config import Settings
 from chatqueue.types import ChatMessage, Finished
 from tests.support.chat import done_of, reply_text, sse_events

@@ -22,7 +22,7 @@ from typing import Any
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from chatqueue.api import RequestStream
-from chatqueue.cluster.outbox import decode
+from chatqueue.api.outbox import decode
 from chatqueue.cluster.policy import RouteHint
 from chatqueue.errors import ChatQueueError, ReplicaLost
 from chatqueue.types import Event, Finished, FinishReason, Started, Token, Usage

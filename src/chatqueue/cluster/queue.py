@@ -31,11 +31,11 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from chatqueue.api import LoadInfo, RequestStream
 from chatqueue.api.admission import TokenBudget
 from chatqueue.api.chat_queue import sampling_defaults_of
+from chatqueue.api.wire import Admitted, Description, Refused, Submission
 from chatqueue.cluster import view
 from chatqueue.cluster.channels import Channels, Placed
 from chatqueue.cluster.policy import RouteHint, conversation_key
 from chatqueue.cluster.stats import ReplicaStats
-from chatqueue.cluster.wire import Admitted, Description, Refused, Submission
 from chatqueue.config import Settings
 from chatqueue.errors import (
     ChatQueueError,

@@ -20,9 +20,9 @@ from ray import serve
 
 from chatqueue.api import ChatQueue, RequestStream
 from chatqueue.api.build import chat_queue_for
-from chatqueue.cluster.outbox import Outbox, encode
+from chatqueue.api.outbox import Outbox, encode
+from chatqueue.api.wire import Admitted, Description, Refused, Submission
 from chatqueue.cluster.stats import ReplicaStats
-from chatqueue.cluster.wire import Admitted, Description, Refused, Submission
 from chatqueue.config import Settings
 from chatqueue.errors import ChatQueueError, NotReady
 

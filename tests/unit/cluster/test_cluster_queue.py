@@ -12,11 +12,11 @@ import pytest
 from ray.exceptions import RayActorError
 
 from chatqueue.api import RequestStream
-from chatqueue.cluster import outbox as outbox_module
-from chatqueue.cluster.outbox import Outbox, encode
+from chatqueue.api import outbox as outbox_module
+from chatqueue.api.outbox import Outbox, encode
+from chatqueue.api.wire import Admitted, Description, Refused, Submission
 from chatqueue.cluster.policy import RouteHint
 from chatqueue.cluster.queue import ClusterQueue
-from chatqueue.cluster.wire import Admitted, Description, Refused, Submission
 from chatqueue.config import Settings
 from chatqueue.engine.mock import MockTokenizer
 from chatqueue.errors import InvalidRequest, QueueFull, ReplicaLost, UserQueueFull

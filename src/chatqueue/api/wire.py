@@ -1,7 +1,8 @@
-"""The typed messages between the front and a replica (pickled by Ray). A replica answers a
-submission with `Admitted` or `Refused`; an admitted request's own events (Queued, Started,
-Token, Finished, as a ChatQueue gives them) come on the front's channel (`outbox`), labelled
-with the submission's `key`."""
+"""The typed messages between a front (the HTTP side, in another process) and the ChatQueue that
+serves it: a cluster's replica (pickled by Ray, `chatqueue.cluster`) or the core process under
+several API servers (`chatqueue.fronts`). The queue answers a submission with `Admitted` or
+`Refused`; an admitted request's own events (Queued, Started, Token, Finished, as a ChatQueue
+gives them) come on the front's channel (`outbox`), labelled with the submission's `key`."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ class Submission:
 
 @dataclass(frozen=True, slots=True)
 class Admitted:
-    replica: str
+    replica: str  # the queue that took it (a replica's id; the core's under several fronts)
     request_id: str
 
 

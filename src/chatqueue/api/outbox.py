@@ -1,5 +1,6 @@
-"""A replica's events for one front, batched: what every request the front placed here has pushed
-since the last batch, sent as one message on the front's channel. Plain asyncio; no Ray here.
+"""A queue's events for one front in another process, batched: what every request the front placed
+here has pushed since the last batch, sent as one message on the front's channel (a cluster's
+replica to its front over Ray, the core to each API server over a socket). Plain asyncio.
 
 NOTE: why batches. Each message between Ray processes costs both ends a fraction of a millisecond
 of Python; one a token a stream cost the replica and the front ~1.3 ms of CPU a token together,
@@ -47,7 +48,10 @@ class _Entry:
 class Outbox:
     """One front's requests on this replica, and the events they have waiting."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, forever: bool = False) -> None:
+        """`forever`: `batches` goes on while no request is left too (a channel that costs
+        nothing idle: the core's socket to an API server), rather than for `LINGER_S`."""
+        self._forever = forever
         self._live: dict[str, _Entry] = {}
         self._ready: dict[str, None] = {}  # keys with events waiting, in the order they came
         self._wakeup = asyncio.Event()
@@ -92,7 +96,7 @@ class Outbox:
                 if batch:
                     yield batch
                 continue
-            if self._live:
+            if self._live or self._forever:
                 idle_since = None
             elif idle_since is None:
                 idle_since = loop.time()
