@@ -14,6 +14,16 @@ LAG_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.
 _WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
+class Exposed(Protocol):
+    """What /metrics renders: a queue's `Metrics`, or an API server's view of the core's."""
+
+    @property
+    def registry(self) -> CollectorRegistry: ...
+
+    async def refresh(self) -> None:
+        """Bring the registry up to date before it is rendered."""
+
+
 class KVFigures(Protocol):
     """What a KV pool reports (the scheduler's BlockManager)."""
 
@@ -135,6 +145,9 @@ class Metrics:
         )
         self._tokens = _Window(window_s, clock)
         self._waits = _Window(window_s * 6, clock)
+
+    async def refresh(self) -> None:
+        """Nothing to do: this process's metrics are always up to date."""
 
     def observe_kv(self, kv: KVFigures | None) -> None:
         if kv is not None:

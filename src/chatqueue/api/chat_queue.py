@@ -470,6 +470,10 @@ class ChatQueue:
             self._on_finish(FinishInfo(stream.request_id, seq.user, finished.reason, finished))
 
     # -- figures --------------------------------------------------------------------------
+    async def load_now(self) -> LoadInfo:
+        """`load()`, for a caller that may be in another process (/load asks this way)."""
+        return self.load()
+
     def load(self) -> LoadInfo:
         s = self.scheduler
         now = self._clock()

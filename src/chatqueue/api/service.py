@@ -1,5 +1,6 @@
 """What the HTTP routes and the chat service need of a queue, as a Protocol: `ChatQueue` over one
-model, or a cluster's front (`chatqueue.cluster`) over many replicas, each a ChatQueue."""
+model, a cluster's front (`chatqueue.cluster`) over many replicas, each a ChatQueue, or an API
+server beside others over the core's ChatQueue (`chatqueue.fronts`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from chatqueue.api.admission import TokenBudget
 from chatqueue.api.chat_queue import LoadInfo
 from chatqueue.api.stream import RequestStream
 from chatqueue.errors import ServiceUnavailable
-from chatqueue.metrics import Metrics
+from chatqueue.metrics import Exposed
 from chatqueue.text.tokenizer import Tokenizer
 from chatqueue.text.tool_calls import ToolCallFormat
 from chatqueue.types import ChatMessage, SamplingParams, ToolSpec
@@ -20,7 +21,8 @@ class QueueService(Protocol):
     """Admission, the request stream, the figures and the life cycle, as `ChatQueue` has them
     (its docstrings say what each does)."""
 
-    metrics: Metrics
+    @property
+    def metrics(self) -> Exposed: ...
 
     async def start_queue_worker(self) -> None: ...
 
@@ -92,3 +94,5 @@ class QueueService(Protocol):
     def check_room(self, num_places: int) -> None: ...
 
     def load(self) -> LoadInfo: ...
+
+    async def load_now(self) -> LoadInfo: ...

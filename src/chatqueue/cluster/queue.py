@@ -387,6 +387,9 @@ class ClusterQueue:
             m.generated_tokens.inc(event.usage.completion_tokens)
 
     # -- figures --------------------------------------------------------------------------
+    async def load_now(self) -> ClusterLoad:
+        return self.load()  # NOTE: the replicas' figures are as fresh as the router's
+
     def load(self) -> ClusterLoad:
         now = time.time()
         rows: list[dict[str, Any]] = []

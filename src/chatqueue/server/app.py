@@ -19,7 +19,7 @@ from chatqueue.server.errors import install_error_handlers
 from chatqueue.server.headers import SecurityHeaders
 from chatqueue.server.limits import BodySizeLimit
 from chatqueue.server.pacing import ArrivalPacer
-from chatqueue.server.ratelimit import RateLimiter
+from chatqueue.server.ratelimit import Limiter, RateLimiter
 
 
 def create_app(
@@ -27,9 +27,11 @@ def create_app(
     *,
     chat_queue: api.QueueService | None = None,
     model_process: ModelProcess | None = None,
+    rate_limiter: Limiter | None = None,
 ) -> FastAPI:
     """Raises KeyFileError (before anything starts) when the --api-keys file is bad. `chat_queue`:
-    one made elsewhere (a test's, a cluster's front); else one from the settings."""
+    one made elsewhere (a test's, a cluster's front, an API server's); else one from the
+    settings. `rate_limiter`: whose buckets --rate-limit takes from; else this process's."""
     settings = settings or Settings()
     keyring = Keyring.from_settings(settings)
     cq: api.QueueService = chat_queue or chat_queue_for(
@@ -49,7 +51,7 @@ def create_app(
     app.state.chat_queue = cq
     app.state.settings = settings
     app.state.keyring = keyring
-    app.state.rate_limiter = RateLimiter()
+    app.state.rate_limiter = rate_limiter or RateLimiter()
     install_error_handlers(app)
     app.include_router(openai_routes.router)
     app.include_router(ops.router)

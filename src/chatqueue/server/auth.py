@@ -27,7 +27,7 @@ from pydantic_core import ErrorDetails
 
 from chatqueue.config import Settings
 from chatqueue.errors import Unauthorized
-from chatqueue.server.ratelimit import RateLimiter
+from chatqueue.server.ratelimit import Limiter
 
 
 class KeyFileError(ValueError):
@@ -171,8 +171,8 @@ async def identity(request: Request) -> Identity:
     settings: Settings = request.app.state.settings
     per_minute = who.rate_limit or settings.rate_limit
     if per_minute is not None:
-        limiter: RateLimiter = request.app.state.rate_limiter
-        limiter.take(caller_of(request, who), per_minute)
+        limiter: Limiter = request.app.state.rate_limiter
+        await limiter.take(caller_of(request, who), per_minute)
     return who
 
 

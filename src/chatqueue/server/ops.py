@@ -83,7 +83,7 @@ async def health(request: Request) -> JSONResponse:
 
 @router.get("/load", dependencies=[Depends(admin)])
 async def load(request: Request) -> dict[str, Any]:
-    figures = _cq(request).load().as_json()
+    figures = (await _cq(request).load_now()).as_json()
     if keyring(request).has_admin_key:  # only the operator sees the process's insides
         figures["debug"] = {"tasks": len(asyncio.all_tasks()), "open_fds": _num_open_fds()}
     return figures
@@ -98,4 +98,6 @@ def _num_open_fds() -> int | None:
 
 @router.get("/metrics", dependencies=[Depends(admin)])
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(_cq(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    figures = _cq(request).metrics
+    await figures.refresh()
+    return Response(generate_latest(figures.registry), media_type=CONTENT_TYPE_LATEST)

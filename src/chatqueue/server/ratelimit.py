@@ -12,10 +12,18 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from chatqueue.errors import RateLimited
 
 PRUNE_AT = 10_000  # buckets kept before the full ones (as good as absent) are dropped
+
+
+class Limiter(Protocol):
+    """What the routes ask (`app.state.rate_limiter`): this process's buckets (`RateLimiter`),
+    or, in an API server beside others, the core's (`fronts.client.CoreLimiter`)."""
+
+    async def take(self, caller: str, per_minute: float) -> None: ...
 
 
 class RateLimiter:
@@ -27,8 +35,9 @@ class RateLimiter:
     def __len__(self) -> int:
         return len(self._buckets)
 
-    def take(self, caller: str, per_minute: float) -> None:
-        """One request of `caller`'s, or RateLimited."""
+    async def take(self, caller: str, per_minute: float) -> None:
+        """One request of `caller`'s, or RateLimited. (Async, as the API servers' limiter is:
+        theirs asks the core process, which holds the buckets of all of them.)"""
         now = self._clock()
         tokens = self._tokens(caller, per_minute, now)
         if tokens < 1:

@@ -12,17 +12,21 @@ import gc
 import logging
 import math
 import signal
+import socket
 import sys
 import urllib.parse
+from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
 
 from chatqueue.api import QueueService
 from chatqueue.config import Settings
 from chatqueue.engine.process import ModelProcess
 from chatqueue.server.app import create_app
 from chatqueue.server.connections import timed_protocol
+from chatqueue.server.ratelimit import Limiter
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +113,15 @@ def serve(
     *,
     chat_queue: QueueService | None = None,
     model_process: ModelProcess | None = None,
+    rate_limiter: Limiter | None = None,
+    sockets: list[socket.socket] | None = None,
+    on_app: Callable[[FastAPI], None] | None = None,
 ) -> None:
-    """`chat_queue`: one made elsewhere (a cluster's front over its replicas). `model_process`:
-    the model's process, started ahead for these settings (`engine.loading.head_start`)."""
+    """`chat_queue`: one made elsewhere (a cluster's front over its replicas, an API server's
+    over the core). `model_process`: the model's process, started ahead for these settings
+    (`engine.loading.head_start`). `sockets`: listen on these (shared by several API servers)
+    rather than on --host and --port. `on_app`: called with the app before it serves (a
+    benchmark's own routes)."""
     # NOTE: the engine thread and the event loop share the GIL. At the default 5 ms switch
     # interval a busy event loop makes the engine wait up to 5 ms for each GIL hand-back (several
     # a step), which stretched 20 ms mock steps to 35 ms at 256 streams.
@@ -120,7 +130,11 @@ def serve(
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    app = create_app(settings, chat_queue=chat_queue, model_process=model_process)
+    app = create_app(
+        settings, chat_queue=chat_queue, model_process=model_process, rate_limiter=rate_limiter
+    )
+    if on_app is not None:
+        on_app(app)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -133,4 +147,4 @@ def serve(
         ),
     )
     logging.getLogger("uvicorn.access").addFilter(RedactSecrets())  # after Config set logging up
-    _DrainingServer(config, app.state.chat_queue, settings.shutdown_timeout).run()
+    _DrainingServer(config, app.state.chat_queue, settings.shutdown_timeout).run(sockets)

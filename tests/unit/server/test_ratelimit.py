@@ -17,39 +17,39 @@ class Clock:
         return self.now
 
 
-def test_a_minutes_worth_then_one_per_interval_with_retry_after_the_next_token() -> None:
+async def test_a_minutes_worth_then_one_per_interval_with_retry_after_the_next_token() -> None:
     clock = Clock()
     limiter = RateLimiter(clock)
     for _ in range(6):
-        limiter.take("a", 6)  # a burst of a minute's worth
+        await limiter.take("a", 6)  # a burst of a minute's worth
     with pytest.raises(RateLimited) as refused:
-        limiter.take("a", 6)
+        await limiter.take("a", 6)
     assert refused.value.kind == "rate_limited" and refused.value.retry_after_s == 10
     clock.now += 4
     with pytest.raises(RateLimited) as refused:
-        limiter.take("a", 6)
+        await limiter.take("a", 6)
     assert refused.value.retry_after_s == 6  # the next token is 6 s away
     clock.now += 6
-    limiter.take("a", 6)
+    await limiter.take("a", 6)
     with pytest.raises(RateLimited):
-        limiter.take("a", 6)
+        await limiter.take("a", 6)
 
 
-def test_callers_have_buckets_of_their_own() -> None:
+async def test_callers_have_buckets_of_their_own() -> None:
     limiter = RateLimiter(Clock())
-    limiter.take("a", 1)
+    await limiter.take("a", 1)
     with pytest.raises(RateLimited) as refused:
-        limiter.take("a", 1)
+        await limiter.take("a", 1)
     assert refused.value.retry_after_s == 60
-    limiter.take("b", 1)
+    await limiter.take("b", 1)
 
 
-def test_full_buckets_are_forgotten(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_full_buckets_are_forgotten(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ratelimit, "PRUNE_AT", 10)
     clock = Clock()
     limiter = RateLimiter(clock)
     for i in range(10):
-        limiter.take(f"old{i}", 60)
+        await limiter.take(f"old{i}", 60)
     clock.now += 2  # the old callers' buckets are full again
-    limiter.take("new", 60)
+    await limiter.take("new", 60)
     assert len(limiter) == 1
