@@ -141,10 +141,18 @@ def serve(**given: Any) -> None:
 
     model_process = head_start(settings)  # before the server's imports: they overlap its own
     from chatqueue.server.auth import KeyFileError
-    from chatqueue.server.serve import serve as run
 
     try:
-        run(settings, model_process=model_process)
+        if settings.api_servers > 1:
+            from chatqueue.api.build import chat_queue_for
+            from chatqueue.fronts.launch import serve_api_servers
+
+            cq = chat_queue_for(settings, model_process=model_process)
+            serve_api_servers(settings, chat_queue=cq)
+        else:
+            from chatqueue.server.serve import serve as run
+
+            run(settings, model_process=model_process)
     except KeyFileError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc

@@ -177,6 +177,9 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on")
     shutdown_timeout: float = Field(30.0, ge=0, description="Grace for running requests, s")
+    api_servers: int = Field(
+        1, ge=1, description="HTTP server processes over the one queue (the streams' writes)"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
 
     # the cluster (the chatqueue[cluster] extra: Ray Serve)
@@ -270,6 +273,12 @@ class Settings(BaseSettings):
             raise ValueError("--min-replicas and --max-replicas go together")
         if self.min_replicas and self.max_replicas and self.min_replicas > self.max_replicas:
             raise ValueError("--min-replicas is more than --max-replicas")
+        if self.api_servers > 1 and self.is_cluster:
+            raise ValueError("--api-servers is for one server; a cluster has its own front")
+        if self.api_servers > 1 and self.history == "memory":
+            raise ValueError(
+                "--api-servers shares conversations between processes: --history sqlite or redis"
+            )
         return self
 
     @property

@@ -148,6 +148,18 @@ class ReplicaLost(EngineError):
         super().__init__(message, retry_after_s=1)
 
 
+class CoreLost(EngineError):
+    """Under several API servers (`--api-servers`), the core process that runs the queue and the
+    model went away; the API server that held this request stops with it."""
+
+    kind = "core_lost"
+
+    def __init__(
+        self, message: str = "The server's core process went away. Retry shortly."
+    ) -> None:
+        super().__init__(message, retry_after_s=1)
+
+
 class Aborted(ChatQueueError):
     """The request ended before it finished, without an error of the server's: its reader left
     or fell too far behind."""

@@ -44,20 +44,32 @@ def mock_lorem(*, max_concurrent: int, max_queue: int, words: int, delay_s: floa
     ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+# NOTE: every test here runs against one server process, and against two API servers over
+# one core (--api-servers 2): the queue's promises are the same whichever process a client
+# reaches.
+API_SERVERS = [pytest.param(1, id="one-process"), pytest.param(2, id="two-api-servers")]
+
+
+@pytest.fixture(scope="module", params=API_SERVERS)
+def srv(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Server]:
     # NOTE: 0.05 s a step makes one generation last 1 s: long enough that a burst fired at once
     # all arrives while the first requests still run.
     flags = mock_lorem(
         max_concurrent=MAX_CONCURRENT, max_queue=MAX_QUEUE, words=NUM_WORDS, delay_s=0.05
     )
+    flags += ["--api-servers", str(request.param)]
     with running_server(*flags, tmp_path=tmp_path_factory.mktemp("queueing")) as server:
         yield server
 
 
-@pytest.fixture(scope="module")
-def one_slot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+@pytest.fixture(scope="module", params=API_SERVERS)
+def one_slot(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Server]:
     flags = mock_lorem(max_concurrent=1, max_queue=3, words=400, delay_s=0.01)
+    flags += ["--api-servers", str(request.param)]
     with running_server(*flags, tmp_path=tmp_path_factory.mktemp("one_slot")) as server:
         yield server
 

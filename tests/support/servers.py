@@ -124,6 +124,37 @@ def model_process(server_pid: int) -> int:
     return min(pids, key=lambda pid: int(Path(f"/proc/{pid}/stat").read_text().split()[21]))
 
 
+def api_server_pids(server_pid: int) -> list[int]:
+    """Pids of a server's API server processes (`--api-servers N`)."""
+    pids = []
+    for task in Path(f"/proc/{server_pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            for pid in (task / "children").read_text().split():
+                with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                    if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        pids.append(int(pid))
+    return sorted(pids)
+
+
+def holder_of(client_port: int, pids: list[int]) -> int | None:
+    """Which of `pids` holds the server's end of the loopback TCP connection from `client_port`
+    (read from /proc: the connection's socket inode, then whose descriptors point at it)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if int(fields[2].rpartition(":")[2], 16) == client_port:
+                    inodes.add(f"socket:[{fields[9]}]")
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(FileNotFoundError, ProcessLookupError, OSError):
+                    if os.readlink(fd) in inodes:
+                        return pid
+    return None
+
+
 @dataclass
 class RedisProcess:
     """A `redis-server` the test may stop, start again on the same port, freeze and thaw."""

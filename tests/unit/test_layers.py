@@ -16,16 +16,21 @@ ROOT = "chatqueue"  # the package's own __init__, which re-exports the server's 
 FACES = {"server", "web", "cli", "console", "bench"}
 
 # What each layer must never import, by top-level name under chatqueue/. The cluster (Ray Serve)
-# sits above the server: it may import server, api and config; nothing but the CLI imports it.
+# and the fronts (several API servers over one core) sit above the server: they may import
+# server, api and config; nothing but the CLI imports them.
+ABOVE = {"cluster", "fronts"}
 NEVER = {
-    "scheduler": {"engine", "api", "chat", "history", "cluster", *FACES},
-    "engine": {"api", "chat", "history", "cluster", *FACES},
-    "text": {"engine", "cluster", *FACES},
-    "history": {"engine", "api", "chat", "cluster", *FACES},
-    "api": {"chat", "cluster", *FACES},
-    "chat": {"engine", "cluster", *FACES},
-    "cluster": {"engine", "scheduler", "chat", "history", *(FACES - {"server"})},
-    **{face: {"cluster"} for face in FACES - {"cli"}},
+    "scheduler": {"engine", "api", "chat", "history", *ABOVE, *FACES},
+    "engine": {"api", "chat", "history", *ABOVE, *FACES},
+    "text": {"engine", *ABOVE, *FACES},
+    "history": {"engine", "api", "chat", *ABOVE, *FACES},
+    "api": {"chat", *ABOVE, *FACES},
+    "chat": {"engine", *ABOVE, *FACES},
+    **{
+        top: {"engine", "scheduler", "chat", "history", *(ABOVE - {top}), *(FACES - {"server"})}
+        for top in ABOVE
+    },
+    **{face: ABOVE for face in FACES - {"cli"}},
 }
 
 # The scheduler is plain data: testable with no model, and nothing in it waits on the outside world.

@@ -16,6 +16,7 @@ from chatqueue.errors import (
     Aborted,
     ChatQueueError,
     ClientGone,
+    CoreLost,
     EngineError,
     EngineRestarted,
     Forbidden,
@@ -45,6 +46,7 @@ STATUS: dict[type[ChatQueueError], int] = {
     ClientGone: 499,  # nginx's "client closed request": nobody reads it, the access log does
     EngineRestarted: 503,  # cut short by a model process restart: retrying works
     ReplicaLost: 503,  # a cluster replica died under it: the others take the retry
+    CoreLost: 503,  # an API server's core died: a restarted server takes the retry
     EngineError: 500,
     Aborted: 500,
     ServiceUnavailable: 503,  # NotReady, ShuttingDown, QueueTimeout, StoreUnavailable too
