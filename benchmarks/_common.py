@@ -37,6 +37,23 @@ def wait_healthy(
         time.sleep(period_s)
 
 
+def from_each_process(url: str, method: str, path: str, processes: int) -> list[object]:
+    """`method path` (a lag_recorder route) answered by each of the `processes` serving `url`
+    (its API servers): asked on a new connection each time until every one has answered."""
+    answers: dict[int, object] = {}
+    for _ in range(64 * processes):
+        body = httpx.request(method, f"{url}{path}", timeout=30).json()
+        answers.setdefault(body["pid"], body["data"])
+        if len(answers) == processes:
+            return list(answers.values())
+    raise RuntimeError(f"{path}: only {len(answers)} of {processes} processes answered")
+
+
+def api_servers_of(flags: list[str]) -> int:
+    """How many API servers `chatqueue serve` flags ask for."""
+    return int(flags[flags.index("--api-servers") + 1]) if "--api-servers" in flags else 1
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")

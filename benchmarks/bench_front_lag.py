@@ -33,11 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
-import httpx
 import uvloop
 
-from _common import pct, stream_chat, wait_healthy
-from tests.support.servers import free_port
+from _common import api_servers_of, from_each_process, pct, stream_chat, wait_healthy
+from tests.support.servers import api_server_pids, free_port
 
 BURST_S = 0.5
 HERE = Path(__file__).resolve().parent
@@ -100,7 +99,8 @@ class Figures:
     gaps_after: list[float] = field(default_factory=list)  # those ending after the arrivals
     tokens_per_s: list[float] = field(default_factory=list)
     ttft: list[float] = field(default_factory=list)
-    cpu: list[tuple[float, float, float]] = field(default_factory=list)  # server, client, wall s
+    # server (with its API servers), client, wall, the server's own process alone (the core), s
+    cpu: list[tuple[float, float, float, float]] = field(default_factory=list)
     gc_pauses: list[float] = field(default_factory=list)  # the server's, during the runs, s
 
 
@@ -181,14 +181,24 @@ def cpu_s(pid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def server_cpu_s(pid: int) -> float:
+    """CPU seconds of a server: its process and its API servers (not its model process)."""
+    return cpu_s(pid) + sum(cpu_s(p) for p in api_server_pids(pid))
+
+
 def run_variant(v: Variant, args: argparse.Namespace, run: int) -> None:
-    httpx.post(f"{v.url}/bench/lag", timeout=10)
-    server0, client0, wall0 = cpu_s(v.pid), cpu_s(), time.perf_counter()
+    processes = api_servers_of(v.flags)
+    from_each_process(v.url, "POST", "/bench/lag", processes)
+    server0, client0, wall0, own0 = server_cpu_s(v.pid), cpu_s(), time.perf_counter(), cpu_s(v.pid)
     start, f = uvloop.run(burst(v.url, args, seed=1000 * (run + 1)))
     wall = time.perf_counter() - wall0
-    v.figures.cpu.append((cpu_s(v.pid) - server0, cpu_s() - client0, wall))
-    samples = httpx.get(f"{v.url}/bench/lag", timeout=10).json()
-    v.figures.gc_pauses += [s for _, _, s in httpx.get(f"{v.url}/bench/gc", timeout=10).json()]
+    server, own = server_cpu_s(v.pid) - server0, cpu_s(v.pid) - own0
+    v.figures.cpu.append((server, cpu_s() - client0, wall, own))
+    # NOTE: under --api-servers, every API server's loop: each carries its share of the streams
+    recorded = from_each_process(v.url, "GET", "/bench/lag", processes)
+    samples = [x for each in recorded for x in each]  # type: ignore[attr-defined]
+    pauses = from_each_process(v.url, "GET", "/bench/gc", processes)
+    v.figures.gc_pauses += [s for each in pauses for _, _, s in each]  # type: ignore[attr-defined]
     v.figures.lag_arrivals += [lag for t, lag in samples if start <= t < start + BURST_S]
     v.figures.lag_after += [lag for t, lag in samples if t >= start + BURST_S]
     v.figures.gaps += f.gaps
@@ -262,8 +272,8 @@ def report(v: Variant, base: Variant, step_s: float) -> None:
         f"{inproc:.0f} = {tps / inproc:.3f}; HTTP tokens/s"
         f"{ratio(tps, statistics.median(b.tokens_per_s)) or ' (base)'}"
         "  (goal >= 0.95)\n"
-        f"  CPU a run: server {statistics.fmean(c[0] for c in f.cpu):.2f} s (its model process "
-        f"not counted), clients {statistics.fmean(c[1] for c in f.cpu):.2f} s, in "
+        f"  CPU a run: server {statistics.fmean(c[0] for c in f.cpu):.2f} s (its API servers "
+        f"counted, its model process not; its own process {statistics.fmean(c[3] for c in f.cpu):.2f} s), clients {statistics.fmean(c[1] for c in f.cpu):.2f} s, in "
         f"{statistics.fmean(c[2] for c in f.cpu):.2f} s on {os.cpu_count()} CPUs\n"
         f"  the server's garbage collections a run: {len(f.gc_pauses) / len(f.cpu):.0f}, over "
         f"2 ms {sum(p > 0.002 for p in f.gc_pauses) / len(f.cpu):.1f}, longest "

@@ -100,7 +100,6 @@ def main() -> None:
     from chatqueue.config import Settings
     from chatqueue.engine.process.runner import ProcessRunner
     from chatqueue.engine.runner import TokenizedRunner
-    from chatqueue.server import app as app_module
     from chatqueue.server import serve
 
     tokenizer = real_tokenizer() if args.tokenizer == "real" else StandInTokenizer()
@@ -120,15 +119,12 @@ def main() -> None:
         else {}
     )
     cq = ChatQueue(runner, max_concurrent=n, max_queue_size=n, **extra)
-    create_app = app_module.create_app
+    if settings.api_servers > 1:
+        from chatqueue.fronts.launch import serve_api_servers
 
-    def with_recorder(*a, **kw):  # type: ignore[no-untyped-def]
-        app = create_app(*a, **kw)
-        add_lag_recorder(app)
-        return app
-
-    serve.create_app = with_recorder  # type: ignore[assignment]
-    serve.serve(settings, chat_queue=cq)
+        serve_api_servers(settings, chat_queue=cq, on_app=add_lag_recorder)
+    else:
+        serve.serve(settings, chat_queue=cq, on_app=add_lag_recorder)
 
 
 def rest_names(rest: list[str]) -> set[str]:

@@ -162,16 +162,14 @@ def main() -> None:
     ap.add_argument("--model-process", choices=["on", "off"], default="on")
     ap.add_argument("--overlap-steps", choices=["auto", "on", "off"], default="auto")
     ap.add_argument("--kv-cache", choices=sorted(RUNNERS), default="static")
+    ap.add_argument("--api-servers", type=int, default=1, help="HTTP processes over the queue")
     args = ap.parse_args()
     import functools
-
-    import uvicorn
 
     import gpu_model  # this file by its module name: the model process unpickles from it
     from chatqueue import ChatQueue
     from chatqueue.config import Settings
     from chatqueue.engine.process.runner import ProcessRunner
-    from chatqueue.server.app import create_app
 
     in_child = args.model_process == "on"
     load = functools.partial(
@@ -196,13 +194,19 @@ def main() -> None:
         max_queue_size=args.max_concurrent,
         overlap_steps=args.overlap_steps,
     )
-    settings = Settings(engine="mock", port=args.port, log_level="warning")
-    sys.setswitchinterval(0.0005)
-    app = create_app(settings, chat_queue=cq)
+    settings = Settings(
+        engine="mock", port=args.port, log_level="warning", api_servers=args.api_servers
+    )
     from lag_recorder import add_lag_recorder
 
-    add_lag_recorder(app)
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+    if args.api_servers > 1:
+        from chatqueue.fronts.launch import serve_api_servers
+
+        serve_api_servers(settings, chat_queue=cq, on_app=add_lag_recorder)
+    else:
+        from chatqueue.server.serve import serve
+
+        serve(settings, chat_queue=cq, on_app=add_lag_recorder)
 
 
 if __name__ == "__main__":
