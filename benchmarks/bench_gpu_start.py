@@ -41,7 +41,8 @@ def make_model_folder(folder: Path) -> None:
     import torch
 
     from gpu_model import build_model
-    from tests.integration.test_hf_runner import TEMPLATE, tiny_tokenizer
+    from tests.integration.test_hf_runner import TEMPLATE
+    from tests.support.tiny_tokenizer import tiny_tokenizer
 
     if (folder / "config.json").is_file():
         return
