@@ -66,6 +66,11 @@ class Settings(BaseSettings):
         "auto",
         description="auto: on CUDA paged or static for the families in the README, else dynamic",
     )
+    llamacpp_kv: Literal["auto", "q8_0", "f16", "f16-noflash"] = Field(
+        "auto",
+        description="llama.cpp's KV cache (f16-noflash: without flash attention); "
+        "auto: the fastest here, measured once",
+    )
     max_model_len: int | None = Field(
         None,
         ge=16,

@@ -173,6 +173,7 @@ def load(kind: str) -> Subject:
         # others decode follows measured step times (`--prefill-stall-limit`); chunked prefill's
         # equality is test_paged_runner.py's, at fixed chunks
         prefill_stall_limit=0,
+        llamacpp_kv="q8_0",  # as llama_alone's reference below
     )
     if kind.startswith("hf"):
         runner = load_hf(settings)
@@ -208,7 +209,7 @@ def llama_alone() -> Callable[[list[int], int], tuple[list[int], list[float]]]:
             n_threads=1,
             verbose=False,
             logits_all=True,
-            # the runner's KV cache (llamacpp/context.py)
+            # the runner's KV cache (as `load` names it)
             type_k=llama_cpp.GGML_TYPE_Q8_0,
             type_v=llama_cpp.GGML_TYPE_Q8_0,
             flash_attn=True,

@@ -1,5 +1,6 @@
 """llama.cpp through llama-cpp-python's low-level API: one model, one context whose KV cache keeps
-one stream per sequence slot, decode of a TokenBatch, and the logits as a torch tensor.
+one stream per sequence slot (of the kind `kv_choice` picks), decode of a TokenBatch, and the
+logits as a torch tensor.
 
 NOTE: the KV cache is not unified (`kv_unified` off): each slot has its own stream of
 `context_window` cells, so a decode step's attention reads each sequence's own cells only. With a
@@ -12,23 +13,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import llama_cpp
 import numpy as np
 import torch
 
+from chatqueue.engine.llamacpp import kv_choice
 from chatqueue.engine.llamacpp.batch import TokenBatch
 
 log = logging.getLogger(__name__)
-
-
-# NOTE: the KV cache in q8_0 with flash attention (which a quantized V cache needs), not
-# llama.cpp's default (f16, flash attention on a CPU too). Measured on one thread (RESULTS.md,
-# issue 17): the default's decode slows with the context, 17.5 ms a token at 40 positions but
-# 40.4 ms at 1,000 (8 sequences: 74 and 253 ms a step); q8_0 with flash attention runs 17.1 and
-# 24.9 ms (65 and 123 ms), within 6% of f16 without flash attention at 1,000 and faster than
-# either below 400. It also halves the KV memory every slot holds from the start.
-KV_CACHE_TYPE = "q8_0"
 
 
 class LlamaCppError(RuntimeError):
@@ -41,6 +35,8 @@ class ContextConfig:
     context_window: int  # KV cells of one slot (the longest sequence), at most the model's trained
     batch_tokens: int  # most tokens one decode takes (decode rows + prompt chunk)
     threads: int
+    kv: str = "auto"  # a kind of kv_choice.KINDS, or auto: measured (kv_choice.choose)
+    kv_choice_file: Path | None = None  # where a measured choice is kept
 
 
 class LlamaContext:
@@ -60,17 +56,20 @@ class LlamaContext:
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.vocab_size = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
         self.trained_context = int(llama_cpp.llama_model_n_ctx_train(self._model))
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = config.slots * min(config.context_window, self.trained_context)
-        params.n_seq_max = config.slots
-        params.n_batch = params.n_ubatch = config.batch_tokens
-        params.n_threads = params.n_threads_batch = config.threads
-        params.kv_unified = False
-        params.no_perf = True
-        # KV_CACHE_TYPE, with the flash attention a quantized V cache needs
-        params.type_k = params.type_v = llama_cpp.GGML_TYPE_Q8_0
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-        self._ctx = llama_cpp.llama_init_from_model(self._model, params)
+        self._threads = config.threads
+        self.kv_cache = config.kv
+        if config.kv == "auto":
+            self.kv_cache = kv_choice.choose(
+                self._model,
+                self._context,
+                gguf=gguf,
+                threads=config.threads,
+                cache_file=config.kv_choice_file,
+            )
+        cells = min(config.context_window, self.trained_context)
+        self._ctx = self._context(
+            kv_choice.KINDS[self.kv_cache], config.slots, cells, batch_tokens=config.batch_tokens
+        )
         if not self._ctx:
             llama_cpp.llama_model_free(self._model)
             raise LlamaCppError(f"llama.cpp could not make a context for {gguf}")
@@ -82,9 +81,33 @@ class LlamaContext:
             gguf.name,
             config.slots,
             self.context_window,
-            KV_CACHE_TYPE,
+            self.kv_cache,
             config.threads,
         )
+
+    def _context(
+        self,
+        kind: kv_choice.KVKind,
+        slots: int,
+        cells: int,
+        *,
+        batch_tokens: int | None = None,
+    ) -> Any:  # llama_cpp.llama_context_p, or NULL
+        """A context of `slots` sequences of `cells` each, its KV cache of `kind`."""
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = slots * cells
+        params.n_seq_max = slots
+        params.n_batch = params.n_ubatch = batch_tokens or cells
+        params.n_threads = params.n_threads_batch = self._threads
+        params.kv_unified = False
+        params.no_perf = True
+        params.type_k = params.type_v = kind.type_kv
+        params.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if kind.flash_attention
+            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        return llama_cpp.llama_init_from_model(self._model, params)
 
     def decode(self) -> torch.Tensor:
         """Run `self.batch`; returns [outputs, vocab] float32 logits, one row per token that asked,

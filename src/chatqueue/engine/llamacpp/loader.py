@@ -23,6 +23,8 @@ def load_llamacpp_runner(settings: Settings, gguf: Path, *, threads: int) -> Lla
             context_window=window,
             batch_tokens=slots + settings.prefill_chunk,
             threads=threads,
+            kv=settings.llamacpp_kv,
+            kv_choice_file=settings.cache / "llamacpp" / "kv-choice.json",
         ),
     )
     return LlamaCppRunner(

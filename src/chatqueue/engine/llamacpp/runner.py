@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from chatqueue.engine.hf.sampling import Sampled, SamplingBatch, SamplingRequest, step_output
-from chatqueue.engine.llamacpp.context import KV_CACHE_TYPE, LlamaContext
+from chatqueue.engine.llamacpp.context import LlamaContext
 from chatqueue.engine.llamacpp.slots import PrefixStats, SlotTable
 from chatqueue.engine.prefill_budget import PrefillBudget
 from chatqueue.engine.runner import NewSequence, StepBatch, StepOutput, row_masks
@@ -76,7 +76,7 @@ class LlamaCppRunner:
             "runner": "llamacpp",
             "slots": len(self._table),
             "context_window": self.context_window,
-            "kv_cache": KV_CACHE_TYPE,
+            "kv_cache": self._ctx.kv_cache,
             "prefill_chunk": self._chunk,
             "prefill_stall_limit": self._budget.stall_limit,
         }
