@@ -376,6 +376,22 @@ def test_a_restart_takes_the_spare_process_whose_imports_are_done() -> None:
     assert model_processes() == []
 
 
+def test_a_step_says_how_long_the_model_took_for_it_in_its_process() -> None:
+    """What the model reports (`busy_s`) is its own share of the round trip: the rest is the
+    hand-over between the processes, which `--overlap-steps auto` weighs."""
+    load = functools.partial(MockRunner, MockConfig(mode="echo", delay_s=0.05))
+    runner = ProcessRunner(load, tokenizer=MockTokenizer(), model_name="mock")
+    prompt = runner.tokenizer.apply_chat_template([ChatMessage("user", "hello there")])
+    began = time.perf_counter()
+    output = runner.step(
+        StepBatch(new=[NewSequence(1, prompt, SamplingParams())], running=[], released=[])
+    )
+    round_trip = time.perf_counter() - began
+    runner.close()
+    assert output.busy_s is not None
+    assert 0.05 <= output.busy_s < round_trip  # the mock sleeps 0.05 s a step, in its process
+
+
 def note_prepared(folder: str) -> None:
     """A `prepare` for the model process: leaves its pid in `folder`."""
     Path(folder, str(os.getpid())).touch()

@@ -408,6 +408,8 @@ class Engine:
         # NOTE: a pipelined step ran from when the model was done with the one before it
         self._step_times.append(time.perf_counter() - max(sent.sent_at, self._last_output_at))
         self._last_output_at = time.perf_counter()
+        if sent.batch is not None and output.busy_s is not None:  # a round trip, nothing beside
+            self._overlap.note_hand_over(self._last_output_at - sent.sent_at - output.busy_s)
         self._overlap.note_output(self._last_output_at)
         self.metrics.steps.inc()
         self._finish_step(sent.seqs, output, None)

@@ -8,8 +8,15 @@ step (benchmarks/RESULTS.md, issue 14). It costs a request that arrives mid-step
 before it starts, since the step after is already sent. Where the turnaround is a sliver of the
 step (llama.cpp on a CPU: well under 1 ms of a 20-60 ms step) nothing is gained, and that step
 more showed in the time to first token (128 against 105 ms at 8 streams). So auto keeps a step in
-flight while the turnaround is at least ON_SHARE of the interval between the model's outputs,
-and stops below OFF_SHARE.
+flight while the time the model waits between steps is at least ON_SHARE of the interval between
+its outputs, and stops below OFF_SHARE.
+
+What the model waits for is the server's turnaround and the hand-over of the step and its output
+between the two processes (pickling, the socket, waking the other side), the round trip less the
+time the model process reports for the step itself. On a 2-vCPU AMD EPYC at one stream of llama.cpp
+the two came to 5-6% of the interval in-process and more under load (the turnaround alone 2%),
+and a step in flight gave 0.96 of llama-server's tokens/s against 0.89 (RESULTS.md, issue 17);
+at 8 and 32 streams there they were 1% of the step, and the step in flight stays off.
 """
 
 from __future__ import annotations
@@ -18,8 +25,8 @@ from typing import Literal
 
 OverlapMode = Literal["auto", "on", "off"]
 
-ON_SHARE = 0.10
-OFF_SHARE = 0.05
+ON_SHARE = 0.05
+OFF_SHARE = 0.03
 MIN_SAMPLES = 8  # steps measured before auto decides
 ALPHA = 0.2  # weight of the newest step in the moving averages
 
@@ -29,6 +36,7 @@ class StepOverlap:
         self.mode = mode
         self._is_on = mode == "on"
         self._turnaround: float | None = None  # moving averages, seconds
+        self._hand_over: float | None = None  # measured on steps with none beside them
         self._interval: float | None = None
         self._samples = 0
         self._last_output: float | None = None
@@ -44,6 +52,17 @@ class StepOverlap:
             self._interval = _average(self._interval, now - self._last_output)
         self._last_output = now
         self._awaits_send = True
+
+    def note_hand_over(self, seconds: float) -> None:
+        """A step with nothing beside it: its round trip less the model's own time for it."""
+        self._hand_over = _average(self._hand_over, max(0.0, seconds))
+
+    @property
+    def _waited(self) -> float | None:
+        """What the model waits for between steps, one step at a time."""
+        if self._turnaround is None:
+            return None
+        return self._turnaround + (self._hand_over or 0.0)
 
     def note_sent(self, now: float) -> None:
         """A step was sent (measured from the last output if none was sent since)."""
@@ -62,21 +81,25 @@ class StepOverlap:
         """Why it is on or off, for the log."""
         if self.mode != "auto":
             return f"--overlap-steps {self.mode}"
-        if self._turnaround is None or not self._interval or self._samples < MIN_SAMPLES:
+        waited = self._waited
+        if waited is None or not self._interval or self._samples < MIN_SAMPLES:
             return "auto, not measured yet"
-        share = self._turnaround / self._interval
+        assert self._turnaround is not None
+        share = waited / self._interval
         return (
-            f"auto: the server's turnaround {self._turnaround * 1e3:.2f} ms is {share:.0%} of "
-            f"the {self._interval * 1e3:.2f} ms between the model's outputs"
+            f"auto: the model waits {waited * 1e3:.2f} ms between steps (the server's turnaround "
+            f"{self._turnaround * 1e3:.2f} ms, the hand-over between the processes "
+            f"{(self._hand_over or 0.0) * 1e3:.2f} ms), {share:.0%} of the "
+            f"{self._interval * 1e3:.2f} ms between its outputs"
         )
 
     def _decide(self) -> None:
-        if self.mode != "auto" or self._samples < MIN_SAMPLES:
+        waited = self._waited
+        if self.mode != "auto" or self._samples < MIN_SAMPLES or waited is None:
             return
-        assert self._turnaround is not None
         if not self._interval:
             return
-        share = self._turnaround / self._interval
+        share = waited / self._interval
         self._is_on = share >= (OFF_SHARE if self._is_on else ON_SHARE)
 
 

@@ -119,6 +119,9 @@ class StepOutput:
 
     tokens: dict[int, int]
     logprobs: dict[int, SampledLogprobs] = field(default_factory=dict)
+    # seconds the model spent on the step in its own process (None in the engine's): the rest of
+    # the step's round trip is the hand-over between the processes (engine.overlap)
+    busy_s: float | None = None
 
 
 class RunnerLost(Exception):

@@ -9,6 +9,7 @@ socket closes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import importlib
 import logging
@@ -86,8 +87,11 @@ def serve(conn: Connection) -> None:
                 break
             if isinstance(message, Close):
                 break
+            began = time.perf_counter()
             try:
-                reply: StepReply = StepDone(runner.step(message))
+                output = runner.step(message)
+                busy = time.perf_counter() - began
+                reply: StepReply = StepDone(dataclasses.replace(output, busy_s=busy))
             except Exception as exc:
                 log.exception("a step failed")
                 reply = StepFailed(f"{type(exc).__name__}: {exc}")
