@@ -18,7 +18,6 @@ import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,9 +28,9 @@ from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from chatqueue.api import LoadInfo, RequestStream
-from chatqueue.api.admission import TokenBudget
-from chatqueue.api.chat_queue import sampling_defaults_of
-from chatqueue.api.wire import Admitted, Description, Refused, Submission
+from chatqueue.api.chat_queue import Admission
+from chatqueue.api.front import DescribedQueue
+from chatqueue.api.wire import Admitted, Refused, Submission
 from chatqueue.cluster import view
 from chatqueue.cluster.channels import Channels, Placed
 from chatqueue.cluster.policy import RouteHint, conversation_key
@@ -39,7 +38,6 @@ from chatqueue.cluster.stats import ReplicaStats
 from chatqueue.config import Settings
 from chatqueue.errors import (
     ChatQueueError,
-    InvalidRequest,
     NotReady,
     QueueFull,
     ReplicaLost,
@@ -48,9 +46,6 @@ from chatqueue.errors import (
     UserQueueFull,
 )
 from chatqueue.metrics import Metrics
-from chatqueue.text.tokenizer import Tokenizer
-from chatqueue.text.tool_calls import ToolCallFormat
-from chatqueue.text.tool_prompt import format_for, prompt_encoder
 from chatqueue.types import (
     ChatMessage,
     Event,
@@ -77,10 +72,17 @@ class ClusterLoad(LoadInfo):
     replicas: tuple[dict[str, Any], ...] = ()
 
 
-class ClusterQueue:
+class ClusterQueue(DescribedQueue):
     """`api.QueueService` over the replicas behind `handle`."""
 
+    holder = "a replica"
+
     def __init__(self, handle: DeploymentHandle[Any], settings: Settings, app_name: str) -> None:
+        super().__init__(
+            tool_call_format=settings.tool_call_format,
+            max_prompt_tokens=settings.max_prompt_tokens,
+            max_tokens_cap=settings.max_tokens_cap,
+        )
         self.metrics = Metrics()
         self._asked_again = Counter(
             "chatqueue_cluster_asked_again",
@@ -92,14 +94,12 @@ class ClusterQueue:
         self._streaming = handle.options(stream=True)  # NOTE: made once; options() copies
         self._settings = settings
         self._app_name = app_name
-        self._description: Description | None = None
         self._described = asyncio.Event()
         self._conversations: OrderedDict[str, str] = OrderedDict()  # key -> replica
         self._channels = Channels(
             self._streaming, max_unread_tokens=settings.max_unread_tokens, on_event=self._observe
         )
         self._tasks: list[asyncio.Task[None]] = []
-        self._tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="chatqueue-tokenizer")
         self._is_stopping = False
         self._rng = random.Random()
 
@@ -142,7 +142,7 @@ class ClusterQueue:
             task.cancel()
         cut_short = ShuttingDown("The server shut down before this request could finish.")
         await self._channels.drain(timeout_s, cut_short)
-        self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+        self.close_tokenizer()
 
     # -- state ----------------------------------------------------------------------------
     def _replicas(self) -> list[tuple[str, ReplicaStats | None]]:
@@ -175,38 +175,13 @@ class ClusterQueue:
         return None
 
     @property
-    def description(self) -> Description:
-        if self._is_stopping:
-            raise ShuttingDown("The server is shutting down and takes no new requests.")
-        if self._description is None:
-            raise NotReady("The model is still loading. Retry in a few seconds.")
-        return self._description
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        return self.description.tokenizer
-
-    @property
-    def model_name(self) -> str:
-        return self.description.model_name
-
-    @property
-    def context_window(self) -> int:
-        return self.description.context_window
-
-    @property
-    def sampling_defaults(self) -> SamplingParams:
-        return sampling_defaults_of(self.tokenizer)
+    def is_closed(self) -> bool:
+        return self._is_stopping
 
     @property
     def engine_info(self) -> dict[str, Any]:
         """The replicas report their choices in their own logs; the front knows none of them."""
         return {}
-
-    @property
-    def token_budget(self) -> TokenBudget:
-        s = self._settings
-        return TokenBudget(self.context_window, s.max_prompt_tokens, s.max_tokens_cap)
 
     # -- requests -------------------------------------------------------------------------
     async def submit(
@@ -221,17 +196,8 @@ class ClusterQueue:
         cap_key: str | None = None,
         tools: Sequence[ToolSpec] = (),
     ) -> RequestStream:
-        submission = Submission(
-            tuple(messages),
-            None,
-            params,
-            user,
-            priority,
-            queue_timeout_s,
-            max_queue_per_user,
-            cap_key,
-            tuple(tools),
-        )
+        admission = Admission(user, priority, queue_timeout_s, max_queue_per_user, cap_key)
+        submission = Submission.of_chat(messages, params, tools, admission)
         # NOTE: a conversation's later turns prefer the replica of its last turn (its prefix is
         # warm there); a first turn has none to prefer.
         is_later_turn = any(m.role == "assistant" for m in messages)
@@ -248,39 +214,10 @@ class ClusterQueue:
         max_queue_per_user: int | None = None,
         cap_key: str | None = None,
     ) -> RequestStream:
-        text = prompt if isinstance(prompt, str) else tuple(prompt)
-        submission = Submission(
-            None, text, params, user, priority, queue_timeout_s, max_queue_per_user, cap_key
+        admission = Admission(user, priority, queue_timeout_s, max_queue_per_user, cap_key)
+        return await self._place(
+            Submission.of_prompt(prompt, params, admission), None, sticky=False
         )
-        return await self._place(submission, None, sticky=False)
-
-    async def encode(
-        self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()
-    ) -> list[int]:
-        encode = prompt_encoder(self.tokenizer, messages, tools, self.tool_call_format)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._tokenizer_pool, encode)
-
-    @property
-    def tool_call_format(self) -> ToolCallFormat:
-        configured = self._settings.tool_call_format
-        return format_for(
-            self.tokenizer, None if configured == "auto" else ToolCallFormat(configured)
-        )
-
-    def check_room(self, num_places: int) -> None:
-        """What can be known before asking the replicas: shutting down, loading, or more
-        choices than one replica ever holds (a request's choices are placed one by one, each on
-        whichever replica takes it, and all are refused if one is)."""
-        d = self.description
-        most = d.max_concurrent + d.max_queue_size
-        if num_places > most:
-            raise InvalidRequest(
-                f"This request has {num_places} choices, each a sequence that needs a place; "
-                f"a replica holds at most {most} ({d.max_concurrent} running, "
-                f"{d.max_queue_size} waiting).",
-                param="n",
-            )
 
     async def _place(
         self, submission: Submission, key: str | None, *, sticky: bool

@@ -10,7 +10,6 @@ when its model has failed for good, so that Serve replaces it."""
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import time
@@ -18,7 +17,7 @@ from collections.abc import AsyncIterator
 
 from ray import serve
 
-from chatqueue.api import ChatQueue, RequestStream
+from chatqueue.api import ChatQueue
 from chatqueue.api.build import chat_queue_for
 from chatqueue.api.outbox import Outbox, encode
 from chatqueue.api.wire import Admitted, Description, Refused, Submission
@@ -49,7 +48,7 @@ class ChatQueueReplica:
     ) -> AsyncIterator[Admitted | Refused]:
         """`route` is the router's (a RouteHint); the replica has no use for it."""
         try:
-            stream = await self._admit(submission)
+            stream = await submission.submit_to(self._cq)
         except ChatQueueError as exc:
             load = self._cq.load()
             yield Refused(self._id, exc, load.waiting, load.drain_rate_per_s)
@@ -74,21 +73,6 @@ class ChatQueueReplica:
         finally:
             if not outbox and self._outboxes.get(front) is outbox:
                 del self._outboxes[front]
-
-    async def _admit(self, s: Submission) -> RequestStream:
-        if s.messages is not None:
-            submit = functools.partial(self._cq.submit, s.messages, tools=s.tools)
-        else:
-            assert s.prompt is not None, "a submission has messages or a prompt"
-            submit = functools.partial(self._cq.submit_prompt, s.prompt)
-        return await submit(
-            s.params,
-            user=s.user,
-            priority=s.priority,
-            queue_timeout_s=s.queue_timeout_s,
-            max_queue_per_user=s.max_queue_per_user,
-            cap_key=s.cap_key,
-        )
 
     async def describe(self) -> Description:
         """Raises NotReady while the model loads (the front asks again)."""

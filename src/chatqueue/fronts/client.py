@@ -16,7 +16,6 @@ import logging
 import os
 import signal
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram
@@ -26,22 +25,19 @@ from prometheus_client.registry import Collector
 
 from chatqueue.api import LoadInfo, RequestStream
 from chatqueue.api.admission import TokenBudget
-from chatqueue.api.chat_queue import sampling_defaults_of
+from chatqueue.api.chat_queue import Admission
+from chatqueue.api.front import DescribedQueue
 from chatqueue.api.monitor import sample_loop_lag
-from chatqueue.api.wire import Admitted, Description, Refused, Submission
+from chatqueue.api.wire import Admitted, Refused, Submission
 from chatqueue.errors import (
     ChatQueueError,
     CoreLost,
-    InvalidRequest,
     NotReady,
     ServiceUnavailable,
     ShuttingDown,
 )
 from chatqueue.fronts import link
 from chatqueue.metrics import LAG_BUCKETS
-from chatqueue.text.tokenizer import Tokenizer
-from chatqueue.text.tool_calls import ToolCallFormat
-from chatqueue.text.tool_prompt import format_for, prompt_encoder
 from chatqueue.types import (
     ChatMessage,
     Event,
@@ -99,7 +95,7 @@ class CoreLimiter:
             raise result
 
 
-class CoreClient:
+class CoreClient(DescribedQueue):
     """`api.QueueService` over the core at `path` (a Unix socket)."""
 
     def __init__(
@@ -112,22 +108,22 @@ class CoreClient:
         max_tokens_cap: int | None,
         tool_call_format: str,
     ) -> None:
+        super().__init__(
+            tool_call_format=tool_call_format,
+            max_prompt_tokens=max_prompt_tokens,
+            max_tokens_cap=max_tokens_cap,
+        )
         self.metrics = FrontMetrics(name, self)
         self._path = path
         self._max_unread_tokens = max_unread_tokens
-        self._max_prompt_tokens = max_prompt_tokens
-        self._max_tokens_cap = max_tokens_cap
-        self._tool_call_format = tool_call_format
         self._writer: asyncio.StreamWriter | None = None
         self._calls: dict[int, asyncio.Future[link.Answer]] = {}
         self._ids = itertools.count(1)
         self._keys = itertools.count(1)
         self._streams: dict[str, _Followed] = {}
         self._snapshot: link.Snapshot | None = None
-        self._description: Description | None = None
         self._described = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="chatqueue-tokenizer")
         self._is_stopping = False
         self._is_lost = False
 
@@ -164,7 +160,7 @@ class CoreClient:
             task.cancel()
         if self._writer is not None:
             self._writer.close()
-        self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+        self.close_tokenizer()
 
     # -- the connection -------------------------------------------------------------------
     async def _read(self, reader: asyncio.StreamReader) -> None:
@@ -244,28 +240,8 @@ class CoreClient:
         return None if self._snapshot is None else self._snapshot.unavailable
 
     @property
-    def description(self) -> Description:
-        if self._is_stopping or self._is_lost:
-            raise ShuttingDown("The server is shutting down and takes no new requests.")
-        if self._description is None:
-            raise NotReady("The model is still loading. Retry in a few seconds.")
-        return self._description
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        return self.description.tokenizer
-
-    @property
-    def model_name(self) -> str:
-        return self.description.model_name
-
-    @property
-    def context_window(self) -> int:
-        return self.description.context_window
-
-    @property
-    def sampling_defaults(self) -> SamplingParams:
-        return sampling_defaults_of(self.tokenizer)
+    def is_closed(self) -> bool:
+        return self._is_stopping or self._is_lost
 
     @property
     def engine_info(self) -> dict[str, Any]:
@@ -273,17 +249,9 @@ class CoreClient:
 
     @property
     def token_budget(self) -> TokenBudget:
+        """The core's (with its KV pool's bound, where it has one), once it has sent it."""
         budget = None if self._snapshot is None else self._snapshot.token_budget
-        if budget is not None:
-            return budget
-        return TokenBudget(self.context_window, self._max_prompt_tokens, self._max_tokens_cap)
-
-    @property
-    def tool_call_format(self) -> ToolCallFormat:
-        configured = self._tool_call_format
-        return format_for(
-            self.tokenizer, None if configured == "auto" else ToolCallFormat(configured)
-        )
+        return super().token_budget if budget is None else budget
 
     def load(self) -> LoadInfo:
         """As of the core's last snapshot (`load_now` asks it)."""
@@ -311,19 +279,8 @@ class CoreClient:
         cap_key: str | None = None,
         tools: Sequence[ToolSpec] = (),
     ) -> RequestStream:
-        return await self._place(
-            Submission(
-                tuple(messages),
-                None,
-                params,
-                user,
-                priority,
-                queue_timeout_s,
-                max_queue_per_user,
-                cap_key,
-                tuple(tools),
-            )
-        )
+        admission = Admission(user, priority, queue_timeout_s, max_queue_per_user, cap_key)
+        return await self._place(Submission.of_chat(messages, params, tools, admission))
 
     async def submit_prompt(
         self,
@@ -336,12 +293,8 @@ class CoreClient:
         max_queue_per_user: int | None = None,
         cap_key: str | None = None,
     ) -> RequestStream:
-        text = prompt if isinstance(prompt, str) else tuple(prompt)
-        return await self._place(
-            Submission(
-                None, text, params, user, priority, queue_timeout_s, max_queue_per_user, cap_key
-            )
-        )
+        admission = Admission(user, priority, queue_timeout_s, max_queue_per_user, cap_key)
+        return await self._place(Submission.of_prompt(prompt, params, admission))
 
     async def _place(self, submission: Submission) -> RequestStream:
         self.description  # noqa: B018 - raises while loading or stopping
@@ -374,26 +327,6 @@ class CoreClient:
         followed = self._streams.pop(key, None)
         if followed is not None:
             followed.end(error, reason)
-
-    async def encode(
-        self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()
-    ) -> list[int]:
-        encode = prompt_encoder(self.tokenizer, messages, tools, self.tool_call_format)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._tokenizer_pool, encode)
-
-    def check_room(self, num_places: int) -> None:
-        """What can be known here: loading, shutting down, or more choices than the queue ever
-        holds (a 400). Whether there is room is the core's to say, choice by choice."""
-        d = self.description
-        most = d.max_concurrent + d.max_queue_size
-        if num_places > most:
-            raise InvalidRequest(
-                f"This request has {num_places} choices, each a sequence that needs a place; "
-                f"the server holds at most {most} ({d.max_concurrent} running, "
-                f"{d.max_queue_size} waiting).",
-                param="n",
-            )
 
 
 class _Followed:

@@ -12,10 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 
 from prometheus_client import generate_latest
 
@@ -80,22 +79,7 @@ class Core:
 
     # -- what a connection asks -----------------------------------------------------------
     async def admit(self, s: Submission) -> RequestStream:
-        cq = self._cq
-        if s.messages is not None:
-            submit: Callable[..., Awaitable[RequestStream]] = functools.partial(
-                cq.submit, s.messages, tools=s.tools
-            )
-        else:
-            assert s.prompt is not None, "a submission has messages or a prompt"
-            submit = functools.partial(cq.submit_prompt, s.prompt)
-        return await submit(
-            s.params,
-            user=s.user,
-            priority=s.priority,
-            queue_timeout_s=s.queue_timeout_s,
-            max_queue_per_user=s.max_queue_per_user,
-            cap_key=s.cap_key,
-        )
+        return await s.submit_to(self._cq)
 
     async def take_rate(self, check: link.RateCheck) -> None:
         await self._limiter.take(check.caller, check.per_minute)
