@@ -179,6 +179,36 @@ def test_a_second_user_sees_its_place_in_line_then_its_answer(
         other.close()
 
 
+def test_the_page_works_through_several_api_servers(browser: Browser, tmp_path: Path) -> None:
+    """`--api-servers 2`: the page's requests reach either process (new connections, a reload);
+    its session, its conversation and the line it waits in are the one server's."""
+    args = ("--engine", "mock", "--mock-mode", "echo", "--mock-delay", "0.05")
+    with running_server(
+        *args, "--max-concurrent", "1", "--api-servers", "2", "--data-dir", str(tmp_path),
+        tmp_path=tmp_path,
+    ) as split:  # fmt: skip
+        contexts = [browser.new_context(base_url=split.url) for _ in range(2)]
+        try:
+            for ctx in contexts:
+                ctx.set_default_timeout(WAIT_MS)
+            first, second = (open_page(ctx) for ctx in contexts)
+            send(first, " ".join(f"long{i}" for i in range(600)))
+            wait_for_reply_to_start(first)  # the only processing slot is taken
+            send(second, "second in line")
+            expect(second.locator(".message.assistant .note")).to_contain_text(
+                re.compile(r"position 1(, about \d+ s)?")
+            )
+            first.click("#stop")
+            expect(second.locator(".message.assistant .text")).to_have_text("second in line")
+            for _ in range(3):  # each reload a new connection: either API server answers
+                second.reload()
+                wait_ready(second)
+                expect(second.locator(".message .text")).to_have_text(["second in line"] * 2)
+        finally:
+            for ctx in contexts:
+                ctx.close()
+
+
 def test_stop_aborts_the_generation_and_keeps_what_came(
     context: BrowserContext, server: Server
 ) -> None:
