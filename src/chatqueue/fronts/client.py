@@ -2,9 +2,9 @@
 
 Admission is the core's (a submission is admitted or refused there, as in one server); the
 request's events come back in the core's frames, a step's worth at a time, into a RequestStream
-as from a local queue. /health, /load and /metrics read the core's last snapshot (at most
-`link.SNAPSHOT_EVERY_S` old, and sent before every step's events); /metrics asks the core. If
-the core goes away, every stream ends with an error and the API server stops.
+as from a local queue. /health reads the core's last snapshot (at most `link.SNAPSHOT_EVERY_S`
+old); /load and /metrics ask the core. If the core goes away, every
+stream ends with an error and the API server stops.
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import time
 from collections.abc import Awaitable
 
 from prometheus_client import generate_latest
@@ -41,7 +40,6 @@ class Core:
         self._connections: dict[_Connection, asyncio.Task[None]] = {}
         self._description: Description | None = None
         self._broadcast: asyncio.Task[None] | None = None
-        self._state: tuple[float, link.Snapshot] | None = None  # the last one, and when
 
     async def serve(self, path: str) -> asyncio.Server:
         self._broadcast = asyncio.create_task(self._send_snapshots())
@@ -91,14 +89,6 @@ class Core:
         return generate_latest(self._cq.metrics.registry)
 
     def state(self) -> link.Snapshot:
-        """The core's state, made at most once every `SNAPSHOT_FRESH_S` (a step's events go to
-        every API server, each after the state)."""
-        now = time.monotonic()
-        if self._state is None or now - self._state[0] >= link.SNAPSHOT_FRESH_S:
-            self._state = (now, self._snapshot())
-        return self._state[1]
-
-    def _snapshot(self) -> link.Snapshot:
         cq = self._cq
         load = cq.load()
         is_ready = load.state == "ready"
@@ -214,7 +204,6 @@ class _Connection:
 
     async def _send_events(self) -> None:
         async for batch in self._outbox.batches():
-            self.send(self._core.state())
             self.send(link.Events.of(batch))
             await self._writer.drain()  # a server that reads slowly gets merged tokens, later
 

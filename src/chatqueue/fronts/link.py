@@ -5,9 +5,8 @@ An API server asks with a `Call` (a submission, a caller's share of its rate lim
 /metrics' figures)
 and the core answers with a `Reply` of the same id; `Abandon` says a request's client went away.
 The core sends each step's events of all the API server's requests in one `Events` frame
-(`api.outbox`), each after a `Snapshot` of its state (at most `SNAPSHOT_FRESH_S` old: a client
-that has seen a token finds its server's /health and admission checks up to date), and a
-`Snapshot` every `SNAPSHOT_EVERY_S` besides.
+(`api.outbox`), and a `Snapshot` of its state every `SNAPSHOT_EVERY_S` (what /health reads; /load
+asks for figures of the moment).
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ from chatqueue.errors import ChatQueueError, ServiceUnavailable
 from chatqueue.types import Event, Token
 
 SNAPSHOT_EVERY_S = 0.1
-SNAPSHOT_FRESH_S = 0.002
 _LENGTH = struct.Struct("!I")
 
 
