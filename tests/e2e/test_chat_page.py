@@ -200,6 +200,7 @@ def test_the_page_works_through_several_api_servers(browser: Browser, tmp_path: 
             )
             first.click("#stop")
             expect(second.locator(".message.assistant .text")).to_have_text("second in line")
+            expect(second.locator("#send")).to_be_visible()  # `done`: the reply is stored
             for _ in range(3):  # each reload a new connection: either API server answers
                 second.reload()
                 wait_ready(second)
