@@ -53,3 +53,14 @@ def test_a_kind_named_is_used_as_it_is(tmp_path: Path, kind: str) -> None:
     assert runner.info["kv_cache"] == kind
     runner.close()
     assert not (s.cache / "llamacpp").exists()
+
+
+def test_a_measurement_that_fails_serves_on_q8_0_and_measures_again_next_time(
+    tmp_path: Path,
+) -> None:
+    s = settings(tmp_path, "auto")
+    with mock.patch.object(kv_choice, "measure", side_effect=RuntimeError("no memory")):
+        runner = load_llamacpp_runner(s, default_gguf_path(), threads=1)
+    assert runner.info["kv_cache"] == kv_choice.FALLBACK
+    runner.close()
+    assert not (s.cache / "llamacpp" / "kv-choice.json").exists()
