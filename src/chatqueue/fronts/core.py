@@ -30,12 +30,10 @@ CORE = "core"  # the name admissions give (Admitted.replica)
 
 
 class Core:
-    """Serves `cq` to API servers: `await Core(cq, ...).serve(path)`."""
+    """Serves `cq` to API servers: `await Core(cq).serve(path)`."""
 
-    def __init__(self, cq: ChatQueue, *, max_concurrent: int, max_queue_size: int) -> None:
+    def __init__(self, cq: ChatQueue) -> None:
         self._cq = cq
-        self._max_concurrent = max_concurrent
-        self._max_queue_size = max_queue_size
         self._limiter = RateLimiter()
         self._connections: dict[_Connection, asyncio.Task[None]] = {}
         self._description: Description | None = None
@@ -67,7 +65,7 @@ class Core:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _send_snapshots(self) -> None:
-        """Every API server's view of the core, refreshed while no events carry it."""
+        """Every API server's view of the core (what /health reads), refreshed."""
         while True:
             await asyncio.sleep(link.SNAPSHOT_EVERY_S)
             if self._connections:
@@ -97,8 +95,8 @@ class Core:
                 model_name=cq.model_name,
                 context_window=cq.context_window,
                 tokenizer=cq.tokenizer,
-                max_concurrent=self._max_concurrent,
-                max_queue_size=self._max_queue_size,
+                max_concurrent=load.max_concurrent,
+                max_queue_size=load.max_queue_size,
             )
         error = cq.load_error
         return link.Snapshot(

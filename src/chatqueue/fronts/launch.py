@@ -85,7 +85,7 @@ async def _serve(
     await cq.start_queue_worker()
     folder = tempfile.mkdtemp(prefix="chatqueue-core-")  # 0700: only this user may connect
     path = os.path.join(folder, "core.sock")
-    core = Core(cq, max_concurrent=settings.max_concurrent, max_queue_size=settings.max_queue_size)
+    core = Core(cq)
     unix_server = await core.serve(path)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
