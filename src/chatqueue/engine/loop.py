@@ -451,22 +451,33 @@ class Engine:
         if exc is None:
             return False
         seqs, self._lost_step_seqs = self._lost_step_seqs, []
-        self.last_exit = str(exc).removeprefix("The model process ").rstrip(".")
-        self.metrics.model_exits.labels(self.last_exit).inc()
-        if not (isinstance(runner, Restartable) and self._can_restart(self._clock())):
+        last_exit = str(exc).removeprefix("The model process ").rstrip(".")
+        restartable = (
+            runner if isinstance(runner, Restartable) and self._can_restart(self._clock()) else None
+        )  # None: the model is gone for good
+        with self._cond:
+            # NOTE: the state first, then the exit (/health reads them the other way round,
+            # without the lock): an exit is never seen beside the state from before it, which
+            # said "ok" while the model was gone (a client saw ok, then a 503 "restarting").
+            if restartable is not None:
+                self.state = EngineState.RESTARTING
+                self.restarting_since = self._clock()
+            else:
+                self.load_error = exc
+                self.state = EngineState.FAILED  # `add` refuses from now on
+            self.last_exit = last_exit
+        self.metrics.model_exits.labels(last_exit).inc()
+        if restartable is None:
             log.error("%s Failing every request; the engine stops.", exc)
             self._fail_everything(seqs, exc)
             return False
         log.error("%s Restarting it; the waiting requests keep their places.", exc)
-        with self._cond:
-            self.state = EngineState.RESTARTING
-            self.restarting_since = self._clock()
         self._finish_step(
             seqs,
             StepOutput({}),
             EngineRestarted(f"{exc} It is being restarted; this reply was cut short."),
         )
-        if not self._restart(runner):
+        if not self._restart(restartable):
             self._fail_everything([], exc)
             return False
         with self._cond:

@@ -99,11 +99,12 @@ class Core:
                 max_queue_size=load.max_queue_size,
             )
         error = cq.load_error
+        last_exit = cq.last_model_exit  # before the state, as /health reads them
         return link.Snapshot(
             health=cq.health,
             load=load,
             load_error=None if error is None else str(error),
-            last_model_exit=cq.last_model_exit,
+            last_model_exit=last_exit,
             unavailable=cq.unavailable_error(),
             description=self._description,
             token_budget=cq.token_budget if is_ready else None,

@@ -66,13 +66,14 @@ async def health(request: Request) -> JSONResponse:
     that does not answer adds `"history": "unavailable"` (the /chat routes answer 503 then) but
     leaves a serving model's 200: the process is fine and needs no restart."""
     cq = _cq(request)
+    last_exit = cq.last_model_exit  # before the state: the engine writes them the other way
     status = cq.health
     body: dict[str, Any] = {"status": "ok" if status == "ready" else status}
     headers: dict[str, str] = {}
     if status == "failed":
         body["error"] = str(cq.load_error)
-    if cq.last_model_exit is not None:
-        body["last_model_exit"] = cq.last_model_exit
+    if last_exit is not None:
+        body["last_model_exit"] = last_exit
     if (restarting := cq.unavailable_error()) is not None:
         headers = headers_of(restarting)
     history: StoreHealth | None = getattr(request.app.state, "history_health", None)

@@ -293,3 +293,63 @@ async def test_stop_after_the_model_is_lost_returns_without_waiting_out_its_time
     # handler's drain) returns at once too.
     await asyncio.wait_for(cq.stop(timeout_s=3600), timeout=10)
     await asyncio.wait_for(cq.stop(timeout_s=3600), timeout=10)
+
+
+class DiesOnce(MockRunner):
+    """A model in its own process that dies at its first step (once `may_die` is set) and comes
+    back when restarted."""
+
+    def __init__(self) -> None:
+        super().__init__(MockConfig())
+        self.has_died = False
+        self.may_die = threading.Event()
+        self.restarted = threading.Event()
+
+    def step(self, batch: StepBatch) -> StepOutput:
+        if not self.has_died:
+            assert self.may_die.wait(10)
+            self.has_died = True
+            raise RunnerLost("The model process exited (killed by SIGKILL).")
+        return super().step(batch)
+
+    def check_alive(self) -> None:
+        pass
+
+    def kill(self) -> None:
+        pass
+
+    def restart(self) -> None:
+        self.restarted.set()
+
+
+async def test_a_model_exit_is_never_seen_beside_the_ready_state_from_before_it() -> None:
+    """/health said ok with the new `last_model_exit` while the engine had not yet begun its
+    restart, so a client that waited for both sent a request and got 503 "restarting" (a CI
+    run). Every read of the two, from every thread, is taken here: the clock is read throughout
+    the engine's handling of the exit."""
+    runner = DiesOnce()
+    queues: list[ChatQueue] = []
+    seen: list[tuple[str | None, str, bool]] = []
+
+    def clock() -> float:
+        if queues:
+            cq = queues[0]
+            seen.append((cq.last_model_exit, cq.health, runner.restarted.is_set()))
+        return time.monotonic()
+
+    queues.append(ChatQueue(runner, clock=clock, max_concurrent=1))
+    cq = queues[0]
+    await cq.start_queue_worker()
+    try:
+        running = await cq.submit(HELLO)
+        waiting = await cq.submit(HELLO)  # keeps its place through the restart
+        runner.may_die.set()
+        assert (await running.collect()).reason is FinishReason.ERROR
+        assert (await waiting.collect()).reason is FinishReason.STOP
+        assert cq.health == "ready"
+    finally:
+        await cq.stop()
+    exit_ = "exited (killed by SIGKILL)"
+    assert cq.last_model_exit == exit_
+    assert (exit_, "restarting", False) in seen  # the reads saw the exit while it restarted
+    assert not [s for s in seen if s[0] == exit_ and s[1] == "ready" and not s[2]]
