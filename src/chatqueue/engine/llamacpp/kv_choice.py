@@ -7,9 +7,9 @@ NOTE: why measured. Which is fastest depends on the CPU and the context's length
 8 sequences at 40 positions q8_0 64.9, f16 with flash attention 74.0, f16 without 80.4; at 1,000
 positions 122.8, 252.6, 117.8. On a 2-vCPU AMD EPYC (Zen 4, AVX-512) at 80 positions 67.2, 63.0,
 71.4; at 900 114.0, 97.3, 90.2. So the Xeon wants q8_0 and the EPYC f16 with flash attention,
-and f16 without it is best only for long contexts on both. The measurement times a decode step of
-a few sequences at a short and at a long context, and takes the kind with the least geometric
-mean of the two (one sequence: the kinds rank alike at 1 and 8 on both machines).
+and f16 without it is best only for long contexts on both. The measurement times one sequence's
+decode step at a short and at a long context (the kinds rank alike at 1 and 8 sequences on both
+machines), and takes the kind with the least product (geometric mean) of the two.
 """
 
 from __future__ import annotations
