@@ -166,3 +166,21 @@ def test_penalty_tables_exist_only_while_a_row_has_a_penalty() -> None:
     kept = joined.select([2, 0])
     assert kept.seen is not None
     assert kept.seen[0, 3:5].tolist() == [True, True]  # its prompt's id, then its sampled one
+
+
+def test_the_row_argmax_is_torchs_for_ties_infinities_nan_and_views() -> None:
+    from chatqueue.engine.hf.sampling import argmax_rows
+
+    rows = random_logits(6, seed=3)
+    rows[1, [2, 9, 11]] = 50.0  # a tie: the first index wins
+    rows[2] = float("-inf")
+    rows[2, 7] = 0.0
+    rows[3] = float("-inf")  # every token masked away
+    rows[4, 5] = float("nan")
+    rows[5, [4, 8]] = float("inf")
+    with torch.inference_mode():
+        frozen = rows.clone()
+    for values in (rows, rows[:, :12], rows.t().contiguous().t(), frozen, rows.double()):
+        got = argmax_rows(values)
+        assert got.dtype == torch.int64
+        assert got.tolist() == values.argmax(dim=-1).tolist()

@@ -183,10 +183,10 @@ class SamplingBatch:
         if masks is not None:
             apply_masks(logits, masks)
         if self.all_greedy and not self.any_penalty:
-            tokens = logits.argmax(dim=-1)  # the common case: no softmax, no sort, no tables
+            tokens = argmax_rows(logits)  # the common case: no softmax, no sort, no tables
             return Sampled(tokens, self._logprobs(logits, tokens))
         logits = self.process(logits)
-        tokens = logits.argmax(dim=-1)
+        tokens = argmax_rows(logits)
         if not self.all_greedy:
             tokens = torch.where(self.is_greedy, tokens, self._draw(logits))
         self._record(tokens)
@@ -235,7 +235,7 @@ class SamplingBatch:
         for row, generator in enumerate(self.generators):
             if generator is not None:
                 noise[row].exponential_(generator=generator)
-        return (probs / noise.clamp_min(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
+        return argmax_rows(probs / noise.clamp_min(torch.finfo(noise.dtype).tiny))
 
     def _record(self, tokens: torch.Tensor) -> None:
         if self.seen is None or self.counts is None:
@@ -325,3 +325,13 @@ def _filter_top_k_top_p(
     outside_nucleus = (mass_before >= top_p.unsqueeze(1)) & (ranks > 0) & (top_p < 1.0).unsqueeze(1)
     sorted_logits = sorted_logits.masked_fill(outside_nucleus, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+
+
+def argmax_rows(values: torch.Tensor) -> torch.Tensor:
+    """The index of each row's largest value (the first, where several tie), as torch's
+    `argmax(dim=-1)` gives it. NOTE: a float32 CPU tensor goes through numpy: torch's reduction
+    over one row of a vocabulary costs ~50 us on one thread, numpy's ~3 us (a greedy row a
+    step; 32 rows, 1.5 ms of a CPU step)."""
+    if values.device.type == "cpu" and values.dtype == torch.float32 and values.dim() == 2:
+        return torch.from_numpy(values.detach().numpy().argmax(axis=-1))
+    return values.argmax(dim=-1)
