@@ -179,6 +179,40 @@ async def chatqueue_tokens_per_s(model, n: int, *, max_concurrent: int) -> float
     return sum(d.usage.completion_tokens for d in done) / elapsed
 
 
+async def served_engine_tokens_per_s(n: int, overlap: str, runs: int = 3) -> list[float]:
+    """Ours in-process as the server runs it: ChatQueue over the model in its own process, built
+    as gpu_model.py's server builds it, with the same step in flight (`overlap`); no HTTP. The
+    fair denominator for HTTP ÷ in-process: only the HTTP side differs. Tokens/s of `runs` runs
+    after one to warm."""
+    import functools
+
+    import gpu_model
+    from chatqueue.engine.process.runner import ProcessRunner
+
+    load = functools.partial(
+        gpu_model.served_runner, n, PROMPT_TOKENS + NEW_TOKENS, DEVICE == "cpu", True, KV_CACHE
+    )
+    runner = functools.partial(
+        ProcessRunner, load, tokenizer=gpu_model.PromptTokenizer(), model_name=gpu_model.MODEL_NAME
+    )
+    cq = ChatQueue(runner, max_concurrent=n, max_queue_size=n, overlap_steps=overlap)
+    await cq.start_queue_worker()
+    await cq.wait_ready(900)
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+    rates = []
+    try:
+        for run in range(runs + 1):
+            msgs = [[ChatMessage("user", f"run {run} request {i}")] for i in range(n)]
+            t0 = time.perf_counter()
+            streams = [await cq.submit(m, params) for m in msgs]
+            done = await asyncio.gather(*(s.collect() for s in streams))
+            elapsed = time.perf_counter() - t0
+            rates.append(sum(d.usage.completion_tokens for d in done) / elapsed)
+    finally:
+        await cq.stop()
+    return rates[1:]
+
+
 def hf_cb_tokens_per_s(model, n: int) -> float:  # type: ignore[no-untyped-def]
     """transformers' own continuous batching on the same requests: CUDA graphs on, cache sized."""
     from transformers import GenerationConfig
@@ -315,20 +349,34 @@ def http_part(  # type: ignore[no-untyped-def]
     overlaps: tuple[str, ...] = ("on",),
     api_servers: tuple[int, ...] = (1,),
 ) -> None:
-    """In-process tokens/s, then a server per `--model-process` mode, one after the other."""
+    """In-process tokens/s, then a server per `--model-process` mode, one after the other.
+    Two in-process figures: this process's runner one step at a time (`inproc_tps`), and the
+    served engine without HTTP, the model in its own process with the step in flight as each
+    server has it (`engine_tps_<overlap>`): a server with the model in its own process is
+    divided by the second, the one without by the first."""
     n = HTTP_STREAMS
     asyncio.run(chatqueue_tokens_per_s(model, n, max_concurrent=n))  # warm
     inproc = [asyncio.run(chatqueue_tokens_per_s(model, n, max_concurrent=n)) for _ in range(2)]
     i = statistics.median(inproc)
     RESULTS["inproc_tps"] = i
     empty_cache()
+    engine: dict[str, float] = {}
+    if "on" in modes:
+        for overlap in overlaps:
+            rates = asyncio.run(served_engine_tokens_per_s(n, overlap))
+            engine[overlap] = RESULTS[f"engine_tps_{overlap}"] = statistics.median(rates)
+            log(
+                f"[in-process, model process on, overlap-steps {overlap}] {n} streams: "
+                f"{engine[overlap]:.0f} tok/s, runs {[round(x) for x in rates]}"
+            )
     for mode in modes:
         for overlap in overlaps if mode == "on" else ("on",):
+            base = engine[overlap] if mode == "on" else i
             for api in api_servers:
                 h = serve_and_measure(mode, profile_dir, overlap, api)
                 log(
                     f"[model process {mode}, overlap-steps {overlap}, api-servers {api}] HTTP "
-                    f"{n} streams: {h:.0f} tok/s ÷ in-process {i:.0f} tok/s = {h / i:.3f} "
+                    f"{n} streams: {h:.0f} tok/s ÷ in-process {base:.0f} tok/s = {h / base:.3f} "
                     "(target >= 0.95)"
                 )
 
@@ -338,9 +386,9 @@ def serve_and_measure(
 ) -> float:
     """gpu_model.py's server with the model in its own process or not: 64 streams, 3 runs, /health
     probed every 10 ms from another process. Returns the median tokens/s; figures to RESULTS
-    (keys suffixed with `_off` for the server that keeps the model in its own process, `_serial`
-    without a step in flight, `_apiN` for N API servers; the event-loop lag is then every API
-    server's)."""
+    (keys suffixed with `_off` for the server whose model runs in the server's own process
+    (`--model-process off`), `_serial` without a step in flight, `_auto` with auto's, `_apiN` for
+    N API servers; the event-loop lag is then every API server's)."""
     import aiohttp
 
     from _common import from_each_process, health_probe, pct, stream_chat, wait_healthy
@@ -418,7 +466,9 @@ def serve_and_measure(
         server.terminate()
         server.wait(30)
     h = statistics.median(http)
-    suffix = ("" if mode == "on" else f"_{mode}") + ("" if overlap == "on" else "_serial")
+    suffix = ("" if mode == "on" else f"_{mode}") + {"on": "", "off": "_serial"}.get(
+        overlap, f"_{overlap}"
+    )
     suffix += "" if api_servers == 1 else f"_api{api_servers}"
     RESULTS.update(
         {
@@ -430,16 +480,14 @@ def serve_and_measure(
             f"itl_p99_ms{suffix}": pct(itls, 99) * 1e3,
         }
     )
+    label = f"model process {mode}, overlap-steps {overlap}, api-servers {api_servers}"
     # perf_counter is CLOCK_MONOTONIC, one clock for the server's samples and our run starts
     lag = _lag_figures("lag", timer, starts, suffix)  # how late a 10 ms timer on the loop fired
     health = _lag_figures("health", probes, starts, suffix)  # GET /health from another process
+    log(f"[{label}] event-loop lag (a 10 ms timer on the server's loop) {lag}; target p99 <= 5 ms")
+    log(f"[{label}] GET /health round trip from another process {health}")
     log(
-        f"[model process {mode}{suffix}] event-loop lag (a 10 ms timer on the server's loop) {lag}; "
-        f"target p99 <= 5 ms"
-    )
-    log(f"[model process {mode}{suffix}] GET /health round trip from another process {health}")
-    log(
-        f"[model process {mode}{suffix}] TTFT p50 {pct(ttfts, 50) * 1e3:.0f} ms p99 "
+        f"[{label}] TTFT p50 {pct(ttfts, 50) * 1e3:.0f} ms p99 "
         f"{pct(ttfts, 99) * 1e3:.0f} ms; inter-token p50 {pct(itls, 50) * 1e3:.1f} ms p99 "
         f"{pct(itls, 99) * 1e3:.1f} ms; runs {[round(x) for x in http]} tok/s"
     )
