@@ -169,14 +169,20 @@ async def chatqueue_tokens_per_s(model, n: int, *, max_concurrent: int) -> float
     cq = ChatQueue(runner, max_concurrent=max_concurrent, max_queue_size=n)
     await cq.start_queue_worker()
     await cq.wait_ready(120)
+    try:
+        return await _streams_tokens_per_s(cq, n, "request")
+    finally:
+        await cq.stop()
+
+
+async def _streams_tokens_per_s(cq: ChatQueue, n: int, name: str) -> float:
+    """n greedy requests submitted together to `cq`, each NEW_TOKENS long: tokens/s to the last."""
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
-    msgs = [[ChatMessage("user", f"request {i}")] for i in range(n)]
+    msgs = [[ChatMessage("user", f"{name} {i}")] for i in range(n)]
     t0 = time.perf_counter()
     streams = [await cq.submit(m, params) for m in msgs]
     done = await asyncio.gather(*(s.collect() for s in streams))
-    elapsed = time.perf_counter() - t0
-    await cq.stop()
-    return sum(d.usage.completion_tokens for d in done) / elapsed
+    return sum(d.usage.completion_tokens for d in done) / (time.perf_counter() - t0)
 
 
 async def served_engine_tokens_per_s(n: int, overlap: str, runs: int = 3) -> list[float]:
@@ -198,16 +204,10 @@ async def served_engine_tokens_per_s(n: int, overlap: str, runs: int = 3) -> lis
     cq = ChatQueue(runner, max_concurrent=n, max_queue_size=n, overlap_steps=overlap)
     await cq.start_queue_worker()
     await cq.wait_ready(900)
-    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
-    rates = []
     try:
-        for run in range(runs + 1):
-            msgs = [[ChatMessage("user", f"run {run} request {i}")] for i in range(n)]
-            t0 = time.perf_counter()
-            streams = [await cq.submit(m, params) for m in msgs]
-            done = await asyncio.gather(*(s.collect() for s in streams))
-            elapsed = time.perf_counter() - t0
-            rates.append(sum(d.usage.completion_tokens for d in done) / elapsed)
+        rates = [
+            await _streams_tokens_per_s(cq, n, f"run {run} request") for run in range(runs + 1)
+        ]
     finally:
         await cq.stop()
     return rates[1:]
