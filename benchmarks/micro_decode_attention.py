@@ -18,6 +18,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from cuda_timing import replay_ms
+
 
 def manual(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     scores = torch.matmul(q, k.transpose(-1, -2)) * 0.125 + bias
@@ -37,15 +39,7 @@ def timed(fn, *args) -> float:  # type: ignore[no-untyped-def]
     with torch.cuda.graph(graph):
         for _ in range(16):
             fn(*args)
-    times = []
-    for _ in range(30):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        graph.replay()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 16)
-    return statistics.median(times)
+    return statistics.median(replay_ms(graph)) / 16
 
 
 def sdpa(backend: SDPBackend | None):  # type: ignore[no-untyped-def]

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -34,6 +35,7 @@ from bench_families import (
 from chatqueue.engine.hf.static import StaticCacheRunner
 from chatqueue.engine.runner import NewSequence, StepBatch
 from chatqueue.types import SamplingParams
+from cuda_timing import replay_ms
 
 BATCHES = (1, 64)
 
@@ -84,15 +86,7 @@ def profile(name: str, bandwidth: float, rows: int) -> None:
         bucket = max(2, b)
         graph = runner.graphs.captured[bucket].graph
         kept = snapshot(runner)  # a bare replay moves the column and positions on the device
-        replays = []
-        for _ in range(30):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            graph.replay()
-            e.record()
-            e.synchronize()
-            replays.append(s.elapsed_time(e))
-            restore(runner, kept)
+        replays = replay_ms(graph, after=functools.partial(restore, runner, kept))
         walls = []
         for _ in range(30):
             torch.cuda.synchronize()

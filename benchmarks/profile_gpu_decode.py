@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from chatqueue.engine.runner import NewSequence, StepBatch
 from chatqueue.types import SamplingParams
+from cuda_timing import replay_ms
 from gpu_model import build_model, static_runner
 
 
@@ -37,14 +38,7 @@ def main() -> None:
         for _ in range(10):
             runner.step(StepBatch(new=[], running=ids, released=[]))
         graph = static.graphs.captured[b].graph
-        times = []
-        for _ in range(30):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            graph.replay()
-            e.record()
-            e.synchronize()
-            times.append(s.elapsed_time(e))
+        times = replay_ms(graph)
         walls = []
         for _ in range(30):
             torch.cuda.synchronize()

@@ -1,0 +1,28 @@
+"""Device time of a captured CUDA graph's replays, read from CUDA events (the GPU profile
+scripts: profile_gpu_decode.py, profile_family_decode.py, micro_decode_attention.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def replay_ms(
+    graph: Any, times: int = 30, *, after: Callable[[], None] | None = None
+) -> list[float]:
+    """Milliseconds of device time of each of `times` replays of `graph` (a torch.cuda.CUDAGraph);
+    `after` runs after each replay, outside its timing (a replay that moves state on the device
+    puts it back there)."""
+    elapsed = []
+    for _ in range(times):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        elapsed.append(start.elapsed_time(end))
+        if after is not None:
+            after()
+    return elapsed
