@@ -1,8 +1,10 @@
-"""Device time of a captured CUDA graph's replays, read from CUDA events (the GPU profile
-scripts: profile_gpu_decode.py, profile_family_decode.py, micro_decode_attention.py)."""
+"""Timing on the GPU for the profile scripts (profile_gpu_decode.py, profile_family_decode.py,
+micro_decode_attention.py): a captured graph's replays by CUDA events, and a call's wall time
+with the device idle before it."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -25,4 +27,15 @@ def replay_ms(
         elapsed.append(start.elapsed_time(end))
         if after is not None:
             after()
+    return elapsed
+
+
+def wall_ms(call: Callable[[], object], times: int = 30) -> list[float]:
+    """Milliseconds of wall time of each of `times` calls, each started with the device idle."""
+    elapsed = []
+    for _ in range(times):
+        torch.cuda.synchronize()
+        began = time.perf_counter()
+        call()
+        elapsed.append((time.perf_counter() - began) * 1e3)
     return elapsed

@@ -14,7 +14,6 @@ import argparse
 import functools
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -35,7 +34,7 @@ from bench_families import (
 from chatqueue.engine.hf.static import StaticCacheRunner
 from chatqueue.engine.runner import NewSequence, StepBatch
 from chatqueue.types import SamplingParams
-from cuda_timing import replay_ms
+from cuda_timing import replay_ms, wall_ms
 
 BATCHES = (1, 64)
 
@@ -87,12 +86,7 @@ def profile(name: str, bandwidth: float, rows: int) -> None:
         graph = runner.graphs.captured[bucket].graph
         kept = snapshot(runner)  # a bare replay moves the column and positions on the device
         replays = replay_ms(graph, after=functools.partial(restore, runner, kept))
-        walls = []
-        for _ in range(30):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            runner.step(StepBatch(new=[], running=ids, released=[]))
-            walls.append((time.perf_counter() - t0) * 1e3)
+        walls = wall_ms(functools.partial(runner.step, StepBatch(new=[], running=ids, released=[])))
         floor = floor_ms(model, runner, b, bandwidth)
         replay, wall = statistics.median(replays), statistics.median(walls)
         kept = snapshot(runner)

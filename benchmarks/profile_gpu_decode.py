@@ -6,9 +6,9 @@
 
 from __future__ import annotations
 
+import functools
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from chatqueue.engine.runner import NewSequence, StepBatch
 from chatqueue.types import SamplingParams
-from cuda_timing import replay_ms
+from cuda_timing import replay_ms, wall_ms
 from gpu_model import build_model, static_runner
 
 
@@ -39,12 +39,7 @@ def main() -> None:
             runner.step(StepBatch(new=[], running=ids, released=[]))
         graph = static.graphs.captured[b].graph
         times = replay_ms(graph)
-        walls = []
-        for _ in range(30):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            runner.step(StepBatch(new=[], running=ids, released=[]))
-            walls.append((time.perf_counter() - t0) * 1e3)
+        walls = wall_ms(functools.partial(runner.step, StepBatch(new=[], running=ids, released=[])))
         print(
             f"b={b}: graph replay {statistics.median(times):.3f} ms (device), "
             f"runner.step {statistics.median(walls):.3f} ms (wall)"
