@@ -14,7 +14,10 @@ prints:
   request was prefilling (sent, no first token yet);
 - KV tokens reserved / live, from /load sampled every 0.2 s while requests run (reserved: the
   blocks held x block size; live: the tokens the running requests hold, a shared prefix once
-  for each request).
+  for each request);
+- the KV tokens held a running request (reserved / running, the mean of the samples), and so
+  how many streams a fixed KV budget holds paged, over the static cache, which reserves the
+  context window (`/v1/models`) for every slot whatever the request's length.
 
 CPU (SmolLM2, the default model):
     .venv/bin/python benchmarks/bench_multiturn.py [--reply-tokens 100 300] [--conversations 8]
@@ -79,9 +82,10 @@ class Turn:
 @dataclass
 class Run:
     turns: list[Turn]
-    kv_samples: list[tuple[int, int]]  # (reserved tokens, live tokens) while requests ran
+    kv_samples: list[tuple[int, int, int]]  # (reserved tokens, live tokens, running requests)
     preemptions: float
     wall_s: float
+    context_window: int  # the tokens the static cache reserves for each slot
 
 
 def words(rng: random.Random, n: int) -> str:
@@ -144,7 +148,7 @@ async def ask(
     return "".join(parts)
 
 
-def sample_kv(url: str, stop: threading.Event, out: list[tuple[int, int]]) -> None:
+def sample_kv(url: str, stop: threading.Event, out: list[tuple[int, int, int]]) -> None:
     """/load every 0.2 s; every 20 s a line of it, to follow a long run."""
     began = time.perf_counter()
     with httpx.Client(timeout=30) as client:
@@ -162,7 +166,8 @@ def sample_kv(url: str, stop: threading.Event, out: list[tuple[int, int]]) -> No
                     flush=True,
                 )
             if load["processing"] and load["kv_blocks_used"] is not None:
-                out.append((load["kv_blocks_used"] * load["kv_block_size"], load["kv_tokens_live"]))
+                reserved = load["kv_blocks_used"] * load["kv_block_size"]
+                out.append((reserved, load["kv_tokens_live"], load["processing"]))
 
 
 async def workload(url: str, args: argparse.Namespace) -> list[Turn]:
@@ -178,6 +183,8 @@ def run_one(serve_args: list[str], args: argparse.Namespace, tmp: Path) -> Run:
     started = time.perf_counter()
     with running_server(*serve_args, tmp_path=tmp, ready_timeout_s=600) as server:
         print(f"  server ready in {time.perf_counter() - started:.0f} s", flush=True)
+        models = httpx.get(f"{server.url}/v1/models", timeout=10).json()
+        context_window = int(models["data"][0]["context_window"])
         stop, samples = threading.Event(), []
         sampler = threading.Thread(target=sample_kv, args=(server.url, stop, samples))
         sampler.start()
@@ -197,7 +204,7 @@ def run_one(serve_args: list[str], args: argparse.Namespace, tmp: Path) -> Run:
             for line in metrics.splitlines()
             if line.startswith("chatqueue_preemptions_total ")
         )
-    return Run(turns, samples, preemptions, wall)
+    return Run(turns, samples, preemptions, wall, context_window)
 
 
 def gaps(turns: list[Turn]) -> tuple[list[float], list[float]]:
@@ -222,8 +229,10 @@ def report(name: str, run: Run) -> dict[str, float]:
     computed = sum(t.prompt_tokens - t.cached_tokens for t in turns)
     late = [t.ttft for t in turns if t.index >= 2]
     every, during = gaps(turns)
-    reserved = sum(r for r, _ in run.kv_samples)
-    live = sum(n for _, n in run.kv_samples)
+    reserved = sum(r for r, _, _ in run.kv_samples)
+    live = sum(n for _, n, _ in run.kv_samples)
+    held = [r / running for r, _, running in run.kv_samples]  # KV a running request holds
+    held_mean = sum(held) / len(held) if held else float("nan")
     figures = {
         "computed_ratio": computed / received,
         "ttft_p50": pct(late, 50),
@@ -232,6 +241,8 @@ def report(name: str, run: Run) -> dict[str, float]:
         "gap_p99": pct(every, 99),
         "gap_prefill_p99": pct(during, 99),
         "reserved_live": reserved / live if live else float("nan"),
+        "kv_held_a_stream": held_mean,
+        "streams_a_budget_paged_over_static": run.context_window / held_mean,
     }
     print(
         f"prefix caching {name}: {len(turns)} turns in {run.wall_s:.0f} s, prompt tokens "
@@ -239,7 +250,10 @@ def report(name: str, run: Run) -> dict[str, float]:
         f"p50 {figures['ttft_p50']:.2f} s p99 {figures['ttft_p99']:.2f} s (n={len(late)}); "
         f"gap p50 {figures['gap_p50'] * 1e3:.0f} ms p99 {figures['gap_p99'] * 1e3:.0f} ms, "
         f"p99 while others prefill {figures['gap_prefill_p99'] * 1e3:.0f} ms (n={len(during)}); "
-        f"KV reserved/live {figures['reserved_live']:.3f}; preemptions {run.preemptions:.0f}",
+        f"KV reserved/live {figures['reserved_live']:.3f}; KV held a running request "
+        f"{held_mean:.0f} tokens, so a fixed KV budget holds "
+        f"{figures['streams_a_budget_paged_over_static']:.2f}x the streams of the static cache "
+        f"({run.context_window} tokens a slot); preemptions {run.preemptions:.0f}",
         flush=True,
     )
     return figures

@@ -6,6 +6,7 @@
     so that a shape's time a layer can be split into its kernels.
 
     python benchmarks/profile_family_decode.py [--models llama-3.2-1b,gemma-3-1b] [--rows 18]
+        [--trace DIR]
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def restore(runner: StaticCacheRunner, kept: tuple[int, torch.Tensor]) -> None:
     runner.slots.set_col(kept[0])
 
 
-def profile(name: str, bandwidth: float, rows: int) -> None:
+def profile(name: str, bandwidth: float, rows: int, trace: str | None = None) -> None:
     config = shaped(name, quick=False)
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -110,6 +111,9 @@ def profile(name: str, bandwidth: float, rows: int) -> None:
                 sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70
             )
         )
+        if trace is not None:  # the step's kernels in order, to read one layer's sequence
+            lines = [f"{e.device_time:9.1f} us  {e.name}" for e in events]
+            Path(trace, f"{name}-b{b}.txt").write_text("\n".join(lines) + "\n")
         runner.step(StepBatch(new=[], running=[], released=ids))
     runner.close()
     del runner, model
@@ -120,11 +124,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="llama-3.2-1b,gemma-3-1b")
     ap.add_argument("--rows", type=int, default=18)
+    ap.add_argument("--trace", default=None, help="a folder: each step's kernels, in order")
     args = ap.parse_args()
     bandwidth = copy_bandwidth("cuda")
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
     for name in args.models.split(","):
-        profile(name, bandwidth, args.rows)
+        profile(name, bandwidth, args.rows, args.trace)
 
 
 if __name__ == "__main__":
