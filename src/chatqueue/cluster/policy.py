@@ -1,10 +1,10 @@
-"""Where a request goes: the ranking the cluster's request router hands to Ray Serve. Plain data
-and one function, no Ray, so that every rule is tested without a cluster.
+"""Where a request goes: the order in which the front's placement (`placement`) considers the
+replicas for each request. Plain data and one function, no Ray, so that every rule is tested
+without a cluster.
 
 NOTE: the rules. A replica's stats are up to one stats period old (`STATS_PERIOD_S`, plus the
-controller's broadcast), so the router adds the requests it has itself sent to a replica since
-its stats were sampled (`in_flight`); completions it cannot see, so it errs towards a replica
-looking busier than it is. Then, in order:
+controller's broadcast), so the front adds what it has itself placed there and seen end since
+they were sampled (`in_flight`, from its `ledger`). Then, in order:
 1. replicas with a free slot (most free first; ties to the one chosen least recently, so equal
    replicas take turns). A conversation's replica (`prefer`) comes first if it has one;
 2. replicas with queue places, by expected wait (places ahead of a newcomer / drain rate; by
@@ -17,7 +17,8 @@ looking busier than it is. Then, in order:
 and never a replica that is loading, restarting, failed, hung or draining, nor one this request
 has been refused by already (`tried`). With none left, the tried ones come back (the front then
 knows every replica refused), else the unhealthy ones (whose refusal says why: loading, ...).
-A call for one replica (`only`: the front's channel to it) goes there whatever its figures.
+A call for one replica (`only`: a wave, an abort, the front's channel) goes there whatever its
+figures.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ STICKY_PLACES_SLACK = 1
 
 @dataclass(frozen=True, slots=True)
 class RouteHint:
-    """What the front tells the router about one attempt to place a request."""
+    """What the front tells the ranking (and the router, for a call) about one request."""
 
     tried: tuple[str, ...] = ()  # replicas that refused this request already
     prefer: str | None = None  # the replica that served this conversation's last turn
@@ -48,7 +49,7 @@ class RouteHint:
 class Candidate:
     replica: str
     stats: ReplicaStats | None
-    in_flight: int = 0  # sent by this router since `stats` were sampled
+    in_flight: int = 0  # placed there less ended, by this front, since `stats` were sampled
     last_chosen: float = field(default=0.0, compare=False)
 
     @property
