@@ -1,17 +1,16 @@
 """The front's end of the replicas' channels: the requests it has placed, by key; each replica's
-batches of events (`outbox`) handed to their streams; and the end of every request a replica
-takes with it when it dies.
+batches of events (`outbox`) handed to their streams; the aborts of requests whose clients went
+away, batched into one call a replica; and the end of every request a replica takes with it when
+it dies (its channel breaks, or the replica is no longer among the router's).
 
-A placed request has two calls to its replica: the submitting call, which the replica keeps
-open until the request's end has gone out on the channel (its failure: the replica is gone;
-cancelling it: the client went away, the replica aborts), and its share of the front's channel to
-that replica (one open call per replica while the front has requests there), which carries the
-events.
+A placed request has no Serve call of its own: its events, its end and its loss all come on the
+front's channel to its replica (one open call per replica while the front has requests there).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import uuid
@@ -29,10 +28,8 @@ from chatqueue.types import Event, Finished, FinishReason, Started, Token, Usage
 
 log = logging.getLogger(__name__)
 
-# NOTE: the submitting call ends once the request's Finished is on the channel; the channel's
-# message may still be on its way. Only a channel that is gone leaves it out for longer.
-FINISH_GRACE_S = 10.0
 REOPEN_AFTER_S = 0.05  # a channel that ended with nothing for requests still placed
+ABORT_TIMEOUT_S = 5.0  # how long a stopping front waits for its aborts to be taken
 
 
 @dataclass(eq=False)
@@ -47,26 +44,33 @@ class Placed:
     has_started: bool = False
     num_tokens: int = 0
     parts: list[str] = field(default_factory=list)
-    done: asyncio.Event = field(default_factory=asyncio.Event)
-    watcher: asyncio.Task[None] | None = None
 
 
 class Channels:
     def __init__(
         self,
-        streaming: DeploymentHandle[Any],
+        handle: DeploymentHandle[Any],
         *,
         max_unread_tokens: int,
         on_event: Callable[[Placed, Event], None],
+        is_listed: Callable[[str], bool],
+        on_lost: Callable[[str], None],
     ) -> None:
+        """`is_listed(replica)`: the router still routes to it; `on_lost(replica)`: it died."""
         self.front = uuid.uuid4().hex  # this front's name to the replicas
-        self._streaming = streaming  # the replicas' handle with stream=True
+        self._handle = handle
+        self._streaming = handle.options(stream=True)  # NOTE: made once; options() copies
         self._max_unread_tokens = max_unread_tokens
         self._on_event = on_event
+        self._is_listed = is_listed
+        self._on_lost = on_lost
         self._keys = itertools.count(1)
         self._placed: dict[str, Placed] = {}
+        self._emptied = asyncio.Event()
         self._channels: dict[str, asyncio.Task[None]] = {}  # by replica
         self._waiting: dict[str, int] = {}  # by user cap key: placed, not started yet
+        self._aborts: dict[str, list[str]] = {}  # by replica: keys to abort on the next call
+        self._sending: set[asyncio.Task[None]] = set()
 
     def __len__(self) -> int:
         return len(self._placed)
@@ -77,7 +81,7 @@ class Channels:
 
     # -- a request's life -----------------------------------------------------------------
     def new(self, started: float) -> Placed:
-        """A request about to be submitted: its channel events find it by its key from now
+        """A request about to be placed: its channel events find it by its key from now
         (they may come before its admission does)."""
         key = f"{next(self._keys):x}"
         stream = RequestStream(
@@ -85,70 +89,76 @@ class Channels:
         )
         placed = Placed(key, stream, started)
         self._placed[key] = placed
+        self._emptied.clear()
         return placed
 
     def refused(self, placed: Placed) -> None:
-        self._placed.pop(placed.key, None)
+        self._forget(placed.key)
 
-    def admitted(
-        self,
-        placed: Placed,
-        replica: str,
-        request_id: str,
-        call: DeploymentResponseGenerator[Any],
-        waits_as: str | None,
-    ) -> None:
+    def admitted(self, placed: Placed, replica: str, request_id: str, waits_as: str | None) -> None:
         placed.replica = replica
         placed.stream.request_id = request_id
-        if waits_as is not None and not placed.has_started and not placed.done.is_set():
+        if placed.key not in self._placed:  # it has ended already (its replica died)
+            return
+        if waits_as is not None and not placed.has_started:
             placed.waits_as = waits_as
             self._waiting[waits_as] = self._waiting.get(waits_as, 0) + 1
-        placed.watcher = asyncio.create_task(self._watch(placed, call))
         channel = self._channels.get(replica)
         if channel is None or channel.done():
             self._channels = {r: c for r, c in self._channels.items() if not c.done()}
             self._channels[replica] = asyncio.create_task(self._channel(replica))
 
     def _abandon(self, key: str) -> None:
-        """The client went away: cancelling the submitting call makes the replica abort."""
-        placed = self._placed.pop(key, None)
+        """The client went away: its replica aborts it (on the next abort call there)."""
+        placed = self._forget(key)
         if placed is not None:
             self._no_longer_waiting(placed)
-            if placed.watcher is not None:
-                placed.watcher.cancel()
+            if placed.replica:
+                self.abort(placed.replica, key)
 
-    async def _watch(self, placed: Placed, call: DeploymentResponseGenerator[Any]) -> None:
+    def abort(self, replica: str, key: str) -> None:
+        """Abort `key` on `replica`: the keys of one loop iteration go in one call."""
+        keys = self._aborts.setdefault(replica, [])
+        keys.append(key)
+        if len(keys) == 1:
+            asyncio.get_running_loop().call_soon(self._send_aborts, replica)
+
+    def _send_aborts(self, replica: str) -> None:
+        keys = self._aborts.pop(replica, [])
+        if keys:
+            task = asyncio.ensure_future(self._send_abort(replica, keys))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send_abort(self, replica: str, keys: list[str]) -> None:
         try:
-            async for _ in call:
-                pass
-        except asyncio.CancelledError:
-            call.cancel()
-            raise
-        except Exception as exc:
-            log.warning("replica %s lost a request: %s", placed.replica, exc)
-            self.end(placed, ReplicaLost())
-            return
-        try:
-            await asyncio.wait_for(placed.done.wait(), FINISH_GRACE_S)
-        except TimeoutError:
-            self.end(placed, ReplicaLost("The replica ended this request without finishing it."))
+            await self._handle.abort.remote(self.front, keys, route=RouteHint(only=replica))
+        except Exception as exc:  # gone: its requests went with it
+            log.debug("aborts to replica %s not taken: %s", replica, exc)
 
     def end(
         self, placed: Placed, error: ChatQueueError, reason: FinishReason = FinishReason.ERROR
     ) -> None:
         """End a request the front can no longer follow, with what it got so far."""
-        if self._placed.pop(placed.key, None) is None:
+        if self._forget(placed.key) is None:
             return
         finished = Finished(
             reason, Usage(0, placed.num_tokens), text="".join(placed.parts), error=error
         )
         self._deliver(placed, [finished])
 
+    def _forget(self, key: str) -> Placed | None:
+        placed = self._placed.pop(key, None)
+        if not self._placed:
+            self._emptied.set()
+        return placed
+
     # -- the channels ---------------------------------------------------------------------
     async def _channel(self, replica: str) -> None:
         """The channel to `replica`, reopened while the front has requests there when it ends
-        (the replica ends it a while after its last request of ours); it fails when the
-        replica dies (the requests' own calls end them then)."""
+        (the replica ends it a while after its last request of ours). It breaks when the
+        replica dies, and another replica answers it at once once this one is gone from the
+        router's list: either way the requests there end with `replica_lost`."""
         while True:
             call: DeploymentResponseGenerator[Any] = self._streaming.events.remote(
                 self.front, route=RouteHint(only=replica)
@@ -166,11 +176,21 @@ class Channels:
                 raise
             except Exception as exc:
                 log.warning("the channel to replica %s broke: %s", replica, exc)
+                self.lose(replica)
                 return
             if not any(p.replica == replica for p in self._placed.values()):
                 return
             if not got:
+                if not self._is_listed(replica):
+                    self.lose(replica)
+                    return
                 await asyncio.sleep(REOPEN_AFTER_S)
+
+    def lose(self, replica: str) -> None:
+        """`replica` died: its requests end with what they got."""
+        self._on_lost(replica)
+        for placed in [p for p in self._placed.values() if p.replica == replica]:
+            self.end(placed, ReplicaLost())
 
     def _deliver(self, placed: Placed, events: list[Event]) -> None:
         for event in events:
@@ -183,8 +203,7 @@ class Channels:
                 self._no_longer_waiting(placed)
             elif isinstance(event, Finished):
                 self._no_longer_waiting(placed)
-                self._placed.pop(placed.key, None)
-                placed.done.set()
+                self._forget(placed.key)
             placed.stream.push(event)
 
     def _no_longer_waiting(self, placed: Placed) -> None:
@@ -201,12 +220,15 @@ class Channels:
     async def drain(self, timeout_s: float, error: ChatQueueError) -> None:
         """Let the placed requests finish for up to `timeout_s`; end the rest with `error`
         (their replicas abort them)."""
-        watchers = {p.watcher for p in self._placed.values() if p.watcher is not None}
-        if watchers:
-            await asyncio.wait(watchers, timeout=timeout_s)
+        if self._placed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._emptied.wait(), timeout_s)
         for placed in list(self._placed.values()):
             self.end(placed, error, FinishReason.ABORT)
-            if placed.watcher is not None:
-                placed.watcher.cancel()
+            if placed.replica:
+                self.abort(placed.replica, placed.key)
+        await asyncio.sleep(0)  # the aborts' calls leave
+        if self._sending:
+            await asyncio.wait(set(self._sending), timeout=ABORT_TIMEOUT_S)
         for channel in self._channels.values():
             channel.cancel()

@@ -70,7 +70,7 @@ def replicas_for(settings: Settings) -> Application:
         name=REPLICA_DEPLOYMENT,
         ray_actor_options={"num_cpus": settings.replica_cpus, "num_gpus": _gpus(settings)},
         # NOTE: admission is the ChatQueue's; Serve's own cap only has to stay out of its way
-        # (refusals, which end at once, and describe calls come on top of the places).
+        # (a front's waves, aborts and channel, and describe calls, are each one).
         max_ongoing_requests=2 * (settings.max_concurrent + settings.max_queue_size) + 16,
         graceful_shutdown_timeout_s=settings.shutdown_timeout,
         graceful_shutdown_wait_loop_s=0.5,

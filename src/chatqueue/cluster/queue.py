@@ -1,11 +1,12 @@
 """The front's queue: what the HTTP routes call (`api.QueueService`), over many replicas.
 
-A request is placed by asking the replicas one after another, in the order the request router
-ranks them, until one admits it: a replica refuses what it cannot take (its stats were stale)
-and the next one is asked before the client hears anything. The client gets 429 only when every
-healthy replica has refused it as full. The admitted request's events come back from that
-replica into a RequestStream, as from a local queue, in batches on the front's channel to it
-(`channels`); if the replica dies, the stream ends with a `replica_lost` error.
+The requests that arrive together are placed as one wave (`placer`): one call a replica a round,
+free slots first, then queue places, in the order `policy` ranks the replicas for each request.
+A replica takes what it has room for and refuses the rest, and the rest go to the next replica
+before any client hears anything: a client gets 429 only when every healthy replica has refused
+it as full. An admitted request's events come back from its replica into a RequestStream, as from
+a local queue, in batches on the front's channel to it (`channels`); if the replica dies, the
+stream ends with a `replica_lost` error.
 """
 
 from __future__ import annotations
@@ -24,16 +25,17 @@ from typing import Any
 from prometheus_client import Counter
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from ray.exceptions import RayError
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.serve.handle import DeploymentHandle
 
 from chatqueue.api import LoadInfo, RequestStream
 from chatqueue.api.chat_queue import Admission
 from chatqueue.api.front import DescribedQueue
-from chatqueue.api.wire import Admitted, Refused, Submission
+from chatqueue.api.wire import Refused, Submission
 from chatqueue.cluster import view
 from chatqueue.cluster.channels import Channels, Placed
-from chatqueue.cluster.policy import RouteHint, conversation_key
+from chatqueue.cluster.ledger import Ledger
+from chatqueue.cluster.placer import NoReplica, Placer, Unplaced, may_try_next
+from chatqueue.cluster.policy import conversation_key
 from chatqueue.cluster.stats import ReplicaStats
 from chatqueue.config import Settings
 from chatqueue.errors import (
@@ -60,7 +62,6 @@ log = logging.getLogger(__name__)
 
 DESCRIBE_EVERY_S = 0.5
 REFRESH_EVERY_S = 0.5
-MAX_LOST_ATTEMPTS = 3  # replicas that died while being asked, before the front gives up
 MAX_CONVERSATIONS = 100_000  # remembered for stickiness, least recently used forgotten
 STATE_ORDER = ("ready", "loading", "restarting", "unhealthy", "shutting_down", "failed")
 
@@ -86,18 +87,30 @@ class ClusterQueue(DescribedQueue):
         self.metrics = Metrics()
         self._asked_again = Counter(
             "chatqueue_cluster_asked_again",
-            "Placements that asked another replica after one refused (its stats were stale)",
+            "Requests that another replica took after one refused them (its figures were old)",
             registry=self.metrics.registry,
         )
         self.metrics.registry.register(_ReplicaCollector(self._replicas))
         self._handle = handle
-        self._streaming = handle.options(stream=True)  # NOTE: made once; options() copies
         self._settings = settings
         self._app_name = app_name
         self._described = asyncio.Event()
         self._conversations: OrderedDict[str, str] = OrderedDict()  # key -> replica
+        self._ledger = Ledger()
         self._channels = Channels(
-            self._streaming, max_unread_tokens=settings.max_unread_tokens, on_event=self._observe
+            handle,
+            max_unread_tokens=settings.max_unread_tokens,
+            on_event=self._observe,
+            is_listed=lambda replica: any(r == replica for r, _ in self._replicas()),
+            on_lost=lambda replica: self._placer.lost(replica),
+        )
+        self._placer = Placer(
+            handle,
+            front=self._channels.front,
+            ledger=self._ledger,
+            replicas=self._replicas,
+            on_orphan=self._channels.abort,
+            on_taken_elsewhere=self._asked_again.inc,
         )
         self._tasks: list[asyncio.Task[None]] = []
         self._is_stopping = False
@@ -146,7 +159,9 @@ class ClusterQueue(DescribedQueue):
 
     # -- state ----------------------------------------------------------------------------
     def _replicas(self) -> list[tuple[str, ReplicaStats | None]]:
-        return view.replicas_of(self._app_name)
+        """The replicas the router routes to, each with the freshest figures the front has:
+        the router's, or the replica's answer to this front's last wave there."""
+        return self._ledger.freshest(view.replicas_of(self._app_name))
 
     @property
     def health(self) -> str:
@@ -222,46 +237,29 @@ class ClusterQueue(DescribedQueue):
     async def _place(
         self, submission: Submission, key: str | None, *, sticky: bool
     ) -> RequestStream:
-        """Ask replicas in the router's order until one admits; raises the refusal that
-        stands when none does. `key` names the conversation, whose replica is remembered and,
+        """Place it with the requests that arrive with it; raises the refusal that stands when
+        no replica takes it. `key` names the conversation, whose replica is remembered and,
         when `sticky`, preferred."""
         self.description  # noqa: B018 - raises while loading or stopping
         waits_as = self._check_user_cap(submission)
         prefer = self._conversations.get(key) if key is not None and sticky else None
         placed = self._channels.new(time.monotonic())
         submission = dataclasses.replace(submission, front=self._channels.front, key=placed.key)
-        tried: list[str] = []
-        refusals: list[Refused] = []
-        lost = 0
         try:
-            while True:
-                route = RouteHint(tuple(tried), prefer)
-                call: DeploymentResponseGenerator[Any] = self._streaming.submit.remote(
-                    submission, route=route
-                )  # type: ignore[assignment]
-                try:
-                    first = await call.__anext__()
-                except (RayError, StopAsyncIteration) as exc:
-                    lost += 1
-                    log.warning("a replica went away while asked to admit a request: %s", exc)
-                    if lost >= MAX_LOST_ATTEMPTS:
-                        raise ReplicaLost("No replica answered. Retry shortly.") from exc
-                    continue
-                if isinstance(first, Admitted):
-                    if key is not None:
-                        self._remember(key, first.replica)
-                    self._channels.admitted(placed, first.replica, first.request_id, call, waits_as)
-                    return placed.stream
-                assert isinstance(first, Refused)
-                if first.replica in tried or not _may_try_next(first.error):
-                    call.cancel()
-                    raise self._refusal(first, refusals)
-                tried.append(first.replica)
-                refusals.append(first)
-                self._asked_again.inc()
+            admitted = await self._placer.place(submission, prefer)
+        except Unplaced as unplaced:
+            self._channels.refused(placed)
+            raise self._refusal(unplaced.refusals) from None
+        except NoReplica:
+            self._channels.refused(placed)
+            raise ReplicaLost("No replica answered. Retry shortly.") from None
         except BaseException:
             self._channels.refused(placed)
             raise
+        if key is not None:
+            self._remember(key, admitted.replica)
+        self._channels.admitted(placed, admitted.replica, admitted.request_id, waits_as)
+        return placed.stream
 
     def _check_user_cap(self, s: Submission) -> str | None:
         """The per-user waiting cap, counted across the replicas: the front sees every request
@@ -279,12 +277,12 @@ class ClusterQueue(DescribedQueue):
             )
         return counted_as
 
-    def _refusal(self, last: Refused, refusals: list[Refused]) -> ChatQueueError:
-        """Every replica asked has refused (or `last` refused for good): a 429 if any was full,
-        with a Retry-After from all their drain rates together; else the last one's reason."""
-        err = last.error
+    def _refusal(self, refusals: list[Refused]) -> ChatQueueError:
+        """Every replica asked has refused (or the last one refused for good): a 429 if any was
+        full, with a Retry-After from all their drain rates together; else the last reason."""
+        err = refusals[-1].error
         full = [r for r in refusals if isinstance(r.error, QueueFull)]
-        if not _may_try_next(err) or not full:
+        if not may_try_next(err) or not full:
             if isinstance(err, QueueFull):
                 self.metrics.rejected.labels(err.kind).inc()
             return err
@@ -319,13 +317,15 @@ class ClusterQueue(DescribedQueue):
                 m.ttft.observe(time.monotonic() - placed.started)
             m.observe_tokens(event.num_tokens)
         elif isinstance(event, Finished):
+            if placed.replica:
+                self._ledger.ended(placed.replica)
             m.finished.labels(event.reason.value).inc()
             m.prompt_tokens.inc(event.usage.prompt_tokens)
             m.generated_tokens.inc(event.usage.completion_tokens)
 
     # -- figures --------------------------------------------------------------------------
     async def load_now(self) -> ClusterLoad:
-        return self.load()  # NOTE: the replicas' figures are as fresh as the router's
+        return self.load()  # NOTE: the replicas' figures are as fresh as the front knows them
 
     def load(self) -> ClusterLoad:
         now = time.time()
@@ -375,11 +375,3 @@ class _ReplicaCollector(Collector):
                 waiting.add_metric([replica], stats.waiting)
             ready.add_metric([replica], 1.0 if stats is not None and stats.is_ready else 0.0)
         yield from (running, waiting, ready)
-
-
-def _may_try_next(error: ChatQueueError) -> bool:
-    """Refusals another replica may not give: full, loading, restarting, shutting down. Not a
-    bad request, and not a user's own cap (asking elsewhere would let one user past it)."""
-    if isinstance(error, UserQueueFull):
-        return False
-    return isinstance(error, QueueFull | ServiceUnavailable)

@@ -1,15 +1,17 @@
 """One replica of a cluster: one ChatQueue over one model, as a Ray Serve deployment class.
 
-The front submits through Serve's handle (routed by `router.ChatQueueRouter`); the replica admits
-or refuses at once (`Refused`: the front tries the next one). The request's events go to the
-front in batches on the front's channel (`events`, one open call per front and replica, see
-`outbox`), while the submitting call stays open until the request's end has been sent: Serve
-counts it as one ongoing request (autoscaling, a graceful drain), the front hears at once if this
-replica dies, and the front cancelling it (its client went away) aborts the request. It publishes its figures for the router (`record_routing_stats`) and fails Serve's health check
-when its model has failed for good, so that Serve replaces it."""
+A front places the requests that arrived together with one call a replica (`place`, a `Wave`):
+the replica admits or refuses each at once, and with `slots_only` takes no more than it has free
+slots, leaving the rest for the next replica. The requests' events go to the front in batches on
+the front's channel (`events`, one open call per front and replica, see `outbox`); the front's
+`abort` call ends requests whose clients went away, and a channel the front cancels (it stopped,
+or it is gone) ends that front's requests here. It publishes its figures for the router and the
+front (`record_routing_stats`), and fails Serve's health check when its model has failed for
+good, so that Serve replaces it."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import time
@@ -17,11 +19,12 @@ from collections.abc import AsyncIterator
 
 from ray import serve
 
-from chatqueue.api import ChatQueue
+from chatqueue.api import ChatQueue, RequestStream
 from chatqueue.api.build import chat_queue_for
 from chatqueue.api.outbox import Outbox, encode
 from chatqueue.api.wire import Admitted, Description, Refused, Submission
 from chatqueue.cluster.stats import ReplicaStats
+from chatqueue.cluster.wave import Wave, WaveAnswer
 from chatqueue.config import Settings
 from chatqueue.errors import ChatQueueError, NotReady
 
@@ -41,38 +44,85 @@ class ChatQueueReplica:
         self._node = _node_id()
         self._num_admitted = 0
         self._outboxes: dict[str, Outbox] = {}  # by front
+        self._channels: dict[str, object] = {}  # by front: the channel now open
+        self._requests: dict[tuple[str, str], asyncio.Task[None]] = {}  # (front, key)
         await self._cq.start_queue_worker()
 
-    async def submit(
-        self, submission: Submission, route: object = None
-    ) -> AsyncIterator[Admitted | Refused]:
-        """`route` is the router's (a RouteHint); the replica has no use for it."""
+    async def place(self, wave: Wave, route: object = None) -> WaveAnswer:
+        """Admit or refuse each of the wave's requests, in order. `route` (RouteHint.only)
+        named the replica the front meant: another one (that one is gone) takes nothing."""
+        if getattr(route, "only", self._id) != self._id:
+            return WaveAnswer(self._id, (), None)
+        outbox = self._outboxes.setdefault(wave.front, Outbox())
+        load = self._cq.load()
+        room = load.max_concurrent - load.processing - load.waiting if wave.slots_only else None
+        outcomes: list[Admitted | Refused | None] = []
+        for submission in wave.submissions:
+            if room is not None and room <= 0:
+                outcomes.append(None)
+                continue
+            outcome = await self._admit(submission, outbox)
+            if room is not None and isinstance(outcome, Admitted):
+                room -= 1
+            outcomes.append(outcome)
+        return WaveAnswer(self._id, tuple(outcomes), self.stats())
+
+    async def _admit(self, submission: Submission, outbox: Outbox) -> Admitted | Refused:
         try:
             stream = await submission.submit_to(self._cq)
         except ChatQueueError as exc:
             load = self._cq.load()
-            yield Refused(self._id, exc, load.waiting, load.drain_rate_per_s)
-            return
+            return Refused(self._id, exc, load.waiting, load.drain_rate_per_s)
         self._num_admitted += 1
-        outbox = self._outboxes.setdefault(submission.front, Outbox())
         outbox.add(submission.key, stream)
-        yield Admitted(self._id, stream.request_id)
-        async with stream:  # leaving early (the front cancelled: client gone) aborts it
-            await outbox.until_sent(submission.key)
+        request = (submission.front, submission.key)
+        self._requests[request] = asyncio.create_task(self._follow(request, stream, outbox))
+        return Admitted(self._id, stream.request_id)
+
+    async def _follow(
+        self, request: tuple[str, str], stream: RequestStream, outbox: Outbox
+    ) -> None:
+        """Until the request's end is on the channel; cancelled (`abort`), it aborts."""
+        try:
+            async with stream:
+                await outbox.until_sent(request[1])
+        finally:
+            self._requests.pop(request, None)
+
+    async def abort(self, front: str, keys: list[str], route: object = None) -> None:
+        """The front's clients of these requests went away."""
+        for key in keys:
+            task = self._requests.get((front, key))
+            if task is not None:
+                task.cancel()
 
     async def events(self, front: str, route: object = None) -> AsyncIterator[bytes]:
         """The front's channel: its requests' events in batches (`outbox.decode`), until none
         of its requests here is left. `route` (RouteHint.only) named the replica the front
-        meant: another one (that replica is gone) ends the channel at once."""
+        meant: another one (that replica is gone) ends the channel at once. A channel cancelled
+        while it is the front's open one (the front stopped or is gone) aborts its requests."""
         outbox = self._outboxes.get(front)
         if outbox is None or getattr(route, "only", self._id) != self._id:
             return
+        token = object()
+        self._channels[front] = token
+        ended = False
         try:
             async for batch in outbox.batches():
                 yield encode(batch)
+            ended = True
         finally:
+            if self._channels.get(front) is token:
+                del self._channels[front]
+                if not ended:
+                    self._abort_all(front)
             if not outbox and self._outboxes.get(front) is outbox:
                 del self._outboxes[front]
+
+    def _abort_all(self, front: str) -> None:
+        for (of, _), task in list(self._requests.items()):
+            if of == front:
+                task.cancel()
 
     async def describe(self) -> Description:
         """Raises NotReady while the model loads (the front asks again)."""
@@ -87,8 +137,7 @@ class ChatQueueReplica:
             max_queue_size=self._settings.max_queue_size,
         )
 
-    def record_routing_stats(self) -> dict[str, object]:
-        """Serve calls this every stats period; the router reads it (`ReplicaStats`)."""
+    def stats(self) -> ReplicaStats:
         load = self._cq.load()
         return ReplicaStats(
             replica=self._id,
@@ -103,7 +152,11 @@ class ChatQueueReplica:
             sampled_at=time.time(),
             node=self._node,
             pid=os.getpid(),
-        ).as_dict()
+        )
+
+    def record_routing_stats(self) -> dict[str, object]:
+        """Serve calls this every stats period; the router reads it (`ReplicaStats`)."""
+        return self.stats().as_dict()
 
     def check_health(self) -> None:
         """Serve's health check: a model that failed for good (its load, or too many restarts)

@@ -1,10 +1,11 @@
 """The front's placement (chatqueue.cluster.queue.ClusterQueue) against scripted replicas, with
-no Ray running: who is asked, in what order, and what the client hears."""
+no Ray running: which replica is asked for which requests, in one call a replica a round, and
+what the client hears."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,9 +15,12 @@ from ray.exceptions import RayActorError
 from chatqueue.api import RequestStream
 from chatqueue.api import outbox as outbox_module
 from chatqueue.api.outbox import Outbox, encode
-from chatqueue.api.wire import Admitted, Description, Refused, Submission
+from chatqueue.api.wire import Admitted, Description, Refused
+from chatqueue.cluster import view
 from chatqueue.cluster.policy import RouteHint
 from chatqueue.cluster.queue import ClusterQueue
+from chatqueue.cluster.stats import ReplicaStats
+from chatqueue.cluster.wave import Wave, WaveAnswer
 from chatqueue.config import Settings
 from chatqueue.engine.mock import MockTokenizer
 from chatqueue.errors import InvalidRequest, QueueFull, ReplicaLost, UserQueueFull
@@ -36,13 +40,15 @@ HI = [ChatMessage("user", "hi")]
 
 @dataclass
 class Replica:
-    """What a scripted replica answers: a refusal, or an admission, and then these events on the
-    front's channel (through a real Outbox, as a replica sends them)."""
+    """What a scripted replica answers a wave: a refusal, or an admission (no more than `slots`
+    for a wave of slots only), and then these events on the front's channel (through a real
+    Outbox, as a replica sends them). `view` is what the router shows the front of it."""
 
     name: str
     refusal: Exception | None = None
     waiting: int = 0
     rate: float | None = None
+    slots: int = 2
     dies_after_first_token: bool = False
     events: list[Event | None] = field(  # None: wait there until `go` is set
         default_factory=lambda: [
@@ -51,30 +57,57 @@ class Replica:
             Finished(FinishReason.STOP, Usage(1, 1), "hi"),
         ]
     )
+    view: ReplicaStats | None = None
     outboxes: dict[str, Outbox] = field(default_factory=dict)
+    requests: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     died: asyncio.Event = field(default_factory=asyncio.Event)
-    aborted: asyncio.Event = field(default_factory=asyncio.Event)
+    aborted: list[str] = field(default_factory=list)
+    abort_seen: asyncio.Event = field(default_factory=asyncio.Event)
     go: asyncio.Event = field(default_factory=asyncio.Event)
+    vanish: asyncio.Event = field(default_factory=asyncio.Event)  # set: its channel just ends
 
-    async def submit(self, submission: Submission) -> AsyncIterator[Any]:
-        if self.refusal is not None:
-            assert isinstance(self.refusal, QueueFull | InvalidRequest)
-            yield Refused(self.name, self.refusal, self.waiting, self.rate)
-            return
-        stream = RequestStream(f"req-{self.name}", on_abandon=self.aborted.set)
-        outbox = self.outboxes.setdefault(submission.front, Outbox())
-        outbox.add(submission.key, stream)
-        yield Admitted(self.name, stream.request_id)
+    def __post_init__(self) -> None:
+        if self.view is None:
+            self.view = figures(self.name)
+
+    async def place(self, wave: Wave) -> WaveAnswer:
+        outcomes: list[Admitted | Refused | None] = []
+        room = self.slots
+        for submission in wave.submissions:
+            if wave.slots_only and room <= 0:
+                outcomes.append(None)
+            elif self.refusal is not None:
+                assert isinstance(self.refusal, QueueFull | InvalidRequest)
+                outcomes.append(Refused(self.name, self.refusal, self.waiting, self.rate))
+            else:
+                room -= 1
+                outcomes.append(self._admit(wave.front, submission.key))
+        return WaveAnswer(self.name, tuple(outcomes), None)
+
+    def _admit(self, front: str, key: str) -> Admitted:
+        stream = RequestStream(f"req-{key}", on_abandon=lambda: self._aborted(key))
+        outbox = self.outboxes.setdefault(front, Outbox())
+        outbox.add(key, stream)
+        self.requests[key] = asyncio.create_task(self._follow(key, stream, outbox))
+        return Admitted(self.name, stream.request_id)
+
+    def _aborted(self, key: str) -> None:
+        self.aborted.append(key)
+        self.abort_seen.set()
+
+    async def _follow(self, key: str, stream: RequestStream, outbox: Outbox) -> None:
         feeding = asyncio.create_task(self._feed(stream))
-        async with stream:
-            sent = asyncio.create_task(outbox.until_sent(submission.key))
-            await asyncio.wait(
-                {sent, asyncio.create_task(self.died.wait())}, return_when="FIRST_COMPLETED"
-            )
-            if self.died.is_set():
-                sent.cancel()
-                raise RayActorError()
-        await feeding
+        try:
+            async with stream:
+                await outbox.until_sent(key)
+        finally:
+            feeding.cancel()
+
+    async def abort(self, keys: list[str]) -> None:
+        for key in keys:
+            task = self.requests.get(key)
+            if task is not None:
+                task.cancel()
 
     async def _feed(self, stream: RequestStream) -> None:
         for event in self.events:
@@ -87,20 +120,104 @@ class Replica:
                 self.died.set()
                 return
 
-    async def channel(self, front: str, only: str | None) -> AsyncIterator[bytes]:
+    async def channel(self, front: str) -> AsyncIterator[bytes]:
         outbox = self.outboxes.get(front)
-        if outbox is None or only != self.name:
+        if outbox is None:
             return
-        async for batch in outbox.batches():
-            yield encode(batch)
+        batches = outbox.batches()
+        died = asyncio.create_task(self.died.wait())
+        vanished = asyncio.create_task(self.vanish.wait())
+        while True:
+            batch = asyncio.create_task(anext(batches, None))  # type: ignore[arg-type]
+            await asyncio.wait({batch, died, vanished}, return_when="FIRST_COMPLETED")
+            data = batch.result() if batch.done() else None
+            if data is not None:
+                yield encode(data)  # what it sent before it died
+            elif batch.done():
+                return
+            batch.cancel()
             if self.died.is_set():
                 raise RayActorError()
+            if self.vanish.is_set():
+                return
+
+
+def figures(name: str, *, running: int = 0, waiting: int = 0) -> ReplicaStats:
+    return ReplicaStats(
+        replica=name, state="ready", running=running, waiting=waiting, max_concurrent=2,
+        max_queue_size=2, drain_rate_per_s=None, tokens_per_s=0.0, admitted=0, sampled_at=0.0,
+    )  # fmt: skip
+
+
+class Remote:
+    def __init__(self, run: Callable[..., Any]) -> None:
+        self.remote = run
+
+
+@dataclass
+class Handle:
+    """Serve's handle as the front uses it: each call goes to the replica its route names (a
+    gone one: another one answers, as the router sends it), and the test sees every wave."""
+
+    replicas: list[Replica]
+    waves: list[tuple[str, int, bool]] = field(default_factory=list)  # (replica, size, slots)
+    aborts: list[tuple[str, list[str]]] = field(default_factory=list)
+    hold: asyncio.Event | None = None  # set: waves wait for it
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)  # a wave came
+
+    def options(self, **_: Any) -> Handle:
+        return self
+
+    def _named(self, route: RouteHint) -> Replica:
+        return next((r for r in self.replicas if r.name == route.only), self.replicas[0])
+
+    @property
+    def place(self) -> Remote:
+        async def run(wave: Wave, *, route: RouteHint) -> WaveAnswer:
+            replica = self._named(route)
+            self.waves.append((replica.name, len(wave.submissions), wave.slots_only))
+            self.arrived.set()
+            if self.hold is not None:
+                await self.hold.wait()
+            return await replica.place(wave)
+
+        return Remote(run)
+
+    @property
+    def abort(self) -> Remote:
+        async def run(front: str, keys: list[str], *, route: RouteHint) -> None:
+            self.aborts.append((str(route.only), keys))
+            await self._named(route).abort(keys)
+
+        return Remote(run)
+
+    @property
+    def events(self) -> Remote:
+        def run(front: str, *, route: RouteHint) -> AsyncIterator[bytes]:
+            replica = self._named(route)
+            return Call(replica.channel(front) if replica.name == route.only else _nothing())
+
+        return Remote(run)
+
+    @property
+    def describe(self) -> Remote:
+        async def run() -> Description:
+            return Description("mock", 2048, MockTokenizer(), 2, 2)
+
+        return Remote(run)
+
+    def replica_stats(self) -> list[tuple[str, ReplicaStats | None]]:
+        return [(r.name, r.view) for r in self.replicas]
+
+
+async def _nothing() -> AsyncIterator[bytes]:
+    return
+    yield b""
 
 
 class Call:
     def __init__(self, events: AsyncIterator[Any]) -> None:
         self._events = events
-        self.is_cancelled = False
 
     def __aiter__(self) -> Call:
         return self
@@ -109,53 +226,13 @@ class Call:
         return await self._events.__anext__()
 
     def cancel(self) -> None:
-        self.is_cancelled = True
         task = asyncio.ensure_future(self._events.aclose())  # type: ignore[attr-defined]
         task.add_done_callback(lambda _: None)
 
 
-@dataclass
-class Handle:
-    """Serve's handle as the front uses it; it routes as the router does: the replicas in
-    order, none that refused this request, and the tried ones again once none is left; a
-    channel to the replica it names."""
-
-    replicas: list[Replica]
-    asked: list[str] = field(default_factory=list)
-    method: str = ""
-
-    def options(self, **_: Any) -> Handle:
-        return self
-
-    @property
-    def submit(self) -> Handle:
-        return Handle(self.replicas, self.asked, "submit")
-
-    @property
-    def events(self) -> Handle:
-        return Handle(self.replicas, self.asked, "events")
-
-    @property
-    def describe(self) -> Any:
-        class Describe:
-            @staticmethod
-            async def remote() -> Description:
-                return Description("mock", 2048, MockTokenizer(), 2, 2)
-
-        return Describe
-
-    def remote(self, first: Any, *, route: RouteHint) -> Call:
-        if self.method == "events":
-            replica = next(r for r in self.replicas if r.name == route.only)
-            return Call(replica.channel(first, route.only))
-        left = [r for r in self.replicas if r.name not in route.tried]
-        replica = (left or self.replicas)[0]
-        self.asked.append(replica.name)
-        return Call(replica.submit(first))
-
-
 async def queue_over(*replicas: Replica) -> tuple[ClusterQueue, Handle]:
     handle = Handle(list(replicas))
+    view.publish("test", handle)
     queue = ClusterQueue(handle, Settings(engine="mock"), "test")  # type: ignore[arg-type]
     await queue.start_queue_worker()
     await queue.wait_ready(5)
@@ -163,15 +240,20 @@ async def queue_over(*replicas: Replica) -> tuple[ClusterQueue, Handle]:
 
 
 def full(name: str, *, waiting: int = 0, rate: float | None = None) -> Replica:
-    return Replica(name, QueueFull("full", retry_after_s=1), waiting, rate)
+    return Replica(name, QueueFull("full", retry_after_s=1), waiting, rate, slots=0)
+
+
+def asked(handle: Handle) -> list[str]:
+    return [replica for replica, _, _ in handle.waves]
 
 
 async def test_a_refusal_sends_the_request_to_the_next_replica_before_the_client_hears() -> None:
+    """a's figures say it has free slots; it has none, so b is asked next, for a free slot."""
     queue, handle = await queue_over(full("a"), Replica("b"))
     stream = await queue.submit(HI)
     finished = await stream.collect()
     assert finished.reason is FinishReason.STOP and finished.text == "hi"
-    assert handle.asked == ["a", "b"]
+    assert handle.waves == [("a", 1, True), ("b", 1, True)]
     await queue.stop(1)
 
 
@@ -179,7 +261,8 @@ async def test_429_only_once_every_replica_refused_with_retry_after_from_their_d
     queue, handle = await queue_over(full("a", waiting=3, rate=0.5), full("b", waiting=5, rate=0.5))
     with pytest.raises(QueueFull) as refused:
         await queue.submit(HI)
-    assert handle.asked == ["a", "b", "a"]  # the last: none left but the tried
+    # free slots first, then queue places, every replica asked for each
+    assert handle.waves == [("a", 1, True), ("b", 1, True), ("a", 1, False), ("b", 1, False)]
     # one completion at 1/s together is 1 s; draining the 8 waiting (and this one) 9 s
     assert 1 <= (refused.value.retry_after_s or 0) <= 9
     assert "Every replica" in refused.value.message
@@ -192,28 +275,96 @@ async def test_a_bad_request_is_refused_at_once_without_asking_another() -> None
     )
     with pytest.raises(InvalidRequest):
         await queue.submit(HI)
-    assert handle.asked == ["a"]
+    assert asked(handle) == ["a"]
+    await queue.stop(1)
+
+
+async def test_requests_that_arrive_together_are_split_between_replicas_by_free_slots() -> None:
+    """Four at once, two free slots on each replica: one call to each, two requests each."""
+    queue, handle = await queue_over(Replica("a"), Replica("b"))
+    streams = await asyncio.gather(*(queue.submit(HI) for _ in range(4)))
+    assert sorted(handle.waves) == [("a", 2, True), ("b", 2, True)]
+    async with asyncio.timeout(5):
+        ends = [await s.collect() for s in streams]
+    assert all(f.reason is FinishReason.STOP for f in ends)
+    await queue.stop(1)
+
+
+async def test_a_replica_takes_only_its_free_slots_and_the_rest_go_to_the_next() -> None:
+    """a's figures say two free slots, it has one: of the two planned there it takes one, and
+    the other goes to b in the next round, still for a free slot (nothing waits)."""
+    queue, handle = await queue_over(Replica("a", slots=1), Replica("b"))
+    streams = await asyncio.gather(*(queue.submit(HI) for _ in range(3)))
+    assert sorted(handle.waves[:2]) == [("a", 2, True), ("b", 1, True)]
+    assert handle.waves[2:] == [("b", 1, True)]
+    async with asyncio.timeout(5):
+        ends = [await s.collect() for s in streams]
+    assert all(f.reason is FinishReason.STOP for f in ends)
+    await queue.stop(1)
+
+
+async def test_a_lone_request_leaves_at_once_and_those_behind_a_wave_go_together() -> None:
+    """A request alone is placed in a wave of its own without waiting for company; requests
+    that arrive while that wave is on its way go together in the next one."""
+    queue, handle = await queue_over(Replica("a", slots=4), Replica("b", slots=4))
+    handle.hold = asyncio.Event()
+    lone = asyncio.create_task(queue.submit(HI))
+    async with asyncio.timeout(5):
+        await handle.arrived.wait()
+    assert handle.waves == [("a", 1, True)]
+    behind = [asyncio.create_task(queue.submit(HI)) for _ in range(3)]
+    await asyncio.sleep(0)  # each reaches the placer (no waiting in between)
+    handle.hold.set()
+    async with asyncio.timeout(5):
+        streams = await asyncio.gather(lone, *behind)
+        ends = [await s.collect() for s in streams]
+    assert all(f.reason is FinishReason.STOP for f in ends)
+    assert len(handle.waves) == 3 and sum(size for _, size, _ in handle.waves[1:]) == 3
     await queue.stop(1)
 
 
 async def test_a_replica_that_dies_mid_stream_ends_it_with_replica_lost() -> None:
-    queue, _ = await queue_over(Replica("a", dies_after_first_token=True))
+    """Its channel breaks: the stream ends with what it got, and the next request goes to the
+    other replica."""
+    queue, handle = await queue_over(Replica("a", dies_after_first_token=True), Replica("b"))
     stream = await queue.submit(HI)
     async with asyncio.timeout(5):
         finished = await stream.collect()
     assert finished.reason is FinishReason.ERROR
     assert isinstance(finished.error, ReplicaLost) and finished.text == "hi"
+    assert (await (await queue.submit(HI)).collect()).text == "hi"
+    assert asked(handle) == ["a", "b"]
     await queue.stop(1)
 
 
-async def test_a_client_that_goes_away_cancels_its_call_and_the_replica_aborts() -> None:
-    a = Replica("a", events=[Queued(1, None), None])
-    queue, _ = await queue_over(a)
+async def test_a_replica_gone_from_the_routers_list_ends_its_streams() -> None:
+    """a's channel ends, and the reopened one is answered by another replica (a is no longer
+    listed): a's stream ends with replica_lost rather than wait for good."""
+    a = Replica("a", events=[Started(0.0), Token("hi"), None])
+    queue, handle = await queue_over(a, Replica("b"))
     stream = await queue.submit(HI)
     async with asyncio.timeout(5):
-        assert isinstance(await stream.__anext__(), Queued)
-        await stream.aclose()
-        await a.aborted.wait()
+        assert isinstance(await stream.__anext__(), Started)
+        handle.replicas.remove(a)
+        a.vanish.set()
+        finished = await stream.collect()
+    assert isinstance(finished.error, ReplicaLost) and finished.text == "hi"
+    await queue.stop(1)
+
+
+async def test_clients_that_go_away_together_are_aborted_in_one_call() -> None:
+    a = Replica("a", events=[Queued(1, None), None])
+    queue, handle = await queue_over(a)
+    streams = await asyncio.gather(queue.submit(HI), queue.submit(HI))
+    async with asyncio.timeout(5):
+        for stream in streams:
+            assert isinstance(await stream.__anext__(), Queued)
+        for stream in streams:
+            await stream.aclose()
+        while len(a.aborted) < 2:
+            await a.abort_seen.wait()
+            a.abort_seen.clear()
+    assert len(handle.aborts) == 1 and len(handle.aborts[0][1]) == 2
     await queue.stop(1)
 
 
@@ -228,8 +379,7 @@ async def test_the_per_user_waiting_cap_counts_across_replicas() -> None:
         assert isinstance(await first.__anext__(), Queued)
         with pytest.raises(UserQueueFull):
             await queue.submit(HI, user="u", max_queue_per_user=1)
-        assert handle.asked == ["a"], "refused by the front, without asking a replica"
-        handle.replicas.reverse()  # b first from now: a holds its request
+        assert asked(handle) == ["a"], "refused by the front, without asking a replica"
         other = await queue.submit(HI, user="someone else", max_queue_per_user=1)
         assert (await other.collect()).text == "hi"
         a.go.set()
