@@ -19,6 +19,7 @@ import ray
 from ray import serve
 from ray.serve import Application
 
+from chatqueue.cluster import scaling
 from chatqueue.cluster.checks import alive_nodes, check_history
 from chatqueue.cluster.front import Front
 from chatqueue.cluster.queue import ClusterQueue
@@ -87,9 +88,9 @@ def replicas_for(settings: Settings) -> Application:
 
 
 def _scaling(settings: Settings) -> dict[str, Any]:
-    """A fixed number of replicas, or Serve autoscaling driven by queue depth: Serve counts a
-    replica's ongoing requests (running + waiting), and a target of `max_concurrent` adds
-    replicas while requests wait and removes them while slots stand empty."""
+    """A fixed number of replicas, or Serve autoscaling driven by queue depth: the replicas
+    report their running and waiting requests (`scaling`), and a target of `max_concurrent` a
+    replica adds replicas while requests wait and removes them while slots stand empty."""
     if settings.max_replicas is None:
         return {"num_replicas": settings.replicas or 1}
     return {
@@ -99,6 +100,7 @@ def _scaling(settings: Settings) -> dict[str, Any]:
             "target_ongoing_requests": settings.max_concurrent,
             "upscale_delay_s": 5.0,
             "downscale_delay_s": 60.0,
+            "policy": {"policy_function": scaling.POLICY},
         }
     }
 

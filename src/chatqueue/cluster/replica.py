@@ -6,8 +6,9 @@ slots, leaving the rest for the next replica. The requests' events go to the fro
 the front's channel (`events`, one open call per front and replica, see `outbox`); the front's
 `abort` call ends requests whose clients went away, and a channel the front cancels (it stopped,
 or it is gone) ends that front's requests here. It publishes its figures for the router and the
-front (`record_routing_stats`), and fails Serve's health check when its model has failed for
-good, so that Serve replaces it."""
+front (`record_routing_stats`), its running and waiting requests for autoscaling
+(`record_autoscaling_stats`, see `scaling`), and fails Serve's health check when its model has
+failed for good, so that Serve replaces it."""
 
 from __future__ import annotations
 
@@ -157,6 +158,11 @@ class ChatQueueReplica:
     def record_routing_stats(self) -> dict[str, object]:
         """Serve calls this every stats period; the router reads it (`ReplicaStats`)."""
         return self.stats().as_dict()
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve calls this while autoscaling; `scaling.replicas_for_queue_depth` reads it."""
+        load = self._cq.load()
+        return {"running": float(load.processing), "waiting": float(load.waiting)}
 
     def check_health(self) -> None:
         """Serve's health check: a model that failed for good (its load, or too many restarts)

@@ -1,10 +1,14 @@
-"""How a wave is split between replicas (chatqueue.cluster.placement) and what the front's ledger
-counts between two stats (chatqueue.cluster.ledger), on hand-made figures."""
+"""How a wave is split between replicas (chatqueue.cluster.placement), what the front's ledger
+counts between two stats (chatqueue.cluster.ledger), and the replica count autoscaling asks for
+(chatqueue.cluster.scaling), on hand-made figures."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from chatqueue.cluster.ledger import Ledger
 from chatqueue.cluster.placement import plan_round
+from chatqueue.cluster.scaling import desired_replicas, replicas_for_queue_depth
 from tests.unit.cluster.test_policy import c, stats
 
 
@@ -54,3 +58,60 @@ def test_the_ledger_counts_what_was_placed_and_ended_since_the_figures() -> None
     (a,) = ledger.candidates([("a", old)])
     assert a.stats is not None and a.stats.running == 3 and a.in_flight == -1
     assert ledger.candidates([]) == [] and ledger.candidates([("a", None)])[0].stats is None
+
+
+def context(running: dict[str, float], waiting: dict[str, float], *, current: int) -> object:
+    config = SimpleNamespace(get_target_ongoing_requests=lambda: 4)
+    metrics = {"running": running, "waiting": waiting} if running or waiting else {}
+    return SimpleNamespace(
+        aggregated_metrics=metrics,
+        current_num_replicas=current,
+        target_num_replicas=current,
+        config=config,
+    )
+
+
+def test_autoscaling_asks_for_a_replica_a_max_concurrent_of_held_requests() -> None:
+    """4 slots a replica: 2 replicas holding 4 running and 6 waiting want 2.5 (Serve's wrapper
+    rounds up and bounds it); idle, none (the minimum holds); with no figures yet, as many as
+    now."""
+    busy = context({"r1": 4, "r2": 0}, {"r1": 6, "r2": 0}, current=2)
+    assert replicas_for_queue_depth(busy)[0] == 2.5
+    idle = context({"r1": 0, "r2": 0}, {"r1": 0, "r2": 0}, current=2)
+    assert replicas_for_queue_depth(idle)[0] == 0
+    assert replicas_for_queue_depth(context({}, {}, current=3))[0] == 3
+    assert desired_replicas(8, 4) == 2 and desired_replicas(8, 0) == 0
+
+
+def test_serve_takes_the_autoscaling_config_with_the_replicas_own_figures() -> None:
+    """`--min-replicas 1 --max-replicas 4`: Serve parses the config, loads the policy by its
+    path, and the policy reads a real AutoscalingContext's figures."""
+    from ray.serve.config import AutoscalingConfig, AutoscalingContext
+
+    from chatqueue.cluster.deploy import _scaling
+    from chatqueue.config import Settings
+
+    settings = Settings(engine="mock", min_replicas=1, max_replicas=4, max_concurrent=4)
+    config = AutoscalingConfig(**_scaling(settings)["autoscaling_config"])
+    policy = config.policy.get_policy()
+    assert policy.__name__ == replicas_for_queue_depth.__name__
+    ctx = AutoscalingContext(
+        deployment_id=None,  # type: ignore[arg-type]
+        deployment_name="ChatQueueReplica",
+        app_name="chatqueue",
+        current_num_replicas=1,
+        target_num_replicas=1,
+        running_replicas=[],
+        total_num_requests=0.0,  # Serve's own count: a replica's channel, whatever it holds
+        total_queued_requests=0.0,
+        aggregated_metrics={"running": {"r1": 4.0}, "waiting": {"r1": 8.0}},  # type: ignore[dict-item]
+        raw_metrics=None,
+        capacity_adjusted_min_replicas=1,
+        capacity_adjusted_max_replicas=4,
+        policy_state={},
+        last_scale_up_time=None,
+        last_scale_down_time=None,
+        current_time=0.0,
+        config=config,
+    )
+    assert policy(ctx)[0] == 3.0
