@@ -54,16 +54,19 @@ class Placer:
         replicas: Callable[[], Sequence[tuple[str, ReplicaStats | None]]],
         on_orphan: Callable[[str, str], None],
         on_taken_elsewhere: Callable[[], None],
+        on_call: Callable[[int], None],
     ) -> None:
         """`replicas`: what the router sees now; `on_orphan(replica, key)`: a request was
         admitted after its caller stopped waiting (the replica must abort it);
-        `on_taken_elsewhere()`: a replica took a request that another had refused."""
+        `on_taken_elsewhere()`: a replica took a request that another had refused;
+        `on_call(n)`: a call asked a replica to take n requests."""
         self.front = front
         self._handle = handle
         self._ledger = ledger
         self._replicas = replicas
         self._on_orphan = on_orphan
         self._on_taken_elsewhere = on_taken_elsewhere
+        self._on_call = on_call
         self._lost: set[str] = set()  # replicas that went away (their ids are never reused)
         self._next: list[Pending] = []
         self._task: asyncio.Task[None] | None = None
@@ -93,11 +96,14 @@ class Placer:
     async def _place(self, batch: list[Pending]) -> None:
         left = [p for p in batch if not p.answer.done()]
         unavailable: set[str] = set()  # loading, restarting, shutting down: for both passes
+        # NOTE: with one replica to ask there is no other free slot to prefer: one pass, for
+        # any place, saves the second call whenever the figures promised more slots than it had.
+        passes = (True, False) if len(self._asked()) > 1 else (False,)
         try:
-            for slots_only in (True, False):
+            for slots_only in passes:
                 closed = set(unavailable)
                 while left:
-                    rows = [(r, s) for r, s in self._replicas() if r not in self._lost]
+                    rows = self._asked()
                     prefers = [p.prefer for p in left]
                     plan = plan_round(
                         prefers, self._ledger.candidates(rows), slots_only=slots_only, closed=closed
@@ -119,8 +125,13 @@ class Placer:
         for pending in left:
             _settle(pending, Unplaced(pending.refusals) if pending.refusals else NoReplica())
 
+    def _asked(self) -> list[tuple[str, ReplicaStats | None]]:
+        """The replicas a wave may ask: those the router routes to, less those gone."""
+        return [(r, s) for r, s in self._replicas() if r not in self._lost]
+
     async def _ask(self, replica: str, group: list[Pending], slots_only: bool) -> WaveAnswer | None:
         wave = Wave(self.front, tuple(p.submission for p in group), slots_only)
+        self._on_call(len(group))
         try:
             answer: WaveAnswer = await self._handle.place.remote(
                 wave, route=RouteHint(only=replica)

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from ray.serve.handle import DeploymentHandle
@@ -90,6 +90,12 @@ class ClusterQueue(DescribedQueue):
             "Requests that another replica took after one refused them (its figures were old)",
             registry=self.metrics.registry,
         )
+        self._wave_sizes = Histogram(
+            "chatqueue_cluster_wave_requests",
+            "Requests a wave call to a replica carried (one call a replica a round of a wave)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=self.metrics.registry,
+        )
         self.metrics.registry.register(_ReplicaCollector(self._replicas))
         self._handle = handle
         self._settings = settings
@@ -111,6 +117,7 @@ class ClusterQueue(DescribedQueue):
             replicas=self._replicas,
             on_orphan=self._channels.abort,
             on_taken_elsewhere=self._asked_again.inc,
+            on_call=self._wave_sizes.observe,
         )
         self._tasks: list[asyncio.Task[None]] = []
         self._is_stopping = False

@@ -303,6 +303,18 @@ async def test_a_replica_takes_only_its_free_slots_and_the_rest_go_to_the_next()
     await queue.stop(1)
 
 
+async def test_with_one_replica_a_wave_is_one_call_for_slots_and_places_alike() -> None:
+    """No other replica could have a free slot: the wave asks for any place at once, and the
+    replica takes what it has room for, running or waiting."""
+    queue, handle = await queue_over(Replica("a", slots=1))
+    streams = await asyncio.gather(*(queue.submit(HI) for _ in range(3)))
+    assert handle.waves == [("a", 3, False)]
+    async with asyncio.timeout(5):
+        ends = [await s.collect() for s in streams]
+    assert all(f.reason is FinishReason.STOP for f in ends)
+    await queue.stop(1)
+
+
 async def test_a_lone_request_leaves_at_once_and_those_behind_a_wave_go_together() -> None:
     """A request alone is placed in a wave of its own without waiting for company; requests
     that arrive while that wave is on its way go together in the next one."""
