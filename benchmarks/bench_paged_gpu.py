@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -269,7 +270,13 @@ def static_runner(
 
 
 def paged_runner(
-    model: Any, *, max_batch: int, max_len: int, cache: Path, buckets: list[int] | None
+    model: Any,
+    *,
+    max_batch: int,
+    max_len: int,
+    cache: Path,
+    buckets: list[int] | None,
+    prefill_chunk: int = 512,
 ) -> HFPagedRunner:
     options = DecodeOptions(
         max_batch=max_batch, cuda_graphs=buckets is None, compile_cache=cache / "paged"
@@ -278,6 +285,7 @@ def paged_runner(
         model,
         num_blocks=max_batch * -(-max_len // BLOCK),
         block_size=BLOCK,
+        prefill_chunk=prefill_chunk,
         prefill_stall_limit=2.0,  # the server's default
         context_window=max_len,
         decode=options,
@@ -368,21 +376,28 @@ def prefill_ms(runner: Any, tokens: int, vocab: int, *, paged: bool) -> float:
     return statistics.median(times[1:]) * 1e3
 
 
-def throughput(cache: Path, sizes: list[int], new_tokens: int) -> None:
+def throughput(cache: Path, sizes: list[int], new_tokens: int, chunks: list[int]) -> None:
+    """Requests arriving together through each runner (the pool's at each prefill chunk in
+    `chunks`), each ÷ the ideal for that work."""
     vocab = llama_1b_config().vocab_size
     max_len = PROMPT_TOKENS + new_tokens + 8
     bandwidth, rate = copy_bandwidth("cuda"), matmul_rate()
     RESULTS["matmul_TFLOPs"] = rate / 1e12
     log(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s")
-    for name, make in RUNNERS.items():
+    variants: list[tuple[str, Callable[..., Any]]] = [("static", static_runner)]
+    for chunk in chunks:
+        name = "paged" if chunk == 512 else f"paged, chunk {chunk}"
+        variants.append((name, functools.partial(paged_runner, prefill_chunk=chunk)))
+    for name, make in variants:
         torch._dynamo.reset()
         model = build_1b()
         t0 = time.perf_counter()
         runner = make(model, max_batch=max(sizes), max_len=max_len, cache=cache, buckets=None)
         log(f"{name}: ready in {time.perf_counter() - t0:.1f} s (every batch size captured)")
-        arrive_together(runner, 8, 16, vocab, paged=name == "paged")  # warm
+        paged = name.startswith("paged")
+        arrive_together(runner, 8, 16, vocab, paged=paged)  # warm
         for n in sizes:
-            seconds = arrive_together(runner, n, new_tokens, vocab, paged=name == "paged")
+            seconds = arrive_together(runner, n, new_tokens, vocab, paged=paged)
             tps = n * new_tokens / seconds
             ideal = ideal_s(model, n, new_tokens, bandwidth, rate)
             RESULTS.setdefault("throughput", {}).setdefault(name, {})[n] = tps
@@ -392,7 +407,7 @@ def throughput(cache: Path, sizes: list[int], new_tokens: int) -> None:
                 f"{ideal:.2f} s: {ideal / seconds:.2f} of it)"
             )
         tokens = min(512, max_len - 8)
-        ms = prefill_ms(runner, tokens, vocab, paged=name == "paged")
+        ms = prefill_ms(runner, tokens, vocab, paged=paged)
         RESULTS.setdefault("prefill_ms", {})[name] = {"tokens": tokens, "ms": ms}
         log(f"{name}: one {tokens}-token prompt's step alone: {ms:.1f} ms")
         runner.close()
@@ -494,6 +509,9 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 256], help="(c) requests")
     ap.add_argument("--new-tokens", type=int, default=256, help="(c) tokens a request")
+    ap.add_argument(
+        "--prefill-chunks", type=int, nargs="+", default=[512], help="(c) the pool's, each in turn"
+    )
     ap.add_argument("--out", default=None, help="write the figures as JSON into this folder")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: (a) only")
     ap.add_argument("--families", nargs="*", default=[], help="(a): these model types only")
@@ -513,7 +531,7 @@ def main() -> None:
         if "speed" in parts:
             speed(cache, args.batches)
         if "throughput" in parts:
-            throughput(cache, args.sizes, args.new_tokens)
+            throughput(cache, args.sizes, args.new_tokens, args.prefill_chunks)
         if "profile" in parts:
             profile_turns(cache, rows=64, turns=4, history=1500, new=150)
     if args.out:

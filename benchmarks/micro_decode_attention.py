@@ -57,13 +57,13 @@ def triton_live(
 ) -> torch.Tensor:
     from chatqueue.engine.hf.triton_decode import decode_attention
 
-    start, col = _RUNS[id(bias)]
-    return decode_attention(
-        q, k, v, start=start, col=col, scale=0.125, num_splits=-(-k.shape[2] // 256)
-    )
+    start, col, last = _RUNS[id(bias)]
+    # the step's own key and value: the cache's, written back where they are
+    new_k, new_v = k[:, :, last : last + 1], v[:, :, last : last + 1]
+    return decode_attention(q, k, v, new_k, new_v, start, col, 0.125, 0.0)
 
 
-_RUNS: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+_RUNS: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
 
 
 def main() -> None:
@@ -86,7 +86,7 @@ def main() -> None:
         columns = torch.arange(cols, device="cuda")
         outside = (columns < start[:, None]) | (columns > col)
         bias = (outside.to(torch.bfloat16) * -1e30).view(b, 1, 1, cols)
-        _RUNS[id(bias)] = (start, col)
+        _RUNS[id(bias)] = (start, col, live - 1)
         kv_gb = 2 * 2 * 8 * 64 * int((col + 1 - start).sum()) / 1e9
         args = (q, k, v, bias)
         ref = manual(q.double(), k.double(), v.double(), bias.double()).float()

@@ -4,8 +4,10 @@ The static cache gives every row one run of columns [start, col]; SDPA with a ma
 `max_len` columns of every row and throws most away. This kernel reads [start, col] alone, in
 splits (flash-decoding) so that a small batch still fills the GPU: each program owns one (row,
 KV head) and one split of the columns, and answers for that KV head's whole group of query heads
-at once, so each K/V element is read once per step. The splits' partial results are merged with
-their log-sum-exp weights in plain torch ops (Inductor fuses them).
+at once, so each K/V element is read once per step. Where there are rows enough to fill the GPU
+there is one split, and the kernel writes the output itself; else the splits' partial results
+are merged with their log-sum-exp weights by a second kernel. The step's new key and value are
+written into the cache by the kernel that attends to them (one launch a layer, not three).
 
 The paged pool (`paged/pool.py`) is read by the same kernel: row r's position n lives in block
 `table[r, n // block_size]` at offset `n % block_size`, and the row attends to its positions
@@ -92,10 +94,12 @@ def attend_block(  # type: ignore[no-untyped-def]  # Triton tensors and constexp
 
 
 @triton.jit  # type: ignore[untyped-decorator]
-def _partials_kernel(  # type: ignore[no-untyped-def]  # Triton pointers and constexprs
+def _decode_kernel(  # type: ignore[no-untyped-def]  # Triton pointers and constexprs
     q_ptr,
     k_ptr,
     v_ptr,
+    kn_ptr,  # the step's new keys [B, KV, D] (row and head strides below)
+    vn_ptr,  # the step's new values, laid out as the keys
     start_ptr,
     col_ptr,  # static: the one last column of every row; paged: each row's end (exclusive)
     table_ptr,  # paged: each row's block table
@@ -111,6 +115,8 @@ def _partials_kernel(  # type: ignore[no-untyped-def]  # Triton pointers and con
     stride_vb,
     stride_vh,
     stride_vn,
+    stride_nb,
+    stride_nh,
     stride_tb,
     scale,
     softcap,
@@ -126,19 +132,26 @@ def _partials_kernel(  # type: ignore[no-untyped-def]  # Triton pointers and con
     PAGED: tl.constexpr,
     BS: tl.constexpr,  # paged: tokens a block
 ):
+    """Program (row b and KV head h, split): the group's query heads over the row's positions
+    in [start, end) that fall in the split. The row's last position is this step's token, whose
+    key and value come from `kn_ptr`, `vn_ptr`: the split that holds it writes
+    them into the cache and attends to them from registers (no other program reads that
+    position). NUM_SPLITS == 1: the output itself, normalised, in o's dtype; else each split's
+    unnormalised output, max and sum, merged by `_merge_kernel`."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // NUM_KV
     h = pid % NUM_KV
-    lo = tl.maximum(tl.load(start_ptr + b), split * SPLIT)
     if PAGED:
-        hi = tl.minimum(tl.load(col_ptr + b), (split + 1) * SPLIT)
+        end = tl.load(col_ptr + b)
         k_base = k_ptr + h * stride_kh  # the pool: [kv_heads, slots, head_dim] a layer
         v_base = v_ptr + h * stride_vh
     else:
-        hi = tl.minimum(tl.load(col_ptr) + 1, (split + 1) * SPLIT)
+        end = tl.load(col_ptr) + 1
         k_base = k_ptr + b * stride_kb + h * stride_kh
         v_base = v_ptr + b * stride_vb + h * stride_vh
+    lo = tl.maximum(tl.load(start_ptr + b), split * SPLIT)
+    hi = tl.minimum(end, (split + 1) * SPLIT)
     offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, D)
     is_head = offs_g < G
@@ -150,7 +163,9 @@ def _partials_kernel(  # type: ignore[no-untyped-def]  # Triton pointers and con
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
-    for n0 in range(lo, hi, BLOCK):
+    last = end - 1
+    cached_hi = tl.minimum(hi, last)  # the last position is read from registers, below
+    for n0 in range(lo, cached_hi, BLOCK):
         m_i, l_i, acc = attend_block(
             q,
             m_i,
@@ -160,7 +175,7 @@ def _partials_kernel(  # type: ignore[no-untyped-def]  # Triton pointers and con
             v_base,
             table_ptr + b * stride_tb,
             n0,
-            hi,
+            cached_hi,
             offs_g,
             stride_kn,
             stride_vn,
@@ -174,16 +189,87 @@ def _partials_kernel(  # type: ignore[no-untyped-def]  # Triton pointers and con
             SOFTCAP=SOFTCAP,
             CAUSAL=False,
         )
-    row = (pid * G + offs_g) * NUM_SPLITS + split  # in [B * NUM_KV * G, NUM_SPLITS]
-    tl.store(m_ptr + row, m_i, mask=is_head)
-    tl.store(l_ptr + row, l_i, mask=is_head)
-    tl.store(o_ptr + row[:, None] * D + offs_d[None, :], acc, mask=is_head[:, None])
+    if (last >= lo) & (last < hi):
+        k_new = tl.load(kn_ptr + b * stride_nb + h * stride_nh + offs_d)
+        v_new = tl.load(vn_ptr + b * stride_nb + h * stride_nh + offs_d)
+        if PAGED:
+            block = tl.load(table_ptr + b * stride_tb + last // BS)
+            where = block.to(tl.int64) * BS + last % BS
+        else:
+            where = last.to(tl.int64)
+        tl.store(k_base + where * stride_kn + offs_d, k_new)
+        tl.store(v_base + where * stride_vn + offs_d, v_new)
+        s = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale
+        if SOFTCAP:
+            s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
+        m_new = tl.maximum(m_i, s)
+        p = tl.exp(s - m_new)
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + p
+        acc = acc * alpha[:, None] + p[:, None] * v_new.to(tl.float32)[None, :]
+        m_i = m_new
+    if NUM_SPLITS == 1:
+        out = acc / l_i[:, None]
+        rows = pid * G + offs_g  # in [B * NUM_KV * G]
+        tl.store(
+            o_ptr + rows[:, None] * D + offs_d[None, :],
+            out.to(o_ptr.dtype.element_ty),
+            mask=is_head[:, None],
+        )
+    else:
+        row = (pid * G + offs_g) * NUM_SPLITS + split  # in [B * NUM_KV * G, NUM_SPLITS]
+        tl.store(m_ptr + row, m_i, mask=is_head)
+        tl.store(l_ptr + row, l_i, mask=is_head)
+        tl.store(o_ptr + row[:, None] * D + offs_d[None, :], acc, mask=is_head[:, None])
 
 
-def _partials(
+@triton.jit  # type: ignore[untyped-decorator]
+def _merge_kernel(  # type: ignore[no-untyped-def]  # Triton pointers and constexprs
+    o_ptr,
+    m_ptr,
+    l_ptr,
+    out_ptr,
+    S: tl.constexpr,
+    S_PAD: tl.constexpr,
+    D: tl.constexpr,
+):
+    """One query head of one row: its splits' partial outputs weighed by their log-sum-exp."""
+    row = tl.program_id(0)
+    offs_s = tl.arange(0, S_PAD)
+    offs_d = tl.arange(0, D)
+    is_split = offs_s < S
+    m = tl.load(m_ptr + row * S + offs_s, mask=is_split, other=float("-inf"))
+    l_sum = tl.load(l_ptr + row * S + offs_s, mask=is_split, other=0.0)
+    o = tl.load(
+        o_ptr + (row * S + offs_s)[:, None] * D + offs_d[None, :],
+        mask=is_split[:, None],
+        other=0.0,
+    )
+    weight = tl.exp(m - tl.max(m, 0))  # an empty split: exp(-inf) = 0
+    out = tl.sum(o * weight[:, None], 0) / tl.sum(l_sum * weight, 0)
+    tl.store(out_ptr + row * D + offs_d, out.to(out_ptr.dtype.element_ty))
+
+
+_SMS: dict[int, int] = {}
+
+
+def splits_for(rows: int, num_kv: int, max_len: int, device: torch.device) -> int:
+    """How many splits of the columns: enough (row, KV head, split) programs to fill the GPU's
+    multiprocessors twice over, at most one a 256 columns (at 64 rows of 8 KV heads: one,
+    and no merge)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    wanted = -(-2 * _SMS[index] // max(1, rows * num_kv))
+    return max(1, min(-(-max_len // 256), wanted))
+
+
+def _attend(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
     *,
     start: torch.Tensor,
     end: torch.Tensor,
@@ -195,16 +281,26 @@ def _partials(
     num_splits: int,
     softcap: float,
     block_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the kernel: `k_strides`, `v_strides` (row, head, position); `block_size` > 0
-    reads through `table` (paged), else `end` is the static cache's one last column."""
+) -> torch.Tensor:
+    """Launch the kernel (and the merge, for more than one split): `k_strides`, `v_strides`
+    (row, head, position); `block_size` > 0 reads through `table` (paged), else `end` is the
+    static cache's one last column. `k_new`, `v_new` [B, KV, D] (last dim contiguous): this
+    step's KV, written at each row's last position and attended from registers. Returns
+    [B, KV, G, D] in q's dtype."""
     b, num_kv, groups, dim = q.shape
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
-    o, m, l_sum = _empty_partials(q, num_splits)
-    _partials_kernel[(b * num_kv, num_splits)](
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if num_splits == 1:
+        o, m, l_sum = out, out, out  # m and l unused
+    else:
+        o, m, l_sum = _empty_partials(q, num_splits)
+    assert k_new.stride() == v_new.stride() and k_new.stride(-1) == 1
+    _decode_kernel[(b * num_kv, num_splits)](
         q,
         k,
         v,
+        k_new,
+        v_new,
         start,
         end,
         table,
@@ -216,6 +312,8 @@ def _partials(
         q.stride(2),
         *k_strides,
         *v_strides,
+        k_new.stride(0),
+        k_new.stride(1),
         table.stride(0),
         scale,
         softcap,
@@ -231,7 +329,11 @@ def _partials(
         PAGED=block_size > 0,
         BS=max(block_size, 1),
     )
-    return o, m, l_sum
+    if num_splits > 1:
+        _merge_kernel[(b * num_kv * groups,)](
+            o, m, l_sum, out, S=num_splits, S_PAD=triton.next_power_of_2(num_splits), D=dim
+        )
+    return out
 
 
 def _empty_partials(
@@ -244,142 +346,119 @@ def _empty_partials(
     return o, m, torch.empty_like(m)
 
 
-@torch.library.custom_op("chatqueue::decode_attention_partials", mutates_args=())
-def decode_attention_partials(
+def _new_kv(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A step's new k, v [B, KV, 1, D] as [B, KV, D] with one layout and the last dim dense."""
+    k, v = k[:, :, 0], v[:, :, 0]
+    if k.stride(-1) != 1 or v.stride(-1) != 1 or k.stride() != v.stride():
+        k, v = k.contiguous(), v.contiguous()
+    return k, v
+
+
+@torch.library.custom_op("chatqueue::decode_attention", mutates_args=("k_cache", "v_cache"))
+def decode_attention(
     q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     start: torch.Tensor,
     col: torch.Tensor,
     scale: float,
-    num_splits: int,
     softcap: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per split: the unnormalised output [B, KV, G, S, D], running max and sum [B, KV, G, S]."""
-    return _partials(
+) -> torch.Tensor:
+    """The static cache's decode attention, its KV write included: rows [0, B)'s new k, v
+    [B, KV, 1, D] go into column col[0] of the whole caches [rows, KV, L, D]; q [B, KV, G, D]
+    (query heads grouped by their KV head) attends to columns start[r] ..= col[0] of row r.
+    `softcap` > 0: scores soft-capped with tanh (Gemma2). Returns [B, KV, G, D] in q's dtype.
+
+    NOTE: an op that names the whole cache buffers it mutates (written on a slice, Inductor
+    copied both whole buffers every step: 1.8 of 3.4 ms a step at batch 64 on an H200)."""
+    k_new, v_new = _new_kv(k, v)
+    max_len = k_cache.shape[2]
+    return _attend(
         q,
-        k,
-        v,
+        k_cache,
+        v_cache,
+        k_new,
+        v_new,
         start=start,
         end=col,
         table=start,  # no block table
-        k_strides=(k.stride(0), k.stride(1), k.stride(2)),
-        v_strides=(v.stride(0), v.stride(1), v.stride(2)),
-        max_len=k.shape[2],
+        k_strides=(k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)),
+        v_strides=(v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)),
+        max_len=max_len,
         scale=scale,
-        num_splits=num_splits,
+        num_splits=splits_for(q.shape[0], q.shape[1], max_len, q.device),
         softcap=softcap,
         block_size=0,
     )
 
 
-@decode_attention_partials.register_fake
+@decode_attention.register_fake
 def _(
     q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     start: torch.Tensor,
     col: torch.Tensor,
     scale: float,
-    num_splits: int,
     softcap: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _empty_partials(q, num_splits)
-
-
-def decode_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    start: torch.Tensor,
-    col: torch.Tensor,
-    scale: float,
-    num_splits: int,
-    softcap: float = 0.0,
 ) -> torch.Tensor:
-    """q [B, KV, G, D] (query heads grouped by their KV head); k, v [B, KV, L, D]; row r attends
-    to columns start[r] ..= col[0]. `softcap` > 0: scores soft-capped with tanh (Gemma2).
-    Returns [B, KV, G, D] in q's dtype."""
-    o, m, l_sum = decode_attention_partials(q, k, v, start, col, scale, num_splits, softcap)
-    return _merge(o, m, l_sum, q.dtype)
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
-def _merge(
-    o: torch.Tensor, m: torch.Tensor, l_sum: torch.Tensor, dtype: torch.dtype
-) -> torch.Tensor:
-    """The splits' partial results weighed by their log-sum-exp (Inductor fuses these ops)."""
-    weight = torch.exp(m - m.amax(dim=-1, keepdim=True))  # empty splits: exp(-inf) = 0
-    out: torch.Tensor = (o * weight.unsqueeze(-1)).sum(dim=-2) / (l_sum * weight).sum(
-        dim=-1, keepdim=True
-    )
-    return out.to(dtype)
-
-
-@torch.library.custom_op("chatqueue::paged_decode_attention_partials", mutates_args=())
-def paged_decode_attention_partials(
+@torch.library.custom_op("chatqueue::paged_decode_attention", mutates_args=("k_pool", "v_pool"))
+def paged_decode_attention(
     q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     table: torch.Tensor,
     start: torch.Tensor,
     end: torch.Tensor,
     scale: float,
-    num_splits: int,
     softcap: float,
     block_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """As `decode_attention_partials`, over a paged pool: k, v [KV, slots, D] (one layer's);
-    table [B, blocks a row] of block ids; row r reads its positions [start[r], end[r])."""
-    return _partials(
+) -> torch.Tensor:
+    """As `decode_attention`, over a layer of the paged pool [KV, slots, D]: row r's new k, v go
+    to its position end[r] - 1 (through its block table, table [B, blocks a row]) and it
+    attends to its positions start[r] .. end[r] - 1. Returns [B, KV, G, D]."""
+    k_new, v_new = _new_kv(k, v)
+    max_len = table.shape[1] * block_size
+    return _attend(
         q,
-        k,
-        v,
+        k_pool,
+        v_pool,
+        k_new,
+        v_new,
         start=start,
         end=end,
         table=table,
-        k_strides=(0, k.stride(0), k.stride(1)),
-        v_strides=(0, v.stride(0), v.stride(1)),
-        max_len=table.shape[1] * block_size,
+        k_strides=(0, k_pool.stride(0), k_pool.stride(1)),
+        v_strides=(0, v_pool.stride(0), v_pool.stride(1)),
+        max_len=max_len,
         scale=scale,
-        num_splits=num_splits,
+        num_splits=splits_for(q.shape[0], q.shape[1], max_len, q.device),
         softcap=softcap,
         block_size=block_size,
     )
 
 
-@paged_decode_attention_partials.register_fake
+@paged_decode_attention.register_fake
 def _(
     q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     table: torch.Tensor,
     start: torch.Tensor,
     end: torch.Tensor,
     scale: float,
-    num_splits: int,
     softcap: float,
     block_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _empty_partials(q, num_splits)
-
-
-def paged_decode_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    table: torch.Tensor,
-    start: torch.Tensor,
-    end: torch.Tensor,
-    block_size: int,
-    scale: float,
-    num_splits: int,
-    softcap: float = 0.0,
 ) -> torch.Tensor:
-    """q [B, KV, G, D]; k, v [KV, slots, D], a layer of the paged pool; table [B, n] each row's
-    blocks; row r attends to its positions start[r] .. end[r] - 1. Returns [B, KV, G, D]."""
-    o, m, l_sum = paged_decode_attention_partials(
-        q, k, v, table, start, end, scale, num_splits, softcap, block_size
-    )
-    return _merge(o, m, l_sum, q.dtype)
+    return torch.empty_like(q, memory_format=torch.contiguous_format)

@@ -137,7 +137,6 @@ class PagedDecodeAttention:
         device = inputs.pos.device
         self._columns = torch.arange(self._max_len, device=device)
         self.triton = triton_attention(choice, device, head_dim)
-        self._num_splits = -(-self._max_len // 256)  # as the static cache's kernel
         # NOTE: the table's first blocks that hold every row's positions this step, where the
         # step is eager (no graph, no compiled code, whose shapes would change): the gather
         # then reads up to the longest row, not every row's whole table (4x the tokens/s of
@@ -182,24 +181,25 @@ class PagedDecodeAttention:
     ) -> torch.Tensor:
         """As `SlotAttention.attend_into`, with k_cache, v_cache a layer of the pool."""
         assert span.slot is not None and span.table is not None
-        write_kv_paged(k_cache, v_cache, k, v, span.slot)
         b, kv_heads, dim = q.shape[0], k_cache.shape[0], k_cache.shape[2]
         q = q.reshape(b, kv_heads, self._num_heads // kv_heads, dim)
-        if self.triton is not None:
+        if self.triton is not None:  # the kernel writes the new k, v itself
             assert span.start is not None and span.end is not None
             o: torch.Tensor = self.triton.paged_decode_attention(
                 q,
                 k_cache,
                 v_cache,
-                table=span.table,
-                start=span.start,
-                end=span.end,
-                block_size=self._block_size,
-                scale=self._scale,
-                num_splits=self._num_splits,
-                softcap=self._softcap or 0.0,
+                k,
+                v,
+                span.table,
+                span.start,
+                span.end,
+                self._scale,
+                self._softcap or 0.0,
+                self._block_size,
             )
             return o
+        write_kv_paged(k_cache, v_cache, k, v, span.slot)
         blocks, rows = span.table.flatten().long(), span.table.shape[0]
         keys = gather_blocks(k_cache, blocks, rows, self._block_size)
         values = gather_blocks(v_cache, blocks, rows, self._block_size)

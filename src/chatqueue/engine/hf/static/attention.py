@@ -50,8 +50,6 @@ class SlotAttention:
         self._softcap = softcap
         self._columns = torch.arange(slots.max_len, device=slots.device)
         self.triton = triton_attention(choice, slots.device, slots.shape.head_dim)
-        # one split of the columns per 256: a batch of 1 still spreads over several programs
-        self._num_splits = -(-slots.max_len // 256)
 
     @property
     def kernel(self) -> str:
@@ -96,27 +94,18 @@ class SlotAttention:
         slots, b = self._slots, q.shape[0]
         shape = slots.shape
         col = slots.col_t
-        write_kv(k_cache, v_cache, k, v, col)
-        keys, values = k_cache[:b], v_cache[:b]
         # NOTE: grouped-query attention as a query of length `groups` per KV head: same
         # result as repeating K/V, without copying them, and the fused kernels accept it.
         groups = self._num_heads // shape.kv_heads
         q = q.reshape(b, shape.kv_heads, groups, shape.head_dim)
-        if self.triton is not None:
+        if self.triton is not None:  # the kernel writes the new k, v itself
             assert span.start is not None
             o: torch.Tensor = self.triton.decode_attention(
-                q,
-                keys,
-                values,
-                start=span.start,
-                col=col,
-                scale=self._scale,
-                num_splits=self._num_splits,
-                softcap=self._softcap or 0.0,
+                q, k_cache, v_cache, k, v, span.start, col, self._scale, self._softcap or 0.0
             )
-        else:
-            o = attend_masked(q, keys, values, span.mask, self._scale, self._softcap)
-        return o
+            return o
+        write_kv(k_cache, v_cache, k, v, col)
+        return attend_masked(q, k_cache[:b], v_cache[:b], span.mask, self._scale, self._softcap)
 
 
 def attend_masked(
