@@ -1,0 +1,139 @@
+"""The decode-attention kernel (`engine/hf/triton_decode.py`) in Triton's CPU interpreter, against
+a float reference, before a GPU run: the static cache and the paged pool, one split and several
+(the merge kernel), three head layouts, soft-capped scores, the step's new value a strided view
+of a q/k/v projection as the decode step gives it; and the step's key and value written exactly
+where the cache's own ops would write them.
+
+Needs Triton (not a dependency of the package; `pip install triton` into a scratch folder, then
+`PYTHONPATH=that:src`); runs on any CPU, no GPU:
+
+    PYTHONPATH=/tmp/triton:src .venv/bin/python benchmarks/check_decode_kernel.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import torch
+from triton.runtime import interpreter
+
+from chatqueue.engine.hf import triton_decode
+
+# NOTE: Triton 3.6's interpreter turns a loaded scalar into an index with int() of a 1-element
+# array, which numpy >= 2.4 refuses; a loop bound read from memory then fails. Same value, read
+# as the one element it is.
+_patch_tensor = interpreter._patch_lang_tensor
+
+
+def _patch_lang_tensor(tensor, scope):  # type: ignore[no-untyped-def]
+    _patch_tensor(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+
+interpreter._patch_lang_tensor = _patch_lang_tensor
+
+SCALE = 0.3
+
+
+def reference(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    starts: list[int],
+    ends: list[int],
+    softcap: float,
+) -> torch.Tensor:
+    """q [B, KV, G, D] over row r's positions [starts[r], ends[r]) of keys, values [B, KV, L, D]."""
+    rows = []
+    for r in range(q.shape[0]):
+        k = keys[r, :, starts[r] : ends[r]].double()
+        v = values[r, :, starts[r] : ends[r]].double()
+        s = torch.einsum("hgd,hnd->hgn", q[r].double(), k) * SCALE
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
+        rows.append(torch.einsum("hgn,hnd->hgd", torch.softmax(s, -1), v))
+    return torch.stack(rows)
+
+
+def new_kv(b: int, kv: int, groups: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's new k (dense, as after RoPE) and v (a view of the q/k/v output), [B, KV, 1, D]."""
+    k = torch.randn(b, kv, 1, d)
+    qkv = torch.randn(b, 1, (groups * kv + 2 * kv) * d)
+    v = qkv[..., (groups * kv + kv) * d :].view(b, 1, kv, d).transpose(1, 2)
+    return k, v
+
+
+def check_static(kv: int, groups: int, d: int, softcap: float) -> float:
+    b, rows_all, length, col = 3, 5, 700, 600
+    k_cache, v_cache = torch.randn(rows_all, kv, length, d), torch.randn(rows_all, kv, length, d)
+    q = torch.randn(b, kv, groups, d)
+    k, v = new_kv(b, kv, groups, d)
+    start = torch.tensor([0, 37, 590])
+    k_want, v_want = k_cache.clone(), v_cache.clone()
+    k_want[:b, :, col], v_want[:b, :, col] = k[:, :, 0], v[:, :, 0]
+    want = reference(q, k_want, v_want, start.tolist(), [col + 1] * b, softcap)
+    got = triton_decode.decode_attention(
+        q, k_cache, v_cache, k, v, start, torch.tensor([col]), SCALE, softcap
+    )
+    assert torch.equal(k_cache, k_want) and torch.equal(v_cache, v_want), "the cache's write"
+    return (got.double() - want).abs().max().item()
+
+
+def check_paged(kv: int, groups: int, d: int, softcap: float) -> float:
+    b, size, num_blocks, width = 3, 16, 64, 20
+    k_pool, v_pool = torch.randn(kv, num_blocks * size, d), torch.randn(kv, num_blocks * size, d)
+    q = torch.randn(b, kv, groups, d)
+    k, v = new_kv(b, kv, groups, d)
+    ends, starts = torch.tensor([5, 300, 17]), torch.tensor([0, 44, 16])
+    table = torch.randperm(num_blocks)[: b * width].view(b, width).int()  # no block shared
+
+    def slot(r: int, n: int) -> int:
+        return int(table[r, n // size]) * size + n % size
+
+    k_want, v_want = k_pool.clone(), v_pool.clone()
+    for r in range(b):
+        last = slot(r, int(ends[r]) - 1)
+        k_want[:, last], v_want[:, last] = k[r, :, 0], v[r, :, 0]
+    keys = torch.zeros(b, kv, width * size, d)
+    values = torch.zeros_like(keys)
+    for r in range(b):
+        for n in range(int(ends[r])):
+            keys[r, :, n], values[r, :, n] = k_want[:, slot(r, n)], v_want[:, slot(r, n)]
+    want = reference(q, keys, values, starts.tolist(), ends.tolist(), softcap)
+    got = triton_decode.paged_decode_attention(
+        q, k_pool, v_pool, k, v, table, starts, ends, SCALE, softcap, size
+    )
+    assert torch.equal(k_pool, k_want) and torch.equal(v_pool, v_want), "the pool's write"
+    return (got.double() - want).abs().max().item()
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    worst = 0.0
+    for splits in (1, 3):
+        # NOTE: the splits as the GPU would choose them for this many rows, fixed here
+        triton_decode.splits_for = lambda rows, num_kv, max_len, device, n=splits: min(  # type: ignore[misc]
+            n, -(-max_len // 256)
+        )
+        for kv, groups, d, softcap in (
+            (2, 4, 64, 0.0),
+            (1, 4, 32, 0.0),
+            (4, 1, 16, 0.0),
+            (2, 2, 32, 50.0),
+        ):
+            for name, check in (("static", check_static), ("paged", check_paged)):
+                err = check(kv, groups, d, softcap)
+                worst = max(worst, err)
+                print(
+                    f"{name:6s} splits {splits}, {kv} KV heads x {groups} x {d}, softcap "
+                    f"{softcap:g}: max error {err:.1e}"
+                )
+    print(f"worst {worst:.1e}")
+    sys.exit(0 if worst < 1e-4 else 1)
+
+
+if __name__ == "__main__":
+    main()
