@@ -50,7 +50,7 @@ from chatqueue.engine.hf.static import StaticCacheRunner
 from chatqueue.engine.runner import ModelRunner, NewSequence, StepBatch
 from chatqueue.types import SamplingParams
 from tests.support import tiny_families
-from tests.support.paged_drive import drive, prompts_of
+from tests.support.paged_drive import scenarios
 
 RESULTS: dict[str, Any] = {}
 PROMPT_TOKENS = 256
@@ -66,60 +66,6 @@ def log(msg: str) -> None:
 
 
 # -- (a) correctness ------------------------------------------------------------------------
-def scenarios(model: Any, make: Callable[..., HFPagedRunner]) -> dict[str, bool]:
-    """The test suite's scenarios (tests/integration/test_paged_runner.py) on this device."""
-
-    def expected(prompt: list[int], n: int) -> list[int]:
-        return tiny_families.reference(model, prompt, n).tokens
-
-    ok: dict[str, bool] = {}
-    prompts = prompts_of([5, 17, 3, 30, 9, 1, 22, 12])
-    new = [12, 4, 9, 12, 2, 7, 12, 5]
-    want = {i: expected(p, new[i]) for i, p in enumerate(prompts)}
-    got = drive(
-        make(num_blocks=64, block_size=4),
-        prompts,
-        joins={0: [0, 1, 2], 2: [3], 3: [4, 5], 7: [6], 9: [7]},
-        max_new=lambda i: len(want[i]),
-    )
-    ok["join_and_leave"] = got.outputs == want
-
-    system = prompts_of([24], seed=2)[0]
-    first = [*system, 7, 8, 9]
-    runner = make(num_blocks=64, block_size=4)
-    turn1 = drive(runner, [first], joins={0: [0]}, max_new=lambda _: 10)
-    turn2 = [*first, *turn1.outputs[0], 11, 12, 13]
-    both = [turn2, [*system, 5, 6]]
-    want = {i: expected(p, 8) for i, p in enumerate(both)}
-    got = drive(runner, both, joins={0: [0, 1]}, max_new=lambda i: len(want[i]), rid_base=10)
-    ok["prefix_reuse"] = (
-        turn1.outputs[0] == expected(first, 10)[: len(turn1.outputs[0])]
-        and got.outputs == want
-        and got.cached[1] == 24
-    )
-
-    prompts = prompts_of([40, 3, 57, 9], seed=3)
-    want = {i: expected(p, 10) for i, p in enumerate(prompts)}
-    got = drive(
-        make(num_blocks=96, block_size=4, prefill_chunk=5),
-        prompts,
-        joins={0: [1], 1: [0], 3: [2, 3]},
-        max_new=lambda i: len(want[i]),
-    )
-    ok["chunks_beside_decode"] = got.outputs == want
-
-    prompts = prompts_of([10, 14, 7, 12, 9, 11], seed=4)
-    want = {i: expected(p, 24) for i, p in enumerate(prompts)}
-    got = drive(
-        make(num_blocks=20, block_size=4),
-        prompts,
-        joins={0: [0, 1, 2, 3, 4, 5]},
-        max_new=lambda i: len(want[i]),  # generate() stops at EOS; the drive does not
-    )
-    ok["preemption"] = got.outputs == want and got.preemptions > 0
-    return ok
-
-
 _WINDOW_KEYS = ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types")
 
 

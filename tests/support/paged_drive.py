@@ -8,12 +8,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from transformers import PreTrainedModel
 
 from chatqueue.engine.hf.paged import HFPagedRunner
 from chatqueue.engine.runner import NewSequence, StepBatch
 from chatqueue.scheduler import Request, Scheduler
 from chatqueue.scheduler.blocks import Allocation, BlockManager
 from chatqueue.types import FinishReason, SamplingParams
+from tests.support import tiny_families
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -103,3 +105,60 @@ def drive(
 def prompts_of(lengths: list[int], seed: int = 1) -> list[list[int]]:
     generator = torch.Generator().manual_seed(seed)
     return [torch.randint(3, 320, (n,), generator=generator).tolist() for n in lengths]
+
+
+def scenarios(model: PreTrainedModel, make: Callable[..., HFPagedRunner]) -> dict[str, bool]:
+    """The scenarios of tests/integration/test_paged_runner.py on any model and device, each
+    True where every greedy output equals `generate()`'s: requests joining and leaving (a prompt
+    of 30 tokens, past a tiny model's window), a second turn and another user reusing cached
+    prefixes, prompts in chunks of 5 beside decode, preemption and resume."""
+
+    def expected(prompt: list[int], n: int) -> list[int]:
+        return tiny_families.reference(model, prompt, n).tokens
+
+    ok: dict[str, bool] = {}
+    prompts = prompts_of([5, 17, 3, 30, 9, 1, 22, 12])
+    new = [12, 4, 9, 12, 2, 7, 12, 5]
+    want = {i: expected(p, new[i]) for i, p in enumerate(prompts)}
+    got = drive(
+        make(num_blocks=64, block_size=4),
+        prompts,
+        joins={0: [0, 1, 2], 2: [3], 3: [4, 5], 7: [6], 9: [7]},
+        max_new=lambda i: len(want[i]),
+    )
+    ok["join_and_leave"] = got.outputs == want
+
+    system = prompts_of([24], seed=2)[0]
+    first = [*system, 7, 8, 9]
+    runner = make(num_blocks=64, block_size=4)
+    turn1 = drive(runner, [first], joins={0: [0]}, max_new=lambda _: 10)
+    turn2 = [*first, *turn1.outputs[0], 11, 12, 13]
+    both = [turn2, [*system, 5, 6]]
+    want = {i: expected(p, 8) for i, p in enumerate(both)}
+    got = drive(runner, both, joins={0: [0, 1]}, max_new=lambda i: len(want[i]), rid_base=10)
+    ok["prefix_reuse"] = (
+        turn1.outputs[0] == expected(first, 10)[: len(turn1.outputs[0])]
+        and got.outputs == want
+        and got.cached[1] == 24
+    )
+
+    prompts = prompts_of([40, 3, 57, 9], seed=3)
+    want = {i: expected(p, 10) for i, p in enumerate(prompts)}
+    got = drive(
+        make(num_blocks=96, block_size=4, prefill_chunk=5),
+        prompts,
+        joins={0: [1], 1: [0], 3: [2, 3]},
+        max_new=lambda i: len(want[i]),
+    )
+    ok["chunks_beside_decode"] = got.outputs == want
+
+    prompts = prompts_of([10, 14, 7, 12, 9, 11], seed=4)
+    want = {i: expected(p, 24) for i, p in enumerate(prompts)}
+    got = drive(
+        make(num_blocks=20, block_size=4),
+        prompts,
+        joins={0: [0, 1, 2, 3, 4, 5]},
+        max_new=lambda i: len(want[i]),  # generate() stops at EOS; the drive does not
+    )
+    ok["preemption"] = got.outputs == want and got.preemptions > 0
+    return ok

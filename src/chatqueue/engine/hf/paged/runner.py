@@ -87,7 +87,7 @@ class HFPagedRunner:
         sequences at most `context_window` tokens long, which then must be given); None: packed
         with the prompts into the model's own forward. Raises UnsupportedCache (the model's
         layers) or UnsupportedModel (its family has no decode step)."""
-        check_paged_supported(model)
+        check_paged_supported(model, windows=decode is None)
         self.model = model
         self.device = model.device
         self.prefill_chunk = prefill_chunk
@@ -321,7 +321,8 @@ class HFPagedRunner:
         step.num_decode = len(decoding)
         step.decode_blocks = self._tensor([b for row in padded for b in row])
         columns = torch.arange(width * block_size, device=self.device)
-        step.decode_mask = (columns.unsqueeze(0) < self._tensor(lengths).unsqueeze(1)).view(
+        step.decode_lengths = self._tensor(lengths)
+        step.decode_mask = (columns.unsqueeze(0) < step.decode_lengths.unsqueeze(1)).view(
             len(decoding), 1, 1, -1
         )
 

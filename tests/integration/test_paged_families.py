@@ -1,0 +1,77 @@
+"""Every family the static runner supports, on the paged pool with its decode rows packed into the
+model's forward (the CPU's way): sliding-window layers (Mistral, Qwen2 past its window layers,
+Phi-3, SmolLM3, every Gemma 2/3 local layer) and Gemma 2's soft-capped scores included. Each
+scenario of `tests/support/paged_drive.scenarios` (requests joining and leaving with a prompt past
+the window, prefix reuse, prompts in chunks beside decode, preemption) must give `generate()`'s
+greedy tokens exactly, on a tiny random fp32 model built here."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+import torch
+
+from chatqueue.config import Settings
+from chatqueue.engine.hf.kv_batch import UnsupportedCache
+from chatqueue.engine.hf.loader import _runner_kind
+from chatqueue.engine.hf.paged import HFPagedRunner, check_paged_supported
+from chatqueue.engine.hf.paged.decode import DecodeOptions
+from tests.support.paged_drive import scenarios
+from tests.support.tiny_families import FAMILIES, WINDOW, tiny
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_on_the_pool_equals_generate(family: str) -> None:
+    model = tiny(family)
+
+    def make(**kw: Any) -> HFPagedRunner:
+        return HFPagedRunner(model, **kw)
+
+    assert scenarios(model, make) == {
+        "join_and_leave": True,
+        "prefix_reuse": True,
+        "chunks_beside_decode": True,
+        "preemption": True,
+    }
+
+
+def test_the_windows_really_bind_here() -> None:
+    """The scenarios' prompts reach past the tiny models' window: a model whose window is wider
+    than any prompt would pass them without the window being applied."""
+    assert WINDOW < 30
+
+
+def test_a_windowed_model_keeps_the_decode_step_apart_out() -> None:
+    """The decode step apart (the GPU's way) and its kernels take full attention only: a
+    windowed or soft-capped model is refused there by name, and `--kv-cache paged` serves it
+    with the decode rows packed into the forward."""
+    for family in ("gemma2", "mistral"):
+        model = tiny(family)
+        with pytest.raises(UnsupportedCache, match=r"the decode step apart takes"):
+            check_paged_supported(model)
+        with pytest.raises(UnsupportedCache):
+            HFPagedRunner(
+                model,
+                num_blocks=16,
+                decode=DecodeOptions(max_batch=2, compile=False, cuda_graphs=False),
+                context_window=64,
+            )
+        kind = _runner_kind("paged", model, torch.device("cpu"), 64, triton_runs=False)
+        assert kind == "paged-packed"
+
+
+def test_on_a_cpu_auto_serves_windowed_families_from_the_pool(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Before, a windowed family on a CPU was batched without prefix reuse; now the pool takes
+    it (prefix reuse and admission by blocks); on CUDA the static cache still serves it."""
+    assert Settings().kv_cache == "auto"
+    model = tiny("gemma3_text")
+    with caplog.at_level(logging.INFO):
+        assert _runner_kind("auto", model, torch.device("cpu"), 64, triton_runs=False) == (
+            "paged-packed"
+        )
+        assert _runner_kind("auto", model, torch.device("cuda"), 64, triton_runs=True) == ("static")
+    assert "paged KV cache off on CUDA" in caplog.text
