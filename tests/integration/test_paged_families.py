@@ -7,6 +7,7 @@ greedy tokens exactly, on a tiny random fp32 model built here."""
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any
 
@@ -18,8 +19,8 @@ from chatqueue.engine.hf.kv_batch import UnsupportedCache
 from chatqueue.engine.hf.loader import _runner_kind
 from chatqueue.engine.hf.paged import HFPagedRunner, check_paged_supported
 from chatqueue.engine.hf.paged.decode import DecodeOptions
-from tests.support.paged_drive import scenarios
-from tests.support.tiny_families import FAMILIES, WINDOW, tiny
+from tests.support.paged_drive import prompts_of, scenarios
+from tests.support.tiny_families import FAMILIES, WINDOW, reference, tiny
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -37,10 +38,17 @@ def test_every_family_on_the_pool_equals_generate(family: str) -> None:
     }
 
 
-def test_the_windows_really_bind_here() -> None:
-    """The scenarios' prompts reach past the tiny models' window: a model whose window is wider
-    than any prompt would pass them without the window being applied."""
-    assert WINDOW < 30
+def test_the_window_changes_what_the_scenarios_generate() -> None:
+    """The scenarios would catch a window not applied: the same weights without the window give
+    other tokens for their longest prompt (30 tokens, the window is WINDOW)."""
+    windowed = tiny("mistral")
+    config = copy.deepcopy(windowed.config)
+    config.sliding_window = None
+    unwindowed = type(windowed)(config).eval()
+    unwindowed.load_state_dict(windowed.state_dict())
+    prompt = prompts_of([30])[0]
+    assert len(prompt) > WINDOW
+    assert reference(windowed, prompt, 12).tokens != reference(unwindowed, prompt, 12).tokens
 
 
 def test_a_windowed_model_keeps_the_decode_step_apart_out() -> None:
