@@ -144,6 +144,11 @@ def _prefill(
             torch.arange(seen.shape[1], device=q.device).unsqueeze(0)
             > torch.arange(n, device=q.device).unsqueeze(1) + chunk.num_before - window
         )
+    if not softcap:
+        attended = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=seen, scale=scaling, enable_gqa=True
+        )
+        return attended[0].transpose(0, 1)  # [n, heads, dim]
     # NOTE: the query's heads grouped by their KV head, as in _decode: no GQA expansion
     kv_heads, dim = keys.shape[1], q.shape[3]
     grouped = q[0].reshape(kv_heads, -1, n, dim).reshape(kv_heads, -1, dim)  # [KV, G * n, D]
