@@ -26,6 +26,7 @@ from ray import serve
 from chatqueue.api.outbox import decode
 from chatqueue.api.wire import Admitted, Submission
 from chatqueue.cluster import app_for
+from chatqueue.cluster.leases import RENEW_EVERY_S
 from chatqueue.cluster.policy import RouteHint
 from chatqueue.cluster.wave import Wave
 from chatqueue.config import Settings
@@ -428,6 +429,8 @@ async def test_admission_stays_exact_when_the_routers_figures_are_stale(cluster:
             handle.options(stream=True).events.remote("test", route=RouteHint(only=a.replica))
             for a in answers
         ]
+        # as a front does while it has requests there (cluster/leases.py)
+        renewing = asyncio.create_task(_renew(handle, "test", [a.replica for a in answers]))
         streams = [Stream(client, long_body()) for _ in range(REPLICAS * (N + Q) // 2 + k)]
         await asyncio.gather(*(s.open() for s in streams))
         assert sum(1 for s in streams if s.log.status == 429) == k
@@ -441,6 +444,7 @@ async def test_admission_stays_exact_when_the_routers_figures_are_stale(cluster:
             for event in events
             if isinstance(event, Finished)
         ]
+        renewing.cancel()
         assert len(ends) == len(direct) and all(e.text == LONG for e in ends), ends
         asked_again = metric(
             (await client.get("/metrics")).text, "chatqueue_cluster_asked_again_total"
@@ -448,8 +452,54 @@ async def test_admission_stays_exact_when_the_routers_figures_are_stale(cluster:
         print(f"requests another replica took after a refusal: {asked_again:.0f}")
 
 
-def _long_submission(key: str) -> Submission:
-    return Submission(messages=(ChatMessage("user", LONG),), front="test", key=key)
+def _long_submission(key: str, front: str = "test", text: str = LONG) -> Submission:
+    return Submission(messages=(ChatMessage("user", text),), front=front, key=key)
+
+
+async def _renew(handle: Any, front: str, replicas: list[str]) -> None:
+    while True:
+        await asyncio.sleep(RENEW_EVERY_S)
+        for replica in replicas:
+            await handle.renew.remote(front, route=RouteHint(only=replica))
+
+
+async def test_a_front_gone_silent_has_its_requests_aborted(cluster: Cluster) -> None:
+    """A front killed outright cancels nothing, and Ray does not end its calls: a request placed
+    by a front that then never calls again (no channel, no renewal) is aborted by its replica
+    once the front's lease runs out, long before its reply would have ended by itself, and the
+    slot is free again. Seen from the channel opened afterwards: no reply comes (a request that
+    had ended by itself would still have its whole reply waiting there)."""
+    async with client_of(cluster) as client:
+        handle = serve.get_deployment_handle("ChatQueueReplica", app_name="chatqueue")
+        row = (await client.get("/load")).json()["replicas"][0]
+        # 600 words: 30 s of echo at 50 ms a step, three leases
+        very_long = " ".join(f"v{i}" for i in range(600))
+        answer = await handle.place.remote(
+            Wave("ghost", (_long_submission("g1", "ghost", very_long),), False),
+            route=RouteHint(only=row["replica"]),
+        )
+        assert all(isinstance(o, Admitted) for o in answer.outcomes)
+
+        async def held() -> int:
+            rows = (await client.get("/load")).json()["replicas"]
+            mine = next(r for r in rows if r["replica"] == row["replica"])
+            return int(mine.get("running", 0) + mine.get("waiting", 0))
+
+        async def running() -> bool:
+            return await held() > 0
+
+        async def free() -> bool:
+            return await held() == 0
+
+        await until(running, "the silent front's request running")
+        await until(free, "the silent front's request aborted")
+        channel = handle.options(stream=True).events.remote(
+            "ghost", route=RouteHint(only=row["replica"])
+        )
+        arrived = [
+            event for data in [d async for d in channel] for _, e in decode(data) for event in e
+        ]
+        assert arrived == []
 
 
 async def test_the_serve_front_behind_serves_proxy_works_too(cluster: Cluster) -> None:

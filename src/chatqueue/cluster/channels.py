@@ -22,6 +22,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from chatqueue.api import RequestStream
 from chatqueue.api.outbox import decode
+from chatqueue.cluster.leases import RENEW_EVERY_S
 from chatqueue.cluster.policy import RouteHint
 from chatqueue.errors import ChatQueueError, ReplicaLost
 from chatqueue.types import Event, Finished, FinishReason, Started, Token, Usage
@@ -159,6 +160,22 @@ class Channels:
         (the replica ends it a while after its last request of ours). It breaks when the
         replica dies, and another replica answers it at once once this one is gone from the
         router's list: either way the requests there end with `replica_lost`."""
+        renewing = asyncio.create_task(self._renew(replica))
+        try:
+            await self._follow(replica)
+        finally:
+            renewing.cancel()
+
+    async def _renew(self, replica: str) -> None:
+        """This front's lease on `replica` (`leases`), renewed while its channel is open."""
+        while True:
+            await asyncio.sleep(RENEW_EVERY_S)
+            try:
+                await self._handle.renew.remote(self.front, route=RouteHint(only=replica))
+            except Exception as exc:  # gone: its channel breaks too
+                log.debug("lease on replica %s not renewed: %s", replica, exc)
+
+    async def _follow(self, replica: str) -> None:
         while True:
             call: DeploymentResponseGenerator[Any] = self._streaming.events.remote(
                 self.front, route=RouteHint(only=replica)

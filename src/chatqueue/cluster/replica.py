@@ -5,7 +5,9 @@ the replica admits or refuses each at once, and with `slots_only` takes no more 
 slots, leaving the rest for the next replica. The requests' events go to the front in batches on
 the front's channel (`events`, one open call per front and replica, see `outbox`); the front's
 `abort` call ends requests whose clients went away, and a channel the front cancels (it stopped,
-or it is gone) ends that front's requests here. It publishes its figures for the router and the
+or it is gone) ends that front's requests here, and so does a front's silence: a front renews
+its lease (`renew`) where it has requests, and one not heard from for a lease (`leases`: it was
+killed outright, which cancels nothing) has its requests aborted. It publishes its figures for the router and the
 front (`record_routing_stats`), its running and waiting requests for autoscaling
 (`record_autoscaling_stats`, see `scaling`), and fails Serve's health check when its model has
 failed for good, so that Serve replaces it."""
@@ -13,6 +15,7 @@ failed for good, so that Serve replaces it."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 import time
@@ -24,12 +27,16 @@ from chatqueue.api import ChatQueue, RequestStream
 from chatqueue.api.build import chat_queue_for
 from chatqueue.api.outbox import Outbox, encode
 from chatqueue.api.wire import Admitted, Description, Refused, Submission
+from chatqueue.cluster.leases import Leases
 from chatqueue.cluster.stats import ReplicaStats
 from chatqueue.cluster.wave import Wave, WaveAnswer
 from chatqueue.config import Settings
 from chatqueue.errors import ChatQueueError, NotReady
 
+log = logging.getLogger(__name__)
+
 SWITCH_INTERVAL_S = 0.0005
+WATCH_EVERY_S = 1.0  # how often the fronts' leases are looked at
 
 
 class ChatQueueReplica:
@@ -47,13 +54,16 @@ class ChatQueueReplica:
         self._outboxes: dict[str, Outbox] = {}  # by front
         self._channels: dict[str, object] = {}  # by front: the channel now open
         self._requests: dict[tuple[str, str], asyncio.Task[None]] = {}  # (front, key)
+        self._leases = Leases()
         await self._cq.start_queue_worker()
+        self._watch = asyncio.create_task(self._watch_fronts())
 
     async def place(self, wave: Wave, route: object = None) -> WaveAnswer:
         """Admit or refuse each of the wave's requests, in order. `route` (RouteHint.only)
         named the replica the front meant: another one (that one is gone) takes nothing."""
         if getattr(route, "only", self._id) != self._id:
             return WaveAnswer(self._id, (), None)
+        self._leases.heard(wave.front, time.monotonic())
         outbox = self._outboxes.setdefault(wave.front, Outbox())
         load = self._cq.load()
         room = load.max_concurrent - load.processing - load.waiting if wave.slots_only else None
@@ -92,10 +102,28 @@ class ChatQueueReplica:
 
     async def abort(self, front: str, keys: list[str], route: object = None) -> None:
         """The front's clients of these requests went away."""
+        self._leases.heard(front, time.monotonic())
         for key in keys:
             task = self._requests.get((front, key))
             if task is not None:
                 task.cancel()
+
+    async def renew(self, front: str, route: object = None) -> None:
+        """The front is there (its lease on this replica's requests of its own)."""
+        self._leases.heard(front, time.monotonic())
+
+    async def _watch_fronts(self) -> None:
+        """Abort the requests of every front silent for longer than a lease."""
+        while True:
+            await asyncio.sleep(WATCH_EVERY_S)
+            fronts = {front for front, _ in self._requests}
+            for front in self._leases.expired(fronts, time.monotonic()):
+                count = sum(1 for f, _ in self._requests if f == front)
+                log.warning(
+                    "front %s not heard from for a lease: aborting its %s requests", front, count
+                )
+                self._abort_all(front)
+            self._leases.forget_all_but(fronts)
 
     async def events(self, front: str, route: object = None) -> AsyncIterator[bytes]:
         """The front's channel: its requests' events in batches (`outbox.decode`), until none
@@ -105,6 +133,7 @@ class ChatQueueReplica:
         outbox = self._outboxes.get(front)
         if outbox is None or getattr(route, "only", self._id) != self._id:
             return
+        self._leases.heard(front, time.monotonic())
         token = object()
         self._channels[front] = token
         ended = False
@@ -173,6 +202,7 @@ class ChatQueueReplica:
     async def __del__(self) -> None:
         # NOTE: Serve calls this once the replica's requests have finished or its graceful
         # shutdown timeout has passed; what is left is aborted.
+        self._watch.cancel()
         await self._cq.stop(0)
 
 
