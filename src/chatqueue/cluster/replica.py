@@ -28,6 +28,7 @@ from chatqueue.api.build import chat_queue_for
 from chatqueue.api.outbox import Outbox, encode
 from chatqueue.api.wire import Admitted, Description, Refused, Submission
 from chatqueue.cluster.leases import Leases
+from chatqueue.cluster.scaling import RUNNING, WAITING
 from chatqueue.cluster.stats import ReplicaStats
 from chatqueue.cluster.wave import Wave, WaveAnswer
 from chatqueue.config import Settings
@@ -191,7 +192,7 @@ class ChatQueueReplica:
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve calls this while autoscaling; `scaling.replicas_for_queue_depth` reads it."""
         load = self._cq.load()
-        return {"running": float(load.processing), "waiting": float(load.waiting)}
+        return {RUNNING: float(load.processing), WAITING: float(load.waiting)}
 
     def check_health(self) -> None:
         """Serve's health check: a model that failed for good (its load, or too many restarts)

@@ -109,8 +109,7 @@ def _runner_kind(
         return "static"
     if kv_cache == "paged":
         check_paged_supported(model, windows=True)
-        if step_why or paged_why:
-            why = step_why or paged_why
+        if why := step_why or paged_why:
             log.info("no paged decode step for this model (%s): decode packed with prefill", why)
             return "paged-packed"
         return "paged"

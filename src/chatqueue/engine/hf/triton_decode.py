@@ -278,17 +278,18 @@ def _attend(
     v_strides: tuple[int, int, int],
     max_len: int,
     scale: float,
-    num_splits: int,
     softcap: float,
     block_size: int,
 ) -> torch.Tensor:
-    """Launch the kernel (and the merge, for more than one split): `k_strides`, `v_strides`
+    """Launch the kernel (and the merge, for more than one split, as `splits_for` the rows and
+    `max_len` columns a row may hold): `k_strides`, `v_strides`
     (row, head, position); `block_size` > 0 reads through `table` (paged), else `end` is the
     static cache's one last column. `k_new`, `v_new` [B, KV, D] (last dim contiguous): this
     step's KV, written at each row's last position and attended from registers. Returns
     [B, KV, G, D] in q's dtype."""
     b, num_kv, groups, dim = q.shape
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+    num_splits = splits_for(b, num_kv, max_len, q.device)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if num_splits == 1:
         o, m, l_sum = out, out, out  # m and l unused
@@ -388,7 +389,6 @@ def decode_attention(
         v_strides=(v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)),
         max_len=max_len,
         scale=scale,
-        num_splits=splits_for(q.shape[0], q.shape[1], max_len, q.device),
         softcap=softcap,
         block_size=0,
     )
@@ -441,7 +441,6 @@ def paged_decode_attention(
         v_strides=(0, v_pool.stride(0), v_pool.stride(1)),
         max_len=max_len,
         scale=scale,
-        num_splits=splits_for(q.shape[0], q.shape[1], max_len, q.device),
         softcap=softcap,
         block_size=block_size,
     )

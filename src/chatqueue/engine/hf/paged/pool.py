@@ -141,11 +141,11 @@ def check_paged_supported(model: PreTrainedModel, *, windows: bool = False) -> N
     kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
     if not kinds <= {"full_attention", "sliding_attention"}:
         raise UnsupportedCache(f"layer types {sorted(kinds)}: not paged")
-    if not windows and kinds != {"full_attention"}:
-        raise UnsupportedCache(
-            f"layer types {sorted(kinds)}: the decode step apart takes full attention only"
-        )
     if not windows:
+        if kinds != {"full_attention"}:
+            raise UnsupportedCache(
+                f"layer types {sorted(kinds)}: the decode step apart takes full attention only"
+            )
         if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
             raise UnsupportedCache("the decode step apart takes no sliding window")
         if getattr(config, "attn_logit_softcapping", None):
