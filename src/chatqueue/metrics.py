@@ -36,34 +36,40 @@ class KVFigures(Protocol):
 
 
 class _Window:
-    """Sum and count of (time, value) samples over the last `window_s` seconds. Thread-safe."""
+    """Sum and count of (time, value) samples over the last `window_s` seconds. Thread-safe.
+    The sum is kept as samples come and go, so reading it costs the same at any rate."""
 
     def __init__(self, window_s: float, clock: Callable[[], float]) -> None:
         self._window_s = window_s
         self._clock = clock
         self._samples: deque[tuple[float, float]] = deque()
+        self._sum = 0.0
         self._lock = threading.Lock()
 
     def add(self, value: float) -> None:
         with self._lock:
             self._samples.append((self._clock(), value))
+            self._sum += value
             self._trim()  # NOTE: here too: a server nobody polls for /load must not grow
 
     def _trim(self) -> None:
         horizon = self._clock() - self._window_s
-        while self._samples and self._samples[0][0] < horizon:
-            self._samples.popleft()
+        samples = self._samples
+        while samples and samples[0][0] < horizon:
+            self._sum -= samples.popleft()[1]
+        if not samples:
+            self._sum = 0.0  # no rounding left over from what went
 
     def per_second(self) -> float:
         with self._lock:
             self._trim()
-            return sum(v for _, v in self._samples) / self._window_s
+            return self._sum / self._window_s
 
     def mean(self) -> float | None:
         with self._lock:
             self._trim()
             n = len(self._samples)
-            return sum(v for _, v in self._samples) / n if n else None
+            return self._sum / n if n else None
 
 
 class Metrics:
