@@ -7,7 +7,10 @@ caps), at the same load: tokens/s (goal >= 0.9) and the time to first token adde
 time the server's processes took per token (the cluster's: its Ray processes too) and the load
 average: on a shared machine tokens/s follow the load, CPU per token much less.
 
-    .venv/bin/python benchmarks/bench_cluster.py [--streams 32] [--rounds 3]
+    .venv/bin/python benchmarks/bench_cluster.py [--streams 32] [--rounds 3] [--cluster-args "..."]
+
+(`--cluster-args "--cluster-link off"`: the front places its waves by Serve calls, as before its
+own lines to the replicas; run it as a second invocation: one local Ray a run.)
 
 GPU (`--gpu`, two GPUs: device kind nvidia-h200-x2): two replicas ÷ one replica of the real
 model at 2x64 streams: tokens/s (goal >= 1.9x), time to first token, and the front's
@@ -130,7 +133,7 @@ def cpu(args: argparse.Namespace) -> None:
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         plain = stack.enter_context(running_server(*common, tmp_path=tmp))
-        cluster_flags = ["--replicas", "1", "--replica-cpus", "0.1"]
+        cluster_flags = ["--replicas", "1", "--replica-cpus", "0.1", *args.cluster_args.split()]
         cluster = stack.enter_context(
             running_server(*common, *cluster_flags, tmp_path=tmp, ready_timeout_s=600)
         )
@@ -231,6 +234,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, help="tokens a reply (CPU 64, GPU 256)")
     ap.add_argument("--rounds", type=int, default=3, help="CPU: rounds per server")
     ap.add_argument("--probes", type=int, default=20, help="CPU: requests one at a time")
+    ap.add_argument("--cluster-args", default="", help="CPU: more flags for the cluster server")
     args = ap.parse_args()
     args.streams = args.streams or (128 if args.gpu else 32)
     args.max_tokens = args.max_tokens or (256 if args.gpu else 64)

@@ -204,6 +204,11 @@ class Settings(BaseSettings):
     replica_gpus: float | None = Field(
         None, ge=0, description="GPUs for each replica; default: 1 if the cluster has GPUs (hf)"
     )
+    cluster_link: Literal["on", "off"] = Field(
+        "on",
+        description="on: the front places requests on a replica over its own TCP line (the "
+        "cluster's secret proves it); off: by Serve calls",
+    )
 
     # the chat product
     history: str = Field("sqlite", description="sqlite, memory or redis://host:port/db")

@@ -119,7 +119,11 @@ async def _idle(client: httpx.AsyncClient) -> bool:
 
 
 def long_body() -> dict[str, Any]:
-    return {"messages": [{"role": "user", "content": LONG}], "stream": True}
+    return body_of(LONG)
+
+
+def body_of(text: str) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": text}], "stream": True}
 
 
 class Stream:
@@ -452,6 +456,41 @@ async def test_admission_stays_exact_when_the_routers_figures_are_stale(cluster:
         print(f"requests another replica took after a refusal: {asked_again:.0f}")
 
 
+async def test_the_front_places_on_its_own_lines_and_a_wave_sent_twice_is_taken_once(
+    cluster: Cluster,
+) -> None:
+    """Each replica publishes its line for fronts, and the front's waves go on it, not by Serve
+    calls. A wave that comes twice (its line broke after the replica took it, and the front
+    sent it again by Serve) is answered the same and admitted once."""
+    async with client_of(cluster) as client:
+        rows = (await client.get("/load")).json()["replicas"]
+        assert all(row.get("link") for row in rows), rows
+        streams = [Stream(client, body_of("on the line")) for _ in range(3)]
+        await asyncio.gather(*(s.open() for s in streams))
+        logs = await asyncio.gather(*(s.read_to_end() for s in streams))
+        assert [log.text for log in logs] == ["on the line"] * 3
+        text = (await client.get("/metrics")).text
+        name = "chatqueue_cluster_wave_requests_sum"
+        assert metric(text, name, by="line") >= 3 and metric(text, name, by="serve") == 0
+
+        handle = serve.get_deployment_handle("ChatQueueReplica", app_name="chatqueue")
+        twice = Wave("twice", (_long_submission("t1", "twice", "said once"),), False)
+        route = RouteHint(only=rows[0]["replica"])
+        first = await handle.place.remote(twice, route=route)
+        again = await handle.place.remote(twice, route=route)
+        assert isinstance(first.outcomes[0], Admitted) and again.outcomes == first.outcomes
+        assert again.stats.admitted == first.stats.admitted
+        channel = handle.options(stream=True).events.remote("twice", route=route)
+        ends = [
+            event
+            async for data in channel
+            for _, events in decode(data)
+            for event in events
+            if isinstance(event, Finished)
+        ]
+        assert [e.text for e in ends] == ["said once"]
+
+
 def _long_submission(key: str, front: str = "test", text: str = LONG) -> Submission:
     return Submission(messages=(ChatMessage("user", text),), front=front, key=key)
 
@@ -504,7 +543,8 @@ async def test_a_front_gone_silent_has_its_requests_aborted(cluster: Cluster) ->
 
 async def test_the_serve_front_behind_serves_proxy_works_too(cluster: Cluster) -> None:
     """`build_app`'s application (the front as a Serve deployment, behind Serve's HTTP proxy),
-    deployed beside: a streamed completion and a /chat turn go through it."""
+    deployed beside: a streamed completion and a /chat turn go through it, here with the
+    front's lines off (its waves by Serve calls)."""
     settings = Settings(
         engine="mock",
         mock_delay=0.0,
@@ -512,6 +552,7 @@ async def test_the_serve_front_behind_serves_proxy_works_too(cluster: Cluster) -
         replica_cpus=0.1,
         history="memory",
         session_secret=SECRET,
+        cluster_link="off",
     )
     serve.run(app_for(settings), name="chatqueue-serve", route_prefix="/serve")
     try:
@@ -523,6 +564,10 @@ async def test_the_serve_front_behind_serves_proxy_works_too(cluster: Cluster) -
                 text = "".join([e.content async for e in sse_records(response) if e.content])
             assert text == "through the proxy"
             assert reply_text(await chat_turn(client, "a turn")) == "a turn"
+            # `cluster_link="off"`: its waves went by Serve calls
+            sizes = (await client.get("/metrics")).text
+            name = "chatqueue_cluster_wave_requests_sum"
+            assert metric(sizes, name, by="serve") >= 2 and metric(sizes, name, by="line") == 0
     finally:
         serve.delete("chatqueue-serve")
 

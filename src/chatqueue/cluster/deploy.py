@@ -22,6 +22,7 @@ from ray.serve import Application
 from chatqueue.cluster import scaling
 from chatqueue.cluster.checks import alive_nodes, check_history
 from chatqueue.cluster.front import Front
+from chatqueue.cluster.link import new_secret
 from chatqueue.cluster.queue import ClusterQueue
 from chatqueue.cluster.replica import ChatQueueReplica
 from chatqueue.cluster.router import ChatQueueRouter
@@ -52,7 +53,8 @@ def build_app(args: dict[str, Any]) -> Application:
 
 
 def app_for(settings: Settings) -> Application:
-    """The front deployment over the replicas (Serve's proxy routes HTTP to the front)."""
+    """The front deployment over the replicas (Serve's proxy routes HTTP to the front). The
+    secret of the front's lines to the replicas (`link`) is made here, bound into both."""
     front = serve.deployment(
         name="Front",
         num_replicas=1,
@@ -62,11 +64,17 @@ def app_for(settings: Settings) -> Application:
         graceful_shutdown_wait_loop_s=0.5,
         logging_config=NO_ACCESS_LOG,
     )(Front)
-    return front.bind(settings, replicas_for(settings))
+    secret = _link_secret(settings)
+    return front.bind(settings, replicas_for(settings, secret), secret)
 
 
-def replicas_for(settings: Settings) -> Application:
-    """The replicas' deployment, with the cluster's request router."""
+def _link_secret(settings: Settings) -> bytes | None:
+    return new_secret() if settings.cluster_link == "on" else None
+
+
+def replicas_for(settings: Settings, link_secret: bytes | None) -> Application:
+    """The replicas' deployment, with the cluster's request router; `link_secret`: what a
+    front's line must prove (None: no lines)."""
     replica = serve.deployment(
         name=REPLICA_DEPLOYMENT,
         ray_actor_options={"num_cpus": settings.replica_cpus, "num_gpus": _gpus(settings)},
@@ -84,7 +92,7 @@ def replicas_for(settings: Settings) -> Application:
         },
         **_scaling(settings),
     )(ChatQueueReplica)
-    return replica.bind(settings)
+    return replica.bind(settings, link_secret)
 
 
 def _scaling(settings: Settings) -> dict[str, Any]:
@@ -126,9 +134,11 @@ def serve_cluster(settings: Settings) -> None:
     try:
         check_history(settings, alive_nodes())
         serve.start(proxy_location="Disabled")
-        serve.run(replicas_for(settings), name=APP_NAME, route_prefix=None, blocking=False)
+        secret = _link_secret(settings)
+        app = replicas_for(settings, secret)
+        serve.run(app, name=APP_NAME, route_prefix=None, blocking=False)
         handle = serve.get_deployment_handle(REPLICA_DEPLOYMENT, app_name=APP_NAME)
-        server.serve(settings, chat_queue=ClusterQueue(handle, settings, APP_NAME))
+        server.serve(settings, chat_queue=ClusterQueue(handle, settings, APP_NAME, secret))
         serve.delete(APP_NAME)
     finally:
         if is_local:

@@ -19,10 +19,13 @@ from chatqueue.server.app import create_app
 
 @serve.ingress()
 class Front:
-    def __init__(self, settings: Settings, replicas: DeploymentHandle[Any]) -> None:
+    def __init__(
+        self, settings: Settings, replicas: DeploymentHandle[Any], link_secret: bytes | None
+    ) -> None:
         check_history(settings, alive_nodes())
         self._settings = settings
-        self._queue = ClusterQueue(replicas, settings, serve.get_replica_context().app_name)
+        app_name = serve.get_replica_context().app_name
+        self._queue = ClusterQueue(replicas, settings, app_name, link_secret)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(self._settings, chat_queue=self._queue)

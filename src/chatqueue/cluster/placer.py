@@ -2,6 +2,9 @@
 while the placement before them is on its way) go to the replicas as one wave, one call a
 replica a round (`placement.plan_round`), rather than a Serve call each.
 
+A wave goes on the front's own line to the replica (`link`) where the replica publishes one, else
+(or when the line breaks) by a Serve call.
+
 NOTE: why waves. A Serve call costs both ends ~4 ms of CPU on the 2-vCPU machines whatever it
 carries (`benchmarks/micro_serve_calls.py`); one call for 32 requests costs ~0.5 ms a request. A
 lone request is not held back: its wave leaves on the next loop iteration. One wave is placed at
@@ -21,6 +24,7 @@ from ray.serve.handle import DeploymentHandle
 
 from chatqueue.api.wire import Admitted, Refused, Submission
 from chatqueue.cluster.ledger import Ledger
+from chatqueue.cluster.link import LineBroken, Lines
 from chatqueue.cluster.placement import plan_round
 from chatqueue.cluster.policy import RouteHint
 from chatqueue.cluster.stats import ReplicaStats
@@ -54,12 +58,14 @@ class Placer:
         replicas: Callable[[], Sequence[tuple[str, ReplicaStats | None]]],
         on_orphan: Callable[[str, str], None],
         on_taken_elsewhere: Callable[[], None],
-        on_call: Callable[[int], None],
+        on_call: Callable[[int, str], None],
+        lines: Lines | None = None,
     ) -> None:
         """`replicas`: what the router sees now; `on_orphan(replica, key)`: a request was
         admitted after its caller stopped waiting (the replica must abort it);
         `on_taken_elsewhere()`: a replica took a request that another had refused;
-        `on_call(n)`: a call asked a replica to take n requests."""
+        `on_call(n, by)`: a wave asked a replica to take n requests, `by` its line or Serve; `lines`: the front's own lines
+        to the replicas (None: Serve calls only)."""
         self.front = front
         self._handle = handle
         self._ledger = ledger
@@ -67,12 +73,15 @@ class Placer:
         self._on_orphan = on_orphan
         self._on_taken_elsewhere = on_taken_elsewhere
         self._on_call = on_call
+        self._lines = lines
         self._lost: set[str] = set()  # replicas that went away (their ids are never reused)
         self._next: list[Pending] = []
         self._task: asyncio.Task[None] | None = None
 
     def lost(self, replica: str) -> None:
         self._lost.add(replica)
+        if self._lines is not None:
+            self._lines.forget(replica)
 
     async def place(self, submission: Submission, prefer: str | None) -> Admitted:
         """The replica's admission; raises `Unplaced` (every refusal it met) or `NoReplica`."""
@@ -111,8 +120,12 @@ class Placer:
                     if not plan:
                         break
                     groups = {r: [left[i] for i in indexes] for r, indexes in plan.items()}
+                    lines = {r: s.link for r, s in rows if s is not None}
                     answers = await asyncio.gather(
-                        *(self._ask(r, group, slots_only) for r, group in groups.items())
+                        *(
+                            self._ask(r, lines.get(r, ""), group, slots_only)
+                            for r, group in groups.items()
+                        )
                     )
                     for (replica, group), answer in zip(groups.items(), answers, strict=True):
                         self._take(replica, group, answer, closed, unavailable)
@@ -129,9 +142,19 @@ class Placer:
         """The replicas a wave may ask: those the router routes to, less those gone."""
         return [(r, s) for r, s in self._replicas() if r not in self._lost]
 
-    async def _ask(self, replica: str, group: list[Pending], slots_only: bool) -> WaveAnswer | None:
+    async def _ask(
+        self, replica: str, address: str, group: list[Pending], slots_only: bool
+    ) -> WaveAnswer | None:
         wave = Wave(self.front, tuple(p.submission for p in group), slots_only)
-        self._on_call(len(group))
+        line = self._lines.to(replica, address) if self._lines is not None else None
+        if line is not None:
+            try:
+                taken = await line.place(wave)
+                self._on_call(len(group), "line")
+                return taken if taken.replica == replica else None
+            except LineBroken as exc:  # by Serve, then: a request it took is answered the same
+                log.info("placing on replica %s by Serve: %s", replica, exc)
+        self._on_call(len(group), "serve")
         try:
             answer: WaveAnswer = await self._handle.place.remote(
                 wave, route=RouteHint(only=replica)
@@ -150,7 +173,7 @@ class Placer:
         unavailable: set[str],
     ) -> None:
         if answer is None:  # gone: another replica said so, or the call failed
-            self._lost.add(replica)
+            self.lost(replica)
             return
         if answer.stats is not None:
             self._ledger.answered(answer.stats)

@@ -34,6 +34,7 @@ from chatqueue.api.wire import Refused, Submission
 from chatqueue.cluster import view
 from chatqueue.cluster.channels import Channels, Placed
 from chatqueue.cluster.ledger import Ledger
+from chatqueue.cluster.link import Lines
 from chatqueue.cluster.placer import NoReplica, Placer, Unplaced, may_try_next
 from chatqueue.cluster.policy import conversation_key
 from chatqueue.cluster.stats import ReplicaStats
@@ -78,7 +79,15 @@ class ClusterQueue(DescribedQueue):
 
     holder = "a replica"
 
-    def __init__(self, handle: DeploymentHandle[Any], settings: Settings, app_name: str) -> None:
+    def __init__(
+        self,
+        handle: DeploymentHandle[Any],
+        settings: Settings,
+        app_name: str,
+        link_secret: bytes | None = None,
+    ) -> None:
+        """`link_secret`: the cluster's, for the front's own lines to the replicas (`link`);
+        None: every placement is a Serve call."""
         super().__init__(
             tool_call_format=settings.tool_call_format,
             max_prompt_tokens=settings.max_prompt_tokens,
@@ -92,7 +101,9 @@ class ClusterQueue(DescribedQueue):
         )
         self._wave_sizes = Histogram(
             "chatqueue_cluster_wave_requests",
-            "Requests a wave call to a replica carried (one call a replica a round of a wave)",
+            "Requests a wave carried to a replica (one a replica a round of a wave), by how it "
+            "went: the front's line to the replica or a Serve call",
+            ["by"],
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
             registry=self.metrics.registry,
         )
@@ -103,6 +114,7 @@ class ClusterQueue(DescribedQueue):
         self._described = asyncio.Event()
         self._conversations: OrderedDict[str, str] = OrderedDict()  # key -> replica
         self._ledger = Ledger()
+        self._lines = Lines(link_secret) if link_secret is not None else None
         self._channels = Channels(
             handle,
             max_unread_tokens=settings.max_unread_tokens,
@@ -117,7 +129,8 @@ class ClusterQueue(DescribedQueue):
             replicas=self._replicas,
             on_orphan=self._channels.abort,
             on_taken_elsewhere=self._asked_again.inc,
-            on_call=self._wave_sizes.observe,
+            on_call=lambda n, by: self._wave_sizes.labels(by).observe(n),
+            lines=self._lines,
         )
         self._tasks: list[asyncio.Task[None]] = []
         self._is_stopping = False
@@ -162,6 +175,8 @@ class ClusterQueue(DescribedQueue):
             task.cancel()
         cut_short = ShuttingDown("The server shut down before this request could finish.")
         await self._channels.drain(timeout_s, cut_short)
+        if self._lines is not None:
+            self._lines.close()
         self.close_tokenizer()
 
     # -- state ----------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """One replica of a cluster: one ChatQueue over one model, as a Ray Serve deployment class.
 
-A front places the requests that arrived together with one call a replica (`place`, a `Wave`):
-the replica admits or refuses each at once, and with `slots_only` takes no more than it has free
+A front places the requests that arrived together with one call a replica (`place`, a `Wave`),
+on its own line to the replica (`link`) or by a Serve call: the replica admits or refuses each
+at once (a request it has already taken, once, is answered the same), and with `slots_only` takes no more than it has free
 slots, leaving the rest for the next replica. The requests' events go to the front in batches on
 the front's channel (`events`, one open call per front and replica, see `outbox`); the front's
 `abort` call ends requests whose clients went away, and a channel the front cancels (it stopped,
@@ -28,6 +29,8 @@ from chatqueue.api.build import chat_queue_for
 from chatqueue.api.outbox import Outbox, encode
 from chatqueue.api.wire import Admitted, Description, Refused, Submission
 from chatqueue.cluster.leases import Leases
+from chatqueue.cluster.link import LinkServer, Remembered
+from chatqueue.cluster.policy import RouteHint
 from chatqueue.cluster.scaling import RUNNING, WAITING
 from chatqueue.cluster.stats import ReplicaStats
 from chatqueue.cluster.wave import Wave, WaveAnswer
@@ -42,7 +45,7 @@ WATCH_EVERY_S = 1.0  # how often the fronts' leases are looked at
 
 class ChatQueueReplica:
     # NOTE: Serve awaits an async constructor; the queue's worker needs the replica's loop.
-    async def __init__(self, settings: Settings) -> None:  # type: ignore[misc]
+    async def __init__(self, settings: Settings, link_secret: bytes | None = None) -> None:  # type: ignore[misc]
         # NOTE: as in one server (server/serve.py): the engine thread waits for the GIL behind
         # this process's event loops (Serve runs two, and Ray's own threads) up to the switch
         # interval each time, 5 ms by default, several times a step.
@@ -56,8 +59,17 @@ class ChatQueueReplica:
         self._channels: dict[str, object] = {}  # by front: the channel now open
         self._requests: dict[tuple[str, str], asyncio.Task[None]] = {}  # (front, key)
         self._leases = Leases()
+        self._taken = Remembered()
         await self._cq.start_queue_worker()
         self._watch = asyncio.create_task(self._watch_fronts())
+        self._link: LinkServer | None = None
+        self._link_address = ""
+        host = _node_address()
+        if link_secret is not None and host:
+            self._link = LinkServer(
+                link_secret, lambda wave, replica: self.place(wave, RouteHint(only=replica))
+            )
+            self._link_address = await self._link.start(host)
 
     async def place(self, wave: Wave, route: object = None) -> WaveAnswer:
         """Admit or refuse each of the wave's requests, in order. `route` (RouteHint.only)
@@ -70,10 +82,15 @@ class ChatQueueReplica:
         room = load.max_concurrent - load.processing - load.waiting if wave.slots_only else None
         outcomes: list[Admitted | Refused | None] = []
         for submission in wave.submissions:
+            taken = self._taken.get(wave.front, submission.key)
+            if taken is not None:
+                outcomes.append(taken)
+                continue
             if room is not None and room <= 0:
                 outcomes.append(None)
                 continue
             outcome = await self._admit(submission, outbox)
+            self._taken.put(wave.front, submission.key, outcome)
             if room is not None and isinstance(outcome, Admitted):
                 room -= 1
             outcomes.append(outcome)
@@ -183,6 +200,7 @@ class ChatQueueReplica:
             sampled_at=time.time(),
             node=self._node,
             pid=os.getpid(),
+            link=self._link_address,
         )
 
     def record_routing_stats(self) -> dict[str, object]:
@@ -204,7 +222,18 @@ class ChatQueueReplica:
         # NOTE: Serve calls this once the replica's requests have finished or its graceful
         # shutdown timeout has passed; what is left is aborted.
         self._watch.cancel()
+        if self._link is not None:
+            await self._link.close()
         await self._cq.stop(0)
+
+
+def _node_address() -> str:
+    """This node's address for a front's line to listen on; "" outside a Ray worker."""
+    import ray
+
+    if not ray.is_initialized():
+        return ""
+    return str(ray.util.get_node_ip_address())
 
 
 def _node_id() -> str:

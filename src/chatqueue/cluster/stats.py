@@ -21,6 +21,7 @@ class ReplicaStats:
     sampled_at: float  # the replica's wall clock when these were read (time.time())
     node: str = ""
     pid: int = 0
+    link: str = ""  # host:port of the replica's line for fronts (`link`), "" if none
 
     @property
     def is_ready(self) -> bool:

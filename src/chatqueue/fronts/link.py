@@ -1,5 +1,5 @@
 """The messages between an API server and the core, and how they travel: pickled, each frame
-prefixed with its length, over a Unix socket in a folder only this user can open.
+prefixed with its length (`api.frames`), over a Unix socket in a folder only this user can open.
 
 An API server asks with a `Call` (a submission, a caller's share of its rate limit, /load's and
 /metrics' figures)
@@ -11,21 +11,19 @@ asks for figures of the moment).
 
 from __future__ import annotations
 
-import asyncio
-import pickle
-import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 from chatqueue.api.admission import TokenBudget
 from chatqueue.api.chat_queue import LoadInfo
+from chatqueue.api.frames import read as read  # the link's own framing, as `link.read`
+from chatqueue.api.frames import write as write
 from chatqueue.api.outbox import Batch
 from chatqueue.api.wire import Admitted, Description, Refused, Submission
 from chatqueue.errors import ChatQueueError, ServiceUnavailable
 from chatqueue.types import Event, Token
 
 SNAPSHOT_EVERY_S = 0.1
-_LENGTH = struct.Struct("!I")
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,15 +103,3 @@ class Snapshot:
     description: Description | None = None  # once the model is ready (sent to each once)
     token_budget: TokenBudget | None = None
     engine_info: dict[str, Any] = field(default_factory=dict)
-
-
-def write(writer: asyncio.StreamWriter, message: object) -> None:
-    """Whole frames only: one `write` each, so frames from several tasks never interleave."""
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    writer.write(_LENGTH.pack(len(data)) + data)
-
-
-async def read(reader: asyncio.StreamReader) -> object:
-    """The next message; IncompleteReadError once the other end has closed."""
-    (size,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
-    return pickle.loads(await reader.readexactly(size))
