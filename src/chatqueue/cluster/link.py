@@ -27,12 +27,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from chatqueue.api import frames
-from chatqueue.api.wire import Admitted, Refused
 from chatqueue.cluster.wave import Wave, WaveAnswer
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 NONCE_BYTES = 16
 HELLO_TIMEOUT_S = 5.0
@@ -92,6 +93,8 @@ class LinkServer:
                 await self._serve(reader, writer)
         except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
             pass  # the front went away
+        except Exception:  # a bug: the front's line breaks, and it places by Serve
+            log.exception("a front's line failed")
         finally:
             self._connections.discard(task)
             writer.close()
@@ -122,21 +125,25 @@ class LinkServer:
             task.cancel()
 
 
-class Remembered:
-    """A replica's outcomes by (front, key): a wave that comes twice (by its line, then by a Serve
-    call after the line broke) is answered the same, not admitted twice."""
+class Remembered(Generic[T]):
+    """A replica's outcomes by (front, key), the most recent `size`: a wave that comes twice (by
+    its line, then by a Serve call after the line broke) is answered the same, not admitted
+    twice."""
 
     def __init__(self, size: int = REMEMBERED) -> None:
         self._size = size
-        self._outcomes: OrderedDict[tuple[str, str], Admitted | Refused] = OrderedDict()
+        self._outcomes: OrderedDict[tuple[str, str], T] = OrderedDict()
 
-    def get(self, front: str, key: str) -> Admitted | Refused | None:
+    def get(self, front: str, key: str) -> T | None:
         return self._outcomes.get((front, key))
 
-    def put(self, front: str, key: str, outcome: Admitted | Refused) -> None:
+    def put(self, front: str, key: str, outcome: T) -> None:
         self._outcomes[(front, key)] = outcome
         if len(self._outcomes) > self._size:
             self._outcomes.popitem(last=False)
+
+    def forget(self, front: str, key: str) -> None:
+        self._outcomes.pop((front, key), None)
 
 
 # -- the front's end ------------------------------------------------------------------------
@@ -193,11 +200,11 @@ class Line:
                     answer = self._pending.get(reply.id)
                     if answer is not None and not answer.done():
                         answer.set_result(reply.answer)
-        except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
-            self._break(exc)
         except asyncio.CancelledError:
             self._break(LineBroken("closed"))
             raise
+        except Exception as exc:  # closed, reset, or a frame it cannot read: broken either way
+            self._break(exc)
 
     def _break(self, exc: BaseException) -> None:
         if self.broken_at is None:

@@ -59,7 +59,7 @@ class ChatQueueReplica:
         self._channels: dict[str, object] = {}  # by front: the channel now open
         self._requests: dict[tuple[str, str], asyncio.Task[None]] = {}  # (front, key)
         self._leases = Leases()
-        self._taken = Remembered()
+        self._taken: Remembered[asyncio.Future[Admitted | Refused]] = Remembered()
         await self._cq.start_queue_worker()
         self._watch = asyncio.create_task(self._watch_fronts())
         self._link: LinkServer | None = None
@@ -82,19 +82,32 @@ class ChatQueueReplica:
         room = load.max_concurrent - load.processing - load.waiting if wave.slots_only else None
         outcomes: list[Admitted | Refused | None] = []
         for submission in wave.submissions:
-            taken = self._taken.get(wave.front, submission.key)
-            if taken is not None:
-                outcomes.append(taken)
+            earlier = self._taken.get(wave.front, submission.key)
+            if earlier is not None:  # sent again (its line broke): the same answer
+                outcomes.append(await asyncio.shield(earlier))
                 continue
             if room is not None and room <= 0:
                 outcomes.append(None)
                 continue
-            outcome = await self._admit(submission, outbox)
-            self._taken.put(wave.front, submission.key, outcome)
+            outcome = await self._take(wave.front, submission, outbox)
             if room is not None and isinstance(outcome, Admitted):
                 room -= 1
             outcomes.append(outcome)
         return WaveAnswer(self._id, tuple(outcomes), self.stats())
+
+    async def _take(self, front: str, submission: Submission, outbox: Outbox) -> Admitted | Refused:
+        """Admit it, remembered from the start: the same request sent again meanwhile (by
+        another path) waits for this answer rather than being admitted again."""
+        taking: asyncio.Future[Admitted | Refused] = asyncio.get_running_loop().create_future()
+        self._taken.put(front, submission.key, taking)
+        try:
+            outcome = await self._admit(submission, outbox)
+        except BaseException:
+            self._taken.forget(front, submission.key)
+            taking.cancel()
+            raise
+        taking.set_result(outcome)
+        return outcome
 
     async def _admit(self, submission: Submission, outbox: Outbox) -> Admitted | Refused:
         try:
