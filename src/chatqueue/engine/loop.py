@@ -132,6 +132,11 @@ class Engine:
         self._is_stopping = False
         self._thread: threading.Thread | None = None
         self.runner: Runner | None = runner if isinstance(runner, Runner) else None
+        # NOTE: what the runner can do, checked once it is loaded: an isinstance check against
+        # a runtime Protocol walks its members (~4 us, more with a cold cache), and the step
+        # path asked four times a token (benchmarks/RESULTS.md, issue 17, session 18).
+        self._pipelined: Pipelined | None = None
+        self._restartable: Restartable | None = None
         self.state = EngineState.LOADING
         self.load_error: BaseException | None = None
         self.loaded = threading.Event()  # set once loading ended, well or not
@@ -226,8 +231,8 @@ class Engine:
             if self.is_hung or started is None or now - started <= step_timeout_s:
                 return self.is_hung
             self.is_hung = True
-            runner = self.runner
-            if isinstance(runner, Restartable) and self._can_restart(now):
+            runner = self._restartable
+            if runner is not None and self._can_restart(now):
                 log.error("a step has run for %.1f s: killing the model process", now - started)
                 runner.kill()  # the step in flight raises RunnerLost: see `_heal`
                 return True
@@ -284,7 +289,10 @@ class Engine:
                 assert callable(self._runner_source)
                 self.runner = self._runner_source()  # type: ignore[call-arg]
             self._load_time_s = time.perf_counter() - began
-            self._use_kv(self.runner)
+            runner = self.runner
+            self._pipelined = runner if isinstance(runner, Pipelined) else None
+            self._restartable = runner if isinstance(runner, Restartable) else None
+            self._use_kv(runner)
             self.state = EngineState.READY
         except BaseException as exc:
             log.exception("loading the model failed")
@@ -312,10 +320,10 @@ class Engine:
         with self._cond:
             while not (self.scheduler.has_work or self._positions_dirty or self._is_stopping):
                 self._overlap.note_idle()
-                self._cond.wait(self._wait_timeout(runner))
-                if not self.scheduler.has_work and isinstance(runner, Restartable):
+                self._cond.wait(self._wait_timeout())
+                if not self.scheduler.has_work and self._restartable is not None:
                     try:
-                        runner.check_alive()
+                        self._restartable.check_alive()
                     except RunnerLost as exc:  # died while idle: heal before anyone asks
                         self.lost = exc
                         return False
@@ -344,7 +352,7 @@ class Engine:
         """Whether the next step can be scheduled before the step in flight is handled: some of
         its requests go on, and none of them needs its token first (a grammar's next mask, or
         the length it reaches)."""
-        if not self._overlaps(self.runner):
+        if not self._overlaps():
             return False
         going_on = [s for s in self._in_flight[-1].seqs if s.state is RequestState.RUNNING]
         return bool(going_on) and not any(
@@ -357,7 +365,7 @@ class Engine:
         newest running meanwhile)."""
         for seq in seqs:
             seq.num_in_flight += 1
-        pipelined = self._overlaps(runner)
+        pipelined = self._overlaps()
         if pipelined is not self._is_overlapping:
             self._is_overlapping = pipelined
             self.metrics.steps_overlapped.set(int(pipelined))
@@ -369,10 +377,10 @@ class Engine:
             assert not self._in_flight, "a step in flight while overlap is off"
             self._in_flight.append(_Sent(seqs, batch, time.perf_counter()))
             return self._collect(runner)
-        assert isinstance(runner, Pipelined)
+        assert self._pipelined is not None
         sent = _Sent(seqs, None, time.perf_counter())
         try:
-            runner.send_step(batch)
+            self._pipelined.send_step(batch)
         except RunnerLost as exc:
             self._in_flight.append(sent)
             return self._lose(exc)
@@ -393,8 +401,8 @@ class Engine:
             if sent.batch is not None:
                 output = runner.step(sent.batch)
             else:
-                assert isinstance(runner, Pipelined)
-                output = runner.recv_step()
+                assert self._pipelined is not None
+                output = self._pipelined.recv_step()
         except RunnerLost as exc:
             return self._lose(exc)
         except Exception as exc:
@@ -423,9 +431,9 @@ class Engine:
             sent.seqs, StepOutput({}), EngineError(f"The model failed while generating: {exc}")
         )
 
-    def _overlaps(self, runner: Runner | None) -> bool:
+    def _overlaps(self) -> bool:
         """Whether a step is kept in flight now: the policy says so and the runner can."""
-        return self._overlap.is_on and isinstance(runner, Pipelined)
+        return self._overlap.is_on and self._pipelined is not None
 
     def _done_with(self, sent: _Sent) -> None:
         for seq in sent.seqs:
@@ -452,9 +460,9 @@ class Engine:
             return False
         seqs, self._lost_step_seqs = self._lost_step_seqs, []
         last_exit = str(exc).removeprefix("The model process ").rstrip(".")
-        restartable = (
-            runner if isinstance(runner, Restartable) and self._can_restart(self._clock()) else None
-        )  # None: the model is gone for good
+        restartable = self._restartable
+        if restartable is not None and not self._can_restart(self._clock()):
+            restartable = None  # the model is gone for good
         with self._cond:
             # NOTE: the state first, then the exit (/health reads them the other way round,
             # without the lock): an exit is never seen beside the state from before it, which
@@ -558,10 +566,10 @@ class Engine:
             for seq in self.scheduler.expire_all_waiting(FinishReason.ERROR)
         ]
 
-    def _wait_timeout(self, runner: Runner) -> float | None:
+    def _wait_timeout(self) -> float | None:
         deadline = self.scheduler.next_deadline()
         wait = None if deadline is None else max(0.0, deadline - self._clock())
-        if isinstance(runner, Restartable):
+        if self._restartable is not None:
             wait = IDLE_CHECK_S if wait is None else min(wait, IDLE_CHECK_S)
         return wait
 
