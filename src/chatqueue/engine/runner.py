@@ -72,6 +72,11 @@ class StepBatch:
     grown: Mapping[int, Sequence[int]] = field(default_factory=dict)  # rid -> blocks appended
     masks: Mapping[int, bytes] = field(default_factory=dict)
 
+    def __reduce__(self) -> tuple[type[StepBatch], tuple[Any, ...]]:
+        # NOTE: a step crosses to the model process as a pickle; a slots dataclass's own
+        # state walks `dataclasses.fields` each way (twice the time of this, a step, per side)
+        return StepBatch, (self.new, self.running, self.released, self.grown, self.masks)
+
     @property
     def is_empty(self) -> bool:
         return not self.new and not self.running
@@ -122,6 +127,9 @@ class StepOutput:
     # seconds the model spent on the step in its own process (None in the engine's): the rest of
     # the step's round trip is the hand-over between the processes (engine.overlap)
     busy_s: float | None = None
+
+    def __reduce__(self) -> tuple[type[StepOutput], tuple[Any, ...]]:
+        return StepOutput, (self.tokens, self.logprobs, self.busy_s)  # as StepBatch's
 
 
 class RunnerLost(Exception):

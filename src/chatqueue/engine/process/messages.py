@@ -57,6 +57,9 @@ class LoadFailed:
 class StepDone:
     output: StepOutput
 
+    def __reduce__(self) -> tuple[type[StepDone], tuple[StepOutput]]:
+        return StepDone, (self.output,)  # as StepBatch's
+
 
 @dataclass(frozen=True, slots=True)
 class StepFailed:
