@@ -41,6 +41,29 @@ def test_flush_drops_an_incomplete_character_at_the_end() -> None:
     assert [*deltas, detok.flush()] == ["a", "", "", ""]
 
 
+class SpaceTokenizer:
+    """SentencePiece-like: a token is a word with a leading space, and the text's first space is
+    dropped, so a token decodes differently alone than after another."""
+
+    eos_token_ids = frozenset({0})
+    words = ("", "Hello", "world", "again", "Hello")
+
+    def apply_chat_template(self, messages: Sequence[ChatMessage]) -> list[int]:
+        return [1]
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return "".join(" " + self.words[t] for t in token_ids if t).removeprefix(" ")
+
+
+def test_every_request_over_one_tokenizer_streams_the_same_text() -> None:
+    tokenizer = SpaceTokenizer()
+    for _ in range(2):  # the second finds the pieces the first decoded
+        detok = IncrementalDetokenizer(tokenizer)
+        deltas = [detok.push(t) for t in (1, 2, 3, 4, 2)]
+        assert deltas == ["Hello", " world", " again", " Hello", " world"]
+        assert detok.flush() == ""
+
+
 def test_stop_string_ends_the_text_and_is_not_emitted() -> None:
     stops = StopStrings(["END"])
     out = [stops.push(d) for d in ["abc E", "N", "D tail"]]

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import weakref
+
 from chatqueue.text.tokenizer import Tokenizer
 
 _REPLACEMENT = "\ufffd"
+# tokenizer -> token id -> that one token decoded alone, shared by every request's detokenizer
+_PIECES: weakref.WeakKeyDictionary[Tokenizer, dict[int, str]] = weakref.WeakKeyDictionary()
 
 
 class IncrementalDetokenizer:
@@ -18,6 +22,7 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = tokenizer
+        self._pieces = _pieces_of(tokenizer)
         self._ids: list[int] = []
         self._prefix = 0  # window start
         self._read = 0  # ids before this are already streamed
@@ -33,9 +38,30 @@ class IncrementalDetokenizer:
 
     def _advance(self, *, final: bool) -> str:
         decode = self._tokenizer.decode
-        before = decode(self._ids[self._prefix : self._read])
+        before = self._before()
         after = decode(self._ids[self._prefix :])
         if len(after) <= len(before) or (after.endswith(_REPLACEMENT) and not final):
             return ""
         self._prefix, self._read = self._read, len(self._ids)
         return after[len(before) :]
+
+    def _before(self) -> str:
+        """The window's text before the new token. NOTE: mostly the one token streamed last, and
+        a token decoded alone is always the same text: found in the tokenizer's pieces, that is
+        one decode a token rather than two (the engine thread's, holding the GIL)."""
+        ids = self._ids[self._prefix : self._read]
+        if len(ids) != 1 or self._pieces is None:
+            return self._tokenizer.decode(ids)
+        piece = self._pieces.get(ids[0])
+        if piece is None:
+            piece = self._pieces[ids[0]] = self._tokenizer.decode(ids)
+        return piece
+
+
+def _pieces_of(tokenizer: Tokenizer) -> dict[int, str] | None:
+    """The tokenizer's pieces decoded so far; None for one that cannot be weakly keyed (then each
+    is decoded every time)."""
+    try:
+        return _PIECES.setdefault(tokenizer, {})
+    except TypeError:
+        return None
