@@ -75,20 +75,3 @@ async def test_deliver_on_the_loop_comes_after_what_the_stream_has_queued() -> N
     assert seq.sink.events == [Token("queued"), end]
     await asyncio.sleep(0)  # one iteration: the drain the send scheduled finds nothing left
     assert seq.sink.events == [Token("queued"), end]
-
-
-async def test_queued_events_wait_for_the_flush() -> None:
-    handover = HandOver()
-    handover.bind(asyncio.get_running_loop())
-    seq = Seq()
-    thread = threading.Thread(target=handover.queue, args=([(seq, Token("t"))],))
-    thread.start()
-    thread.join()
-    for _ in range(3):
-        await asyncio.sleep(0)
-    assert seq.sink.events == []  # no hop to the loop yet
-    thread = threading.Thread(target=handover.flush)
-    thread.start()
-    thread.join()
-    await seq.sink.got.wait()
-    assert seq.sink.events == [Token("t")]

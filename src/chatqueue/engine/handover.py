@@ -36,7 +36,6 @@ class HandOver:
         # id(seq) -> (seq, its events not delivered yet), oldest first; under the lock
         self._waiting: OrderedDict[int, tuple[Sequence, list[Event]]] = OrderedDict()
         self._is_drain_scheduled = False
-        self._is_flush_due = False  # events were queued since the last hop was scheduled
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -44,16 +43,6 @@ class HandOver:
     def send(self, outbox: Outbox) -> None:
         """From the engine thread: queue a step's events; one hop to the event loop, if none is
         on its way already."""
-        self.queue(outbox)
-        self.flush()
-
-    def queue(self, outbox: Outbox) -> None:
-        """From the engine thread: queue a step's events, to go out at the next `flush`.
-
-        NOTE: why later. Woken at once, the event loop wants the GIL while the engine thread
-        still schedules and sends the next step: it waited for it, or (at the server's 0.5 ms
-        switch interval) took it by force, and the engine waited in turn. Flushed just before
-        the engine waits for the model, the loop runs while the engine has nothing to do."""
         if not outbox or self._loop is None:
             return
         with self._lock:
@@ -63,16 +52,7 @@ class HandOver:
                     self._waiting[id(seq)] = (seq, [event])
                 else:
                     entry[1].append(event)
-            self._is_flush_due = not self._is_drain_scheduled
-
-    def flush(self) -> None:
-        """From the engine thread: one hop to the event loop for the events queued, if none is
-        on its way already. Called before every wait (the model, an idle engine, a restart)."""
-        if not self._is_flush_due or self._loop is None:
-            return
-        with self._lock:
-            self._is_flush_due = False
-            if self._is_drain_scheduled or not self._waiting:
+            if self._is_drain_scheduled:
                 return
             self._is_drain_scheduled = True
         with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody listens

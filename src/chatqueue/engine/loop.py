@@ -277,7 +277,6 @@ class Engine:
             while self._step(runner) or self._heal(runner):
                 pass
         finally:
-            self._handover.flush()
             runner.close()
             gc.unfreeze()
             if self.state is not EngineState.FAILED:
@@ -320,7 +319,6 @@ class Engine:
             return self._collect(runner)
         with self._cond:
             while not (self.scheduler.has_work or self._positions_dirty or self._is_stopping):
-                self._handover.flush()
                 self._overlap.note_idle()
                 self._cond.wait(self._wait_timeout())
                 if not self.scheduler.has_work and self._restartable is not None:
@@ -337,7 +335,7 @@ class Engine:
             outbox = self._plan_events(plan, now)
             if not self.scheduler.has_work:
                 self._cond.notify_all()  # wake `wait_idle`
-        self._handover.queue(outbox)
+        self._handover.send(outbox)
 
         batch = StepBatch(
             new=[_new_sequence(s, plan.allocations.get(s.rid)) for s in plan.admitted],
@@ -396,7 +394,6 @@ class Engine:
         """Wait for the oldest step in flight (or run it, for a runner that is not pipelined)
         and hand out its results."""
         sent = self._in_flight[0]
-        self._handover.flush()  # the step's events go out while the model runs
         with self._cond:
             self._step_started = self._clock()
             self._step_seqs = self._seqs_in_flight()
@@ -488,7 +485,6 @@ class Engine:
             StepOutput({}),
             EngineRestarted(f"{exc} It is being restarted; this reply was cut short."),
         )
-        self._handover.flush()
         if not self._restart(restartable):
             self._fail_everything([], exc)
             return False
@@ -650,7 +646,7 @@ class Engine:
                 for seq, reason in ended:
                     self.scheduler.finish(seq, reason, now)
                 self._positions_dirty = self._positions_dirty or bool(ended)
-        self._handover.queue(outbox)  # flushed before the engine next waits
+        self._handover.send(outbox)
 
     def _finished(
         self, seq: Sequence, reason: FinishReason, error: ChatQueueError | None = None
