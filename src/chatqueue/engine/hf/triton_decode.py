@@ -99,7 +99,7 @@ def _decode_kernel(  # type: ignore[no-untyped-def]  # Triton pointers and const
     k_ptr,
     v_ptr,
     kn_ptr,  # the step's new keys [B, KV, D] (row and head strides below)
-    vn_ptr,  # the step's new values, laid out as the keys
+    vn_ptr,  # the step's new values [B, KV, D], with strides of their own
     start_ptr,
     col_ptr,  # static: the one last column of every row; paged: each row's end (exclusive)
     table_ptr,  # paged: each row's block table
@@ -117,6 +117,8 @@ def _decode_kernel(  # type: ignore[no-untyped-def]  # Triton pointers and const
     stride_vn,
     stride_nb,
     stride_nh,
+    stride_nvb,
+    stride_nvh,
     stride_tb,
     scale,
     softcap,
@@ -191,7 +193,7 @@ def _decode_kernel(  # type: ignore[no-untyped-def]  # Triton pointers and const
         )
     if (last >= lo) & (last < hi):
         k_new = tl.load(kn_ptr + b * stride_nb + h * stride_nh + offs_d)
-        v_new = tl.load(vn_ptr + b * stride_nb + h * stride_nh + offs_d)
+        v_new = tl.load(vn_ptr + b * stride_nvb + h * stride_nvh + offs_d)
         if PAGED:
             block = tl.load(table_ptr + b * stride_tb + last // BS)
             where = block.to(tl.int64) * BS + last % BS
@@ -295,7 +297,7 @@ def _attend(
         o, m, l_sum = out, out, out  # m and l unused
     else:
         o, m, l_sum = _empty_partials(q, num_splits)
-    assert k_new.stride() == v_new.stride() and k_new.stride(-1) == 1
+    assert k_new.stride(-1) == 1 and v_new.stride(-1) == 1
     _decode_kernel[(b * num_kv, num_splits)](
         q,
         k,
@@ -315,6 +317,8 @@ def _attend(
         *v_strides,
         k_new.stride(0),
         k_new.stride(1),
+        v_new.stride(0),
+        v_new.stride(1),
         table.stride(0),
         scale,
         softcap,
@@ -348,11 +352,14 @@ def _empty_partials(
 
 
 def _new_kv(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A step's new k, v [B, KV, 1, D] as [B, KV, D] with one layout and the last dim dense."""
+    """A step's new k, v [B, KV, 1, D] as [B, KV, D], each with its last dim dense.
+
+    NOTE: each keeps its own layout (the key is Inductor's output after RoPE, the value a view
+    of the q/k/v projection's): made alike, the value cost a copy kernel a layer."""
     k, v = k[:, :, 0], v[:, :, 0]
-    if k.stride(-1) != 1 or v.stride(-1) != 1 or k.stride() != v.stride():
-        k, v = k.contiguous(), v.contiguous()
-    return k, v
+    return (k if k.stride(-1) == 1 else k.contiguous()), (
+        v if v.stride(-1) == 1 else v.contiguous()
+    )
 
 
 @torch.library.custom_op("chatqueue::decode_attention", mutates_args=("k_cache", "v_cache"))
