@@ -64,8 +64,8 @@ class Placer:
         """`replicas`: what the router sees now; `on_orphan(replica, key)`: a request was
         admitted after its caller stopped waiting (the replica must abort it);
         `on_taken_elsewhere()`: a replica took a request that another had refused;
-        `on_call(n, by)`: a wave asked a replica to take n requests, `by` its line or Serve; `lines`: the front's own lines
-        to the replicas (None: Serve calls only)."""
+        `on_call(n, by)`: a wave asked a replica to take n requests, `by` its line or Serve;
+        `lines`: the front's own lines to the replicas (None: Serve calls only)."""
         self.front = front
         self._handle = handle
         self._ledger = ledger

@@ -2,16 +2,16 @@
 
 A front places the requests that arrived together with one call a replica (`place`, a `Wave`),
 on its own line to the replica (`link`) or by a Serve call: the replica admits or refuses each
-at once (a request it has already taken, once, is answered the same), and with `slots_only` takes no more than it has free
-slots, leaving the rest for the next replica. The requests' events go to the front in batches on
-the front's channel (`events`, one open call per front and replica, see `outbox`); the front's
-`abort` call ends requests whose clients went away, and a channel the front cancels (it stopped,
-or it is gone) ends that front's requests here, and so does a front's silence: a front renews
-its lease (`renew`) where it has requests, and one not heard from for a lease (`leases`: it was
-killed outright, which cancels nothing) has its requests aborted. It publishes its figures for the router and the
-front (`record_routing_stats`), its running and waiting requests for autoscaling
-(`record_autoscaling_stats`, see `scaling`), and fails Serve's health check when its model has
-failed for good, so that Serve replaces it."""
+at once (a request it has already taken is answered the same), and with `slots_only` takes no
+more than it has free slots, leaving the rest for the next replica. The requests' events go to
+the front in batches on the front's channel (`events`, one open call per front and replica, see
+`outbox`); the front's `abort` call ends requests whose clients went away, and a channel the
+front cancels (it stopped, or it is gone) ends that front's requests here, and so does a front's
+silence: a front renews its lease (`renew`) where it has requests, and one not heard from for a
+lease (`leases`: it was killed outright, which cancels nothing) has its requests aborted. It
+publishes its figures for the router and the front (`record_routing_stats`), its running and
+waiting requests for autoscaling (`record_autoscaling_stats`, see `scaling`), and fails Serve's
+health check when its model has failed for good, so that Serve replaces it."""
 
 from __future__ import annotations
 
@@ -45,7 +45,9 @@ WATCH_EVERY_S = 1.0  # how often the fronts' leases are looked at
 
 class ChatQueueReplica:
     # NOTE: Serve awaits an async constructor; the queue's worker needs the replica's loop.
-    async def __init__(self, settings: Settings, link_secret: bytes | None = None) -> None:  # type: ignore[misc]
+    async def __init__(  # type: ignore[misc]
+        self, settings: Settings, link_secret: bytes | None = None
+    ) -> None:
         # NOTE: as in one server (server/serve.py): the engine thread waits for the GIL behind
         # this process's event loops (Serve runs two, and Ray's own threads) up to the switch
         # interval each time, 5 ms by default, several times a step.
