@@ -6,7 +6,9 @@
       different steps, a prompt longer than the sliding window, the cache wrapping;
   (b) speed: decode ms/step ÷ the memory-bandwidth floor at batch 1 and 64, bf16, random weights
       in the shapes of Llama-3.2-1B, Qwen3-1.7B and Gemma-3-1B; each family's figure ÷ Llama's
-      (goal: within 1.10).
+      (goal: within 1.10);
+  (c) memory (`--parts memory`, any machine): the static cache's KV bytes a row with its
+      sliding-window layers as rings of their window, against full rows, in those shapes.
 
 The floor is (weight bytes + the KV bytes a step reads at the sequences' mean length) ÷ the copy
 bandwidth measured here; a sliding-window layer reads at most its window. Each figure is a median
@@ -282,6 +284,40 @@ def speed(device: str, quick: bool, models: list[str]) -> None:
                 )
 
 
+def memory(models: list[str], lengths: tuple[int, ...] = (4096, 8192, 32768)) -> None:
+    """The static cache's KV bytes a row, bf16, its sliding-window layers as rings of their
+    window's columns against rows of max_len in every layer (buffers on the meta device: sizes
+    only, nothing allocated)."""
+    from chatqueue.engine.hf.static.decode import kv_shape
+    from chatqueue.engine.hf.static.families import plan_for
+    from chatqueue.engine.hf.static.slots import KvSlots
+
+    for name in models:
+        config = shaped(name, quick=False)
+        with torch.device("meta"):
+            model = getattr(transformers, MODEL_CLASSES[name])(config).to(torch.bfloat16)
+        for max_len in lengths:
+            windows = [layer.window for layer in plan_for(model, max_len).layers]
+            sizes = {}
+            for how, given in (("rings", windows), ("full rows", [])):
+                slots = KvSlots(
+                    shape=kv_shape(model, max_len),
+                    max_batch=1,
+                    max_len=max_len,
+                    dtype=torch.bfloat16,
+                    device=torch.device("meta"),
+                    windows=given,
+                )
+                sizes[how] = slots.nbytes
+            ratio = sizes["rings"] / sizes["full rows"]
+            RESULTS.setdefault("kv_bytes_a_row", {})[f"{name}@{max_len}"] = sizes
+            log(
+                f"{name} at max_len {max_len}: KV a row {sizes['rings'] / 2**20:.1f} MiB with "
+                f"rings, {sizes['full rows'] / 2**20:.1f} MiB as full rows: {ratio:.3f} "
+                f"({1 / ratio:.2f}x the rows in the same memory)"
+            )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
@@ -311,6 +347,8 @@ def main() -> None:
             )
     if "speed" in parts:
         speed(device, args.quick, args.models.split(","))
+    if "memory" in parts:
+        memory(args.models.split(","))
     RESULTS["seconds"] = time.perf_counter() - began
     log(f"done in {RESULTS['seconds']:.0f} s; all families equal to generate(): {ok}")
     if args.out:

@@ -1,5 +1,6 @@
 """The decode-attention kernel (`engine/hf/triton_decode.py`) in Triton's CPU interpreter, against
-a float reference, before a GPU run: the static cache and the paged pool, one split and several
+a float reference, before a GPU run: the static cache (its rows whole, or rings of a sliding
+window's columns) and the paged pool, one split and several
 (the merge kernel), three head layouts, soft-capped scores, the step's new value a strided view
 of a q/k/v projection as the decode step gives it; and the step's key and value written exactly
 where the cache's own ops would write them.
@@ -76,10 +77,35 @@ def check_static(kv: int, groups: int, d: int, softcap: float) -> float:
     k_want[:b, :, col], v_want[:b, :, col] = k[:, :, 0], v[:, :, 0]
     want = reference(q, k_want, v_want, start.tolist(), [col + 1] * b, softcap)
     got = triton_decode.decode_attention(
-        q, k_cache, v_cache, k, v, start, torch.tensor([col]), SCALE, softcap
+        q, k_cache, v_cache, k, v, start, torch.tensor([col]), SCALE, softcap, False
     )
     assert torch.equal(k_cache, k_want) and torch.equal(v_cache, v_want), "the cache's write"
     return (got.double() - want).abs().max().item()
+
+
+def check_ring(kv: int, groups: int, d: int, softcap: float) -> float:
+    """A sliding-window layer's rows as rings of W columns (column c at c % W), once the ring
+    has wrapped and before: each row attends to its last W columns, or from its start."""
+    worst = 0.0
+    b, rows_all, window = 3, 5, 600
+    for col, starts in ((1500, [0, 1200, 1490]), (300, [0, 37, 290])):
+        k_ring, v_ring = torch.randn(rows_all, kv, window, d), torch.randn(rows_all, kv, window, d)
+        q = torch.randn(b, kv, groups, d)
+        k, v = new_kv(b, kv, groups, d)
+        start = torch.tensor([max(s, col - window + 1) for s in starts])  # the span's start
+        k_want, v_want = k_ring.clone(), v_ring.clone()
+        k_want[:b, :, col % window], v_want[:b, :, col % window] = k[:, :, 0], v[:, :, 0]
+        keys = torch.zeros(b, kv, col + 1, d)  # by absolute column, the ring's last W filled
+        values = torch.zeros_like(keys)
+        for c in range(max(0, col - window + 1), col + 1):
+            keys[:, :, c], values[:, :, c] = k_want[:b, :, c % window], v_want[:b, :, c % window]
+        want = reference(q, keys, values, start.tolist(), [col + 1] * b, softcap)
+        got = triton_decode.decode_attention(
+            q, k_ring, v_ring, k, v, start, torch.tensor([col]), SCALE, softcap, True
+        )
+        assert torch.equal(k_ring, k_want) and torch.equal(v_ring, v_want), "the ring's write"
+        worst = max(worst, (got.double() - want).abs().max().item())
+    return worst
 
 
 def check_paged(kv: int, groups: int, d: int, softcap: float) -> float:
@@ -124,7 +150,8 @@ def main() -> None:
             (4, 1, 16, 0.0),
             (2, 2, 32, 50.0),
         ):
-            for name, check in (("static", check_static), ("paged", check_paged)):
+            checks = (("static", check_static), ("ring", check_ring), ("paged", check_paged))
+            for name, check in checks:
                 err = check(kv, groups, d, softcap)
                 worst = max(worst, err)
                 print(

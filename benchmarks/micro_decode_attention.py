@@ -60,7 +60,7 @@ def triton_live(
     start, col, last = _RUNS[id(bias)]
     # the step's own key and value: the cache's, written back where they are
     new_k, new_v = k[:, :, last : last + 1], v[:, :, last : last + 1]
-    return decode_attention(q, k, v, new_k, new_v, start, col, 0.125, 0.0)
+    return decode_attention(q, k, v, new_k, new_v, start, col, 0.125, 0.0, False)
 
 
 _RUNS: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}

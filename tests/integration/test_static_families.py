@@ -1,9 +1,9 @@
 """Every family the static-cache runner supports, on a tiny random model built here
 (`tests/support/tiny_families.py`): greedy tokens equal to `generate()` token for token, and
 logprobs equal to its logits, while requests join at different steps, one prompt is longer than the
-sliding window (where the family has one), and the cache wraps. The CPU path of the runner (SDPA,
-or eager attention where scores are soft-capped; no graphs); a few families also through the
-compiled step."""
+sliding window (where the family has one, whose layers keep a ring of its columns), and the cache
+wraps. The CPU path of the runner (SDPA, or eager attention where scores are soft-capped; no
+graphs); a few families also through the compiled step."""
 
 from __future__ import annotations
 
@@ -53,6 +53,9 @@ def test_greedy_equals_generate(family: str) -> None:
         assert windows == {WINDOW}  # every layer slides
     else:
         assert windows == ({None, WINDOW} if FAMILIES[family].window else {None})
+    # a sliding-window layer's rows hold a ring of its window's columns, the others max_len
+    held = [k.shape[2] for k in runner.slots.k]
+    assert held == [40 if layer.window is None else WINDOW for layer in runner.decode.plan.layers]
 
 
 def test_gemma3_multimodal_decodes_its_language_model() -> None:
@@ -61,6 +64,9 @@ def test_gemma3_multimodal_decodes_its_language_model() -> None:
     runner, found = mismatches(tiny_gemma3_multimodal(), make_runner)
     assert found == []
     assert runner.decode.plan.final_softcap is None  # its head applies none, unlike the text one
+
+
+LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention"]
 
 
 @pytest.mark.timeout(900)  # a safety net: Inductor's C++ compile takes minutes of CPU here
@@ -75,11 +81,11 @@ def test_the_compiled_step_equals_generate(
     GPU.)"""
     torch._dynamo.reset()
     with caplog.at_level(logging.INFO, logger="chatqueue.engine.hf.static.regions"):
-        _, found = mismatches(
-            tiny("gemma3_text"), lambda m: make_runner(m, compile=True, compile_cache=tmp_path)
-        )
+        model = tiny("gemma3_text", num_hidden_layers=3, layer_types=LAYER_TYPES)
+        _, found = mismatches(model, lambda m: make_runner(m, compile=True, compile_cache=tmp_path))
     assert found == []
     assert "failed; JIT instead" not in caplog.text
-    assert (
-        len(list(tmp_path.glob("*.bin"))) == 4
-    )  # the start, a layer with and without delta, the end
+    assert "guards refused" not in caplog.text
+    # the start; the first layer (no delta); a full and a sliding layer with delta (their KV
+    # buffers of other sizes: the sliding one's a ring of its window); the end
+    assert len(list(tmp_path.glob("*.bin"))) == 5

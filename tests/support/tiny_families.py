@@ -122,10 +122,11 @@ FAMILIES: dict[str, Tiny] = {
 }
 
 
-def tiny(family: str, device: str = "cpu") -> PreTrainedModel:
+def tiny(family: str, device: str = "cpu", **changes: Any) -> PreTrainedModel:
+    """The family's tiny model; `changes` to its config (more layers, say)."""
     spec = FAMILIES[family]
     torch.manual_seed(0)
-    config = getattr(transformers, spec.config)(**{**COMMON, **spec.extra})
+    config = getattr(transformers, spec.config)(**{**COMMON, **spec.extra, **changes})
     with torch.device(device):
         model: PreTrainedModel = getattr(transformers, spec.model)(config)
     return model.eval()

@@ -8,6 +8,7 @@ at once, so each K/V element is read once per step. Where there are rows enough 
 there is one split, and the kernel writes the output itself; else the splits' partial results
 are merged with their log-sum-exp weights by a second kernel. The step's new key and value are
 written into the cache by the kernel that attends to them (one launch a layer, not three).
+A sliding-window layer's rows are rings of W columns (`static/slots.py`): column c at c % W.
 
 The paged pool (`paged/pool.py`) is read by the same kernel: row r's position n lives in block
 `table[r, n // block_size]` at offset `n % block_size`, and the row attends to its positions
@@ -40,6 +41,7 @@ def attend_block(  # type: ignore[no-untyped-def]  # Triton tensors and constexp
     n0,
     hi,
     position,  # CAUSAL: each query row's position
+    ring,  # RING: the columns a row's ring holds
     stride_kn,
     stride_vn,
     scale,
@@ -51,10 +53,11 @@ def attend_block(  # type: ignore[no-untyped-def]  # Triton tensors and constexp
     IEEE: tl.constexpr,
     SOFTCAP: tl.constexpr,
     CAUSAL: tl.constexpr,
+    RING: tl.constexpr,
 ):
     """Positions [n0, n0 + BLOCK) below `hi` into the query rows' running softmax (max `m_i`, sum
     `l_i`, unnormalised output `acc`): their keys and values read at `k_base`, `v_base` (through
-    `table_row` where PAGED), scores scaled (and soft-capped), a position past a row's own
+    `table_row` where PAGED, at column position % `ring` where RING), scores scaled (and soft-capped), a position past a row's own
     unseen where CAUSAL. Returns the new (m_i, l_i, acc). Shared by this module's kernel and
     the packed one (`triton_packed.py`)."""
     offs_n = n0 + tl.arange(0, BLOCK)
@@ -63,6 +66,8 @@ def attend_block(  # type: ignore[no-untyped-def]  # Triton tensors and constexp
     if PAGED:
         block = tl.load(table_row + offs_n // BS, mask=in_run, other=0)
         where = block.to(tl.int64) * BS + offs_n % BS
+    elif RING:
+        where = offs_n % ring
     else:
         where = offs_n
     k = tl.load(
@@ -120,6 +125,7 @@ def _decode_kernel(  # type: ignore[no-untyped-def]  # Triton pointers and const
     stride_nvb,
     stride_nvh,
     stride_tb,
+    ring,  # RING: the columns each row's ring holds (a sliding-window layer's)
     scale,
     softcap,
     NUM_KV: tl.constexpr,
@@ -133,6 +139,7 @@ def _decode_kernel(  # type: ignore[no-untyped-def]  # Triton pointers and const
     SOFTCAP: tl.constexpr,
     PAGED: tl.constexpr,
     BS: tl.constexpr,  # paged: tokens a block
+    RING: tl.constexpr,  # static: the layer's rows are rings of `ring` columns
 ):
     """Program (row b and KV head h, split): the group's query heads over the row's positions
     in [start, end) that fall in the split. The row's last position is this step's token, whose
@@ -152,8 +159,12 @@ def _decode_kernel(  # type: ignore[no-untyped-def]  # Triton pointers and const
         end = tl.load(col_ptr) + 1
         k_base = k_ptr + b * stride_kb + h * stride_kh
         v_base = v_ptr + b * stride_vb + h * stride_vh
-    lo = tl.maximum(tl.load(start_ptr + b), split * SPLIT)
-    hi = tl.minimum(end, (split + 1) * SPLIT)
+    # the splits cover [base, base + the columns a row holds): a ring's last `ring` positions
+    base = 0
+    if RING:
+        base = end - ring
+    lo = tl.maximum(tl.load(start_ptr + b), base + split * SPLIT)
+    hi = tl.minimum(end, base + (split + 1) * SPLIT)
     offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, D)
     is_head = offs_g < G
@@ -179,6 +190,7 @@ def _decode_kernel(  # type: ignore[no-untyped-def]  # Triton pointers and const
             n0,
             cached_hi,
             offs_g,
+            ring,
             stride_kn,
             stride_vn,
             scale,
@@ -190,6 +202,7 @@ def _decode_kernel(  # type: ignore[no-untyped-def]  # Triton pointers and const
             IEEE=IEEE,
             SOFTCAP=SOFTCAP,
             CAUSAL=False,
+            RING=RING,
         )
     if (last >= lo) & (last < hi):
         k_new = tl.load(kn_ptr + b * stride_nb + h * stride_nh + offs_d)
@@ -197,6 +210,8 @@ def _decode_kernel(  # type: ignore[no-untyped-def]  # Triton pointers and const
         if PAGED:
             block = tl.load(table_ptr + b * stride_tb + last // BS)
             where = block.to(tl.int64) * BS + last % BS
+        elif RING:
+            where = (last % ring).to(tl.int64)
         else:
             where = last.to(tl.int64)
         tl.store(k_base + where * stride_kn + offs_d, k_new)
@@ -282,11 +297,13 @@ def _attend(
     scale: float,
     softcap: float,
     block_size: int,
+    ring: bool = False,
 ) -> torch.Tensor:
     """Launch the kernel (and the merge, for more than one split, as `splits_for` the rows and
     `max_len` columns a row may hold): `k_strides`, `v_strides`
     (row, head, position); `block_size` > 0 reads through `table` (paged), else `end` is the
-    static cache's one last column. `k_new`, `v_new` [B, KV, D] (last dim contiguous): this
+    static cache's one last column (`ring`: each row a ring of `max_len` columns, its column c
+    at c % max_len). `k_new`, `v_new` [B, KV, D] (last dim contiguous): this
     step's KV, written at each row's last position and attended from registers. Returns
     [B, KV, G, D] in q's dtype."""
     b, num_kv, groups, dim = q.shape
@@ -320,6 +337,7 @@ def _attend(
         v_new.stride(0),
         v_new.stride(1),
         table.stride(0),
+        max_len,
         scale,
         softcap,
         NUM_KV=num_kv,
@@ -333,6 +351,7 @@ def _attend(
         SOFTCAP=softcap > 0,
         PAGED=block_size > 0,
         BS=max(block_size, 1),
+        RING=ring,
     )
     if num_splits > 1:
         _merge_kernel[(b * num_kv * groups,)](
@@ -373,11 +392,14 @@ def decode_attention(
     col: torch.Tensor,
     scale: float,
     softcap: float,
+    ring: bool,
 ) -> torch.Tensor:
     """The static cache's decode attention, its KV write included: rows [0, B)'s new k, v
     [B, KV, 1, D] go into column col[0] of the whole caches [rows, KV, L, D]; q [B, KV, G, D]
     (query heads grouped by their KV head) attends to columns start[r] ..= col[0] of row r.
-    `softcap` > 0: scores soft-capped with tanh (Gemma2). Returns [B, KV, G, D] in q's dtype.
+    `ring`: a sliding-window layer's caches, whose rows hold their last L columns, column c at
+    c % L (start[r] > col[0] - L). `softcap` > 0: scores soft-capped with tanh (Gemma2).
+    Returns [B, KV, G, D] in q's dtype.
 
     NOTE: an op that names the whole cache buffers it mutates (written on a slice, Inductor
     copied both whole buffers every step: 1.8 of 3.4 ms a step at batch 64 on an H200)."""
@@ -398,6 +420,7 @@ def decode_attention(
         scale=scale,
         softcap=softcap,
         block_size=0,
+        ring=ring,
     )
 
 
@@ -412,6 +435,7 @@ def _(
     col: torch.Tensor,
     scale: float,
     softcap: float,
+    ring: bool,
 ) -> torch.Tensor:
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 

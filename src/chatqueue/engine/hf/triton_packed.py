@@ -94,6 +94,7 @@ def _packed_kernel(  # type: ignore[no-untyped-def]  # Triton pointers and const
             n0,
             end,
             position,
+            0,
             stride_kn,
             stride_vn,
             scale,
@@ -105,6 +106,7 @@ def _packed_kernel(  # type: ignore[no-untyped-def]  # Triton pointers and const
             IEEE=IEEE,
             SOFTCAP=False,
             CAUSAL=True,
+            RING=False,
         )
     out = acc / l_i[:, None]
     o_rows = (first + tok).to(tl.int64) * stride_ot + h * stride_oh + g * stride_og

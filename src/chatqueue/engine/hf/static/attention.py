@@ -1,7 +1,8 @@
 """Decode attention over the static cache's rows, for any model family's decode step: a layer's new
 key and value go into column `col`, then each row attends to its own columns [start, col] (or the
-last W of them in a sliding-window layer), read alone by a Triton kernel or all of them under a
-mask by SDPA (or by transformers' eager ops where scores are soft-capped)."""
+last W of them in a sliding-window layer, whose rows are rings of W columns), read alone by a
+Triton kernel or all of them under a mask by SDPA (or by transformers' eager ops where scores are
+soft-capped)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ from chatqueue.engine.hf.static.slots import KvSlots
 class Span:
     """Which positions rows [0, b) attend to in the layers of one attention span (full, or one
     sliding window), and where their new key and value go. The static cache: an additive mask
-    over every column (SDPA, eager), or each row's first column (Triton, which reads
-    [start, col] alone). The paged pool (`paged/decode.py`) also gives each row's block table,
+    over every column a row holds (SDPA, eager), or each row's first column (Triton, which reads
+    [start, col] alone); in a ring (a window's layers), `slot` is the column `col` is kept at,
+    for the masked path's write. The paged pool (`paged/decode.py`) also gives each row's block table,
     its end and the slot its new token's KV is written to."""
 
     mask: torch.Tensor | None
@@ -70,11 +72,18 @@ class SlotAttention:
             if self.triton is not None:
                 spans[window] = Span(None, start)
                 continue
+            length, col = slots.columns(window), slots.col_t
+            if length == slots.max_len:
+                outside = (self._columns < start[:, None]) | (self._columns > col)
+                slot = None
+            else:  # ring index i holds column col - (col - i) % length, the latest of its kind
+                held = col - (col - self._columns[:length]) % length
+                outside = held < start[:, None]
+                slot = col % length
             # additive, not bool: a bool mask would be converted again in each layer
-            outside = (self._columns < start[:, None]) | (self._columns > slots.col_t)
             dtype = slots.dtype
-            mask = (outside.to(dtype) * torch.finfo(dtype).min).view(b, 1, 1, slots.max_len)
-            spans[window] = Span(mask, None)
+            mask = (outside.to(dtype) * torch.finfo(dtype).min).view(b, 1, 1, length)
+            spans[window] = Span(mask, None, slot=slot)
         return spans
 
     def attend_into(
@@ -100,11 +109,12 @@ class SlotAttention:
         q = q.reshape(b, shape.kv_heads, groups, shape.head_dim)
         if self.triton is not None:  # the kernel writes the new k, v itself
             assert span.start is not None
+            ring = k_cache.shape[2] < slots.max_len
             o: torch.Tensor = self.triton.decode_attention(
-                q, k_cache, v_cache, k, v, span.start, col, self._scale, self._softcap or 0.0
+                q, k_cache, v_cache, k, v, span.start, col, self._scale, self._softcap or 0.0, ring
             )
             return o
-        write_kv(k_cache, v_cache, k, v, col)
+        write_kv(k_cache, v_cache, k, v, col if span.slot is None else span.slot)
         return attend_masked(q, k_cache[:b], v_cache[:b], span.mask, self._scale, self._softcap)
 
 

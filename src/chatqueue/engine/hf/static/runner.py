@@ -47,16 +47,17 @@ class StaticCacheRunner:
         self.max_len = max_len
         self.prefill_chunk = prefill_chunk
         self.device = model.device
+        plan = plan_for(model, max_len)
         self.slots = KvSlots(
             shape=kv_shape(model, max_len),
             max_batch=max_batch,
             max_len=max_len,
             dtype=model.dtype,
             device=self.device,
+            windows=[layer.window for layer in plan.layers],
         )
         graphs = self.device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
         wants_compile = self.device.type == "cuda" if compile is None else compile
-        plan = plan_for(model, max_len)
         slot_attention = SlotAttention(
             self.slots,
             choice=attention,
@@ -96,15 +97,16 @@ class StaticCacheRunner:
             "attention": self.decode.attention_kernel,
             "compiled": self.decode.compiled,
             "cache": {
-                "layout": "static slots: a row of max_len columns per running sequence",
+                "layout": "static slots: a row of max_len columns per running sequence, "
+                "a ring of W where a layer slides over W",
                 "rows": self.max_batch,
                 "max_len": self.max_len,
                 "layers": shape.num_layers,
                 "kv_heads": shape.kv_heads,
                 "head_dim": shape.head_dim,
                 "bytes": self.slots.nbytes,
-                # NOTE: sliding-window layers keep whole rows and attend to their last W columns
                 "sliding_windows": windows,
+                "ring_layers": sum(n < self.max_len for n in self.slots.lengths),
             },
             "dtype": str(self.model.dtype).removeprefix("torch."),
             "cuda_graph_batch_sizes": sorted(self.graphs.captured),

@@ -10,12 +10,18 @@ right-aligned just left of `col` (moving `col` right first if the prompt is long
 wait for one another, and the decode step has the same shapes every time, which is what lets it
 be captured once per batch size and replayed. When `col` reaches the end of the buffer, all rows
 shift left together by the same amount (one copy a layer), until the longest starts at column 0.
+
+A sliding-window layer of window W < max_len needs no column before `col - W + 1`: its rows are
+rings of W columns, column c kept at c % W (all rows write the same column, so one ring index
+serves every row). Its buffers are W columns, not max_len: for Gemma 3's five local layers in six
+at a 512-token window, a row holds about a quarter of the KV of full rows at 4,096 columns. A
+joining prompt leaves its last W columns there; a shift rolls the ring with the columns.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Set
+from collections.abc import Sequence, Set
 from dataclasses import dataclass
 
 import torch
@@ -49,15 +55,24 @@ class KvSlots:
         max_len: int,
         dtype: torch.dtype,
         device: torch.device,
+        windows: Sequence[int | None] = (),
     ) -> None:
+        """`windows`: each layer's sliding window (None, or no entry: full attention); a layer
+        with one shorter than `max_len` keeps a ring of that many columns a row."""
         self.shape, self.max_len, self.dtype, self.device = shape, max_len, dtype, device
-        kv_shape = (max_batch, shape.kv_heads, max_len, shape.head_dim)
-        self.k = [
-            torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(shape.num_layers)
-        ]
-        self.v = [
-            torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(shape.num_layers)
-        ]
+        windows = list(windows) + [None] * (shape.num_layers - len(windows))
+        # the columns each layer's rows hold: max_len, or a ring of its window
+        self.lengths = [self.columns(w) for w in windows]
+
+        def buffers() -> list[torch.Tensor]:
+            return [
+                torch.zeros(
+                    (max_batch, shape.kv_heads, n, shape.head_dim), dtype=dtype, device=device
+                )
+                for n in self.lengths
+            ]
+
+        self.k, self.v = buffers(), buffers()
         # the first column each row holds; its entries run from there to `col`
         self.start = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.ids = torch.zeros(max_batch, dtype=torch.long, device=device)
@@ -67,6 +82,10 @@ class KvSlots:
         self.rids: list[int] = []  # rid of each packed row
         self.starts: list[int] = []  # host mirror of start for the packed rows
         self.num_compactions = 0
+
+    def columns(self, window: int | None) -> int:
+        """The columns a row holds in a layer of this sliding window (None: full attention)."""
+        return self.max_len if window is None else min(window, self.max_len)
 
     @property
     def nbytes(self) -> int:
@@ -98,11 +117,21 @@ class KvSlots:
             self._shift(n - self.col)
         row = len(self.rids)
         start = self.col - n
+        rings: dict[int, torch.Tensor] = {}  # a ring's length -> where the prompt's last go
         for i, layer in enumerate(cache.layers):
             assert isinstance(layer, DynamicLayer) and layer.keys is not None
             assert layer.values is not None
-            self.k[i][row, :, start : self.col].copy_(layer.keys[0])
-            self.v[i][row, :, start : self.col].copy_(layer.values[0])
+            keys, values, length = layer.keys[0], layer.values[0], self.lengths[i]
+            if length == self.max_len:
+                self.k[i][row, :, start : self.col].copy_(keys)
+                self.v[i][row, :, start : self.col].copy_(values)
+                continue
+            m = min(n, length)  # the ring keeps the prompt's last `length` columns
+            if length not in rings:
+                columns = torch.arange(self.col - m, self.col, device=self.device)
+                rings[length] = columns % length
+            self.k[i][row].index_copy_(1, rings[length], keys[:, -m:])
+            self.v[i][row].index_copy_(1, rings[length], values[:, -m:])
         self.start[row] = start
         self.ids[row] = first_token
         self.pos[row] = n
@@ -148,8 +177,12 @@ class KvSlots:
         """Move every row's entries `delta` columns (left if negative), `col` with them."""
         lo = max(0, -delta)
         for buffers in (self.k, self.v):
-            for layer in buffers:
-                layer[:, :, lo + delta : self.col + delta].copy_(layer[:, :, lo : self.col].clone())
+            for layer, length in zip(buffers, self.lengths, strict=True):
+                if length == self.max_len:
+                    moved = layer[:, :, lo : self.col].clone()
+                    layer[:, :, lo + delta : self.col + delta].copy_(moved)
+                else:  # column c is at c % length: the same columns moved, the ring rolls
+                    layer.copy_(layer.roll(delta, dims=2))
         self.start.add_(delta)
         self.starts = [start + delta for start in self.starts]
         self.set_col(self.col + delta)
