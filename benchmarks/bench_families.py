@@ -319,6 +319,7 @@ def memory(models: list[str], lengths: tuple[int, ...] = (4096, 8192, 32768)) ->
 
 
 def main() -> None:
+    global PROMPT_TOKENS
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--quick", action="store_true", help="2-layer shapes, small batches")
@@ -327,7 +328,15 @@ def main() -> None:
     ap.add_argument("--families", default="", help="model types to check (default: all)")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
     ap.add_argument("--out", default=None, help="write the figures as JSON into this folder")
+    ap.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=PROMPT_TOKENS,
+        help="speed: each sequence's prompt (past 512, Gemma-3-1B's windows bind: its rings)",
+    )
     args = ap.parse_args()
+    PROMPT_TOKENS = args.prompt_tokens
+    RESULTS["prompt_tokens"] = PROMPT_TOKENS
     device = args.device
     # the regions' lines: compiled ahead of time and saved, or "failed; JIT instead"
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
