@@ -245,7 +245,8 @@ def speed(device: str, quick: bool, models: list[str]) -> None:
         runner = StaticCacheRunner(
             model=model,
             max_batch=max(batches),
-            max_len=PROMPT_TOKENS + DECODE_STEPS + 8,
+            # rows decode while later prompts still prefill (4,096 prompt tokens a step)
+            max_len=PROMPT_TOKENS + DECODE_STEPS + 8 + -(-max(batches) * PROMPT_TOKENS // 4096),
             prefill_chunk=4096,
             use_cuda_graphs=False,  # captured below at the two sizes measured only
             compile=device == "cuda",
