@@ -101,16 +101,17 @@ def _runner_kind(
     """ "static", "paged" (its decode step apart, compiled and graphed on CUDA), "paged-packed"
     (decode rows packed with the prompts into the model's forward) or "batched".
     `triton_runs`: the Triton attention kernels run here, for this model."""
-    paged_why = _why_not(check_paged_supported, model)  # with the decode step apart
-    packed_why = _why_not(lambda m: check_paged_supported(m, windows=True), model)
+    paged_why = _why_not(check_paged_supported, model)
     step_why = _why_not(lambda m: check_supported(m, max_len), model)
     if kv_cache == "static":
         check_supported(model, max_len)
         return "static"
     if kv_cache == "paged":
-        check_paged_supported(model, windows=True)
-        if why := step_why or paged_why:
-            log.info("no paged decode step for this model (%s): decode packed with prefill", why)
+        check_paged_supported(model)
+        if step_why:
+            log.info(
+                "no paged decode step for this model (%s): decode packed with prefill", step_why
+            )
             return "paged-packed"
         return "paged"
     if kv_cache == "auto" and step_why:
@@ -127,8 +128,8 @@ def _runner_kind(
         why = paged_why or "the Triton attention kernels cannot run here"
         log.info("paged KV cache off on CUDA (%s): the static cache serves", why)
         return "static"
-    if packed_why:
-        log.info("paged KV cache off (%s): batching without prefix reuse", packed_why)
+    if paged_why:
+        log.info("paged KV cache off (%s): batching without prefix reuse", paged_why)
         return "batched"
     return "paged-packed"
 
