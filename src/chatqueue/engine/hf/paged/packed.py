@@ -182,12 +182,8 @@ class PackedAttention:
     def spans(self, b: int, windows: Sequence[int | None]) -> dict[int | None, Span]:
         inputs = self._inputs
         # a step of b tokens has at most b tiles; the kernel applies each layer's window itself
-        tiles, table, end, slot = (
-            inputs.tiles[:b],
-            self._tables.device,
-            inputs.end[:b],
-            inputs.slot[:b],
-        )
+        tiles, end, slot = inputs.tiles[:b], inputs.end[:b], inputs.slot[:b]
+        table = self._tables.device
         return {w: Span(None, tiles, table, end, slot, window=w) for w in windows}
 
     def attend_into(
