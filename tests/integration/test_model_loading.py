@@ -266,8 +266,7 @@ def test_which_cache_serves_by_kv_cache_device_and_model() -> None:
 
     assert kind("auto", llama, cuda) == "paged"
     assert kind("auto", llama, cuda, triton=False) == "static"  # prompt steps would be eager
-    assert kind("auto", windowed, cuda) == "paged"  # its kernels apply the window
-    assert kind("auto", windowed, cuda, triton=False) == "static"
+    assert kind("auto", windowed, cuda) == "static"  # its windowed layers keep their window
     assert kind("auto", llama, cpu) == "paged-packed"
     assert kind("auto", windowed, cpu) == "paged-packed"  # the pool, decode in the forward
     assert kind("auto", moe, cuda) == "paged-packed"  # no decode step: dynamic
