@@ -266,7 +266,7 @@ def speed(cache: Path, batches: list[int], shape: str = "llama-3.2-1b") -> None:
         t0 = time.perf_counter()
         # NOTE: prompts go in whole chunks here, as on the static runner: under the prefill
         # budget a model whose prompt steps cost many decode steps (Gemma-3-1B on an H100) took
-        # so many steps that its first rows outgrew the tables given them (a device assert)
+        # so many steps that its first rows (likely) outgrew their tables: a device assert
         kw = {"prefill_stall_limit": None} if name == "paged" else {}
         runner = make(
             model, max_batch=max(batches), max_len=max_len, cache=cache, buckets=buckets, **kw
