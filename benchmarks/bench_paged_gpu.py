@@ -8,7 +8,7 @@
     for token while requests join and leave, with prefix hits, prompts in chunks beside
     decode, and preemption and resume;
 (b) speed: decode ms/step of the paged runner and of the static-cache runner, side by side on
-    the same shape (Llama-3.2-1B, random bf16 weights), at batch 1, 16 and 64, each ÷ the
+    the same shape (Llama-3.2-1B, random bf16 weights; `--shape gemma-3-1b` and others), at batch 1, 16 and 64, each ÷ the
     memory-bandwidth floor (weights + the KV a step reads, at the copy bandwidth measured
     here);
 (c) throughput: 64 and 256 requests arriving together (256-token prompts, 256 new tokens),
@@ -40,7 +40,7 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support, benchmarks
 
-from benchmarks.bench_families import copy_bandwidth
+from benchmarks.bench_families import MODEL_CLASSES, copy_bandwidth, shaped
 from benchmarks.gpu_model import llama_1b_config
 
 from chatqueue.engine.hf.kv_batch import UnsupportedCache
@@ -71,7 +71,7 @@ _WINDOW_KEYS = ("sliding_window", "use_sliding_window", "max_window_layers", "la
 
 def tiny_models(device: str) -> dict[str, Any]:
     """Each family's tiny model, and those with sliding windows once more without them (as
-    Qwen3's and Qwen2.5's checkpoints ship): the paged pool takes full attention only."""
+    Qwen3's and Qwen2.5's checkpoints ship)."""
     models: dict[str, Callable[[], Any]] = {}
     for family, spec in tiny_families.FAMILIES.items():
         models[family] = lambda family=family: tiny_families.tiny(family, device)
@@ -191,9 +191,13 @@ def ideal_s(model: Any, n: int, new_tokens: int, bandwidth: float, rate: float) 
     return decode + n * PROMPT_TOKENS * 2 * params / rate
 
 
-def build_1b() -> Any:
+def build_1b(shape: str = "llama-3.2-1b") -> Any:
+    """Random bf16 weights in the shape of Llama-3.2-1B (or another of bench_families.py's)."""
     torch.manual_seed(0)
     with torch.device("cuda"):
+        if shape != "llama-3.2-1b":
+            model = getattr(transformers, MODEL_CLASSES[shape])(shaped(shape, quick=False))
+            return model.to(torch.bfloat16).eval()
         return transformers.LlamaForCausalLM(llama_1b_config()).to(torch.bfloat16).eval()
 
 
@@ -223,6 +227,7 @@ def paged_runner(
     cache: Path,
     buckets: list[int] | None,
     prefill_chunk: int = 512,
+    prefill_stall_limit: float | None = 2.0,  # the server's default
 ) -> HFPagedRunner:
     options = DecodeOptions(
         max_batch=max_batch, cuda_graphs=buckets is None, compile_cache=cache / "paged"
@@ -232,7 +237,7 @@ def paged_runner(
         num_blocks=max_batch * -(-max_len // BLOCK),
         block_size=BLOCK,
         prefill_chunk=prefill_chunk,
-        prefill_stall_limit=2.0,  # the server's default
+        prefill_stall_limit=prefill_stall_limit,
         context_window=max_len,
         decode=options,
     )
@@ -247,18 +252,25 @@ def paged_runner(
 RUNNERS: dict[str, Callable[..., Any]] = {"static": static_runner, "paged": paged_runner}
 
 
-def speed(cache: Path, batches: list[int]) -> None:
+def speed(cache: Path, batches: list[int], shape: str = "llama-3.2-1b") -> None:
     bandwidth = copy_bandwidth("cuda")
     RESULTS["copy_bandwidth_GBps"] = bandwidth / 1e9
-    log(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s")
-    vocab = llama_1b_config().vocab_size
+    RESULTS["speed_shape"] = shape
+    log(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; the shape of {shape}")
     max_len = SPEED_LEN
     buckets = sorted({max(2, b) for b in batches})
     for name, make in RUNNERS.items():
         torch._dynamo.reset()
-        model = build_1b()
+        model = build_1b(shape)
+        vocab = model.config.get_text_config().vocab_size
         t0 = time.perf_counter()
-        runner = make(model, max_batch=max(batches), max_len=max_len, cache=cache, buckets=buckets)
+        # NOTE: prompts go in whole chunks here, as on the static runner: under the prefill
+        # budget a model whose prompt steps cost many decode steps (Gemma-3-1B on an H100) took
+        # so many steps that its first rows (likely) outgrew their tables: a device assert
+        kw = {"prefill_stall_limit": None} if name == "paged" else {}
+        runner = make(
+            model, max_batch=max(batches), max_len=max_len, cache=cache, buckets=buckets, **kw
+        )
         log(f"{name}: ready in {time.perf_counter() - t0:.1f} s: {runner.info}")
         for batch in batches:
             decode_ms(runner, batch, vocab, paged=name == "paged")  # warm
@@ -453,6 +465,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--parts", default="correctness,speed")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument(
+        "--shape", default="llama-3.2-1b", choices=sorted(MODEL_CLASSES), help="(b)'s model"
+    )
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 256], help="(c) requests")
     ap.add_argument("--new-tokens", type=int, default=256, help="(c) tokens a request")
     ap.add_argument(
@@ -475,7 +490,7 @@ def main() -> None:
             ok = correctness(cache, args.device, args.families)
             log(f"correctness: {'all equal' if ok else 'FAILED'}")
         if "speed" in parts:
-            speed(cache, args.batches)
+            speed(cache, args.batches, args.shape)
         if "throughput" in parts:
             throughput(cache, args.sizes, args.new_tokens, args.prefill_chunks)
         if "profile" in parts:

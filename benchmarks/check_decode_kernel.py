@@ -1,9 +1,10 @@
-"""The decode-attention kernel (`engine/hf/triton_decode.py`) in Triton's CPU interpreter, against
-a float reference, before a GPU run: the static cache (its rows whole, or rings of a sliding
-window's columns) and the paged pool, one split and several
-(the merge kernel), three head layouts, soft-capped scores, the step's new value a strided view
-of a q/k/v projection as the decode step gives it; and the step's key and value written exactly
-where the cache's own ops would write them.
+"""The attention kernels in Triton's CPU interpreter, before a GPU run. The decode kernel
+(`engine/hf/triton_decode.py`) against a float reference: the static cache (its rows whole, or
+rings of a sliding window's columns) and the paged pool, one split and several (the merge
+kernel), three head layouts, soft-capped scores, the step's new value a strided view of a q/k/v
+projection as the decode step gives it; and the step's key and value written exactly where the
+cache's own ops would write them. The packed step's kernel (`triton_packed.py`: causal,
+windowed, soft-capped) against its contract in torch (`tests/support/packed_reference.py`).
 
 Needs Triton (not a dependency of the package; `pip install triton` into a scratch folder, then
 `PYTHONPATH=that:src`); runs on any CPU, no GPU:
@@ -21,7 +22,10 @@ os.environ["TRITON_INTERPRET"] = "1"
 import torch
 from triton.runtime import interpreter
 
-from chatqueue.engine.hf import triton_decode
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # tests/
+
+from chatqueue.engine.hf import triton_decode, triton_packed
+from tests.support import packed_reference
 
 # NOTE: Triton 3.6's interpreter turns a loaded scalar into an index with int() of a 1-element
 # array, which numpy >= 2.4 refuses; a loop bound read from memory then fails. Same value, read
@@ -136,6 +140,29 @@ def check_paged(kv: int, groups: int, d: int, softcap: float) -> float:
     return (got.double() - want).abs().max().item()
 
 
+def check_packed(kv: int, groups: int, d: int, softcap: float, window: int) -> float:
+    """The packed step's kernel (`triton_packed.py`) against its contract in torch
+    (`tests/support/packed_reference.py`): two sequences' chunks and a decode row in tiles,
+    causal, within a window where given (tiles whose first rows see nothing of a block)."""
+    size, num_blocks, width = 16, 64, 12
+    k_pool, v_pool = torch.randn(kv, num_blocks * size, d), torch.randn(kv, num_blocks * size, d)
+    table = torch.randperm(num_blocks)[: 3 * width].view(3, width).int()
+    per_tile = triton_packed.tokens_a_tile(groups)
+    tiles, ends, first = [], [], 0
+    for row, (begin, n) in enumerate(((0, 70), (100, 1), (37, 150))):  # (first position, tokens)
+        for at in range(0, n, per_tile):
+            took = min(per_tile, n - at)
+            tiles.append((first + at, took, row))
+            ends.append(begin + at + took)
+        first += n
+    q = torch.randn(first, kv, groups, d)
+    tiles_t, ends_t = torch.tensor(tiles), torch.tensor(ends)
+    args = (q, k_pool, v_pool, tiles_t, ends_t, table, size, SCALE, softcap, window)
+    want = packed_reference.packed_attention(*args)
+    got = triton_packed.packed_attention(*args)
+    return (got.double() - want.double()).abs().max().item()
+
+
 def main() -> None:
     torch.manual_seed(0)
     worst = 0.0
@@ -158,6 +185,19 @@ def main() -> None:
                     f"{name:6s} splits {splits}, {kv} KV heads x {groups} x {d}, softcap "
                     f"{softcap:g}: max error {err:.1e}"
                 )
+    for kv, groups, d, softcap, window in (
+        (2, 4, 64, 0.0, 0),
+        (2, 4, 64, 0.0, 24),
+        (1, 4, 32, 0.0, 100),
+        (4, 1, 16, 0.0, 5),
+        (2, 2, 32, 50.0, 40),
+    ):
+        err = check_packed(kv, groups, d, softcap, window)
+        worst = max(worst, err)
+        print(
+            f"packed {kv} KV heads x {groups} x {d}, softcap {softcap:g}, window {window}: "
+            f"max error {err:.1e}"
+        )
     print(f"worst {worst:.1e}")
     sys.exit(0 if worst < 1e-4 else 1)
 

@@ -212,21 +212,20 @@ def test_the_paged_cache_asked_for_serves_with_its_decode_step_apart(
     )
 
 
-def test_the_paged_cache_takes_sliding_windows_with_decode_packed(
+def test_the_paged_cache_takes_sliding_windows_with_its_decode_step_apart(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The decode step apart takes full attention only: a windowed model asked onto the pool is
-    served with its decode rows packed into the forward, and the log says why."""
+    """A windowed model asked onto the pool is served with its decode step apart (and its prompt
+    steps through that step), as a full-attention one is: its kernels apply the window."""
     torch.manual_seed(0)
     config = Qwen3Config(**QWEN3, use_sliding_window=True, sliding_window=8, max_window_layers=1)
     folder = save_with_tokenizer(Qwen3ForCausalLM(config), tmp_path / "windowed")
     with caplog.at_level(logging.INFO):
         runner = load_in_process(model=str(folder), device="cpu", dtype="float32", kv_cache="paged")
     assert isinstance(runner.model, HFPagedRunner)
-    assert runner.model._decode is None
+    assert runner.model._decode is not None and runner.model._packed is not None
     assert runner.kv_spec is not None  # admission by blocks, prefix reuse
-    assert "the decode step apart takes full attention only" in caplog.text
-    assert "decode packed with prefill" in caplog.text
+    assert "decode packed with prefill" not in caplog.text
 
 
 def test_the_runners_pass_the_cache_without_a_deprecation_warning() -> None:
@@ -267,7 +266,7 @@ def test_which_cache_serves_by_kv_cache_device_and_model() -> None:
 
     assert kind("auto", llama, cuda) == "paged"
     assert kind("auto", llama, cuda, triton=False) == "static"  # prompt steps would be eager
-    assert kind("auto", windowed, cuda) == "static"
+    assert kind("auto", windowed, cuda) == "static"  # its windowed layers keep their window
     assert kind("auto", llama, cpu) == "paged-packed"
     assert kind("auto", windowed, cpu) == "paged-packed"  # the pool, decode in the forward
     assert kind("auto", moe, cuda) == "paged-packed"  # no decode step: dynamic
@@ -276,4 +275,4 @@ def test_which_cache_serves_by_kv_cache_device_and_model() -> None:
     assert kind("paged", moe, cpu) == "paged-packed"
     assert kind("dynamic", llama, cuda) == "paged-packed"
     assert kind("static", llama, cpu) == "static"
-    assert kind("paged", windowed, cuda) == "paged-packed"  # no decode step apart for windows
+    assert kind("paged", windowed, cuda) == "paged"

@@ -1,5 +1,7 @@
-"""Every family the static runner supports, on the paged pool with its decode rows packed into the
-model's forward (the CPU's way): sliding-window layers (Mistral, Qwen2 past its window layers,
+"""Every family the static runner supports, on the paged pool, with its decode rows packed into
+the model's forward (the CPU's way) or its decode step apart and prompt steps through that step
+(the GPU's way, eager here; and in tiles, as the GPU's packed kernel takes them): sliding-window
+layers (Mistral, Qwen2 past its window layers,
 Phi-3, SmolLM3, every Gemma 2/3 local layer) and Gemma 2's soft-capped scores included. Each
 scenario of `tests/support/paged_drive.scenarios` (requests joining and leaving with a prompt past
 the window, prefix reuse, prompts in chunks beside decode, preemption) must give `generate()`'s
@@ -9,28 +11,54 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 
 from chatqueue.config import Settings
-from chatqueue.engine.hf.kv_batch import UnsupportedCache
 from chatqueue.engine.hf.loader import _runner_kind
 from chatqueue.engine.hf.paged import HFPagedRunner, check_paged_supported
 from chatqueue.engine.hf.paged.decode import DecodeOptions
+from chatqueue.engine.hf.paged.packed import PackedStep
+from tests.support import packed_reference
 from tests.support.paged_drive import prompts_of, scenarios
 from tests.support.tiny_families import FAMILIES, WINDOW, reference, tiny
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_every_family_on_the_pool_equals_generate(family: str) -> None:
-    model = tiny(family)
+def _make(model: Any, mode: str) -> Callable[..., HFPagedRunner]:
+    """A paged runner with its decode rows packed into the model's forward ("packed"; a CPU's
+    way), or its decode step apart and prompt steps through that step ("apart"; the GPU's way,
+    eager here), those prompt steps in tiles as the GPU's kernel takes them ("tiled": the
+    kernel's contract in torch)."""
 
     def make(**kw: Any) -> HFPagedRunner:
-        return HFPagedRunner(model, **kw)
+        if mode == "packed":
+            return HFPagedRunner(model, **kw)
+        options = DecodeOptions(max_batch=8, compile=False, cuda_graphs=False)
+        runner = HFPagedRunner(model, decode=options, context_window=256, **kw)
+        assert runner._decode is not None and runner._packed is not None
+        if mode == "tiled":
+            runner._packed = PackedStep(
+                model,
+                runner.pool,
+                runner._decode.step,
+                max_len=256,
+                max_rows=8,
+                most_tokens=8 + runner.prefill_chunk,
+                kernel=packed_reference,
+                cuda_graphs=False,
+            )
+        return runner
 
-    assert scenarios(model, make) == {
+    return make
+
+
+@pytest.mark.parametrize("mode", ["packed", "apart", "tiled"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_on_the_pool_equals_generate(family: str, mode: str) -> None:
+    assert scenarios(tiny(family), _make(tiny(family), mode)) == {
         "join_and_leave": True,
         "prefix_reuse": True,
         "chunks_beside_decode": True,
@@ -51,35 +79,34 @@ def test_the_window_changes_what_the_scenarios_generate() -> None:
     assert reference(windowed, prompt, 12).tokens != reference(unwindowed, prompt, 12).tokens
 
 
-def test_a_windowed_model_keeps_the_decode_step_apart_out() -> None:
-    """The decode step apart (the GPU's way) and its kernels take full attention only: a
-    windowed or soft-capped model is refused there by name, and `--kv-cache paged` serves it
-    with the decode rows packed into the forward."""
+def test_a_windowed_or_soft_capped_model_takes_the_decode_step_apart() -> None:
+    """The decode step apart (the GPU's way) and its kernels apply windows and soft-capping:
+    `--kv-cache paged` serves Gemma 2 and Mistral with it, as it does Llama."""
     for family in ("gemma2", "mistral"):
         model = tiny(family)
-        with pytest.raises(UnsupportedCache, match=r"the decode step apart takes"):
-            check_paged_supported(model)
-        with pytest.raises(UnsupportedCache):
-            HFPagedRunner(
-                model,
-                num_blocks=16,
-                decode=DecodeOptions(max_batch=2, compile=False, cuda_graphs=False),
-                context_window=64,
-            )
+        check_paged_supported(model)
         kind = _runner_kind("paged", model, torch.device("cpu"), 64, triton_runs=False)
-        assert kind == "paged-packed"
+        assert kind == "paged"
+        runner = HFPagedRunner(
+            model,
+            num_blocks=16,
+            decode=DecodeOptions(max_batch=2, compile=False, cuda_graphs=False),
+            context_window=64,
+        )
+        assert runner._decode is not None and runner._packed is not None
 
 
 def test_on_a_cpu_auto_serves_windowed_families_from_the_pool(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Before, a windowed family on a CPU was batched without prefix reuse; now the pool takes
-    it (prefix reuse and admission by blocks); on CUDA the static cache still serves it."""
+    """A windowed family on a CPU is served from the pool with its decode rows packed into the
+    forward (prefix reuse and admission by blocks); on CUDA `auto` keeps the static cache for
+    it (whose windowed layers keep only their window), and the log says why."""
     assert Settings().kv_cache == "auto"
     model = tiny("gemma3_text")
     with caplog.at_level(logging.INFO):
         assert _runner_kind("auto", model, torch.device("cpu"), 64, triton_runs=False) == (
             "paged-packed"
         )
-        assert _runner_kind("auto", model, torch.device("cuda"), 64, triton_runs=True) == ("static")
-    assert "paged KV cache off on CUDA" in caplog.text
+        assert _runner_kind("auto", model, torch.device("cuda"), 64, triton_runs=True) == "static"
+    assert "paged KV cache off on CUDA (sliding windows or soft-capped scores" in caplog.text

@@ -41,6 +41,7 @@ def attend_block(  # type: ignore[no-untyped-def]  # Triton tensors and constexp
     n0,
     hi,
     position,  # CAUSAL: each query row's position
+    lowest,  # WINDOWED: each query row's first position in its window
     ring,  # RING: the columns a row's ring holds
     stride_kn,
     stride_vn,
@@ -54,12 +55,14 @@ def attend_block(  # type: ignore[no-untyped-def]  # Triton tensors and constexp
     SOFTCAP: tl.constexpr,
     CAUSAL: tl.constexpr,
     RING: tl.constexpr,
+    WINDOWED: tl.constexpr = False,
 ):
     """Positions [n0, n0 + BLOCK) below `hi` into the query rows' running softmax (max `m_i`, sum
     `l_i`, unnormalised output `acc`): their keys and values read at `k_base`, `v_base` (through
     `table_row` where PAGED, at column position % `ring` where RING), scores scaled (and soft-capped), a position past a row's own
-    unseen where CAUSAL. Returns the new (m_i, l_i, acc). Shared by this module's kernel and
-    the packed one (`triton_packed.py`)."""
+    unseen where CAUSAL (and one before its `lowest` where WINDOWED: a row may then see none
+    of a block's positions, its maximum still -inf). Returns the new (m_i, l_i, acc). Shared
+    by this module's kernel and the packed one (`triton_packed.py`)."""
     offs_n = n0 + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, D)
     in_run = offs_n < hi
@@ -86,10 +89,15 @@ def attend_block(  # type: ignore[no-untyped-def]  # Triton tensors and constexp
     seen = in_run[None, :]
     if CAUSAL:
         seen = seen & (offs_n[None, :] <= position[:, None])
+    if WINDOWED:
+        seen = seen & (offs_n[None, :] >= lowest[:, None])
     s = tl.where(seen, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.exp(s - m_new[:, None])
-    alpha = tl.exp(m_i - m_new)
+    m_use = m_new
+    if WINDOWED:  # a row that has seen nothing yet: exp(-inf - -inf) would be NaN
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(s - m_use[:, None])
+    alpha = tl.exp(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     if IEEE:
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
@@ -189,6 +197,7 @@ def _decode_kernel(  # type: ignore[no-untyped-def]  # Triton pointers and const
             table_ptr + b * stride_tb,
             n0,
             cached_hi,
+            offs_g,
             offs_g,
             ring,
             stride_kn,

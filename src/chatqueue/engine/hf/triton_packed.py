@@ -10,7 +10,8 @@ KV head: it loads the tile's queries of that head's whole group of query heads a
 its block table, each key read once for the whole tile and group, with a running softmax (the
 decode kernel's `attend_block`). Query i of a tile sees the keys at positions <= its own: the
 prefix cached or run before, and this step's own tokens (written to the pool before the kernel
-runs).
+runs). In a sliding-window layer it sees only the last W of them; Gemma 2's scores are
+soft-capped.
 
 Only imported where Triton and CUDA exist; `packed_attention` is a custom op, so Inductor treats
 it as one opaque kernel.
@@ -54,6 +55,8 @@ def _packed_kernel(  # type: ignore[no-untyped-def]  # Triton pointers and const
     stride_vn,
     stride_tr,
     scale,
+    softcap,
+    window,  # WINDOWED: a query sees its last `window` positions, its own included
     G: tl.constexpr,
     G_PAD: tl.constexpr,
     TOKENS: tl.constexpr,
@@ -61,6 +64,8 @@ def _packed_kernel(  # type: ignore[no-untyped-def]  # Triton pointers and const
     BLOCK: tl.constexpr,
     BS: tl.constexpr,
     IEEE: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    WINDOWED: tl.constexpr,
 ):
     tile = tl.program_id(0)
     h = tl.program_id(1)
@@ -76,13 +81,18 @@ def _packed_kernel(  # type: ignore[no-untyped-def]  # Triton pointers and const
     q_rows = (first + tok).to(tl.int64) * stride_qt + h * stride_qh + g * stride_qg
     q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
     position = end - count + tok  # of each query row's token
+    lowest = position - window + 1  # WINDOWED: each query row's first position seen
+    first_key = 0
+    if WINDOWED:  # the tile's first query sees nothing before its window
+        first_key = tl.maximum(end - count - window + 1, 0)
     k_base = k_ptr + h * stride_kh  # the pool: [kv_heads, slots, head_dim] a layer
     v_base = v_ptr + h * stride_vh
     m_i = tl.full([TOKENS * G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([TOKENS * G_PAD], tl.float32)
     acc = tl.zeros([TOKENS * G_PAD, D], tl.float32)
-    for n0 in range(0, end, BLOCK):
-        # key 0 is in every row's first block: each row's maximum is finite from there on
+    for n0 in range(first_key, end, BLOCK):
+        # without a window, key 0 is in every row's first block: each row's maximum is finite
+        # from there on; with one, `attend_block` takes a row that has seen nothing yet
         m_i, l_i, acc = attend_block(
             q,
             m_i,
@@ -94,19 +104,21 @@ def _packed_kernel(  # type: ignore[no-untyped-def]  # Triton pointers and const
             n0,
             end,
             position,
+            lowest,
             0,
             stride_kn,
             stride_vn,
             scale,
-            0.0,
+            softcap,
             D=D,
             BLOCK=BLOCK,
             PAGED=True,
             BS=BS,
             IEEE=IEEE,
-            SOFTCAP=False,
+            SOFTCAP=SOFTCAP,
             CAUSAL=True,
             RING=False,
+            WINDOWED=WINDOWED,
         )
     out = acc / l_i[:, None]
     o_rows = (first + tok).to(tl.int64) * stride_ot + h * stride_oh + g * stride_og
@@ -127,11 +139,15 @@ def packed_attention(
     table: torch.Tensor,
     block_size: int,
     scale: float,
+    softcap: float,
+    window: int,
 ) -> torch.Tensor:
     """q [T, KV, G, D] (a packed step's tokens, query heads grouped by their KV head); k, v
     [KV, slots, D], one layer of the pool, holding every token's key and value already; tiles
-    [S, 3] (first token, tokens, table row), end [S], table [R, W] (see the module). Returns
-    [T, KV, G, D] in q's dtype."""
+    [S, 3] (first token, tokens, table row), end [S], table [R, W] (see the module).
+    `softcap` > 0: scores soft-capped with tanh (Gemma2); `window` > 0: a sliding-window
+    layer's, each query seeing its last `window` positions. Returns [T, KV, G, D] in q's
+    dtype."""
     _, num_kv, groups, dim = q.shape
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
     out = torch.empty_like(q)
@@ -155,6 +171,8 @@ def packed_attention(
         v.stride(1),
         table.stride(0),
         scale,
+        softcap,
+        window,
         G=groups,
         G_PAD=triton.next_power_of_2(groups),
         TOKENS=tokens_a_tile(groups),
@@ -162,6 +180,8 @@ def packed_attention(
         BLOCK=BLOCK_N,
         BS=block_size,
         IEEE=q.dtype == torch.float32,
+        SOFTCAP=softcap > 0,
+        WINDOWED=window > 0,
     )
     return out
 
@@ -176,5 +196,7 @@ def _(
     table: torch.Tensor,
     block_size: int,
     scale: float,
+    softcap: float,
+    window: int,
 ) -> torch.Tensor:
     return torch.empty_like(q)

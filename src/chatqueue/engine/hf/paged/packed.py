@@ -27,12 +27,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from chatqueue.engine.hf.paged.decode import write_kv_paged
 from chatqueue.engine.hf.paged.pool import KVPool, gather_blocks
-from chatqueue.engine.hf.static.attention import Span
+from chatqueue.engine.hf.static.attention import Span, attend_masked
 from chatqueue.engine.hf.static.decode import DecodeStep, attention_scale
 from chatqueue.engine.hf.static.families import plan_for
 from chatqueue.engine.hf.static.graphs import DecodeGraphs
@@ -149,8 +148,8 @@ class PackedInputs:
 
 class PackedAttention:
     """`StepAttention` for a packed step: every token over its own sequence's positions up to
-    its own, through the block tables (Triton), or each sequence's blocks gathered and SDPA
-    under a causal mask (eager)."""
+    its own (the last W of them in a sliding-window layer), through the block tables (Triton),
+    or each sequence's blocks gathered and attended under a causal mask (eager)."""
 
     def __init__(
         self,
@@ -161,26 +160,31 @@ class PackedAttention:
         num_heads: int,
         scale: float,
         kernel: Any,
+        softcap: float | None = None,
     ) -> None:
-        """`kernel`: the `triton_packed` module, or None for the eager path."""
+        """`kernel`: the `triton_packed` module, or None for the eager path. `softcap`: scores
+        soft-capped with tanh (Gemma2)."""
         self.triton = kernel
         self._inputs = inputs
         self._tables = tables
         self._block_size = block_size
         self._num_heads = num_heads
         self._scale = scale
+        self._softcap = softcap
         self.segments: list[tuple[int, int, int, torch.Tensor]] = []  # eager: first, n, end, blocks
 
     @property
     def kernel(self) -> str:
-        return "triton (packed, paged)" if self.triton is not None else "gather + sdpa (causal)"
+        if self.triton is not None:
+            return "triton (packed, paged)"
+        return "gather + eager (causal, soft-capped)" if self._softcap else "gather + sdpa (causal)"
 
     def spans(self, b: int, windows: Sequence[int | None]) -> dict[int | None, Span]:
-        assert windows == [None], "the paged pool holds full-attention layers only"
         inputs = self._inputs
-        # a step of b tokens has at most b tiles
-        span = Span(None, inputs.tiles[:b], self._tables.device, inputs.end[:b], inputs.slot[:b])
-        return {None: span}
+        # a step of b tokens has at most b tiles; the kernel applies each layer's window itself
+        tiles, end, slot = inputs.tiles[:b], inputs.end[:b], inputs.slot[:b]
+        table = self._tables.device
+        return {w: Span(None, tiles, table, end, slot, window=w) for w in windows}
 
     def attend_into(
         self,
@@ -200,21 +204,40 @@ class PackedAttention:
         if self.triton is not None:
             assert span.start is not None and span.end is not None and span.table is not None
             out: torch.Tensor = self.triton.packed_attention(
-                q, k_cache, v_cache, span.start, span.end, span.table, self._block_size, self._scale
+                q,
+                k_cache,
+                v_cache,
+                span.start,
+                span.end,
+                span.table,
+                self._block_size,
+                self._scale,
+                self._softcap or 0.0,
+                span.window or 0,
             )
             return out
         parts = []
+        groups = q.shape[2]
         for first, n, end, blocks in self.segments:
             keys = gather_blocks(k_cache, blocks, 1, self._block_size)[:, :, :end]
             values = gather_blocks(v_cache, blocks, 1, self._block_size)[:, :, :end]
-            seen = torch.arange(end, device=q.device) <= torch.arange(
-                end - n, end, device=q.device
-            ).unsqueeze(1)
-            queries = q[first : first + n].flatten(1, 2).transpose(0, 1).unsqueeze(0)
-            attended = F.scaled_dot_product_attention(
-                queries, keys, values, attn_mask=seen, scale=self._scale, enable_gqa=True
-            )  # [1, heads, n, dim]
-            parts.append(attended[0].transpose(0, 1).reshape(n, kv_heads, -1, dim))
+            key_at = torch.arange(end, device=q.device)
+            query_at = torch.arange(end - n, end, device=q.device).unsqueeze(1)
+            seen = key_at <= query_at  # [n, end]
+            if span.window is not None:  # key k seen by query q where k > q - W
+                seen &= key_at > query_at - span.window
+            # the tokens' queries grouped by KV head: [1, KV, n * G, D], a mask row for each
+            queries = q[first : first + n].transpose(0, 1).reshape(1, kv_heads, n * groups, dim)
+            hidden = (~seen).repeat_interleave(groups, 0).to(q.dtype) * torch.finfo(q.dtype).min
+            attended = attend_masked(
+                queries,
+                keys,
+                values,
+                hidden.view(1, 1, n * groups, end),
+                self._scale,
+                self._softcap,
+            )  # [1, KV, n * G, D]
+            parts.append(attended[0].view(kv_heads, n, groups, dim).transpose(0, 1))
         return torch.cat(parts)
 
 
@@ -250,6 +273,7 @@ class PackedStep:
             num_heads=plan.num_heads,
             scale=attention_scale(model, max_len),
             kernel=kernel,
+            softcap=plan.attn_softcap,
         )
         self._per_tile = 1
         if kernel is not None:

@@ -132,23 +132,14 @@ def free_memory(device: torch.device) -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
-def check_paged_supported(model: PreTrainedModel, *, windows: bool = False) -> None:
+def check_paged_supported(model: PreTrainedModel) -> None:
     """Raise UnsupportedCache unless every layer is attention the paged attention can stand in
-    for (per-token positions): full attention, or also sliding windows and soft-capped scores
-    where `windows` (the decode rows packed into the model's forward, whose attention function
-    applies both; the decode step apart and its kernels take full attention only)."""
+    for (per-token positions): full attention or sliding windows, scores soft-capped or not
+    (the model's forward with the decode rows packed in, whose attention function applies both,
+    and the decode step apart and its packed step, whose kernels do)."""
     config = model.config.get_text_config(decoder=True)
     kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
     if not kinds <= {"full_attention", "sliding_attention"}:
         raise UnsupportedCache(f"layer types {sorted(kinds)}: not paged")
-    if not windows:
-        if kinds != {"full_attention"}:
-            raise UnsupportedCache(
-                f"layer types {sorted(kinds)}: the decode step apart takes full attention only"
-            )
-        if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-            raise UnsupportedCache("the decode step apart takes no sliding window")
-        if getattr(config, "attn_logit_softcapping", None):
-            raise UnsupportedCache("the decode step apart takes no attention soft-capping")
     if "logits_to_keep" not in inspect.signature(model.forward).parameters:
         raise UnsupportedCache("the model cannot keep the logits of chosen positions only")

@@ -87,7 +87,7 @@ class HFPagedRunner:
         sequences at most `context_window` tokens long, which then must be given); None: packed
         with the prompts into the model's own forward. Raises UnsupportedCache (the model's
         layers) or UnsupportedModel (its family has no decode step)."""
-        check_paged_supported(model, windows=decode is None)
+        check_paged_supported(model)
         self.model = model
         self.device = model.device
         self.prefill_chunk = prefill_chunk

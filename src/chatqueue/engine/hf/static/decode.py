@@ -160,6 +160,7 @@ class DecodeStep:
                 span.table,
                 span.end,
                 span.slot,
+                span.window,
                 fused.qkv_weight,
                 fused.qkv_bias,
                 fused.gate_up,
@@ -194,6 +195,7 @@ class DecodeStep:
         table: torch.Tensor | None,
         end: torch.Tensor | None,
         slot: torch.Tensor | None,
+        window: int | None,
         qkv_weight: torch.Tensor,
         qkv_bias: torch.Tensor | None,
         gate_up: torch.Tensor,
@@ -203,12 +205,12 @@ class DecodeStep:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One decoder layer for rows [0, b): every tensor it reads is an argument, so one
         compiled graph serves every layer (and one more the first, which has no `delta`, and
-        for a layer without RoPE). `mask` ... `slot`: the layer's `Span`.
+        for a layer without RoPE). `mask` ... `window`: the layer's `Span`.
         `delta` is what the previous layer's MLP adds to the residual stream, added here so
         that the add fuses with this layer's norm (as it would within one compiled graph)."""
         if delta is not None:
             hidden = hidden + delta
-        span = Span(mask, start, table, end, slot)
+        span = Span(mask, start, table, end, slot, window)
         out = self._attention_block(
             layer, hidden, cos, sin, span, qkv_weight, qkv_bias, k_cache, v_cache
         )

@@ -55,7 +55,7 @@ class Region:
         assert not unknown, f"no such parameters of {fn.__name__}: {sorted(unknown)}"
         self._dynamic = frozenset(params.index(name) for name in dynamic)
         self._folder = folder
-        self._compiled: dict[tuple[tuple[int, ...] | None, ...], Callable[..., Any]] = {}
+        self._compiled: dict[tuple[Any, ...], Callable[..., Any]] = {}
         self._jit: Callable[..., Any] | None = None
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -66,21 +66,23 @@ class Region:
 
     def __call__(self, *args: Any) -> Any:
         # NOTE: an argument that is None in one call and a tensor in another (the first layer's
-        # residual), or a tensor of other static sizes (a sliding-window layer's ring of KV
-        # columns), changes the graph: each has a compiled function of its own.
+        # residual), a tensor of other static sizes (a sliding-window layer's ring of KV
+        # columns) or another plain value (its window) changes the graph: each has a compiled
+        # function of its own.
         pattern = tuple(self._static_sizes(i, a) for i, a in enumerate(args))
         compiled = self._compiled.get(pattern)
         if compiled is None:
             compiled = self._compiled[pattern] = self._compile(args)
         return compiled(*args)
 
-    def _static_sizes(self, i: int, arg: Any) -> tuple[int, ...] | None:
-        """Argument i's sizes that a compiled function is specialised to (None: no tensor)."""
-        if arg is None:
-            return None
-        if not isinstance(arg, torch.Tensor):
-            return ()
-        return tuple(arg.shape[1:] if i in self._dynamic else arg.shape)
+    def _static_sizes(self, i: int, arg: Any) -> Any:
+        """What of argument i a compiled function is specialised to: a tensor's static sizes, a
+        plain value itself (a layer's sliding window), else nothing."""
+        if isinstance(arg, torch.Tensor):
+            return tuple(arg.shape[1:] if i in self._dynamic else arg.shape)
+        if arg is None or isinstance(arg, int | float | bool | str):
+            return ("value", arg)
+        return ()
 
     def _compile(self, args: tuple[Any, ...]) -> Callable[..., Any]:
         if self._folder is None or not hasattr(torch.compiler, "load_compiled_function"):
