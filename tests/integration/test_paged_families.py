@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -21,44 +20,19 @@ from chatqueue.config import Settings
 from chatqueue.engine.hf.loader import _runner_kind
 from chatqueue.engine.hf.paged import HFPagedRunner, check_paged_supported
 from chatqueue.engine.hf.paged.decode import DecodeOptions
-from chatqueue.engine.hf.paged.packed import PackedStep
-from tests.support import packed_reference
-from tests.support.paged_drive import prompts_of, scenarios
+from tests.support.paged_drive import MODES, make_paged, prompts_of, scenarios
 from tests.support.tiny_families import FAMILIES, WINDOW, reference, tiny
 
 
-def _make(model: Any, mode: str) -> Callable[..., HFPagedRunner]:
-    """A paged runner with its decode rows packed into the model's forward ("packed"; a CPU's
-    way), or its decode step apart and prompt steps through that step ("apart"; the GPU's way,
-    eager here), those prompt steps in tiles as the GPU's kernel takes them ("tiled": the
-    kernel's contract in torch)."""
-
-    def make(**kw: Any) -> HFPagedRunner:
-        if mode == "packed":
-            return HFPagedRunner(model, **kw)
-        options = DecodeOptions(max_batch=8, compile=False, cuda_graphs=False)
-        runner = HFPagedRunner(model, decode=options, context_window=256, **kw)
-        assert runner._decode is not None and runner._packed is not None
-        if mode == "tiled":
-            runner._packed = PackedStep(
-                model,
-                runner.pool,
-                runner._decode.step,
-                max_len=256,
-                max_rows=8,
-                most_tokens=8 + runner.prefill_chunk,
-                kernel=packed_reference,
-                cuda_graphs=False,
-            )
-        return runner
-
-    return make
-
-
-@pytest.mark.parametrize("mode", ["packed", "apart", "tiled"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_every_family_on_the_pool_equals_generate(family: str, mode: str) -> None:
-    assert scenarios(tiny(family), _make(tiny(family), mode)) == {
+    model = tiny(family)
+
+    def make(**kw: Any) -> HFPagedRunner:
+        return make_paged(model, mode, **kw)
+
+    assert scenarios(model, make) == {
         "join_and_leave": True,
         "prefix_reuse": True,
         "chunks_beside_decode": True,

@@ -20,13 +20,11 @@ import torch
 from transformers import LlamaForCausalLM
 
 from chatqueue.engine.hf.paged import HFPagedRunner
-from chatqueue.engine.hf.paged.decode import DecodeOptions, DecodeRow, PagedInputs
-from chatqueue.engine.hf.paged.packed import PackedStep
+from chatqueue.engine.hf.paged.decode import DecodeRow, PagedInputs
 from chatqueue.engine.hf.paged.pool import KVPool, KVShape
 from chatqueue.engine.prefill_budget import PrefillBudget
 from tests.integration.test_hf_runner import reference, tiny_llama
-from tests.support import packed_reference
-from tests.support.paged_drive import drive, prompts_of
+from tests.support.paged_drive import MODES, drive, make_paged, prompts_of
 
 CPU = torch.device("cpu")
 
@@ -36,29 +34,12 @@ def tiny_model() -> LlamaForCausalLM:
     return tiny_llama()
 
 
-@pytest.fixture(params=["packed", "apart", "tiled"])
+@pytest.fixture(params=MODES)
 def paged(request: pytest.FixtureRequest) -> Callable[..., HFPagedRunner]:
     """Makes a paged runner whose decode rows go as this test's parameter says."""
 
     def make(model: LlamaForCausalLM, **kw: object) -> HFPagedRunner:
-        if request.param == "packed":
-            return HFPagedRunner(model, **kw)  # type: ignore[arg-type]
-        options = DecodeOptions(max_batch=8, compile=False, cuda_graphs=False)
-        kw |= {"decode": options, "context_window": 256}
-        runner = HFPagedRunner(model, **kw)  # type: ignore[arg-type]
-        assert runner._decode is not None and runner._packed is not None
-        if request.param == "tiled":  # the packed step as on the GPU, its kernel in torch
-            runner._packed = PackedStep(
-                model,
-                runner.pool,
-                runner._decode.step,
-                max_len=256,
-                max_rows=8,
-                most_tokens=8 + runner.prefill_chunk,
-                kernel=packed_reference,
-                cuda_graphs=False,
-            )
-        return runner
+        return make_paged(model, request.param, **kw)
 
     return make
 

@@ -6,16 +6,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
 from chatqueue.engine.hf.paged import HFPagedRunner
+from chatqueue.engine.hf.paged.decode import DecodeOptions
+from chatqueue.engine.hf.paged.packed import PackedStep
 from chatqueue.engine.runner import NewSequence, StepBatch
 from chatqueue.scheduler import Request, Scheduler
 from chatqueue.scheduler.blocks import Allocation, BlockManager
 from chatqueue.types import FinishReason, SamplingParams
-from tests.support import tiny_families
+from tests.support import packed_reference, tiny_families
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -25,6 +28,33 @@ class Req(Request):
     params: SamplingParams = GREEDY
     max_new: int = 1
     steps_running: int = 0
+
+
+MODES = ("packed", "apart", "tiled")
+
+
+def make_paged(model: PreTrainedModel, mode: str, **kw: Any) -> HFPagedRunner:
+    """A paged runner (on the CPU) with its decode rows packed into the model's forward
+    ("packed"; the CPU's way), or its decode step apart with prompt steps through that step
+    ("apart"; the GPU's way, eager here), those prompt steps' attention in tiles, table rows and
+    ends as the GPU's kernel takes them ("tiled": the kernel's contract in torch)."""
+    if mode == "packed":
+        return HFPagedRunner(model, **kw)
+    options = DecodeOptions(max_batch=8, compile=False, cuda_graphs=False)
+    runner = HFPagedRunner(model, decode=options, context_window=256, **kw)
+    assert runner._decode is not None and runner._packed is not None
+    if mode == "tiled":
+        runner._packed = PackedStep(
+            model,
+            runner.pool,
+            runner._decode.step,
+            max_len=256,
+            max_rows=8,
+            most_tokens=8 + runner.prefill_chunk,
+            kernel=packed_reference,
+            cuda_graphs=False,
+        )
+    return runner
 
 
 @dataclass
