@@ -39,16 +39,17 @@ def load_model_runner(settings: Settings, folder: Path) -> ModelRunner:
 
     `kv_cache`:
     - "paged": the paged KV pool (prefix reuse, admission by blocks) for models whose layers are
-      all plain full attention, its decode rows through the family's decode step apart from
-      prefill (`paged/decode.py`; compiled and captured as CUDA graphs on CUDA), where the
+      full attention or sliding windows, its decode rows through the family's decode step apart
+      from prefill (`paged/decode.py`; compiled and captured as CUDA graphs on CUDA), where the
       family has one;
     - "static": slots of a fixed-size cache, decode captured as CUDA graphs on a GPU, chunked
       prefill (the families in `static/families.py`, sliding windows and soft-capping too);
     - "dynamic": any model: paged where its layers allow (decode rows packed with the prompts
       into the model's forward), else the right-aligned batch;
     - "auto": on CUDA paged where the family has a decode step, its layers are all full
-      attention and the packed prompt steps' Triton kernel runs (`paged/packed.py`), else static
-      where the family allows, else dynamic (a log line says why); on a CPU, dynamic.
+      attention without soft-capping and the packed prompt steps' Triton kernel runs
+      (`paged/packed.py`), else static where the family allows, else dynamic (a log line says
+      why); on a CPU, dynamic.
     `attention` (the decode step): "triton" reads only the positions each row holds (CUDA),
     "sdpa" all of them under a mask, "auto" Triton where it runs."""
     device = resolve_device(settings.device)

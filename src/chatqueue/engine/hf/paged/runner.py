@@ -1,5 +1,5 @@
-"""Continuous batching over a paged KV pool: any transformers causal LM whose layers are plain full
-attention, on the CPU or a GPU.
+"""Continuous batching over a paged KV pool: any transformers causal LM whose layers are full
+attention or sliding windows, on the CPU or a GPU.
 
 NOTE: a step. Blocks come from the scheduler (its BlockManager is the truth it admits by): a new
 sequence arrives with its block table and the number of leading tokens whose KV those blocks
