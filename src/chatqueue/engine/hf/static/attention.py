@@ -22,8 +22,8 @@ class Span:
     sliding window), and where their new key and value go. The static cache: an additive mask
     over every column a row holds (SDPA, eager), or each row's first column (Triton, which reads
     [start, col] alone); in a ring (a window's layers), `slot` is the column `col` is kept at,
-    for the masked path's write. The paged pool (`paged/decode.py`) also gives each row's block table,
-    its end and the slot its new token's KV is written to. `window`: the span's sliding
+    for the masked path's write. The paged pool (`paged/decode.py`) also gives each row's block
+    table, its end and the slot its new token's KV is written to. `window`: the span's sliding
     window, for attention that applies it itself (the packed step's)."""
 
     mask: torch.Tensor | None
