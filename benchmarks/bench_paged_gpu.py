@@ -8,9 +8,9 @@
     for token while requests join and leave, with prefix hits, prompts in chunks beside
     decode, and preemption and resume;
 (b) speed: decode ms/step of the paged runner and of the static-cache runner, side by side on
-    the same shape (Llama-3.2-1B, random bf16 weights; `--shape gemma-3-1b` and others), at batch 1, 16 and 64, each ÷ the
-    memory-bandwidth floor (weights + the KV a step reads, at the copy bandwidth measured
-    here);
+    the same shape (Llama-3.2-1B, random bf16 weights; `--shape gemma-3-1b` and others), at
+    batch 1, 16 and 64, each ÷ the memory-bandwidth floor (weights + the KV a step reads, at
+    the copy bandwidth measured here);
 (c) throughput: 64 and 256 requests arriving together (256-token prompts, 256 new tokens),
     the static cache's runner and the pool's, each ÷ the ideal for that work (every decode
     step at the bandwidth floor, every prompt token at the bf16 matmul rate measured here);
