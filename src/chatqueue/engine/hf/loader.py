@@ -128,7 +128,7 @@ def _runner_kind(
         # A windowed or soft-capped model runs on the pool too (`--kv-cache paged`), but its
         # speed there is not yet the static cache's (Gemma-3-1B's decode step 1.15x at batch
         # 1 on an H100), whose windowed layers also keep only their window: the static cache.
-        windowed = step_why is None and _windowed(model, max_len)
+        windowed = _windowed(model, max_len)  # the family has a decode step: step_why is None
         if paged_why is None and triton_runs and not windowed:
             return "paged"
         why = paged_why or (

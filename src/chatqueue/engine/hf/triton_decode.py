@@ -197,8 +197,8 @@ def _decode_kernel(  # type: ignore[no-untyped-def]  # Triton pointers and const
             table_ptr + b * stride_tb,
             n0,
             cached_hi,
-            offs_g,
-            offs_g,
+            offs_g,  # position: unread (not CAUSAL)
+            offs_g,  # lowest: unread (not WINDOWED)
             ring,
             stride_kn,
             stride_vn,
