@@ -295,9 +295,18 @@ def speed(cache: Path, batches: list[int], shape: str = "llama-3.2-1b") -> None:
         )
 
 
-def arrive_together(runner: Any, n: int, new_tokens: int, vocab: int, *, paged: bool) -> float:
+def arrive_together(
+    runner: Any,
+    n: int,
+    new_tokens: int,
+    vocab: int,
+    *,
+    paged: bool,
+    steps: list[tuple[bool, int, float]] | None = None,
+) -> float:
     """n requests at once (PROMPT_TOKENS-token prompts), each released after `new_tokens`
-    tokens, stepped as the engine steps: seconds until the last is done."""
+    tokens, stepped as the engine steps: seconds until the last is done. `steps` gets each
+    step's (a prompt still waiting or in chunks, rows that sampled a token, seconds)."""
     news = prompts(n, PROMPT_TOKENS + new_tokens, vocab, paged=paged)
     counts = dict.fromkeys(range(n), 0)
     released: list[int] = []
@@ -305,7 +314,11 @@ def arrive_together(runner: Any, n: int, new_tokens: int, vocab: int, *, paged: 
     t0 = time.perf_counter()
     batch = StepBatch(new=news, running=[], released=[])
     while counts:
+        started = time.perf_counter()
+        prompting = any(count == 0 for count in counts.values())
         tokens = runner.step(batch).tokens
+        if steps is not None:
+            steps.append((prompting, len(tokens), time.perf_counter() - started))
         released = []
         for rid in tokens:
             counts[rid] += 1
@@ -334,6 +347,32 @@ def prefill_ms(runner: Any, tokens: int, vocab: int, *, paged: bool) -> float:
     return statistics.median(times[1:]) * 1e3
 
 
+def where_time_went(
+    steps: list[tuple[bool, int, float]],
+    model: Any,
+    n: int,
+    new_tokens: int,
+    bandwidth: float,
+    rate: float,
+) -> str:
+    """The run's steps in two parts: those while a prompt still waited or went in chunks
+    (against all the prompts' matmuls at `rate`) and the decode steps after (against their
+    floors), and the time between steps (the benchmark's own host work)."""
+    params = sum(p.numel() for p in model.parameters())
+    prompting = [s for p, _, s in steps if p]
+    decoding = [(rows, s) for p, rows, s in steps if not p]
+    context = PROMPT_TOKENS + new_tokens / 2
+    floors = sum(floor_ms(model, rows, bandwidth, context) for rows, _ in decoding) / 1e3
+    full = [s * 1e3 for rows, s in decoding if rows == n]
+    return (
+        f"{len(prompting)} steps with prompts {sum(prompting):.3f} s (all prompts' matmuls "
+        f"{n * PROMPT_TOKENS * 2 * params / rate:.3f} s); {len(decoding)} decode steps "
+        f"{sum(s for _, s in decoding):.3f} s (floors {floors:.3f} s; at batch {n} median "
+        f"{statistics.median(full) if full else float('nan'):.2f} ms, floor "
+        f"{floor_ms(model, n, bandwidth, context):.2f} ms)"
+    )
+
+
 def throughput(cache: Path, sizes: list[int], new_tokens: int, chunks: list[int]) -> None:
     """Requests arriving together through each runner (the pool's at each prefill chunk in
     `chunks`), each ÷ the ideal for that work."""
@@ -355,9 +394,13 @@ def throughput(cache: Path, sizes: list[int], new_tokens: int, chunks: list[int]
         paged = name.startswith("paged")
         arrive_together(runner, 8, 16, vocab, paged=paged)  # warm
         for n in sizes:
-            seconds = arrive_together(runner, n, new_tokens, vocab, paged=paged)
+            steps: list[tuple[bool, int, float]] = []
+            seconds = arrive_together(runner, n, new_tokens, vocab, paged=paged, steps=steps)
             tps = n * new_tokens / seconds
             ideal = ideal_s(model, n, new_tokens, bandwidth, rate)
+            log(
+                f"{name}: {n} requests: {where_time_went(steps, model, n, new_tokens, bandwidth, rate)}"
+            )
             RESULTS.setdefault("throughput", {}).setdefault(name, {})[n] = tps
             RESULTS.setdefault("of_ideal", {}).setdefault(name, {})[n] = ideal / seconds
             log(
@@ -372,10 +415,13 @@ def throughput(cache: Path, sizes: list[int], new_tokens: int, chunks: list[int]
         del runner, model
         torch.cuda.empty_cache()
     figures = RESULTS["throughput"]
-    for n in sizes:
-        log(
-            f"{n} requests: paged ÷ static tok/s = {figures['paged'][n] / figures['static'][n]:.3f}"
-        )
+    for name in figures:
+        for n in sizes:
+            if name != "static":
+                log(
+                    f"{n} requests: {name} ÷ static tok/s = "
+                    f"{figures[name][n] / figures['static'][n]:.3f}"
+                )
 
 
 def profile_turns(cache: Path, rows: int, turns: int, history: int, new: int) -> None:
