@@ -85,7 +85,7 @@ class Settings(BaseSettings):
         2.0,
         ge=0,
         description="While streams decode, a step's prompt tokens keep it within this many "
-        "decode steps (measured); 0: off",
+        "decode steps (measured; more where more prompts wait than streams decode); 0: off",
     )
     kv_cache_memory: str | None = Field(
         None,

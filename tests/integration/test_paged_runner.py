@@ -104,7 +104,8 @@ def test_long_prompts_go_through_in_chunks_beside_decode(
 class SpyBudget(PrefillBudget):
     """A budget that has learned prompt tokens are dear: 8 a step while streams decode."""
 
-    def tokens(self, *, decoding: bool) -> int:
+    def tokens(self, *, decoding: int, waiting: int) -> int:
+        self.asked.append((decoding, waiting))  # type: ignore[attr-defined]
         return 8 if decoding else self.most
 
     def observe(self, seconds: float, *, decode_rows: int, prompt_tokens: int) -> None:
@@ -119,7 +120,7 @@ def test_while_streams_decode_a_step_takes_the_budgets_prompt_tokens(
     expected = {i: reference(tiny_model, p, 12) for i, p in enumerate(prompts)}
     runner = paged(tiny_model, num_blocks=96, block_size=4, prefill_stall_limit=3.0)
     spy = SpyBudget(runner.prefill_chunk, 3.0)
-    spy.seen = []  # type: ignore[attr-defined]
+    spy.seen, spy.asked = [], []  # type: ignore[attr-defined]
     runner._budget = spy
 
     got = drive(runner, prompts, joins={0: [0], 2: [1, 2]}, max_new=lambda _: 12)
@@ -130,6 +131,10 @@ def test_while_streams_decode_a_step_takes_the_budgets_prompt_tokens(
     beside_decode = [tokens for rows, tokens in seen if rows and tokens]
     assert max(beside_decode) == 8  # the two prompts, 8 tokens a step
     assert sum(beside_decode) == 57 + 30
+    # it is told how many decode and how many prompts wait for their first token
+    asked: list[tuple[int, int]] = spy.asked  # type: ignore[attr-defined]
+    assert asked[0] == (0, 1)
+    assert (1, 2) in asked  # the two prompts joined beside the first's decode
 
 
 def test_preempted_requests_resume_and_equal_generate(

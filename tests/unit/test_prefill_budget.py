@@ -18,25 +18,35 @@ def learned(decode_s: float, token_s: float, *, stall_limit: float | None = 3.0)
 
 def test_the_whole_chunk_before_anything_is_measured_or_when_nothing_decodes() -> None:
     budget = PrefillBudget(512, 3.0)
-    assert budget.tokens(decoding=True) == 512
+    assert budget.tokens(decoding=8, waiting=1) == 512
     budget = learned(decode_s=0.05, token_s=0.005)
-    assert budget.tokens(decoding=False) == 512
+    assert budget.tokens(decoding=0, waiting=1) == 512
 
 
 def test_while_streams_decode_a_step_stays_within_the_stall_limit() -> None:
     # a decode step 50 ms, a prompt token 5 ms: 3 decode steps leave 100 ms, 20 tokens
     budget = learned(decode_s=0.05, token_s=0.005)
-    assert budget.tokens(decoding=True) == 20
+    assert budget.tokens(decoding=8, waiting=1) == 20
     # where prompt tokens are cheap (a GPU), the chunk is the limit
-    assert learned(decode_s=0.002, token_s=0.000005).tokens(decoding=True) == 512
+    assert learned(decode_s=0.002, token_s=0.000005).tokens(decoding=8, waiting=1) == 512
+
+
+def test_where_more_prompts_wait_than_streams_decode_the_limit_gives_way() -> None:
+    # a decode step 50 ms, a prompt token 5 ms: a limit of 3 leaves 100 ms, 20 tokens
+    budget = learned(decode_s=0.05, token_s=0.005)
+    assert budget.tokens(decoding=8, waiting=8) == 20  # as many wait as decode: as set
+    assert budget.tokens(decoding=8, waiting=2) == 20
+    # 24 admitted prompts wait on 8 streams (a burst): a step may add 3x the prompt time
+    assert budget.tokens(decoding=8, waiting=24) == 60
+    assert budget.tokens(decoding=1, waiting=100) == 512  # never more than the chunk
 
 
 def test_a_prompt_always_advances() -> None:
-    assert learned(decode_s=0.01, token_s=1.0).tokens(decoding=True) == MIN_TOKENS
+    assert learned(decode_s=0.01, token_s=1.0).tokens(decoding=8, waiting=1) == MIN_TOKENS
     tiny = PrefillBudget(4, 3.0)
     tiny.observe(0.01, decode_rows=1, prompt_tokens=0)
     tiny.observe(10.0, decode_rows=1, prompt_tokens=8)
-    assert tiny.tokens(decoding=True) == 4  # never more than the chunk
+    assert tiny.tokens(decoding=8, waiting=1) == 4  # never more than the chunk
 
 
 def test_a_fixed_cost_of_prompt_steps_is_told_from_the_cost_a_token() -> None:
@@ -49,7 +59,7 @@ def test_a_fixed_cost_of_prompt_steps_is_told_from_the_cost_a_token() -> None:
     assert budget.token_s == pytest.approx(0.0001, rel=0.05)
     # 2 decode steps of spare, 20 ms, less the fixed 4 ms: 160 tokens (a cost a token alone
     # read from the 128-token step would have given 119)
-    assert budget.tokens(decoding=True) == pytest.approx(160, abs=8)
+    assert budget.tokens(decoding=8, waiting=1) == pytest.approx(160, abs=8)
 
 
 def test_where_the_fixed_cost_alone_breaks_the_limit_the_whole_chunk_goes() -> None:
@@ -59,25 +69,27 @@ def test_where_the_fixed_cost_alone_breaks_the_limit_the_whole_chunk_goes() -> N
     for n in (16, 512, 16, 300, 16, 64):
         budget.observe(0.002 + 0.015 + n * 0.00001, decode_rows=64, prompt_tokens=n)
     assert budget.fixed_s == pytest.approx(0.015, rel=0.05)
-    assert budget.tokens(decoding=True) == 512
+    assert budget.tokens(decoding=8, waiting=1) == 512
 
 
 def test_no_limit_means_the_chunk() -> None:
-    assert learned(decode_s=0.05, token_s=0.005, stall_limit=None).tokens(decoding=True) == 512
+    assert (
+        learned(decode_s=0.05, token_s=0.005, stall_limit=None).tokens(decoding=8, waiting=1) == 512
+    )
 
 
 def test_it_follows_the_machine_as_it_changes() -> None:
     budget = learned(decode_s=0.1, token_s=0.005)
-    assert budget.tokens(decoding=True) == 40
+    assert budget.tokens(decoding=8, waiting=1) == 40
     for _ in range(40):  # the machine gets twice as slow at prompts
         budget.observe(0.1 + 100 * 0.01, decode_rows=8, prompt_tokens=100)
-    assert budget.tokens(decoding=True) == 20
+    assert budget.tokens(decoding=8, waiting=1) == 20
 
 
 def test_steps_with_few_prompt_tokens_teach_nothing_of_their_cost() -> None:
     budget = learned(decode_s=0.05, token_s=0.005)
     budget.observe(5.0, decode_rows=8, prompt_tokens=2)  # a stall elsewhere: noise
-    assert budget.tokens(decoding=True) == 20
+    assert budget.tokens(decoding=8, waiting=1) == 20
 
 
 def test_the_flag_is_off_or_more_than_one_step() -> None:

@@ -16,6 +16,16 @@ hundreds, and many times a graphed decode step of a 1B model (2 ms on an H100). 
 a token, that makes every prompt token look dear, and prompts would go through `MIN_TOKENS` a
 step. Where the fixed cost alone breaks the limit, no number of tokens keeps it: the whole chunk
 goes, so that prompts take the fewest steps and streams stall the fewest times.
+
+NOTE: why the bound gives way where more prompts wait than streams decode. A step's prompt time
+stalls each of the D decoding streams by that much, and brings each of the W admitted prompts
+still waiting for their first token nearer by as much (prefill goes oldest first, and each step
+a prompt waits through costs it a decode step too). Where W > D (a burst of arrivals: 256
+requests at once, the first few decoding), holding every step to the limit trades the waiting
+many's time for the decoding few's gaps, and the batch fills slowly: on an H100, 256 requests
+arriving together spent 1.5 s of a 2.1 s run in 349 steps of some 190 prompt tokens each. So the
+prompt time a step may add, (limit - 1) decode steps, grows by W / D where W > D; where streams
+decode and few prompts wait (a chat server's steady state), the limit holds as set.
 """
 
 from __future__ import annotations
@@ -51,14 +61,16 @@ class PrefillBudget:
         """What a step's prompt tokens cost beyond their number (a forward of their own)."""
         return None if self._moments is None else self._fit()[0]
 
-    def tokens(self, *, decoding: bool) -> int:
-        """This step's prompt tokens at most."""
+    def tokens(self, *, decoding: int, waiting: int) -> int:
+        """This step's prompt tokens at most, with `decoding` streams decoding and `waiting`
+        prompts admitted that have no first token yet."""
         if not decoding or self.stall_limit is None:
             return self.most
         if self.decode_s is None or self._moments is None:
             return self.most
         fixed_s, token_s = self._fit()
-        spare_s = (self.stall_limit - 1.0) * self.decode_s - fixed_s
+        many = max(1.0, waiting / decoding)  # the waiting many outweigh the decoding few
+        spare_s = (self.stall_limit - 1.0) * self.decode_s * many - fixed_s
         if spare_s <= 0:
             return self.most  # the limit cannot hold: the fewest stalls
         fits = int(spare_s / token_s) if token_s > 0 else self.most

@@ -145,7 +145,8 @@ class LlamaCppRunner:
             for seq in decoding:
                 self._table.tokens(seq.slot).append(seq.pending)  # type: ignore[arg-type]
                 seq.length += 1
-        budget, finishing = self._budget.tokens(decoding=bool(decoding)), []
+        budget = self._budget.tokens(decoding=len(decoding), waiting=len(self._prefilling))
+        finishing: list[_Sequence] = []
         for seq in self._prefilling:
             if budget == 0:
                 break

@@ -224,7 +224,8 @@ class HFPagedRunner:
     def _plan_prefill(self) -> list[_Chunk]:
         """This step's prompt tokens: whole prompts and at most one partial chunk, in order,
         `prefill_chunk` tokens in all, fewer while streams decode (`PrefillBudget`)."""
-        budget, chunks = self._budget.tokens(decoding=bool(self._decoding)), []
+        budget = self._budget.tokens(decoding=len(self._decoding), waiting=len(self._prefilling))
+        chunks: list[_Chunk] = []
         for seq in self._prefilling:
             if budget <= 0:
                 break
