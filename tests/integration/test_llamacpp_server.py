@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -58,3 +60,34 @@ async def test_replies_together_and_again_after_the_model_process_is_killed(srv:
         again = await complete(client, questions[0], temperature=0, max_tokens=24)
     assert text_of(again) == text_of(first[0])
     assert health.json()["last_model_exit"] == "exited (killed by SIGKILL)"
+
+
+def test_the_next_turn_reports_the_prompt_tokens_its_slot_held(srv: Server) -> None:
+    """llama.cpp finds its prefix reuse itself (a slot's cache): the client still hears of it,
+    as OpenAI's `cached_tokens`, and /metrics counts it."""
+
+    def ask(messages: list[dict[str, str]]) -> dict[str, Any]:
+        body = {"messages": messages, "temperature": 0, "max_tokens": 16}
+        reply = httpx.post(f"{srv.url}/v1/chat/completions", json=body, timeout=TIMEOUT_S)
+        assert reply.status_code == 200, reply.text
+        answer: dict[str, Any] = reply.json()
+        return answer
+
+    def counted() -> float:
+        text = httpx.get(f"{srv.url}/metrics", timeout=TIMEOUT_S).text
+        return float(re.search(r"^chatqueue_cached_prompt_tokens_total (\S+)$", text, re.M)[1])  # type: ignore[index]
+
+    first = [
+        {"role": "system", "content": "You are a terse assistant. " * 8},
+        {"role": "user", "content": "Name three rivers in Europe."},
+    ]
+    before = counted()
+    one = ask(first)
+    said = one["choices"][0]["message"]["content"]
+    two = ask(
+        [*first, {"role": "assistant", "content": said}, {"role": "user", "content": "More?"}]
+    )
+
+    cached = two["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert one["usage"]["prompt_tokens"] - 4 <= cached < two["usage"]["prompt_tokens"]
+    assert counted() - before >= cached

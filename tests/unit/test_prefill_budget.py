@@ -16,11 +16,31 @@ def learned(decode_s: float, token_s: float, *, stall_limit: float | None = 3.0)
     return budget
 
 
-def test_the_whole_chunk_before_anything_is_measured_or_when_nothing_decodes() -> None:
-    budget = PrefillBudget(512, 3.0)
-    assert budget.tokens(decoding=8, waiting=1) == 512
+def test_the_whole_chunk_when_nothing_decodes() -> None:
+    assert PrefillBudget(512, 3.0).tokens(decoding=0, waiting=1) == 512
     budget = learned(decode_s=0.05, token_s=0.005)
     assert budget.tokens(decoding=0, waiting=1) == 512
+
+
+def test_beside_decode_a_few_tokens_until_the_costs_are_known() -> None:
+    budget = PrefillBudget(512, 3.0)
+    assert budget.tokens(decoding=8, waiting=1) == MIN_TOKENS  # nothing known
+    budget.observe(0.05, decode_rows=8, prompt_tokens=0)
+    assert budget.tokens(decoding=8, waiting=1) == MIN_TOKENS  # the prompt tokens' cost not
+    budget.observe(0.05 + MIN_TOKENS * 0.005, decode_rows=8, prompt_tokens=MIN_TOKENS)
+    assert budget.tokens(decoding=8, waiting=1) == 20  # 100 ms of spare, 5 ms a token
+
+
+def test_while_prompts_keep_coming_the_decode_step_is_learned_beside_them() -> None:
+    # no step of decode alone ever: a prompt alone (512 tokens, 5 ms each), then prompt tokens
+    # beside 8 decoding rows of 50 ms: the first such step teaches the decode step's cost
+    budget = PrefillBudget(512, 3.0)
+    budget.observe(512 * 0.005, decode_rows=0, prompt_tokens=512)
+    assert budget.token_s == pytest.approx(0.005)
+    assert budget.tokens(decoding=1, waiting=1) == MIN_TOKENS
+    budget.observe(0.05 + MIN_TOKENS * 0.005, decode_rows=8, prompt_tokens=MIN_TOKENS)
+    assert budget.decode_s == pytest.approx(0.05)
+    assert budget.tokens(decoding=8, waiting=1) == 20
 
 
 def test_while_streams_decode_a_step_stays_within_the_stall_limit() -> None:
@@ -70,6 +90,24 @@ def test_where_the_fixed_cost_alone_breaks_the_limit_the_whole_chunk_goes() -> N
         budget.observe(0.002 + 0.015 + n * 0.00001, decode_rows=64, prompt_tokens=n)
     assert budget.fixed_s == pytest.approx(0.015, rel=0.05)
     assert budget.tokens(decoding=8, waiting=1) == 512
+
+
+def test_where_the_fixed_cost_breaks_the_limit_dear_tokens_still_go_a_few_a_step() -> None:
+    # llama.cpp on a CPU: a decode step of 36 ms, a prompt token 6 ms; a fit over noisy steps
+    # reads 40 ms of fixed cost, past the one decode step of spare: the whole 512-token chunk
+    # would stall every stream for 3 s; tokens costing the fixed 40 ms (6) go, at least 16
+    budget = PrefillBudget(512, 2.0)
+    budget.observe(0.036, decode_rows=4, prompt_tokens=0)
+    for n in (512, 16, 64, 16, 32):
+        budget.observe(0.036 + 0.040 + n * 0.006, decode_rows=4, prompt_tokens=n)
+    assert budget.fixed_s == pytest.approx(0.040, rel=0.05)
+    assert budget.tokens(decoding=4, waiting=1) == MIN_TOKENS
+    # were the fixed cost 150 ms: 25 tokens
+    dear = PrefillBudget(512, 2.0)
+    dear.observe(0.036, decode_rows=4, prompt_tokens=0)
+    for n in (512, 16, 64, 16, 32):
+        dear.observe(0.036 + 0.150 + n * 0.006, decode_rows=4, prompt_tokens=n)
+    assert dear.tokens(decoding=4, waiting=1) == pytest.approx(25, abs=1)
 
 
 def test_no_limit_means_the_chunk() -> None:

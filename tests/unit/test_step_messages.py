@@ -27,7 +27,9 @@ def test_a_step_batch_comes_back_equal_with_every_field() -> None:
 
 
 def test_a_step_output_comes_back_equal_with_every_field() -> None:
-    output = StepOutput({1: 42}, {1: SampledLogprobs(-0.5, (42, 7), (-0.5, -1.0))}, busy_s=0.01)
+    output = StepOutput(
+        {1: 42}, {1: SampledLogprobs(-0.5, (42, 7), (-0.5, -1.0))}, busy_s=0.01, cached={3: 64}
+    )
     assert len(output.__reduce__()[1]) == len(dataclasses.fields(StepOutput))
     assert round_trip(output) == output
     assert round_trip(StepDone(output)) == StepDone(output)

@@ -620,6 +620,9 @@ class Engine:
             if seq.is_failed:  # its client was already told (hang)
                 ended.append((seq, FinishReason.ERROR))
                 continue
+            if seq.rid in output.cached:  # the runner's own prefix reuse, told as it joined
+                seq.num_cached_tokens = output.cached[seq.rid]
+                self.metrics.cached_prompt_tokens.inc(seq.num_cached_tokens)
             if error is not None:
                 step = Step("", FinishReason.ERROR)
             elif seq.rid in output.tokens:

@@ -7,15 +7,27 @@ that suits a GPU stalls streams for seconds. `PrefillBudget` learns, from the ru
 times, what a decode step costs and what prompt tokens add (a fixed cost for a step that has any,
 and a cost a token, fitted over steps of different sizes), and while streams decode gives a step
 only as many prompt tokens as keep it within `stall_limit` decode steps. With nothing decoding,
-or before anything is measured, a step takes the whole `--prefill-chunk`.
+a step takes the whole `--prefill-chunk`. While streams decode and what a decode step or a prompt
+token costs is not known yet, a step takes `MIN_TOKENS`, to learn it: a step of prompt tokens
+alone teaches what they cost, and the first step of both then teaches the decode step's cost
+(the rest of its time), so that the budget holds from the second step beside decode on. NOTE:
+before, it took the whole chunk until a step of decode alone was measured, which never comes
+while prompts keep arriving: on a CPU (llama.cpp, 6 ms a prompt token) every stream stalled 3 s
+at each 512-token chunk, 17x its usual gap, through the first turns of 8 chats.
 
 NOTE: why a fixed cost. Where a step with prompt tokens runs eager beside a decode step that is
 a CUDA graph (the paged runner on a GPU where its packed step cannot run: the model's own
 forward after the graphed decode), its kernel launches cost the same for one token as for
 hundreds, and many times a graphed decode step of a 1B model (2 ms on an H100). Read as a cost
 a token, that makes every prompt token look dear, and prompts would go through `MIN_TOKENS` a
-step. Where the fixed cost alone breaks the limit, no number of tokens keeps it: the whole chunk
-goes, so that prompts take the fewest steps and streams stall the fewest times.
+step. Where the fixed cost alone breaks the limit, no number of tokens keeps it: a step then takes
+as many tokens as cost no more than that fixed cost (the stall at most twice what a step with any
+prompt token costs anyway), so that where tokens are cheap (that GPU) the whole chunk goes and
+prompts take the fewest steps, and where they are dear they still go a few at a time. NOTE: not
+the whole chunk regardless: a fit over a few noisy steps can read a fixed cost into a machine
+whose prompt tokens cost only by their number (llama.cpp on a CPU: 6 ms a token, none fixed, a
+decode step of 4 rows 36 ms; a fit read 40-88 ms fixed from a 16-token step that ran slow), and
+the whole chunk there was 512 tokens, a 3 s stall of every stream.
 
 NOTE: why the bound gives way where more prompts wait than streams decode. A step's prompt time
 stalls each of the D decoding streams by that much, and brings each of the W admitted prompts
@@ -66,13 +78,13 @@ class PrefillBudget:
         prompts admitted that have no first token yet."""
         if not decoding or self.stall_limit is None:
             return self.most
-        if self.decode_s is None or self._moments is None:
-            return self.most
+        if self.decode_s is None or self._moments is None:  # not known yet: a few, to learn
+            return min(self.most, MIN_TOKENS)
         fixed_s, token_s = self._fit()
         many = max(1.0, waiting / decoding)  # the waiting many outweigh the decoding few
         spare_s = (self.stall_limit - 1.0) * self.decode_s * many - fixed_s
-        if spare_s <= 0:
-            return self.most  # the limit cannot hold: the fewest stalls
+        if spare_s <= 0:  # the limit cannot hold: prompt tokens as dear as the fixed cost
+            spare_s = fixed_s
         fits = int(spare_s / token_s) if token_s > 0 else self.most
         return max(min(self.most, MIN_TOKENS), min(self.most, fits))
 
@@ -82,9 +94,15 @@ class PrefillBudget:
             if decode_rows:
                 self.decode_s = _smooth(self.decode_s, seconds)
             return
-        if self.decode_s is None or prompt_tokens < _MIN_SAMPLE_TOKENS:
+        if prompt_tokens < _MIN_SAMPLE_TOKENS:
             return
-        base_s = self.decode_s if decode_rows else 0.0
+        if decode_rows and self.decode_s is None:
+            if self._moments is not None:  # the prompt tokens' part known: the rest is decode
+                fixed_s, token_s = self._fit()
+                rest = seconds - fixed_s - prompt_tokens * token_s
+                self.decode_s = rest if rest > 0 else None
+            return
+        base_s = self.decode_s if decode_rows and self.decode_s is not None else 0.0
         n, t = float(prompt_tokens), max(seconds - base_s, 0.0)
         sample = (n, t, n * n, n * t)
         old = self._moments

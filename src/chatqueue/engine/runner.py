@@ -127,9 +127,14 @@ class StepOutput:
     # seconds the model spent on the step in its own process (None in the engine's): the rest of
     # the step's round trip is the hand-over between the processes (engine.overlap)
     busy_s: float | None = None
+    # rid -> leading prompt tokens a sequence that joined this step found in the runner's own
+    # cache, where the runner finds its prefix reuse itself (llama.cpp's slots); a KV pool's
+    # reuse is the scheduler's, known at admission (`NewSequence.num_cached_tokens`)
+    cached: dict[int, int] = field(default_factory=dict)
 
     def __reduce__(self) -> tuple[type[StepOutput], tuple[Any, ...]]:
-        return StepOutput, (self.tokens, self.logprobs, self.busy_s)  # as StepBatch's
+        # as StepBatch's
+        return StepOutput, (self.tokens, self.logprobs, self.busy_s, self.cached)
 
 
 class RunnerLost(Exception):

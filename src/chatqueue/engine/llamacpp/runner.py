@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -86,8 +86,7 @@ class LlamaCppRunner:
         assert set(self._held) == set(batch.running), (
             f"running {sorted(batch.running)} != sequences held {sorted(self._held)}"
         )
-        for new in batch.new:
-            self._admit(new)
+        cached = {new.rid: reused for new in batch.new if (reused := self._admit(new))}
         decoding = list(self._decoding)
         finishing = self._fill(decoding)
         began = time.perf_counter()
@@ -97,6 +96,8 @@ class LlamaCppRunner:
             self._forget(decoding + self._prefilling)
             raise
         output = self._sample(batch, decoding, finishing, logits)
+        if cached:
+            output = replace(output, cached=cached)
         prompt_tokens = self._ctx.batch.size - len(decoding)
         self._budget.observe(
             time.perf_counter() - began, decode_rows=len(decoding), prompt_tokens=prompt_tokens
@@ -121,7 +122,8 @@ class LlamaCppRunner:
             self._sampling = self._sampling.select(keep) if keep else None
         self._prefilling = [seq for seq in self._prefilling if seq.rid not in left]
 
-    def _admit(self, new: NewSequence) -> None:
+    def _admit(self, new: NewSequence) -> int:
+        """A slot for `new`; returns how many of its prompt's tokens that slot's cache holds."""
         assert new.prompt_ids, "a prompt must hold at least one token"
         assert new.rid not in self._held, f"sequence {new.rid} is already running"
         claim = self._table.claim(new.rid, new.prompt_ids)
@@ -131,6 +133,7 @@ class LlamaCppRunner:
         seq = _Sequence(new, claim.slot, length=claim.reused)
         self._held[new.rid] = seq
         self._prefilling.append(seq)
+        return claim.reused
 
     def _fill(self, decoding: list[_Sequence]) -> list[_Sequence]:
         """Put the step's tokens in the batch; returns the sequences whose prompt it finishes."""
