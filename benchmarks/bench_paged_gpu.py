@@ -373,9 +373,15 @@ def where_time_went(
     )
 
 
-def throughput(cache: Path, sizes: list[int], new_tokens: int, chunks: list[int]) -> None:
+def throughput(
+    cache: Path,
+    sizes: list[int],
+    new_tokens: int,
+    chunks: list[int],
+    stall_limits: tuple[float, ...] | list[float] = (2.0,),
+) -> None:
     """Requests arriving together through each runner (the pool's at each prefill chunk in
-    `chunks`), each ÷ the ideal for that work."""
+    `chunks`, under each of `stall_limits`: 0 for none), each ÷ the ideal for that work."""
     vocab = llama_1b_config().vocab_size
     max_len = PROMPT_TOKENS + new_tokens + 8
     bandwidth, rate = copy_bandwidth("cuda"), matmul_rate()
@@ -383,8 +389,13 @@ def throughput(cache: Path, sizes: list[int], new_tokens: int, chunks: list[int]
     log(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s")
     variants: list[tuple[str, Callable[..., Any]]] = [("static", static_runner)]
     for chunk in chunks:
-        name = "paged" if chunk == 512 else f"paged, chunk {chunk}"
-        variants.append((name, functools.partial(paged_runner, prefill_chunk=chunk)))
+        for limit in stall_limits:
+            name = "paged" if chunk == 512 else f"paged, chunk {chunk}"
+            name += "" if limit == 2.0 else f", stall limit {limit or 'off'}"
+            make = functools.partial(
+                paged_runner, prefill_chunk=chunk, prefill_stall_limit=limit or None
+            )
+            variants.append((name, make))
     for name, make in variants:
         torch._dynamo.reset()
         model = build_1b()
@@ -519,6 +530,13 @@ def main() -> None:
     ap.add_argument(
         "--prefill-chunks", type=int, nargs="+", default=[512], help="(c) the pool's, each in turn"
     )
+    ap.add_argument(
+        "--stall-limits",
+        type=float,
+        nargs="+",
+        default=[2.0],
+        help="(c) the pool's --prefill-stall-limit, each in turn (0: none)",
+    )
     ap.add_argument("--out", default=None, help="write the figures as JSON into this folder")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: (a) only")
     ap.add_argument("--families", nargs="*", default=[], help="(a): these model types only")
@@ -538,7 +556,7 @@ def main() -> None:
         if "speed" in parts:
             speed(cache, args.batches, args.shape)
         if "throughput" in parts:
-            throughput(cache, args.sizes, args.new_tokens, args.prefill_chunks)
+            throughput(cache, args.sizes, args.new_tokens, args.prefill_chunks, args.stall_limits)
         if "profile" in parts:
             profile_turns(cache, rows=64, turns=4, history=1500, new=150)
     if args.out:
