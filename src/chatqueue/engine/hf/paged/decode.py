@@ -108,6 +108,30 @@ class PagedInputs:
         self.live.copy_(self._host[1], non_blocking=True)
         self.table.copy_(table, non_blocking=True)
 
+    def grow(self, rows: Sequence[tuple[int, Sequence[int]]]) -> bool:
+        """Rows whose block lists (the same objects `set_rows` saw) got more blocks: only the
+        new entries are written. False, writing nothing, where a row's table holds another list
+        (then `set_rows`)."""
+        held = self._held
+        if any((was := held[r]) is None or was[0] is not blocks for r, blocks in rows):
+            return False
+        at: list[list[int]] = [[], [], []]  # row, column, block
+        for r, blocks in rows:
+            assert len(blocks) <= self.width, f"{len(blocks)} blocks for one row"
+            was = held[r]
+            assert was is not None
+            for column in range(was[1], len(blocks)):
+                at[0].append(r)
+                at[1].append(column)
+                at[2].append(blocks[column])
+            held[r] = (blocks, len(blocks))
+        if at[0]:
+            host = torch.tensor(at, dtype=torch.long)
+            self._table_host[host[0], host[1]] = host[2].to(torch.int32)
+            device = host.to(self.table.device)
+            self.table[device[0], device[1]] = device[2].to(torch.int32)
+        return True
+
     def reset(self) -> None:
         """Forget what capture wrote: every row idle."""
         self.pos.zero_()
@@ -285,6 +309,10 @@ class PagedDecode:
         """The running rows, in order, when they change (see `PagedInputs`)."""
         self.inputs.set_rows(rows)
         self._longest = max(row.position for row in rows) + 1
+
+    def grow(self, rows: Sequence[tuple[int, Sequence[int]]]) -> bool:
+        """Rows (by index) whose blocks grew, nothing else changed (see `PagedInputs.grow`)."""
+        return self.inputs.grow(rows)
 
     def run(self, pending: torch.Tensor) -> torch.Tensor:
         """Each row's pending token through the model: their logits [rows, vocab]."""
