@@ -13,7 +13,7 @@ alone teaches what they cost, and the first step of both then teaches the decode
 (the rest of its time), so that the budget holds from the second step beside decode on. NOTE:
 before, it took the whole chunk until a step of decode alone was measured, which never comes
 while prompts keep arriving: on a CPU (llama.cpp, 6 ms a prompt token) every stream stalled 3 s
-at each 512-token chunk, 17x its usual gap, through the first turns of 8 chats.
+at each 512-token chunk, 16x its usual gap, through the first turns of 8 chats.
 
 NOTE: why a fixed cost. Where a step with prompt tokens runs eager beside a decode step that is
 a CUDA graph (the paged runner on a GPU where its packed step cannot run: the model's own
