@@ -151,15 +151,37 @@ class Metrics:
         )
         self._tokens = _Window(window_s, clock)
         self._waits = _Window(window_s * 6, clock)
+        self._prompt_total = self._cached_total = 0  # for a runner's own prefix reuse
+        self._pool_rate = False  # the hit rate is a KV pool's (observe_kv)
 
     async def refresh(self) -> None:
         """Nothing to do: this process's metrics are always up to date."""
 
     def observe_kv(self, kv: KVFigures | None) -> None:
         if kv is not None:
+            self._pool_rate = True
             self.kv_blocks_used.set(kv.num_used_blocks)
             self.kv_blocks_free.set(kv.num_free_blocks)
             self.prefix_hit_rate.set(kv.hit_rate or 0.0)
+
+    def observe_prompt(self, tokens: int, cached: int) -> None:
+        """A request started: its prompt tokens, and those a KV pool found cached."""
+        self.prompt_tokens.inc(tokens)
+        self._prompt_total += tokens
+        self.observe_cached(cached)
+
+    def observe_cached(self, tokens: int) -> None:
+        """Prompt tokens found cached: a pool's at admission, or a runner's own as it joined
+        (llama.cpp's slots). Without a pool, the hit rate is these over the prompt tokens."""
+        self.cached_prompt_tokens.inc(tokens)
+        self._cached_total += tokens
+        if not self._pool_rate and self._prompt_total:
+            self.prefix_hit_rate.set(self.cached_share or 0.0)
+
+    @property
+    def cached_share(self) -> float | None:
+        """Prompt tokens found cached ÷ prompt tokens of the requests started, so far."""
+        return self._cached_total / self._prompt_total if self._prompt_total else None
 
     def observe_tokens(self, n: int) -> None:
         self.generated_tokens.inc(n)

@@ -73,9 +73,12 @@ def test_the_next_turn_reports_the_prompt_tokens_its_slot_held(srv: Server) -> N
         answer: dict[str, Any] = reply.json()
         return answer
 
-    def counted() -> float:
+    def metric(name: str) -> float:
         text = httpx.get(f"{srv.url}/metrics", timeout=TIMEOUT_S).text
-        return float(re.search(r"^chatqueue_cached_prompt_tokens_total (\S+)$", text, re.M)[1])  # type: ignore[index]
+        return float(re.search(rf"^{name} (\S+)$", text, re.M)[1])  # type: ignore[index]
+
+    def counted() -> float:
+        return metric("chatqueue_cached_prompt_tokens_total")
 
     first = [
         {"role": "system", "content": "You are a terse assistant. " * 8},
@@ -91,3 +94,7 @@ def test_the_next_turn_reports_the_prompt_tokens_its_slot_held(srv: Server) -> N
     cached = two["usage"]["prompt_tokens_details"]["cached_tokens"]
     assert one["usage"]["prompt_tokens"] - 4 <= cached < two["usage"]["prompt_tokens"]
     assert counted() - before >= cached
+    # and the share of prompt tokens found cached, on /load and /metrics, as a pool's hit rate
+    rate = httpx.get(f"{srv.url}/load", timeout=TIMEOUT_S).json()["prefix_hit_rate"]
+    assert 0 < rate < 1
+    assert metric("chatqueue_prefix_cache_hit_rate") == pytest.approx(rate, abs=1e-3)

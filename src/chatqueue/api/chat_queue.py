@@ -489,6 +489,9 @@ class ChatQueue:
                 "kv_tokens_live": s.num_live_tokens,
                 "prefix_hit_rate": None if hit_rate is None else round(hit_rate, 4),
             }
+        elif "prefix_reuse" in runner_info(self._engine.runner):  # its own: llama.cpp's slots
+            share = self.metrics.cached_share
+            pool = {"prefix_hit_rate": None if share is None else round(share, 4)}
         return LoadInfo(
             processing=s.num_running,
             waiting=s.num_waiting,

@@ -589,8 +589,7 @@ class Engine:
                 continue
             wait = now - seq.arrival
             self.metrics.observe_queue_wait(wait)
-            self.metrics.prompt_tokens.inc(seq.num_prompt_tokens)
-            self.metrics.cached_prompt_tokens.inc(seq.num_cached_tokens)
+            self.metrics.observe_prompt(seq.num_prompt_tokens, seq.num_cached_tokens)
             outbox.append((seq, Started(wait)))
         if plan.preempted:
             self.metrics.preemptions.inc(len(plan.preempted))
@@ -622,7 +621,7 @@ class Engine:
                 continue
             if seq.rid in output.cached:  # the runner's own prefix reuse, told as it joined
                 seq.num_cached_tokens = output.cached[seq.rid]
-                self.metrics.cached_prompt_tokens.inc(seq.num_cached_tokens)
+                self.metrics.observe_cached(seq.num_cached_tokens)
             if error is not None:
                 step = Step("", FinishReason.ERROR)
             elif seq.rid in output.tokens:

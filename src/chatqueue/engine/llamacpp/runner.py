@@ -79,6 +79,8 @@ class LlamaCppRunner:
             "kv_cache": self._ctx.kv_cache,
             "prefill_chunk": self._chunk,
             "prefill_stall_limit": self._budget.stall_limit,
+            "prefix_reuse": "a slot keeps its cache; a prompt takes the one sharing its longest "
+            "prefix",
         }
 
     def step(self, batch: StepBatch) -> StepOutput:
