@@ -61,6 +61,15 @@ def test_where_more_prompts_wait_than_streams_decode_the_limit_gives_way() -> No
     assert budget.tokens(decoding=1, waiting=100) == 512  # never more than the chunk
 
 
+def test_a_step_beside_decode_shorter_than_its_prompt_tokens_teaches_no_decode_cost() -> None:
+    # timer noise: the prompt tokens alone should have taken 80 ms, the step took 60
+    budget = PrefillBudget(512, 3.0)
+    budget.observe(512 * 0.005, decode_rows=0, prompt_tokens=512)
+    budget.observe(0.06, decode_rows=8, prompt_tokens=MIN_TOKENS)
+    assert budget.decode_s is None
+    assert budget.tokens(decoding=8, waiting=1) == MIN_TOKENS  # still learning, still few
+
+
 def test_a_prompt_always_advances() -> None:
     assert learned(decode_s=0.01, token_s=1.0).tokens(decoding=8, waiting=1) == MIN_TOKENS
     tiny = PrefillBudget(4, 3.0)
