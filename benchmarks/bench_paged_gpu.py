@@ -409,9 +409,8 @@ def throughput(
             seconds = arrive_together(runner, n, new_tokens, vocab, paged=paged, steps=steps)
             tps = n * new_tokens / seconds
             ideal = ideal_s(model, n, new_tokens, bandwidth, rate)
-            log(
-                f"{name}: {n} requests: {where_time_went(steps, model, n, new_tokens, bandwidth, rate)}"
-            )
+            went = where_time_went(steps, model, n, new_tokens, bandwidth, rate)
+            log(f"{name}: {n} requests: {went}")
             RESULTS.setdefault("throughput", {}).setdefault(name, {})[n] = tps
             RESULTS.setdefault("of_ideal", {}).setdefault(name, {})[n] = ideal / seconds
             log(

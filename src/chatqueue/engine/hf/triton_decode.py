@@ -61,8 +61,9 @@ def attend_block(  # type: ignore[no-untyped-def]  # Triton tensors and constexp
     `l_i`, unnormalised output `acc`): their keys and values read at `k_base`, `v_base` (through
     `table_row` where PAGED, at column position % `ring` where RING), scores scaled (and
     soft-capped), a position past a row's own unseen where CAUSAL (and one before its `lowest`
-    where WINDOWED: a row may then see none of a block's positions, its maximum still -inf). Returns the new (m_i, l_i, acc). Shared
-    by this module's kernel and the packed one (`triton_packed.py`)."""
+    where WINDOWED: a row may then see none of a block's positions, its maximum still -inf).
+    Returns the new (m_i, l_i, acc). Shared by this module's kernel and the packed one
+    (`triton_packed.py`)."""
     offs_n = n0 + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, D)
     in_run = offs_n < hi

@@ -88,7 +88,10 @@ class LlamaCppRunner:
         assert set(self._held) == set(batch.running), (
             f"running {sorted(batch.running)} != sequences held {sorted(self._held)}"
         )
-        cached = {new.rid: reused for new in batch.new if (reused := self._admit(new))}
+        cached = {}  # rid -> prompt tokens its slot's cache held
+        for new in batch.new:
+            if reused := self._admit(new):
+                cached[new.rid] = reused
         decoding = list(self._decoding)
         finishing = self._fill(decoding)
         began = time.perf_counter()
