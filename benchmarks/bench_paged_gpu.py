@@ -373,6 +373,45 @@ def where_time_went(
     )
 
 
+class _TracedBudget:
+    """The pool's prefill budget, its every answer while prompts wait kept in `granted` as
+    (decoding, waiting, prompt tokens granted)."""
+
+    def __init__(self, budget: Any) -> None:
+        self.budget = budget
+        self.granted: list[tuple[int, int, int]] = []
+
+    def tokens(self, *, decoding: int, waiting: int) -> int:
+        n: int = self.budget.tokens(decoding=decoding, waiting=waiting)
+        if waiting:
+            self.granted.append((decoding, waiting, n))
+        return n
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.budget, name)
+
+
+def trace_budget(runner: Any) -> list[tuple[int, int, int]]:
+    """Each step's (decoding, waiting, prompt tokens granted) as the pool's prefill budget
+    answers them (empty for a runner without one)."""
+    if not hasattr(runner, "_budget"):
+        return []
+    runner._budget = _TracedBudget(runner._budget)
+    return runner._budget.granted
+
+
+def budget_went(granted: list[tuple[int, int, int]], runner: Any) -> str:
+    """What the budget gave steps beside decode, and what it had learned by the end."""
+    beside = sorted(n for d, _, n in granted if d)
+    if not beside:
+        return "budget: no step beside decode"
+    q = [beside[int(f * (len(beside) - 1))] for f in (0.1, 0.5, 0.9)]
+    return (
+        f"budget: {len(beside)} steps beside decode granted p10/p50/p90 {q[0]}/{q[1]}/{q[2]} "
+        f"tokens; learned {runner._budget.describe()}"
+    )
+
+
 def throughput(
     cache: Path,
     sizes: list[int],
@@ -404,13 +443,19 @@ def throughput(
         log(f"{name}: ready in {time.perf_counter() - t0:.1f} s (every batch size captured)")
         paged = name.startswith("paged")
         arrive_together(runner, 8, 16, vocab, paged=paged)  # warm
+        granted = trace_budget(runner)
         for n in sizes:
             steps: list[tuple[bool, int, float]] = []
+            granted.clear()
             seconds = arrive_together(runner, n, new_tokens, vocab, paged=paged, steps=steps)
             tps = n * new_tokens / seconds
             ideal = ideal_s(model, n, new_tokens, bandwidth, rate)
             went = where_time_went(steps, model, n, new_tokens, bandwidth, rate)
             log(f"{name}: {n} requests: {went}")
+            if paged:
+                log(f"{name}: {n} requests: {budget_went(granted, runner)}")
+                trace = RESULTS.setdefault("budget_trace", {}).setdefault(name, {})
+                trace[n] = {"granted": list(granted), "steps": steps}
             RESULTS.setdefault("throughput", {}).setdefault(name, {})[n] = tps
             RESULTS.setdefault("of_ideal", {}).setdefault(name, {})[n] = ideal / seconds
             log(
