@@ -119,6 +119,41 @@ def test_where_the_fixed_cost_breaks_the_limit_dear_tokens_still_go_a_few_a_step
     assert dear.tokens(decoding=4, waiting=1) == pytest.approx(25, abs=1)
 
 
+def gpu_like(fixed_s: float = 0.0015, token_s: float = 0.000004) -> PrefillBudget:
+    """A graphed decode step of 1.6 ms; beside it a prompt step costs `fixed_s` (its forward's
+    launches) and `token_s` a token; learned over steps of widely different sizes."""
+    budget = PrefillBudget(512, 2.0)
+    budget.observe(0.0016, decode_rows=64, prompt_tokens=0)
+    for n in (512, 16, 300, 16, 64, 512, 32):
+        budget.observe(0.0016 + fixed_s + n * token_s, decode_rows=64, prompt_tokens=n)
+    return budget
+
+
+def test_where_the_fixed_cost_takes_most_of_the_spare_tokens_as_dear_as_it_go() -> None:
+    # one decode step (1.6 ms) of spare, 1.5 ms of it the prompt step's fixed cost: not the 25
+    # tokens the last 0.1 ms would pay for, but as many as cost the fixed 1.5 ms (375)
+    budget = gpu_like()
+    assert budget.fixed_s == pytest.approx(0.0015, rel=0.05)
+    assert budget.tokens(decoding=64, waiting=1) == pytest.approx(375, rel=0.05)
+    # no cliff where the fixed cost passes the spare: 1.7 ms of fixed cost, 425 tokens
+    assert gpu_like(fixed_s=0.0017).tokens(decoding=64, waiting=1) == pytest.approx(425, rel=0.05)
+    # a small fixed cost leaves the spare to the tokens: (1.6 - 0.2) ms, 350 tokens
+    assert gpu_like(fixed_s=0.0002).tokens(decoding=64, waiting=1) == pytest.approx(350, rel=0.05)
+
+
+def test_one_slow_step_does_not_starve_the_next() -> None:
+    # a compile for a new shape: one 512-token step of 400 ms where 3.5 ms was usual
+    budget = gpu_like()
+    before = budget.tokens(decoding=64, waiting=1)
+    budget.observe(0.0016 + 0.4, decode_rows=64, prompt_tokens=512)
+    assert budget.tokens(decoding=64, waiting=1) >= before / 2
+    # a machine that really got slower (10x a token) is followed: slow steps in a row count
+    for _ in range(30):
+        n = budget.tokens(decoding=64, waiting=1)
+        budget.observe(0.0016 + 0.0015 + n * 0.00004, decode_rows=64, prompt_tokens=n)
+    assert budget.token_s == pytest.approx(0.00004, rel=0.25)
+
+
 def test_no_limit_means_the_chunk() -> None:
     assert (
         learned(decode_s=0.05, token_s=0.005, stall_limit=None).tokens(decoding=8, waiting=1) == 512
