@@ -97,7 +97,8 @@ class Settings(BaseSettings):
     )
     kv_block_size: int = Field(16, ge=1, le=1024, description="Tokens a KV cache block holds")
     prefix_caching: Literal["on", "off"] = Field(
-        "on", description="Reuse the KV of a cached prompt prefix (the paged KV pool)"
+        "on",
+        description="Reuse the KV of a cached prompt prefix (the paged KV pool; llama.cpp's slots)",
     )
     attention: Literal["auto", "triton", "sdpa"] = Field(
         "auto", description="Static-cache decode attention; auto: Triton where it runs, else SDPA"

@@ -61,3 +61,17 @@ def test_a_cache_that_could_not_be_cut_is_forgotten() -> None:
     assert table.forget(claim) == Claim(claim.slot, 0)
     assert table.tokens(claim.slot) == []
     assert (table.stats.hits, table.stats.reused_tokens) == (0, 0)
+
+
+def test_without_reuse_a_prompt_takes_the_slot_free_the_longest_and_none_of_its_cache() -> None:
+    table = SlotTable(2)
+    a = fill(table, 0, [1, 2, 3], [4])
+    b = fill(table, 1, [9], [])
+    table.release(a.slot)
+    table.release(b.slot)  # a's cache is older, and shares the prompt's prefix
+
+    claim = table.claim(2, [1, 2, 3, 4, 5], reuse=False)
+
+    assert claim == Claim(a.slot, 0)
+    assert table.tokens(a.slot) == []
+    assert (table.stats.hits, table.stats.reused_tokens) == (0, 0)

@@ -32,4 +32,5 @@ def load_llamacpp_runner(settings: Settings, gguf: Path, *, threads: int) -> Lla
         slots=slots,
         prefill_chunk=settings.prefill_chunk,
         prefill_stall_limit=settings.prefill_stall_limit or None,
+        prefix_reuse=settings.prefix_caching == "on",
     )

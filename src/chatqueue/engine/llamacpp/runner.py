@@ -51,10 +51,12 @@ class LlamaCppRunner:
         slots: int,
         prefill_chunk: int,
         prefill_stall_limit: float | None = None,
+        prefix_reuse: bool = True,
     ) -> None:
         assert context.batch.capacity >= slots + prefill_chunk, "a step's batch must fit"
         self._ctx = context
         self._table = SlotTable(slots)
+        self._reuse = prefix_reuse
         self._chunk = prefill_chunk
         self._budget = PrefillBudget(prefill_chunk, prefill_stall_limit)
         self._held: dict[int, _Sequence] = {}
@@ -131,7 +133,7 @@ class LlamaCppRunner:
         """A slot for `new`; returns how many of its prompt's tokens that slot's cache holds."""
         assert new.prompt_ids, "a prompt must hold at least one token"
         assert new.rid not in self._held, f"sequence {new.rid} is already running"
-        claim = self._table.claim(new.rid, new.prompt_ids)
+        claim = self._table.claim(new.rid, new.prompt_ids, reuse=self._reuse)
         if not self._ctx.keep_prefix(claim.slot, claim.reused):
             self._ctx.clear(claim.slot)
             claim = self._table.forget(claim)

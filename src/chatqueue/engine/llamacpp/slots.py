@@ -53,13 +53,14 @@ class SlotTable:
         """The slot's cached tokens (the runner appends what it feeds)."""
         return self._slots[slot].tokens
 
-    def claim(self, rid: int, prompt: Sequence[int]) -> Claim:
+    def claim(self, rid: int, prompt: Sequence[int], *, reuse: bool = True) -> Claim:
         """A free slot for `rid`, the one whose cache shares the longest prefix with `prompt`; its
-        cached tokens are cut to that prefix."""
+        cached tokens are cut to that prefix. Without `reuse`, the slot free the longest, its
+        cache cut to nothing."""
         free = [slot for slot in self._slots if slot.rid is None]
         assert free, "more sequences than slots"
         # the prompt's last token always runs: its logits give the first reply token
-        limit = len(prompt) - 1
+        limit = len(prompt) - 1 if reuse else 0
         best = max(free, key=lambda s: (_common_prefix(s.tokens, prompt, limit), -s.freed_at))
         reused = _common_prefix(best.tokens, prompt, limit)
         del best.tokens[reused:]
