@@ -31,6 +31,7 @@ import pytest
 from chatqueue import ChatMessage, ChatQueue
 from chatqueue.api.build import load_hf, load_llamacpp
 from chatqueue.config import Settings
+from chatqueue.engine.llamacpp.runner import MIN_SHARED
 from chatqueue.engine.overlap import OverlapMode
 from chatqueue.engine.runner import (
     KVSpec,
@@ -363,4 +364,56 @@ def test_a_released_prefix_is_reused_and_gives_the_same_tokens(
     else:
         assert (stats.hits, stats.reused_tokens) == (hits, reused)
     assert again[: len(expected)] == expected and len(expected) >= 4
+    subject.runner.close()
+
+
+def test_prompts_sharing_a_system_prompt_take_a_copy_of_its_cache() -> None:
+    """llama.cpp only: two chats with one long system prompt arriving together, and a third
+    while they decode. The first computes the system prompt; the second waits for it and takes a
+    copy of that slot's cache, the third a copy at once; each prefills only its question, and
+    every reply is the one a fresh prefill gives."""
+    subject = load("llamacpp")
+    runner = subject.runner.model
+    stats = runner.prefix_stats  # type: ignore[attr-defined]
+    system = "Always answer in French. " * 16
+    tokenizer = subject.runner.tokenizer
+    questions = ("What is 10+10?", "Say hello.", "What is your name?")
+    prompts = [
+        tokenizer.apply_chat_template([ChatMessage("system", system), ChatMessage("user", q)])
+        for q in questions
+    ]
+    shared = [
+        next(i for i, (a, b) in enumerate(zip(prompts[0], p, strict=False)) if a != b)
+        for p in prompts[1:]
+    ]
+    assert min(shared) >= MIN_SHARED
+    expected = {i: subject.settled(p, 8) for i, p in enumerate(prompts)}
+    # not vacuous: the copied ones' replies (French) are not what their question alone gives
+    # (NOTE: margins here are wide, 1.2-1.8 at the first token; llama.cpp's sums vary by CPU)
+    for i in (1, 2):
+        alone = subject.settled(subject.prompt(questions[i]), 8)
+        assert expected[i] and alone[:1] != expected[i][:1]
+    reused = stats.reused_tokens
+
+    outputs: dict[int, list[int]] = {i: [] for i in range(3)}
+    cached: dict[int, int] = {}
+    joins = {0: [0, 1], 3: [2]}
+    running: list[int] = []
+    released: list[int] = []
+    step = 0
+    while step <= max(joins) or running:
+        new = [NewSequence(i, prompts[i], GREEDY) for i in joins.get(step, [])]
+        out = runner.step(StepBatch(new=new, running=list(running), released=released))
+        cached.update(out.cached)
+        for rid, token in out.tokens.items():
+            outputs[rid].append(token)
+        running += [n.rid for n in new]
+        released = [i for i in running if len(outputs[i]) >= 8]
+        running = [i for i in running if i not in released]
+        step += 1
+    runner.step(StepBatch(new=[], running=[], released=released))
+
+    assert cached == {1: shared[0], 2: shared[1]}
+    assert stats.reused_tokens - reused == sum(shared)
+    assert {i: outputs[i][: len(e)] for i, e in expected.items()} == expected
     subject.runner.close()

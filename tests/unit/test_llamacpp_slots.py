@@ -75,3 +75,21 @@ def test_without_reuse_a_prompt_takes_the_slot_free_the_longest_and_none_of_its_
     assert claim == Claim(a.slot, 0)
     assert table.tokens(a.slot) == []
     assert (table.stats.hits, table.stats.reused_tokens) == (0, 0)
+
+
+def test_the_slot_elsewhere_holding_most_of_a_prompt_busy_or_free() -> None:
+    table = SlotTable(3)
+    busy = fill(table, 0, [1, 2, 3, 4], [5])  # still running
+    free = fill(table, 1, [1, 2, 9], [])
+    table.release(free.slot)
+    target = table.claim(2, [1, 2, 3, 4, 6])  # the free slot with the longest prefix: 2 tokens
+
+    assert target == Claim(free.slot, 2)
+    assert table.best_elsewhere(target.slot, [1, 2, 3, 4, 6]) == (busy.slot, 4)
+    assert table.best_elsewhere(target.slot, [7, 8]) == (-1, 0)
+
+    table.copy(busy.slot, target.slot, 4)
+    assert table.tokens(target.slot) == [1, 2, 3, 4]
+    assert table.tokens(busy.slot) == [1, 2, 3, 4, 5]  # the source keeps its own
+    # one hit for the prompt, its 2 reused tokens now 4
+    assert (table.stats.hits, table.stats.reused_tokens) == (1, 4)

@@ -128,6 +128,14 @@ class LlamaContext:
         there (the caller then clears the whole sequence)."""
         return bool(llama_cpp.llama_memory_seq_rm(self._memory, seq_id, length, -1))
 
+    def copy_prefix(self, source: int, seq_id: int, length: int) -> bool:
+        """Make `seq_id` hold the first `length` cells of `source` (each slot its own stream:
+        llama.cpp copies the whole stream, at the next decode, before that decode's tokens go
+        in); False if it cannot be cut there (the caller then clears the sequence)."""
+        llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+        llama_cpp.llama_memory_seq_cp(self._memory, source, seq_id, -1, -1)
+        return self.keep_prefix(seq_id, length)
+
     def clear(self, seq_id: int) -> None:
         llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
 

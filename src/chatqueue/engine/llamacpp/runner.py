@@ -20,11 +20,18 @@ import torch
 
 from chatqueue.engine.hf.sampling import Sampled, SamplingBatch, SamplingRequest, step_output
 from chatqueue.engine.llamacpp.context import LlamaContext
-from chatqueue.engine.llamacpp.slots import PrefixStats, SlotTable
+from chatqueue.engine.llamacpp.slots import Claim, PrefixStats, SlotTable, common_prefix
 from chatqueue.engine.prefill_budget import PrefillBudget
 from chatqueue.engine.runner import NewSequence, StepBatch, StepOutput, row_masks
 
 _CPU = torch.device("cpu")
+
+
+# NOTE: a prompt sharing at least this many more tokens with another slot's cache (or with an
+# older prompt still prefilling) than with its own slot's takes a copy of that cache: each slot is
+# its own KV stream, so llama.cpp copies the whole stream (context_window cells; ~94 MB for the
+# default model's 4,096 in f16, some 10-30 ms on a CPU), where a prompt token costs 1-6 ms there.
+MIN_SHARED = 64
 
 
 @dataclass(eq=False, slots=True)
@@ -33,6 +40,10 @@ class _Sequence:
     slot: int
     length: int  # tokens in its KV cache
     pending: int | None = None  # its last sampled token, not yet in the cache; None: prefilling
+    # an older prompt still prefilling whose first `shared` tokens this one's starts with: it
+    # waits for them, then takes a copy
+    source: _Sequence | None = None
+    shared: int = 0
 
     @property
     def rid(self) -> int:
@@ -94,6 +105,7 @@ class LlamaCppRunner:
         for new in batch.new:
             if reused := self._admit(new):
                 cached[new.rid] = reused
+        cached.update(self._take_shared())
         decoding = list(self._decoding)
         finishing = self._fill(decoding)
         began = time.perf_counter()
@@ -138,9 +150,56 @@ class LlamaCppRunner:
             self._ctx.clear(claim.slot)
             claim = self._table.forget(claim)
         seq = _Sequence(new, claim.slot, length=claim.reused)
+        if self._reuse:
+            self._share(seq)
         self._held[new.rid] = seq
         self._prefilling.append(seq)
-        return claim.reused
+        return 0 if seq.source is not None else seq.length  # told once, with its copy
+
+    def _share(self, seq: _Sequence) -> None:
+        """Where another slot's cache, or an older prompt still prefilling, holds more of `seq`'s
+        prompt than its own slot did (two users' system prompt, arriving together or not): a copy
+        of that cache now, or once that prompt is in."""
+        prompt = seq.new.prompt_ids
+        slot, cached = self._table.best_elsewhere(seq.slot, prompt)
+        ahead, shared = None, 0
+        for other in self._prefilling:
+            n = common_prefix(other.new.prompt_ids, prompt, len(prompt) - 1)
+            if other.source is None and n > shared:
+                ahead, shared = other, n
+        if max(cached, shared) < seq.length + MIN_SHARED:
+            return
+        if cached >= shared:
+            self._copy(slot, seq, cached)
+        else:
+            seq.source, seq.shared = ahead, shared
+
+    def _take_shared(self) -> dict[int, int]:
+        """The waiting prompts whose source's cache now holds what they share take their copy;
+        returns rid -> the tokens it holds. One whose source left computes its own."""
+        taken = {}
+        for seq in self._prefilling:
+            source = seq.source
+            if source is None:
+                continue
+            if self._held.get(source.rid) is not source:  # it left first
+                seq.source = None
+                if seq.length:
+                    taken[seq.rid] = seq.length
+            elif source.length >= seq.shared:
+                seq.source = None
+                self._copy(source.slot, seq, seq.shared)
+                taken[seq.rid] = seq.length
+        return taken
+
+    def _copy(self, source: int, seq: _Sequence, length: int) -> None:
+        if self._ctx.copy_prefix(source, seq.slot, length):
+            self._table.copy(source, seq.slot, length)
+            seq.length = length
+        else:  # it could not be cut there: the whole prompt, from nothing
+            self._ctx.clear(seq.slot)
+            self._table.forget(Claim(seq.slot, seq.length))
+            seq.length = 0
 
     def _fill(self, decoding: list[_Sequence]) -> list[_Sequence]:
         """Put the step's tokens in the batch; returns the sequences whose prompt it finishes."""
@@ -160,6 +219,8 @@ class LlamaCppRunner:
         for seq in self._prefilling:
             if budget == 0:
                 break
+            if seq.source is not None:  # waits for an older prompt's cache to copy
+                continue
             take = min(budget, seq.prompt_left)
             chunk = seq.new.prompt_ids[seq.length : seq.length + take]
             finishes = take == seq.prompt_left

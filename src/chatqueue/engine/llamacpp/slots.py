@@ -61,8 +61,8 @@ class SlotTable:
         assert free, "more sequences than slots"
         # the prompt's last token always runs: its logits give the first reply token
         limit = len(prompt) - 1 if reuse else 0
-        best = max(free, key=lambda s: (_common_prefix(s.tokens, prompt, limit), -s.freed_at))
-        reused = _common_prefix(best.tokens, prompt, limit)
+        best = max(free, key=lambda s: (common_prefix(s.tokens, prompt, limit), -s.freed_at))
+        reused = common_prefix(best.tokens, prompt, limit)
         del best.tokens[reused:]
         best.rid = rid
         self.stats.prompts += 1
@@ -70,6 +70,24 @@ class SlotTable:
         self.stats.reused_tokens += reused
         self.stats.hits += reused > 0
         return Claim(best.index, reused)
+
+    def best_elsewhere(self, slot: int, prompt: Sequence[int]) -> tuple[int, int]:
+        """(another slot, busy or free, and how many of `prompt`'s tokens its cache holds): the
+        one holding the most; (-1, 0) where none holds any."""
+        limit = len(prompt) - 1
+        best, most = -1, 0
+        for other in self._slots:
+            if other.index != slot and (n := common_prefix(other.tokens, prompt, limit)) > most:
+                best, most = other.index, n
+        return best, most
+
+    def copy(self, source: int, slot: int, length: int) -> None:
+        """`slot`'s cache now holds `source`'s first `length` tokens (more than it reused)."""
+        tokens = self._slots[slot].tokens
+        reused = len(tokens)
+        tokens[:] = self._slots[source].tokens[:length]
+        self.stats.reused_tokens += length - reused
+        self.stats.hits += reused == 0
 
     def forget(self, claim: Claim) -> Claim:
         """The slot's cache could not be cut where `claim` says and was cleared whole."""
@@ -85,7 +103,8 @@ class SlotTable:
         self._slots[slot].freed_at = self._clock
 
 
-def _common_prefix(cached: Sequence[int], prompt: Sequence[int], limit: int) -> int:
+def common_prefix(cached: Sequence[int], prompt: Sequence[int], limit: int) -> int:
+    """How many of `prompt`'s first `limit` tokens `cached` starts with."""
     n = min(len(cached), limit)
     for i in range(n):
         if cached[i] != prompt[i]:
