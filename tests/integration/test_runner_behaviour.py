@@ -46,6 +46,7 @@ from chatqueue.text.tokenizer import Tokenizer
 from chatqueue.types import FinishReason, SamplingParams
 from tests.integration.test_hf_runner import drive
 from tests.integration.test_hf_runner import reference as generate_alone
+from tests.support.tiny_families import drive as drive_all
 
 # a safety net for a slow, shared CPU, never a measurement
 pytestmark = [pytest.mark.model, pytest.mark.timeout(600)]
@@ -391,27 +392,13 @@ def test_prompts_sharing_a_system_prompt_take_a_copy_of_its_cache() -> None:
     # not vacuous: the copied ones' replies (French) are not what their question alone gives
     # (NOTE: margins here are wide, 1.2-1.8 at the first token; llama.cpp's sums vary by CPU)
     for i in (1, 2):
-        alone = subject.settled(subject.prompt(questions[i]), 8)
+        alone, _ = subject.reference(subject.prompt(questions[i]), 1)
         assert expected[i] and alone[:1] != expected[i][:1]
     reused = stats.reused_tokens
 
-    outputs: dict[int, list[int]] = {i: [] for i in range(3)}
     cached: dict[int, int] = {}
-    joins = {0: [0, 1], 3: [2]}
-    running: list[int] = []
-    released: list[int] = []
-    step = 0
-    while step <= max(joins) or running:
-        new = [NewSequence(i, prompts[i], GREEDY) for i in joins.get(step, [])]
-        out = runner.step(StepBatch(new=new, running=list(running), released=released))
-        cached.update(out.cached)
-        for rid, token in out.tokens.items():
-            outputs[rid].append(token)
-        running += [n.rid for n in new]
-        released = [i for i in running if len(outputs[i]) >= 8]
-        running = [i for i in running if i not in released]
-        step += 1
-    runner.step(StepBatch(new=[], running=[], released=released))
+    got = drive_all(runner, prompts, {0: [0, 1], 3: [2]}, dict.fromkeys(range(3), 8), cached=cached)
+    outputs = {i: run.tokens for i, run in got.items()}
 
     assert cached == {1: shared[0], 2: shared[1]}
     assert stats.reused_tokens - reused == sum(shared)

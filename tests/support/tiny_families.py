@@ -8,6 +8,7 @@ multipliers move the logits enough to change tokens when one of them is applied 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -193,8 +194,12 @@ def drive(
     prompts: list[list[int]],
     joins: dict[int, list[int]],
     budget: dict[int, int],
+    *,
+    cached: dict[int, int] | None = None,
 ) -> dict[int, Expected]:
-    """Like the engine: sequences join at their step, each leaves when it has its tokens."""
+    """Like the engine: sequences join at their step, each leaves when it has its tokens (a
+    prompt may take several steps to its first). `cached` gets what the runner told of its own
+    prefix reuse (`StepOutput.cached`); a runner that gives no logprobs leaves them NaN."""
     tokens: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
     logprobs: dict[int, list[float]] = {i: [] for i in range(len(prompts))}
     running: list[int] = []
@@ -203,9 +208,12 @@ def drive(
     while step <= max(joins) or running:
         new = [NewSequence(i, prompts[i], GREEDY) for i in joins.get(step, [])]
         out = runner.step(StepBatch(new=new, running=list(running), released=released))
+        if cached is not None:
+            cached.update(out.cached)
         for rid, token in out.tokens.items():
             tokens[rid].append(token)
-            logprobs[rid].append(out.logprobs[rid].logprob)
+            logprob = out.logprobs.get(rid)
+            logprobs[rid].append(math.nan if logprob is None else logprob.logprob)
         running += [n.rid for n in new]
         released = [i for i in running if len(tokens[i]) >= budget[i]]
         running = [i for i in running if i not in released]
