@@ -2,11 +2,12 @@
 chunk, all in one `llama_decode` per step; chatqueue's own sampler picks the tokens.
 
 NOTE: a step frees `released` sequences (their slots keep their cache for prefix reuse, slots.py),
-gives each new sequence a slot, then fills one batch: a token for every decoding sequence (its
-last sampled token, at its next position, logits wanted), then prompt tokens up to `prefill_chunk`
+gives each new sequence a slot (and a copy of another slot's cache where that holds much more of
+its prompt: `MIN_SHARED`), then fills one batch: a token for every decoding sequence (its last
+sampled token, at its next position, logits wanted), then prompt tokens up to `prefill_chunk`
 (fewer while sequences decode, where the step would outlast `prefill_stall_limit` decode steps:
-`engine/prefill_budget.py`), oldest prompt first; a prompt's last token wants logits. llama.cpp splits the batch into its own
-micro-batches. The logits come back as one [rows, vocab] tensor: decoding rows first, in the
+`engine/prefill_budget.py`), oldest prompt first; a prompt's last token wants logits. llama.cpp
+splits the batch into its own micro-batches. The logits come back as one [rows, vocab] tensor: decoding rows first, in the
 sampler's row order, then the prompts that finished, which join the sampler's rows. A prompt longer
 than the chunk runs over several steps and is in no step's output until its last chunk."""
 
@@ -93,7 +94,7 @@ class LlamaCppRunner:
             "prefill_chunk": self._chunk,
             "prefill_stall_limit": self._budget.stall_limit,
             "prefix_reuse": "a slot keeps its cache; a prompt takes the one sharing its longest "
-            "prefix",
+            "prefix, or a copy of another slot's holding more",
         }
 
     def step(self, batch: StepBatch) -> StepOutput:
