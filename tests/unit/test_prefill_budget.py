@@ -141,6 +141,35 @@ def test_where_the_fixed_cost_takes_most_of_the_spare_tokens_as_dear_as_it_go() 
     assert gpu_like(fixed_s=0.0002).tokens(decoding=64, waiting=1) == pytest.approx(350, rel=0.05)
 
 
+def test_turns_arriving_as_the_gpu_can_take_them_do_not_queue() -> None:
+    # 64 streams decoding, a turn of 300 new prompt tokens every 6 steps, the GPU-like costs
+    # above: its prompt tokens are 0.04% of its time, so the turns must not wait on each other;
+    # under the old cliff (25 tokens a step) they queued without end, a first token seconds late
+    budget = gpu_like()
+    waiting: list[int] = []  # prompt tokens left, oldest first
+    longest = 0
+    slowest = 0.0
+    for step in range(3000):
+        if step % 6 == 0:
+            waiting.append(300)
+        n = 0
+        if waiting:
+            left = budget.tokens(decoding=64, waiting=len(waiting))
+            while waiting and left:
+                took = min(waiting[0], left)
+                waiting[0] -= took
+                left -= took
+                n += took
+                if waiting[0] == 0:
+                    waiting.pop(0)
+        seconds = 0.0016 + (0.0015 + n * 0.000004 if n else 0.0)
+        budget.observe(seconds, decode_rows=64, prompt_tokens=n)
+        longest, slowest = max(longest, len(waiting)), max(slowest, seconds)
+    assert longest <= 2
+    # and no step stalls the streams past the decode step and twice the fixed cost, and a bit
+    assert slowest <= 0.0016 + 2 * 0.0015 + 0.0005
+
+
 def test_one_slow_step_does_not_starve_the_next() -> None:
     # a compile for a new shape: one 512-token step of 400 ms where 3.5 ms was usual
     budget = gpu_like()
