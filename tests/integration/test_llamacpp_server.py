@@ -95,6 +95,12 @@ def test_the_next_turn_reports_the_prompt_tokens_its_slot_held(srv: Server) -> N
     assert one["usage"]["prompt_tokens"] - 4 <= cached < two["usage"]["prompt_tokens"]
     assert counted() - before >= cached
     # and the share of prompt tokens found cached, on /load and /metrics, as a pool's hit rate
-    rate = httpx.get(f"{srv.url}/load", timeout=TIMEOUT_S).json()["prefix_hit_rate"]
+    load = httpx.get(f"{srv.url}/load", timeout=TIMEOUT_S).json()
+    rate = load["prefix_hit_rate"]
     assert 0 < rate < 1
     assert metric("chatqueue_prefix_cache_hit_rate") == pytest.approx(rate, abs=1e-3)
+    # what the prefill budget learned from the model process's steps, on /load: a decode step's
+    # time and a prompt token's, from which a step's prompt tokens beside decode follow
+    prefill = load["prefill"]
+    assert (prefill["most"], prefill["stall_limit"]) == (512, 2.0)  # the defaults
+    assert prefill["decode_ms"] > 0 and prefill["prompt_token_ms"] > 0

@@ -87,6 +87,9 @@ class LoadInfo:
     kv_blocks_free: int | None = None
     kv_tokens_live: int | None = None  # tokens the running requests hold (shared ones each time)
     prefix_hit_rate: float | None = None  # tokens found cached / tokens allocated, so far
+    # what the runner's prefill budget has learned, where it has one (`PrefillBudget.describe`):
+    # the prompt tokens a step may take beside decode follow from it
+    prefill: dict[str, float | int | None] | None = None
 
     @property
     def max_processing(self) -> int:
@@ -502,5 +505,6 @@ class ChatQueue:
             drain_rate_per_s=s.drain.rate(now),
             retry_after_s=s.retry_after(now),
             state=self.health,
+            prefill=self._engine.prefill,
             **pool,  # type: ignore[arg-type]
         )

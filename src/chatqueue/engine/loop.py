@@ -147,6 +147,7 @@ class Engine:
         self._has_ended = False  # the engine thread has returned
         self.lost: RunnerLost | None = None  # set by `_step` when the model went away
         self._lost_step_seqs: list[Sequence] = []
+        self.prefill: dict[str, float | int | None] | None = None  # the runner's, latest told
 
     # -- the event loop's side (short critical sections only) -----------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -612,6 +613,8 @@ class Engine:
         outbox: Outbox = []
         ended: list[tuple[Sequence, FinishReason]] = []
         computed: list[tuple[Sequence, int]] = []  # the KV written: every token fed this step
+        if output.prefill is not None:
+            self.prefill = output.prefill
         num_tokens = 0
         for seq in seqs:
             if seq.state is not RequestState.RUNNING:

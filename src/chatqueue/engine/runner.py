@@ -131,10 +131,13 @@ class StepOutput:
     # cache, where the runner finds its prefix reuse itself (llama.cpp's slots); a KV pool's
     # reuse is the scheduler's, known at admission (`NewSequence.num_cached_tokens`)
     cached: dict[int, int] = field(default_factory=dict)
+    # what the runner's prefill budget has learned (`PrefillBudget.describe`), from a runner
+    # that has one: the engine keeps the latest for /load
+    prefill: dict[str, float | int | None] | None = None
 
     def __reduce__(self) -> tuple[type[StepOutput], tuple[Any, ...]]:
         # as StepBatch's
-        return StepOutput, (self.tokens, self.logprobs, self.busy_s, self.cached)
+        return StepOutput, (self.tokens, self.logprobs, self.busy_s, self.cached, self.prefill)
 
 
 class RunnerLost(Exception):

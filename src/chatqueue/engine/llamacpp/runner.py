@@ -116,13 +116,11 @@ class LlamaCppRunner:
             self._forget(decoding + self._prefilling)
             raise
         output = self._sample(batch, decoding, finishing, logits)
-        if cached:
-            output = replace(output, cached=cached)
         prompt_tokens = self._ctx.batch.size - len(decoding)
         self._budget.observe(
             time.perf_counter() - began, decode_rows=len(decoding), prompt_tokens=prompt_tokens
         )
-        return output
+        return replace(output, cached=cached, prefill=self._budget.describe())
 
     def close(self) -> None:
         self._ctx.close()

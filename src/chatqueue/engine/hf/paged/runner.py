@@ -25,7 +25,7 @@ import contextlib
 import gc
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -180,7 +180,7 @@ class HFPagedRunner:
         self._budget.observe(
             time.perf_counter() - began, decode_rows=decode_rows, prompt_tokens=prompt_tokens
         )
-        return output
+        return replace(output, prefill=self._budget.describe())
 
     def close(self) -> None:
         device = self.device
