@@ -7,9 +7,10 @@ its prompt: `MIN_SHARED`), then fills one batch: a token for every decoding sequ
 sampled token, at its next position, logits wanted), then prompt tokens up to `prefill_chunk`
 (fewer while sequences decode, where the step would outlast `prefill_stall_limit` decode steps:
 `engine/prefill_budget.py`), oldest prompt first; a prompt's last token wants logits. llama.cpp
-splits the batch into its own micro-batches. The logits come back as one [rows, vocab] tensor: decoding rows first, in the
-sampler's row order, then the prompts that finished, which join the sampler's rows. A prompt longer
-than the chunk runs over several steps and is in no step's output until its last chunk."""
+splits the batch into its own micro-batches. The logits come back as one [rows, vocab] tensor:
+decoding rows first, in the sampler's row order, then the prompts that finished, which join the
+sampler's rows. A prompt longer than the chunk runs over several steps and is in no step's output
+until its last chunk; one waiting for another's shared start to copy is in none until then."""
 
 from __future__ import annotations
 
