@@ -160,11 +160,14 @@ class Subject:
         return ChatQueue(runner, max_concurrent=SLOTS, max_queue_size=SLOTS, overlap_steps=overlap)
 
 
-def load(kind: str, *, prefix_caching: Literal["on", "off"] = "on") -> Subject:
+def load(
+    kind: str, *, prefix_caching: Literal["on", "off"] = "on", prefill_chunk: int = 512
+) -> Subject:
     """`kind`: "hf" (the paged runner, decode packed with prefill), "hf-apart" (its decode step
     apart, as on a GPU: `--kv-cache paged`) or "llamacpp"."""
     settings = Settings(
         prefix_caching=prefix_caching,
+        prefill_chunk=prefill_chunk,
         engine="hf" if kind.startswith("hf") else kind,  # type: ignore[arg-type]
         kv_cache="paged" if kind == "hf-apart" else "auto",
         device="cpu",
@@ -403,4 +406,42 @@ def test_prompts_sharing_a_system_prompt_take_a_copy_of_its_cache() -> None:
     assert cached == {1: shared[0], 2: shared[1]}
     assert stats.reused_tokens - reused == sum(shared)
     assert {i: outputs[i][: len(e)] for i, e in expected.items()} == expected
+    subject.runner.close()
+
+
+def test_a_prompt_waiting_for_a_shared_start_whose_source_leaves_computes_its_own() -> None:
+    """llama.cpp only: two chats with one long system prompt arrive together, in 32-token chunks;
+    the first is cancelled before its prompt is in: the second, waiting to copy it, prefills the
+    whole prompt itself, to the reply a fresh prefill gives."""
+    subject = load("llamacpp", prefill_chunk=32)
+    runner = subject.runner.model
+    stats = runner.prefix_stats  # type: ignore[attr-defined]
+    tokenizer = subject.runner.tokenizer
+    system = "Always answer in French. " * 16
+    first, second = (
+        tokenizer.apply_chat_template([ChatMessage("system", system), ChatMessage("user", q)])
+        for q in ("What is 10+10?", "Say hello.")
+    )
+    expected = subject.settled(second, 8)
+    assert expected  # not vacuous (as above: in French)
+    reused = stats.reused_tokens
+
+    a, b = NewSequence(0, first, GREEDY), NewSequence(1, second, GREEDY)
+    outputs = [runner.step(StepBatch(new=[a, b], running=[], released=[]))]
+    outputs.append(runner.step(StepBatch(new=[], running=[0, 1], released=[])))
+    assert not any(out.tokens for out in outputs)  # both still prefilling (the second waiting)
+    tokens: list[int] = []
+    released: list[int] = [0]  # cancelled mid-prompt
+    for _ in range(32):  # its prompt in 32-token chunks, then 8 tokens
+        out = runner.step(StepBatch(new=[], running=[1], released=released))
+        outputs.append(out)
+        tokens += [out.tokens[1]] if 1 in out.tokens else []
+        released = []
+        if len(tokens) == 8:
+            break
+    runner.step(StepBatch(new=[], running=[], released=[1]))
+
+    assert tokens[: len(expected)] == expected
+    assert stats.reused_tokens == reused  # nothing copied, nothing reused
+    assert not any(out.cached for out in outputs)
     subject.runner.close()
