@@ -164,8 +164,9 @@ class LlamaCppRunner:
         slot, cached = self._table.best_elsewhere(seq.slot, prompt)
         ahead, shared = None, 0
         for other in self._prefilling:
-            n = common_prefix(other.new.prompt_ids, prompt, len(prompt) - 1)
-            if other.source is None and n > shared:
+            if other.source is not None:  # itself waiting for a copy: its source is a candidate
+                continue
+            if (n := common_prefix(other.new.prompt_ids, prompt, len(prompt) - 1)) > shared:
                 ahead, shared = other, n
         if max(cached, shared) < seq.length + MIN_SHARED:
             return
