@@ -81,6 +81,96 @@ async def stream_chat(
     return stamps, tokens
 
 
+class StreamClients:
+    """Streamed completions sent at once from `processes` client processes, each with its own
+    event loop: one Python process reading 256 streams' chunks (an aiohttp read and a JSON parse
+    each, tens of microseconds) falls behind a server that sends them faster, and its own delays
+    then read as the server's inter-token gaps. Each process also times a 10 ms timer on its loop
+    while its streams run: `client_lag` says whether the load generator kept up.
+    perf_counter is CLOCK_MONOTONIC on Linux: one clock for every process."""
+
+    def __init__(self, processes: int) -> None:
+        ctx = mp.get_context("spawn")
+        self._conns = []
+        self._procs = []
+        for _ in range(max(1, processes)):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_client_main, args=(child,), daemon=True)
+            proc.start()
+            self._conns.append(parent)
+            self._procs.append(proc)
+        for conn in self._conns:  # each has imported aiohttp and is ready
+            conn.recv()
+
+    def run(
+        self, url: str, bodies: list[dict[str, object]]
+    ) -> tuple[float, float, list[tuple[list[float], int]], list[float]]:
+        """Every body streamed at once (spread round-robin over the processes, all starting at
+        one instant). Returns that instant, when the last stream ended, each body's (chunk
+        arrival times, tokens) in order, and the client loops' timer lags."""
+        start = time.perf_counter() + 0.2
+        k = len(self._conns)
+        for i, conn in enumerate(self._conns):
+            conn.send((url, bodies[i::k], start))
+        results: list[tuple[list[float], int]] = [([], 0)] * len(bodies)
+        lags: list[float] = []
+        end = start
+        for i, conn in enumerate(self._conns):
+            part, part_lags, part_end = conn.recv()
+            results[i::k] = part
+            lags += part_lags
+            end = max(end, part_end)
+        return start, end, results, lags
+
+    def close(self) -> None:
+        for conn in self._conns:
+            conn.send(None)
+        for proc in self._procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+
+    def __enter__(self) -> StreamClients:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _client_main(conn) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    conn.send("ready")
+    while (job := conn.recv()) is not None:
+        url, bodies, start = job
+        conn.send(asyncio.run(_client_run(url, bodies, start)))
+
+
+async def _client_run(
+    url: str, bodies: list[dict[str, object]], start: float
+) -> tuple[list[tuple[list[float], int]], list[float], float]:
+    import asyncio
+
+    lags: list[float] = []
+    done = False
+
+    async def timer() -> None:
+        while not done:
+            t = time.perf_counter()
+            await asyncio.sleep(0.01)
+            lags.append(time.perf_counter() - t - 0.01)
+
+    connector = aiohttp.TCPConnector(limit=len(bodies) + 4)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await asyncio.sleep(max(0.0, start - time.perf_counter()))
+        ticking = asyncio.create_task(timer())
+        results = await asyncio.gather(*(stream_chat(session, url, b) for b in bodies))
+        end = time.perf_counter()
+        done = True
+        await ticking
+    return list(results), lags, end
+
+
 def _probe(url: str, period_s: float, stop: object, out: object, ready: object) -> None:
     latencies: list[tuple[float, float]] = []  # (when, how long)
     ready.set()  # type: ignore[attr-defined]
@@ -128,6 +218,7 @@ def summary(values: list[float]) -> str:
 
 __all__ = [
     "Server",
+    "StreamClients",
     "health_probe",
     "lag_summary",
     "pct",

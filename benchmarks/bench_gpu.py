@@ -45,6 +45,7 @@ from gpu_model import PROMPT_TOKENS, build_model, paged_runner, static_runner
 NEW_TOKENS = 256
 DEVICE = "cuda"  # `--cpu`: a small model on the CPU, to run the script anywhere
 HTTP_STREAMS = 64
+CLIENT_PROCESSES = 4  # the load generator's processes (`--client-processes`)
 KV_CACHE = "static"  # `--kv-cache paged`: the paged pool's runner, in-process and served
 RESULTS: dict[str, object] = {}
 
@@ -389,9 +390,7 @@ def serve_and_measure(
     (keys suffixed with `_off` for the server whose model runs in the server's own process
     (`--model-process off`), `_serial` without a step in flight, `_auto` with auto's, `_apiN` for
     N API servers; the event-loop lag is then every API server's)."""
-    import aiohttp
-
-    from _common import from_each_process, health_probe, pct, stream_chat, wait_healthy
+    from _common import StreamClients, from_each_process, health_probe, pct, wait_healthy
 
     n = HTTP_STREAMS
     port = 8123
@@ -419,6 +418,7 @@ def serve_and_measure(
         env=env,
     )
     url = f"http://127.0.0.1:{port}"
+    clients: StreamClients | None = None
     try:
         wait_healthy(url, server, period_s=0.5)
         body = {
@@ -430,39 +430,36 @@ def serve_and_measure(
             "ignore_eos": True,
         }
 
-        async def run() -> tuple[float, list[float], list[float]]:
-            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=n + 4)) as s:
-                t0 = time.perf_counter()
-                res = await asyncio.gather(
-                    *(
-                        stream_chat(
-                            s, url, {**body, "messages": [{"role": "user", "content": f"r{i}"}]}
-                        )
-                        for i in range(n)
-                    )
-                )
-                elapsed = time.perf_counter() - t0
+        bodies = [{**body, "messages": [{"role": "user", "content": f"r{i}"}]} for i in range(n)]
+
+        def run() -> tuple[float, list[float], list[float], list[float]]:
+            t0, end, res, lags = clients.run(url, bodies)
+            elapsed = end - t0
             ttft = [st[0] - t0 for st, _ in res if st]
             itl = [b - a for st, _ in res for a, b in itertools.pairwise(st)]
-            return sum(t for _, t in res) / elapsed, ttft, itl
+            return sum(t for _, t in res) / elapsed, ttft, itl, lags
 
-        asyncio.run(run())  # warm
-        http, ttfts, itls, starts = [], [], [], []
+        clients = StreamClients(CLIENT_PROCESSES)
+        run()  # warm
+        http, ttfts, itls, starts, client_lags = [], [], [], [], []
         spy = _py_spy(server.pid, profile_dir, mode) if profile_dir else None
         from_each_process(url, "POST", "/bench/lag", api_servers)
         with health_probe(url, period_s=0.01) as probes:
             for _ in range(3):
                 starts.append(time.perf_counter())
-                tps, ttft, itl = asyncio.run(run())
+                tps, ttft, itl, lags = run()
                 http.append(tps)
                 ttfts += ttft
                 itls += itl
+                client_lags += lags
         recorded = from_each_process(url, "GET", "/bench/lag", api_servers)
         timer = [tuple(x) for samples in recorded for x in samples]  # type: ignore[attr-defined]
         if spy is not None:
             spy.send_signal(2)
             spy.wait(60)
     finally:
+        if clients is not None:
+            clients.close()
         server.terminate()
         server.wait(30)
     h = statistics.median(http)
@@ -478,6 +475,7 @@ def serve_and_measure(
             f"ttft_p99_ms{suffix}": pct(ttfts, 99) * 1e3,
             f"itl_p50_ms{suffix}": pct(itls, 50) * 1e3,
             f"itl_p99_ms{suffix}": pct(itls, 99) * 1e3,
+            f"client_lag_p99_ms{suffix}": pct(client_lags, 99) * 1e3,
         }
     )
     label = f"model process {mode}, overlap-steps {overlap}, api-servers {api_servers}"
@@ -489,7 +487,9 @@ def serve_and_measure(
     log(
         f"[{label}] TTFT p50 {pct(ttfts, 50) * 1e3:.0f} ms p99 "
         f"{pct(ttfts, 99) * 1e3:.0f} ms; inter-token p50 {pct(itls, 50) * 1e3:.1f} ms p99 "
-        f"{pct(itls, 99) * 1e3:.1f} ms; runs {[round(x) for x in http]} tok/s"
+        f"{pct(itls, 99) * 1e3:.1f} ms; runs {[round(x) for x in http]} tok/s; the load "
+        f"generator's loops ({CLIENT_PROCESSES} processes) lag p99 "
+        f"{pct(client_lags, 99) * 1e3:.1f} ms"
     )
     return h
 
@@ -557,6 +557,12 @@ def main() -> None:
     ap.add_argument("--kv-cache", choices=["static", "paged"], default="static")
     ap.add_argument("--http-streams", type=int, default=64)
     ap.add_argument(
+        "--client-processes",
+        type=int,
+        default=None,
+        help="the load generator's processes, the streams spread over them (default 4; --cpu 1)",
+    )
+    ap.add_argument(
         "--api-servers", default="1", help="HTTP server processes, a list: 1,4 (each in turn)"
     )
     ap.add_argument(
@@ -576,11 +582,12 @@ def main() -> None:
         ap.error("the floor part times the static cache: bench_paged_gpu.py times the pool's")
     import transformers
 
-    global DEVICE, NEW_TOKENS, HTTP_STREAMS, SLOTS, KV_CACHE
+    global DEVICE, NEW_TOKENS, HTTP_STREAMS, SLOTS, KV_CACHE, CLIENT_PROCESSES
     KV_CACHE, HTTP_STREAMS = args.kv_cache, args.http_streams
     SLOTS = max(SLOTS, HTTP_STREAMS)
     if args.cpu:
-        DEVICE, NEW_TOKENS, HTTP_STREAMS, SLOTS = "cpu", 32, 8, 16
+        DEVICE, NEW_TOKENS, HTTP_STREAMS, SLOTS, CLIENT_PROCESSES = "cpu", 32, 8, 16, 1
+    CLIENT_PROCESSES = args.client_processes or CLIENT_PROCESSES
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (small model)"
     log(f"device {name} torch {torch.__version__} transformers {transformers.__version__}")
     if not args.no_check:
