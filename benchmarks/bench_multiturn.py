@@ -149,7 +149,8 @@ async def ask(
 
 
 def sample_kv(url: str, stop: threading.Event, out: list[tuple[int, int, int]]) -> None:
-    """/load every 0.2 s; every 20 s a line of it, to follow a long run."""
+    """/load every 0.2 s; every 10 s a line of it, to follow a long run (with what the prefill
+    budget has learned: a decode step, a prompt token, a prompt step's fixed cost)."""
     began = time.perf_counter()
     with httpx.Client(timeout=30) as client:
         for sample in itertools.count():
@@ -159,10 +160,11 @@ def sample_kv(url: str, stop: threading.Event, out: list[tuple[int, int, int]]) 
                 load = client.get(f"{url}/load").json()
             except httpx.TransportError:  # a keep-alive connection closed under us: ask again
                 continue
-            if sample % 100 == 99:
+            if sample % 50 == 49:
                 print(
                     f"  {time.perf_counter() - began:.0f} s: processing {load['processing']}, "
-                    f"waiting {load['waiting']}, KV blocks used {load['kv_blocks_used']}",
+                    f"waiting {load['waiting']}, KV blocks used {load['kv_blocks_used']}, "
+                    f"prefill {load.get('prefill')}",
                     flush=True,
                 )
             if load["processing"] and load["kv_blocks_used"] is not None:

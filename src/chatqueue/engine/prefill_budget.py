@@ -7,13 +7,17 @@ that suits a GPU stalls streams for seconds. `PrefillBudget` learns, from the ru
 times, what a decode step costs and what prompt tokens add (a fixed cost for a step that has any,
 and a cost a token, fitted over steps of different sizes), and while streams decode gives a step
 only as many prompt tokens as keep it within `stall_limit` decode steps. With nothing decoding,
-a step takes the whole `--prefill-chunk`. While streams decode and what a decode step or a prompt
-token costs is not known yet, a step takes `MIN_TOKENS`, to learn it: a step of prompt tokens
-alone teaches what they cost, and the first step of both then teaches the decode step's cost
-(the rest of its time), so that the budget holds from the second step beside decode on. NOTE:
-before, it took the whole chunk until a step of decode alone was measured, which never comes
-while prompts keep arriving: on a CPU (llama.cpp, 6 ms a prompt token) every stream stalled 3 s
-at each 512-token chunk, 16x its usual gap, through the first turns of 8 chats.
+a step takes the whole `--prefill-chunk`. While streams decode and what a decode step costs is
+not known yet, a step decodes alone, to learn it; while what a prompt token costs is not, a step
+takes `MIN_TOKENS`. NOTE: before, the first step beside decode taught the decode step's cost (its
+time less what its prompt tokens were thought to cost), which a wrong thought ruined for good:
+on an H100 the server's first step (465 prompt tokens alone, a warm-up) took 568 ms, read as
+1.2 ms a token, so no step beside decode ever seemed to leave any time for decode, the decode
+step was never learned (no step decodes alone while prompts keep arriving), every step took
+`MIN_TOKENS`, and 64 multi-turn chats' turns waited 1.7 s for their first token. And before that,
+it took the whole chunk until a step of decode alone was measured: on a CPU (llama.cpp, 6 ms a
+prompt token) every stream stalled 3 s at each 512-token chunk through the first turns of 8
+chats.
 
 NOTE: why a fixed cost. Where a step with prompt tokens runs eager beside a decode step that is
 a CUDA graph (the paged runner on a GPU where its packed step cannot run: the model's own
@@ -34,6 +38,19 @@ steps can read a fixed cost into a machine whose prompt tokens cost only by thei
 fixed from a 16-token step that ran slow), and the whole chunk there was 512 tokens, a 3 s stall
 of every stream.
 
+NOTE: why the fit is kept by size of step, a decode step far slower than usual left out, and a
+step far faster than predicted a reason to start over. Beside decode each step takes about what
+it was granted, so a mean over recent steps soon holds one size, which cannot tell a fixed cost
+from a cost a token; read as a cost a token alone, the fixed cost lands on the few tokens of each
+step and keeps the grants that few. A decode step that ran slow for reasons of its own (a page
+fault, another process) raised the learned decode step, so steps beside decode read their prompt
+tokens cheaper than they were, the fit's slope turned negative, and again a cost a token alone.
+Both ended, in a simulation of 64 chats on an H100's costs, at 16 tokens a step and turns
+queueing for their first token. Each size's smoothed step (by powers of two) is now kept until
+that size comes again (or `_FORGET` steps pass), and the line through them is Theil-Sen's (the
+median slope between sizes), so the larger steps of earlier grants or of prompts alone keep the
+slope, and one size's stray point moves it little.
+
 NOTE: why the bound gives way where more prompts wait than streams decode. A step's prompt time
 stalls each of the D decoding streams by that much, and brings each of the W admitted prompts
 still waiting for their first token nearer by as much (prefill goes oldest first, and each step
@@ -47,7 +64,8 @@ decode and few prompts wait (a chat server's steady state), the limit holds as s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import statistics
+from dataclasses import dataclass, field
 
 # NOTE: the fewest prompt tokens a step takes, whatever the timing: a prompt always advances,
 # and per-step costs (a forward's fixed overhead) are spread over enough tokens to be worth it.
@@ -55,7 +73,7 @@ MIN_TOKENS = 16
 # Mixed steps with fewer prompt tokens than this say little of what a token costs (timer noise).
 _MIN_SAMPLE_TOKENS = 8
 _SMOOTHING = 0.2  # exponential moving averages: a new step's weight
-# A fit needs the steps' prompt tokens to vary by this much (standard deviation ÷ mean).
+# Two sizes of step give a slope where one has this much more prompt tokens than the other.
 _VARIED = 0.1
 # NOTE: a step with prompt tokens that took more than this many times what the fit predicts for
 # it (or than steps' prompt tokens have added lately, where that is more) is left out, unless
@@ -66,6 +84,9 @@ _VARIED = 0.1
 # new packed shape, is the likely cause). A machine that really slows is followed from its
 # second slow step.
 _OUTLIER = 4.0
+# A size of step not seen in this many steps with prompt tokens is forgotten: old enough to keep
+# the line's slope through a while of steps of one size, young enough to follow the machine.
+_FORGET = 512
 
 
 @dataclass(slots=True)
@@ -76,11 +97,15 @@ class PrefillBudget:
     most: int
     stall_limit: float | None
     decode_s: float | None = None  # a decode-only step, smoothed
-    # moments of (prompt tokens n, seconds t they added to a step), smoothed: n, t, n*n, n*t
-    _moments: tuple[float, float, float, float] | None = None
+    # (prompt tokens n, seconds t they added to a step, when) smoothed for each size of step
+    # (by powers of two), and the steps with prompt tokens counted
+    _sizes: dict[int, tuple[float, float, int]] = field(default_factory=dict)
+    _steps: int = 0
+    _recent_s: float | None = None  # the seconds steps' prompt tokens added, smoothed
     _fixed_s: float = 0.0
     _token_s: float | None = None
     _slow: bool = False  # the last step with prompt tokens was far slower than usual
+    _slow_decode: bool = False  # the last decode step alone was
 
     @property
     def token_s(self) -> float | None:
@@ -97,7 +122,9 @@ class PrefillBudget:
         prompts admitted that have no first token yet."""
         if not decoding or self.stall_limit is None:
             return self.most
-        if self.decode_s is None or self._token_s is None:  # not known yet: a few, to learn
+        if self.decode_s is None:
+            return 0  # a step of decode alone, to learn what one costs
+        if self._token_s is None:  # not known yet: a few, to learn
             return min(self.most, MIN_TOKENS)
         fixed_s, token_s = self._fixed_s, self._token_s
         many = max(1.0, waiting / decoding)  # the waiting many outweigh the decoding few
@@ -111,43 +138,61 @@ class PrefillBudget:
         """A step's time, with how many decode rows and prompt tokens it ran."""
         if prompt_tokens == 0:
             if decode_rows:
-                self.decode_s = _smooth(self.decode_s, seconds)
+                slow, slow_before = self._far_slower(seconds, self.decode_s), self._slow_decode
+                self._slow_decode = slow
+                if not slow or slow_before:  # one alone is left out, as for prompt steps
+                    self.decode_s = _smooth(self.decode_s, seconds)
             return
-        if prompt_tokens < _MIN_SAMPLE_TOKENS:
-            return
-        if decode_rows and self.decode_s is None:
-            if self._token_s is not None:  # the prompt tokens' part known: the rest is decode
-                rest = seconds - self._fixed_s - prompt_tokens * self._token_s
-                self.decode_s = rest if rest > 0 else None
-            return
-        base_s = self.decode_s if decode_rows and self.decode_s is not None else 0.0
-        n, t = float(prompt_tokens), max(seconds - base_s, 0.0)
-        if self._moments is not None and self._token_s is not None:
-            usual = max(self._fixed_s + n * self._token_s, self._moments[1])
-            slow, slow_before = t > _OUTLIER * usual, self._slow
+        if prompt_tokens < _MIN_SAMPLE_TOKENS or (decode_rows and self.decode_s is None):
+            return  # too few to say what they cost; or beside a decode step of unknown cost
+        # what the prompt tokens added: a step of prompts alone streams the weights too
+        n, t = float(prompt_tokens), max(seconds - (self.decode_s or 0.0), 0.0)
+        if self._recent_s is not None and self._token_s is not None:
+            predicted = self._fixed_s + n * self._token_s
+            usual = max(predicted, self._recent_s)
+            slow, slow_before = self._far_slower(t, usual), self._slow
             self._slow = slow
             if slow and not slow_before:  # one alone is left out; from two in a row on, they count
                 return
-        sample = (n, t, n * n, n * t)
-        old = self._moments
-        self._moments = (
-            sample
-            if old is None
-            else tuple(o + _SMOOTHING * (x - o) for o, x in zip(old, sample, strict=True))  # type: ignore[assignment]
-        )
+            # the machine changed (slow steps in a row), or what was learned was wrong (a step
+            # far faster than it predicts): what the other sizes cost tells nothing now
+            if slow or self._far_slower(predicted, t):
+                self._sizes.clear()
+                self._recent_s = None
+        self._steps += 1
+        self._recent_s = _smooth(self._recent_s, t)
+        size = prompt_tokens.bit_length()
+        old = self._sizes.get(size)
+        if old is None:
+            self._sizes[size] = (n, t, self._steps)
+        else:
+            self._sizes[size] = (_smooth(old[0], n), _smooth(old[1], t), self._steps)
         self._fit()
 
+    @staticmethod
+    def _far_slower(seconds: float, usual: float | None) -> bool:
+        return usual is not None and seconds > _OUTLIER * usual
+
     def _fit(self) -> None:
-        """(fixed, per token) seconds: a least-squares line through the smoothed samples; where
-        their sizes hardly vary, a cost a token alone."""
-        assert self._moments is not None
-        n, t, nn, nt = self._moments
-        variance = nn - n * n
-        if variance > (_VARIED * n) ** 2:
-            slope = (nt - n * t) / variance
-            if slope > 0:
-                self._fixed_s, self._token_s = max(t - slope * n, 0.0), slope
-                return
+        """(fixed, per token) seconds: a line through each size's smoothed step (Theil-Sen: the
+        median of the slopes between every two sizes, so that one size's stray point moves it
+        little); with one size, or no rising slope, a cost a token alone."""
+        for size in [s for s, (_, _, when) in self._sizes.items() if self._steps - when > _FORGET]:
+            del self._sizes[size]
+        points = sorted((n, t) for n, t, _ in self._sizes.values())
+        slopes = [
+            (t1 - t0) / (n1 - n0)
+            for i, (n0, t0) in enumerate(points)
+            for n1, t1 in points[i + 1 :]
+            if n1 > n0 * (1 + _VARIED)
+        ]
+        slope = statistics.median(slopes) if slopes else 0.0
+        if slope > 0:
+            fixed = statistics.median(t - slope * n for n, t in points)
+            self._fixed_s, self._token_s = max(fixed, 0.0), slope
+            return
+        n = statistics.fmean(n for n, _ in points)
+        t = statistics.fmean(t for _, t in points)
         self._fixed_s, self._token_s = 0.0, t / n
 
     def describe(self) -> dict[str, float | int | None]:
