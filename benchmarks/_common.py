@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing as mp
 import statistics
@@ -37,15 +38,23 @@ def wait_healthy(
         time.sleep(period_s)
 
 
-def from_each_process(url: str, method: str, path: str, processes: int) -> list[object]:
+def from_each_process(
+    url: str, method: str, path: str, processes: int, *, timeout_s: float = 120
+) -> list[object]:
     """`method path` (a lag_recorder route) answered by each of the `processes` serving `url`
-    (its API servers): asked on a new connection each time until every one has answered."""
+    (its API servers): asked on a new connection each time until every one has answered. An API
+    server still starting (the first to answer /health is not the last up) is waited for."""
     answers: dict[int, object] = {}
-    for _ in range(64 * processes):
+    deadline = time.monotonic() + timeout_s
+    for attempt in itertools.count():
         body = httpx.request(method, f"{url}{path}", timeout=30).json()
         answers.setdefault(body["pid"], body["data"])
         if len(answers) == processes:
             return list(answers.values())
+        if time.monotonic() > deadline:
+            break
+        if attempt >= 16 * processes:  # not a matter of luck: one is not listening yet
+            time.sleep(0.1)
     raise RuntimeError(f"{path}: only {len(answers)} of {processes} processes answered")
 
 

@@ -439,6 +439,7 @@ def serve_and_measure(
             itl = [b - a for st, _ in res for a, b in itertools.pairwise(st)]
             return sum(t for _, t in res) / elapsed, ttft, itl, lags
 
+        from_each_process(url, "GET", "/bench/lag", api_servers)  # every API server is up
         clients = StreamClients(CLIENT_PROCESSES)
         run()  # warm
         http, ttfts, itls, starts, client_lags = [], [], [], [], []
