@@ -38,18 +38,23 @@ steps can read a fixed cost into a machine whose prompt tokens cost only by thei
 fixed from a 16-token step that ran slow), and the whole chunk there was 512 tokens, a 3 s stall
 of every stream.
 
-NOTE: why the fit is kept by size of step, a decode step far slower than usual left out, and a
-step far faster than predicted a reason to start over. Beside decode each step takes about what
-it was granted, so a mean over recent steps soon holds one size, which cannot tell a fixed cost
-from a cost a token; read as a cost a token alone, the fixed cost lands on the few tokens of each
-step and keeps the grants that few. A decode step that ran slow for reasons of its own (a page
-fault, another process) raised the learned decode step, so steps beside decode read their prompt
-tokens cheaper than they were, the fit's slope turned negative, and again a cost a token alone.
-Both ended, in a simulation of 64 chats on an H100's costs, at 16 tokens a step and turns
-queueing for their first token. Each size's smoothed step (by powers of two) is now kept until
-that size comes again (or `_FORGET` steps pass), and the line through them is Theil-Sen's (the
-median slope between sizes), so the larger steps of earlier grants or of prompts alone keep the
-slope, and one size's stray point moves it little.
+NOTE: why the fit is kept by size of step, a step of another size taken while it has seen one, a
+decode step far slower than usual left out, and the fit started over where steps leave it. Beside
+decode each step takes about what it was granted, so a mean over recent steps soon holds one size,
+which cannot tell a fixed cost from a cost a token; read as a cost a token alone, the fixed cost
+lands on the few tokens of each step and keeps the grants that few (on an H100's costs, 1.5 ms fixed
+and 4 us a token: 16 tokens read as 98 us each). A decode step that ran slow for reasons of its own
+(a page fault, another process) raised the learned decode step, so steps beside decode read their
+prompt tokens cheaper than they were, the fit's slope turned negative, and again a cost a token
+alone. Both ended, in a simulation of 64 chats on an H100's costs
+(`benchmarks/sim_prefill_budget.py`), at 16 tokens a step and turns queueing for their first token.
+Now each size's smoothed step (by powers of two) is kept until that size comes again or `_FORGET`
+steps pass, the line through them is Theil-Sen's (the median slope between sizes: one size's stray
+point moves it little), and where the fit has one size only (or no rising slope) a step takes twice
+its grant, to learn another. Two steps in a row whose prompt tokens took more than `_OFF` times what
+the fit predicts, or less than its inverse, mean the machine changed or what was learned was wrong
+(the warm-up above): the sizes seen are forgotten and the fit starts over from the steps that
+follow.
 
 NOTE: why the bound gives way where more prompts wait than streams decode. A step's prompt time
 stalls each of the D decoding streams by that much, and brings each of the W admitted prompts
@@ -84,9 +89,12 @@ _VARIED = 0.1
 # new packed shape, is the likely cause). A machine that really slows is followed from its
 # second slow step.
 _OUTLIER = 4.0
+# A step whose prompt tokens took more than this many times what the fit predicts, or less than
+# its inverse, is off the fit; two in a row start it over from the steps that follow.
+_OFF = 1.5
 # A size of step not seen in this many steps with prompt tokens is forgotten: old enough to keep
 # the line's slope through a while of steps of one size, young enough to follow the machine.
-_FORGET = 512
+_FORGET = 32
 
 
 @dataclass(slots=True)
@@ -106,6 +114,8 @@ class PrefillBudget:
     _token_s: float | None = None
     _slow: bool = False  # the last step with prompt tokens was far slower than usual
     _slow_decode: bool = False  # the last decode step alone was
+    _off: bool = False  # the last step with prompt tokens was not what the fit predicts
+    _split: bool = False  # the fit tells a fixed cost from a cost a token (steps of two sizes)
 
     @property
     def token_s(self) -> float | None:
@@ -132,6 +142,8 @@ class PrefillBudget:
         # which any prompt token brings
         spare_s = max((self.stall_limit - 1.0) * self.decode_s * many, 2 * fixed_s) - fixed_s
         fits = int(spare_s / token_s) if token_s > 0 else self.most
+        if not self._split:  # steps of one size so far: one of another, to split the costs
+            fits = max(2 * fits, 2 * MIN_TOKENS)
         return max(min(self.most, MIN_TOKENS), min(self.most, fits))
 
     def observe(self, seconds: float, *, decode_rows: int, prompt_tokens: int) -> None:
@@ -154,11 +166,14 @@ class PrefillBudget:
             self._slow = slow
             if slow and not slow_before:  # one alone is left out; from two in a row on, they count
                 return
-            # the machine changed (slow steps in a row), or what was learned was wrong (a step
-            # far faster than it predicts): what the other sizes cost tells nothing now
-            if slow or self._far_slower(predicted, t):
+            off, off_before = not predicted / _OFF <= t <= predicted * _OFF, self._off
+            self._off = off
+            # two steps in a row that the fit does not predict: the machine changed, or what was
+            # learned was wrong (a warm-up); what the other sizes cost tells nothing now
+            if off and off_before:
                 self._sizes.clear()
                 self._recent_s = None
+                self._off = False
         self._steps += 1
         self._recent_s = _smooth(self._recent_s, t)
         size = prompt_tokens.bit_length()
@@ -187,6 +202,7 @@ class PrefillBudget:
             if n1 > n0 * (1 + _VARIED)
         ]
         slope = statistics.median(slopes) if slopes else 0.0
+        self._split = slope > 0
         if slope > 0:
             fixed = statistics.median(t - slope * n for n, t in points)
             self._fixed_s, self._token_s = max(fixed, 0.0), slope
