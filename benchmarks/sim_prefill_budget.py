@@ -7,7 +7,8 @@ row, plus, where it has prompt tokens, `--fixed-ms` + `--token-us` a token; ever
 `--noise` noisy (lognormal) and one in a hundred 2-20 ms slower. `--warmup-ms`: the first step
 (465 prompt tokens alone) takes that long, as a server's first step did on an H100. Prints, for
 each tree (this checkout's `src`, and `--base DIR` another's, side by side in one run) and seed:
-the time to first token of turns >= 3 (p50, p99) and the grants beside decode (p10/p50/p90).
+the time to first token of turns >= 3 (p50, p99), the grants beside decode (p10/p50/p90), and
+the steps with prompt tokens beside decode, p99, against a decode step alone (p50).
 
     .venv/bin/python benchmarks/sim_prefill_budget.py [--limit 2] [--fixed-ms 2.0] [--seeds 3]
         [--base /tmp/base/src]   # e.g. `git archive REV src | tar -x -C /tmp/base`
@@ -38,14 +39,17 @@ def load(src: Path) -> ModuleType:
 
 def chats(
     budget: object, rng: random.Random, args: argparse.Namespace
-) -> tuple[list[float], list[int]]:
-    """Each turn's time to its first token (turns >= 3) and the grants beside decode."""
-    chats_ = 64
+) -> tuple[list[float], list[int], list[float], list[float]]:
+    """Each turn's time to its first token (turns >= 3), the grants beside decode, and the
+    times of steps with decode rows (with prompt tokens, and without)."""
+    chats_ = args.chats
     prompt = {c: (rng.randint(320, 500), 0.0, 1) for c in range(chats_)}  # tokens, since, turn
     order = list(range(chats_))
     decoding: dict[int, tuple[int, int]] = {}  # tokens left, turn
     thinking: dict[int, tuple[float, int]] = {}  # until when, turn
     now, ttfts, grants, first = 0.0, [], [], True
+    mixed: list[float] = []
+    alone: list[float] = []
     while now < args.seconds:
         for chat, (until, turn) in list(thinking.items()):
             if until <= now:
@@ -80,6 +84,8 @@ def chats(
         if first and args.warmup_ms:
             step, first = args.warmup_ms / 1e3, False
         budget.observe(step, decode_rows=rows, prompt_tokens=n)  # type: ignore[attr-defined]
+        if rows:
+            (mixed if n else alone).append(step)
         now += step
         for chat, (left_, turn) in list(decoding.items()):
             if left_ > 1:
@@ -92,7 +98,7 @@ def chats(
             if turn >= 3:
                 ttfts.append(now - since)
             decoding[chat] = (rng.randint(100, 300), turn)
-    return ttfts, grants
+    return ttfts, grants, mixed, alone
 
 
 def pct(values: list[float] | list[int], q: float) -> float:
@@ -112,19 +118,21 @@ def main() -> None:
     ap.add_argument("--warmup-ms", type=float, default=0.0)
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--chats", type=int, default=64)
     ap.add_argument("--base", type=Path, default=None, help="another tree's src, to compare")
     args = ap.parse_args()
     trees = {"this": HERE.parent / "src", **({"base": args.base} if args.base else {})}
     for name, src in trees.items():
         module = load(src)
         for seed in range(args.seeds):
-            ttfts, grants = chats(
+            ttfts, grants, mixed, alone = chats(
                 module.PrefillBudget(args.chunk, args.limit), random.Random(seed), args
             )
             print(
                 f"{name} seed {seed}: TTFT turns>=3 p50 {pct(ttfts, 50) * 1e3:.0f} ms p99 "
                 f"{pct(ttfts, 99) * 1e3:.0f} ms (n={len(ttfts)}); grants beside decode "
-                f"p10/p50/p90 {pct(grants, 10)}/{pct(grants, 50)}/{pct(grants, 90)}"
+                f"p10/p50/p90 {pct(grants, 10)}/{pct(grants, 50)}/{pct(grants, 90)}; steps "
+                f"beside decode p99 {pct(mixed, 99) / pct(alone, 50):.1f}x a decode step's p50"
             )
 
 

@@ -209,12 +209,18 @@ def test_no_limit_means_the_chunk() -> None:
 
 
 def test_it_follows_the_machine_as_it_changes() -> None:
-    budget = learned(decode_s=0.1, token_s=0.005)
-    assert budget.tokens(decoding=8, waiting=1) == 40
-    for _ in range(40):  # the machine gets twice as slow at prompts
+    budget = learned(decode_s=0.1, token_s=0.002)
+    assert budget.tokens(decoding=8, waiting=1) == 100  # 200 ms of spare
+    for _ in range(10):  # the machine gets three times as slow at prompts: two steps tell it
         n = budget.tokens(decoding=8, waiting=1)
-        budget.observe(0.1 + n * 0.01, decode_rows=8, prompt_tokens=n)
-    assert budget.tokens(decoding=8, waiting=1) == pytest.approx(20, abs=1)
+        budget.observe(0.1 + n * 0.006, decode_rows=8, prompt_tokens=n)
+    assert budget.tokens(decoding=8, waiting=1) == pytest.approx(33, abs=1)
+    # a change of less than 2x (off the fit by less than `_OFF`) is followed as the sizes the
+    # fit holds come again, or are forgotten: within a few hundred steps with prompt tokens
+    for _ in range(300):
+        n = budget.tokens(decoding=8, waiting=1)
+        budget.observe(0.1 + n * 0.004, decode_rows=8, prompt_tokens=n)
+    assert budget.tokens(decoding=8, waiting=1) == pytest.approx(50, abs=1)
 
 
 def test_steps_with_few_prompt_tokens_teach_nothing_of_their_cost() -> None:

@@ -91,10 +91,10 @@ _VARIED = 0.1
 _OUTLIER = 4.0
 # A step whose prompt tokens took more than this many times what the fit predicts, or less than
 # its inverse, is off the fit; two in a row start it over from the steps that follow.
-_OFF = 1.5
+_OFF = 2.0
 # A size of step not seen in this many steps with prompt tokens is forgotten: old enough to keep
 # the line's slope through a while of steps of one size, young enough to follow the machine.
-_FORGET = 32
+_FORGET = 256
 
 
 @dataclass(slots=True)
