@@ -3,8 +3,8 @@
 # weights): 64 multi-turn chats through the server at the defaults, the burst of 64 and 256
 # requests by prefill chunk and stall limit (the budget traced), the front at 256 streams over 4
 # API servers, then decode ms/step / the bandwidth floor. Each part's full output lands in $OUT.
-# carry: [".whl", ".bench"]  (.whl: benchmarks/device/wheels.sh; .bench/smollm2-tokenizer: the
-# converted default model's tokenizer files and config.json, for the multi-turn chats' vocab)
+# carry: [".whl", ".bench"]  (.whl: benchmarks/device/wheels.sh; .bench/smollm2-tokenizer:
+# benchmarks/device/tokenizer.sh, the default model's tokenizer for the multi-turn chats)
 #     bash benchmarks/device/paged_gpu.sh            PARTS="multiturn burst front speed" DEADLINE=560
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
