@@ -9,6 +9,7 @@ import pytest
 
 from chatqueue.config import Settings
 from chatqueue.engine.prefill_budget import MIN_TOKENS, PrefillBudget
+from tests.support.budget_sim import simulate_chats
 
 
 def learned(decode_s: float, token_s: float, *, stall_limit: float | None = 3.0) -> PrefillBudget:
@@ -84,9 +85,9 @@ def test_a_slow_first_step_does_not_keep_the_grants_few() -> None:
     budget.observe(0.0015 + 0.0004, decode_rows=8, prompt_tokens=16)
     budget.observe(0.0015 + 0.0004, decode_rows=8, prompt_tokens=16)
     assert budget.tokens(decoding=8, waiting=1) > 2 * MIN_TOKENS  # from the second such step on
-    ttfts, grants = _chats(budget, random.Random(0), seconds=30.0)
-    assert sorted(grants)[len(grants) // 2] >= 200
-    assert sorted(ttfts)[int(0.99 * len(ttfts))] < 0.05
+    run = simulate_chats(budget, random.Random(0))
+    assert sorted(run.grants)[len(run.grants) // 2] >= 200
+    assert sorted(run.ttfts)[int(0.99 * len(run.ttfts))] < 0.05
 
 
 def test_a_prompt_always_advances() -> None:
@@ -273,58 +274,6 @@ def test_noisy_steps_do_not_keep_the_turns_of_64_chats_waiting() -> None:
     # they do without the noise; they fell to 16 a step (the least), and turns queued for their
     # first token (p99 0.3-0.4 s where it is ~10 ms)
     for seed in range(3):
-        ttfts, grants = _chats(PrefillBudget(512, 2.0), random.Random(seed), seconds=30.0)
-        assert sorted(grants)[len(grants) // 2] >= 200
-        assert sorted(ttfts)[int(0.99 * len(ttfts))] < 0.05
-
-
-def _chats(
-    budget: PrefillBudget, rng: random.Random, *, seconds: float
-) -> tuple[list[float], list[int]]:
-    """64 chats on the clock of the steps' own made-up times: each chat's time to its first
-    token at every turn after its first, and the grants beside decode."""
-    prompt: dict[int, tuple[int, float]] = {c: (rng.randint(320, 500), 0.0) for c in range(64)}
-    order = list(range(64))  # prompts are served oldest first
-    decoding: dict[int, int] = {}  # tokens left
-    thinking: dict[int, float] = {}  # until when
-    now, ttfts, grants = 0.0, [], []
-    while now < seconds:
-        for chat, until in list(thinking.items()):
-            if until <= now:
-                del thinking[chat]
-                prompt[chat] = (rng.randint(20, 200), now)
-                order.remove(chat)
-                order.append(chat)
-        if not decoding and not prompt:
-            now = min(thinking.values())
-            continue
-        rows, n, done = len(decoding), 0, []
-        if prompt:
-            left = budget.tokens(decoding=rows, waiting=len(prompt))
-            if rows:
-                grants.append(left)
-            for chat in [c for c in order if c in prompt]:
-                tokens, since = prompt[chat]
-                took = min(tokens, left)
-                left, n = left - took, n + took
-                if took < tokens:
-                    prompt[chat] = (tokens - took, since)
-                    break
-                done.append(chat)
-        step = (0.0012 + 0.000008 * rows if rows else 0.0) + (0.002 + 0.000005 * n if n else 0.0)
-        step *= rng.lognormvariate(0, 0.1)
-        if rng.random() < 0.01:
-            step += rng.uniform(0.002, 0.02)
-        budget.observe(step, decode_rows=rows, prompt_tokens=n)
-        now += step
-        for chat in list(decoding):
-            decoding[chat] -= 1
-            if not decoding[chat]:
-                del decoding[chat]
-                thinking[chat] = now + rng.uniform(0.5, 1.5)
-        for chat in done:
-            _, since = prompt.pop(chat)
-            if since > 0:
-                ttfts.append(now - since)
-            decoding[chat] = rng.randint(100, 300)
-    return ttfts, grants
+        run = simulate_chats(PrefillBudget(512, 2.0), random.Random(seed))
+        assert sorted(run.grants)[len(run.grants) // 2] >= 200
+        assert sorted(run.ttfts)[int(0.99 * len(run.ttfts))] < 0.05
