@@ -298,6 +298,18 @@ class PackedStep:
             self.inputs.write([], [], [], [])  # every token padding
             self.graphs.capture()
         self._pad_keep = decode.compiled  # Dynamo's sizes >= 2 for the kept rows too
+        if decode.compiled:
+            self._compile_end()
+
+    def _compile_end(self) -> None:
+        """The logits of kept rows, a region no capture runs, compiled (or loaded) now: else the
+        first step with a prompt paid for it (568 ms on an H100), which the prefill budget
+        read as the cost of its tokens. Padding only, as the capture writes."""
+        smallest = self.graphs.buckets[0]
+        self.inputs.write([], [], [], [])
+        with torch.inference_mode():
+            residual = self._layers(smallest) if self._eager else self.graphs.run(smallest)
+            self.step.logits(residual[:smallest], None, self._tensor([0, 1]))
 
     @property
     def info(self) -> dict[str, Any]:
