@@ -581,6 +581,7 @@ def main() -> None:
         default=[2.0],
         help="(c) the pool's --prefill-stall-limit, each in turn (0: none)",
     )
+    ap.add_argument("--profile-rows", type=int, default=64, help="(d) streams decoding")
     ap.add_argument("--out", default=None, help="write the figures as JSON into this folder")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: (a) only")
     ap.add_argument("--families", nargs="*", default=[], help="(a): these model types only")
@@ -602,7 +603,7 @@ def main() -> None:
         if "throughput" in parts:
             throughput(cache, args.sizes, args.new_tokens, args.prefill_chunks, args.stall_limits)
         if "profile" in parts:
-            profile_turns(cache, rows=64, turns=4, history=1500, new=150)
+            profile_turns(cache, rows=args.profile_rows, turns=4, history=1500, new=150)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         Path(args.out, "bench_paged_gpu.json").write_text(json.dumps(RESULTS, indent=1))

@@ -10,9 +10,14 @@ row, plus, where it has prompt tokens, `--fixed-ms` + `--token-us` a token; ever
 each tree (this checkout's `src`, and `--base DIR` another's, side by side in one run) and seed:
 the time to first token of turns >= 3 (p50, p99), the grants beside decode (p10/p50/p90), and
 the steps with prompt tokens beside decode, p99, against a decode step alone (p50).
+`--packed`: a step with prompt tokens runs its decode rows in it (the pool's packed step on a
+GPU: `--fixed-ms` + `--token-us` a token of both), `--h100`: the costs an H100 measured so.
+`--burst N`: N requests of 256-token prompts arriving together instead, 256 tokens each (issue
+6's burst): the run's time at the limit against no limit, and the grants beside decode.
 
     .venv/bin/python benchmarks/sim_prefill_budget.py [--limit 2] [--fixed-ms 2.0] [--seeds 3]
         [--base /tmp/base/src]   # e.g. `git archive REV src | tar -x -C /tmp/base`
+    .venv/bin/python benchmarks/sim_prefill_budget.py --h100 --burst 256
 """
 
 from __future__ import annotations
@@ -26,7 +31,12 @@ from types import ModuleType
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from tests.support.budget_sim import StepCosts, simulate_chats  # noqa: E402
+from tests.support.budget_sim import (  # noqa: E402
+    H100_PACKED,
+    StepCosts,
+    simulate_burst,
+    simulate_chats,
+)
 
 
 def load(src: Path) -> ModuleType:
@@ -58,6 +68,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--chats", type=int, default=64)
+    ap.add_argument("--packed", action="store_true", help="decode rows ride in prompt steps")
+    ap.add_argument("--h100", action="store_true", help="the packed costs an H100 measured")
+    ap.add_argument("--burst", type=int, default=0, help="this many requests together instead")
     ap.add_argument("--base", type=Path, default=None, help="another tree's src, to compare")
     args = ap.parse_args()
     trees = {"this": HERE.parent / "src", **({"base": args.base} if args.base else {})}
@@ -67,10 +80,33 @@ def main() -> None:
         fixed_s=args.fixed_ms / 1e3,
         token_s=args.token_us / 1e6,
         noise=args.noise,
+        packed=args.packed,
     )
+    if args.h100:
+        costs = H100_PACKED
     for name, src in trees.items():
         module = load(src)
         for seed in range(args.seeds):
+            if args.burst:
+                runs = [
+                    simulate_burst(
+                        module.PrefillBudget(args.chunk, limit),
+                        random.Random(seed),
+                        costs=costs,
+                        requests=args.burst,
+                    )
+                    for limit in (args.limit, None)
+                ]
+                grants = runs[0].grants
+                print(
+                    f"{name} seed {seed}: {args.burst} requests together at the limit "
+                    f"{runs[0].seconds:.3f} s, without {runs[1].seconds:.3f} s "
+                    f"({runs[0].seconds / runs[1].seconds:.2f}x); steps with prompt tokens "
+                    f"{runs[0].steps_with_prompts} (without {runs[1].steps_with_prompts}); grants "
+                    f"beside decode p10/p50/p90 {pct(grants, 10)}/{pct(grants, 50)}/"
+                    f"{pct(grants, 90)}"
+                )
+                continue
             run = simulate_chats(
                 module.PrefillBudget(args.chunk, args.limit),
                 random.Random(seed),
