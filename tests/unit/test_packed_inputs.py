@@ -45,9 +45,10 @@ def test_a_row_is_written_when_its_blocks_change_and_reused_once_released() -> N
 def test_tokens_and_tiles_past_the_step_are_padding() -> None:
     kv = pool()
     inputs = PackedInputs(kv, most=6, pad_row=9)
-    # a decode row (its id comes from the device), then a chunk of 2 prompt tokens
+    # a decode row (its id comes from the device), then a chunk of 2 prompt tokens; tiles are
+    # (first, count, row, end), four numbers each, flat
     inputs.write(
-        ids=[11, 12], positions=[5, 0, 1], slots=[21, 8, 9], tiles=[(0, 1, 0, 6), (1, 2, 1, 2)]
+        ids=[11, 12], positions=[5, 0, 1], slots=[21, 8, 9], tiles=[0, 1, 0, 6, 1, 2, 1, 2]
     )
     assert inputs.ids.tolist() == [0, 11, 12, 0, 0, 0]
     assert inputs.pos.tolist() == [5, 0, 1, 0, 0, 0]
@@ -56,6 +57,6 @@ def test_tokens_and_tiles_past_the_step_are_padding() -> None:
     assert inputs.tiles.is_contiguous()
     assert inputs.tiles.tolist() == [[0, 1, 0], [1, 2, 1], *[[0, 0, 9]] * 4]
     assert inputs.end.tolist() == [6, 2, 0, 0, 0, 0]
-    inputs.write(ids=[], positions=[3], slots=[13], tiles=[(0, 1, 0, 4)])  # the last step's gone
+    inputs.write(ids=[], positions=[3], slots=[13], tiles=[0, 1, 0, 4])  # the last step's gone
     assert inputs.pos.tolist() == [3, 0, 0, 0, 0, 0]
     assert inputs.tiles.tolist()[1:] == [[0, 0, 9]] * 5
