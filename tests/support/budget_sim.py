@@ -39,6 +39,13 @@ class StepCosts:
         decode = self.decode_s + self.row_s * rows if rows else 0.0
         return decode + (self.fixed_s + self.token_s * prompt_tokens if prompt_tokens else 0.0)
 
+    def noisy_step(self, rows: int, prompt_tokens: int, rng: random.Random) -> float:
+        """A step's time as a machine gives it: `noise`, and one step in a hundred 2-20 ms slower."""
+        step = self.step(rows, prompt_tokens) * rng.lognormvariate(0, self.noise)
+        if rng.random() < 0.01:
+            step += rng.uniform(0.002, 0.02)
+        return step
+
 
 # what an H100 measured under the pool's runner (Llama-3.2-1B's shape, bf16): a decode step
 # 1.44 ms at 1 row, 1.73 at 64, ~3 at 256; a packed step of 514 tokens ~4.2 ms, of ~250 ~3.3
@@ -94,9 +101,7 @@ def simulate_chats(
                     prompt[chat] = (tokens - took, since, turn)
                     break
                 done.append(chat)
-        step = costs.step(rows, n) * rng.lognormvariate(0, costs.noise)
-        if rng.random() < 0.01:
-            step += rng.uniform(0.002, 0.02)
+        step = costs.noisy_step(rows, n, rng)
         if first and warmup_s:
             step = warmup_s
         first = False
@@ -153,9 +158,7 @@ def simulate_burst(
                 if waiting[0] == 0:
                     waiting.pop(0)
                     started += 1
-        step = costs.step(rows, n) * rng.lognormvariate(0, costs.noise)
-        if rng.random() < 0.01:
-            step += rng.uniform(0.002, 0.02)
+        step = costs.noisy_step(rows, n, rng)
         budget.observe(step, decode_rows=rows, prompt_tokens=n)
         run.seconds += step
         run.steps_with_prompts += n > 0
