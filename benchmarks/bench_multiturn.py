@@ -251,9 +251,10 @@ def report(name: str, run: Run) -> dict[str, float]:
     print(
         f"prefix caching {name}: {len(turns)} turns in {run.wall_s:.0f} s, prompt tokens "
         f"{received}, computed {computed} ({figures['computed_ratio']:.3f}); TTFT turns>=3 "
-        f"p50 {figures['ttft_p50']:.2f} s p99 {figures['ttft_p99']:.2f} s (n={len(late)}); "
-        f"gap p50 {figures['gap_p50'] * 1e3:.0f} ms p99 {figures['gap_p99'] * 1e3:.0f} ms, "
-        f"p99 while others prefill {figures['gap_prefill_p99'] * 1e3:.0f} ms "
+        f"p50 {figures['ttft_p50'] * 1e3:.0f} ms p99 {figures['ttft_p99'] * 1e3:.0f} ms "
+        f"(n={len(late)}); gap p50 {figures['gap_p50'] * 1e3:.1f} ms p99 "
+        f"{figures['gap_p99'] * 1e3:.1f} ms, p99 while others prefill "
+        f"{figures['gap_prefill_p99'] * 1e3:.1f} ms "
         f"({figures['gap_prefill_p99_over_p50']:.1f}x the p50 gap, n={len(during)}); "
         f"KV reserved/live {figures['reserved_live']:.3f}; KV held a running request "
         f"{held_mean:.0f} tokens, so a fixed KV budget holds "
