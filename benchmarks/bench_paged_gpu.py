@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import statistics
 import sys
@@ -364,13 +365,23 @@ def where_time_went(
     context = PROMPT_TOKENS + new_tokens / 2
     floors = sum(floor_ms(model, rows, bandwidth, context) for rows, _ in decoding) / 1e3
     full = [s * 1e3 for rows, s in decoding if rows == n]
+    # decode steps right after sequences ended (fewer rows than the step before) and the rest
+    after, rest = [], []
+    for (_, before, _), (prompted, rows, s) in itertools.pairwise(steps):
+        if not prompted:
+            (after if rows < before else rest).append(s * 1e3)
     return (
         f"{len(prompting)} steps with prompts {sum(prompting):.3f} s (all prompts' matmuls "
         f"{n * PROMPT_TOKENS * 2 * params / rate:.3f} s); {len(decoding)} decode steps "
         f"{sum(s for _, s in decoding):.3f} s (floors {floors:.3f} s; at batch {n} median "
         f"{statistics.median(full) if full else float('nan'):.2f} ms, floor "
-        f"{floor_ms(model, n, bandwidth, context):.2f} ms)"
+        f"{floor_ms(model, n, bandwidth, context):.2f} ms; right after sequences ended "
+        f"{len(after)}, median {_median(after):.2f} ms, the others {_median(rest):.2f} ms)"
     )
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
 
 
 class _TracedBudget:
