@@ -13,11 +13,13 @@ the steps with prompt tokens beside decode, p99, against a decode step alone (p5
 `--packed`: a step with prompt tokens runs its decode rows in it (the pool's packed step on a
 GPU: `--fixed-ms` + `--token-us` a token of both), `--h100`: the costs an H100 measured so.
 `--burst N`: N requests of 256-token prompts arriving together instead, 256 tokens each (issue
-6's burst): the run's time at the limit against no limit, and the grants beside decode.
+6's burst): the run's time at the limit against no limit, and the grants beside decode;
+`--after`: on a budget that has first run 8 requests of 16 tokens and 64 together, as the GPU
+benchmark's (`bench_paged_gpu.py --parts throughput`) does.
 
     .venv/bin/python benchmarks/sim_prefill_budget.py [--limit 2] [--fixed-ms 2.0] [--seeds 3]
         [--base /tmp/base/src]   # e.g. `git archive REV src | tar -x -C /tmp/base`
-    .venv/bin/python benchmarks/sim_prefill_budget.py --h100 --burst 256
+    .venv/bin/python benchmarks/sim_prefill_budget.py --h100 --burst 256 [--after]
 """
 
 from __future__ import annotations
@@ -71,6 +73,9 @@ def main() -> None:
     ap.add_argument("--packed", action="store_true", help="decode rows ride in prompt steps")
     ap.add_argument("--h100", action="store_true", help="the packed costs an H100 measured")
     ap.add_argument("--burst", type=int, default=0, help="this many requests together instead")
+    ap.add_argument(
+        "--after", action="store_true", help="--burst after a warm-up of 8 and 64 together"
+    )
     ap.add_argument("--base", type=Path, default=None, help="another tree's src, to compare")
     args = ap.parse_args()
     trees = {"this": HERE.parent / "src", **({"base": args.base} if args.base else {})}
@@ -88,15 +93,13 @@ def main() -> None:
         module = load(src)
         for seed in range(args.seeds):
             if args.burst:
-                runs = [
-                    simulate_burst(
-                        module.PrefillBudget(args.chunk, limit),
-                        random.Random(seed),
-                        costs=costs,
-                        requests=args.burst,
-                    )
-                    for limit in (args.limit, None)
-                ]
+                runs = []
+                for limit in (args.limit, None):
+                    budget, rng = module.PrefillBudget(args.chunk, limit), random.Random(seed)
+                    if args.after:  # as bench_paged_gpu.py runs it: a warm-up, then 64 together
+                        simulate_burst(budget, rng, costs=costs, requests=8, new_tokens=16)
+                        simulate_burst(budget, rng, costs=costs, requests=64)
+                    runs.append(simulate_burst(budget, rng, costs=costs, requests=args.burst))
                 grants = runs[0].grants
                 print(
                     f"{name} seed {seed}: {args.burst} requests together at the limit "

@@ -9,7 +9,7 @@ import pytest
 
 from chatqueue.config import Settings
 from chatqueue.engine.prefill_budget import MIN_TOKENS, PrefillBudget
-from tests.support.budget_sim import simulate_chats
+from tests.support.budget_sim import H100_PACKED, simulate_burst, simulate_chats
 
 
 def learned(decode_s: float, token_s: float, *, stall_limit: float | None = 3.0) -> PrefillBudget:
@@ -277,3 +277,29 @@ def test_noisy_steps_do_not_keep_the_turns_of_64_chats_waiting() -> None:
         run = simulate_chats(PrefillBudget(512, 2.0), random.Random(seed))
         assert sorted(run.grants)[len(run.grants) // 2] >= 200
         assert sorted(run.ttfts)[int(0.99 * len(run.ttfts))] < 0.05
+
+
+def test_a_decode_steps_cost_follows_its_rows() -> None:
+    budget = PrefillBudget(512, 2.0)
+    for _ in range(5):
+        budget.observe(0.0015, decode_rows=8, prompt_tokens=0)
+        budget.observe(0.0018, decode_rows=64, prompt_tokens=0)
+    per_row = 0.0003 / 56
+    assert budget.decode_at(150) == pytest.approx(0.0015 + per_row * 142, rel=0.05)
+    assert budget.decode_at(8) == pytest.approx(0.0015, rel=0.05)
+    assert budget.decode_s == pytest.approx(0.0018, rel=0.05)  # the rows last seen: 64
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_burst_after_steps_of_few_rows_is_not_held_to_their_decode_step(seed: int) -> None:
+    """As the GPU benchmark runs it: a warm-up of 8 requests, 64 together, then 256 together on
+    one budget. NOTE: a decode step learned at few rows read the larger batches' decode time
+    as their prompt tokens' cost, and held the 256 to 1.08-1.30x the run without a limit."""
+
+    def run(limit: float | None) -> float:
+        rng, budget = random.Random(seed), PrefillBudget(512, limit)
+        simulate_burst(budget, rng, costs=H100_PACKED, requests=8, new_tokens=16)
+        simulate_burst(budget, rng, costs=H100_PACKED, requests=64)
+        return simulate_burst(budget, rng, costs=H100_PACKED, requests=256).seconds
+
+    assert run(2.0) <= 1.05 * run(None)

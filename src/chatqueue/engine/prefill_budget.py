@@ -104,7 +104,12 @@ class PrefillBudget:
 
     most: int
     stall_limit: float | None
-    decode_s: float | None = None  # a decode-only step, smoothed
+    # a decode step alone, smoothed for each size of batch (by powers of two of its rows): (rows,
+    # seconds, when), the decode steps alone counted, and the line through them (fixed, a row)
+    _decodes: dict[int, tuple[float, float, int]] = field(default_factory=dict)
+    _decode_steps: int = 0
+    _decode_line: tuple[float, float, float] | None = None  # and the cheapest size's
+    _last_rows: int = 0
     # (prompt tokens n, seconds t they added to a step, when) smoothed for each size of step
     # (by powers of two), and the steps with prompt tokens counted
     _sizes: dict[int, tuple[float, float, int]] = field(default_factory=dict)
@@ -116,6 +121,20 @@ class PrefillBudget:
     _slow_decode: bool = False  # the last decode step alone was
     _off: bool = False  # the last step with prompt tokens was not what the fit predicts
     _split: bool = False  # the fit tells a fixed cost from a cost a token (steps of two sizes)
+
+    @property
+    def decode_s(self) -> float | None:
+        """A decode step alone, at the rows the last one ran."""
+        return self.decode_at(self._last_rows)
+
+    def decode_at(self, rows: int) -> float | None:
+        """What a decode step alone of `rows` rows costs: the line through each batch size's
+        smoothed step (Theil-Sen, as the prompt tokens' fit; never falling with rows, nor below
+        the cheapest size's), or the one size seen. None before any."""
+        if self._decode_line is None:
+            return None
+        fixed, per_row, least = self._decode_line
+        return max(fixed + per_row * rows, least)
 
     @property
     def token_s(self) -> float | None:
@@ -132,7 +151,8 @@ class PrefillBudget:
         prompts admitted that have no first token yet."""
         if not decoding or self.stall_limit is None:
             return self.most
-        if self.decode_s is None:
+        decode_s = self.decode_at(decoding)
+        if decode_s is None:
             return 0  # a step of decode alone, to learn what one costs
         if self._token_s is None:  # not known yet: a few, to learn
             return min(self.most, MIN_TOKENS)
@@ -140,7 +160,7 @@ class PrefillBudget:
         many = max(1.0, waiting / decoding)  # the waiting many outweigh the decoding few
         # the prompt time a step may add, its fixed cost included; at least twice that cost,
         # which any prompt token brings
-        spare_s = max((self.stall_limit - 1.0) * self.decode_s * many, 2 * fixed_s) - fixed_s
+        spare_s = max((self.stall_limit - 1.0) * decode_s * many, 2 * fixed_s) - fixed_s
         fits = int(spare_s / token_s) if token_s > 0 else self.most
         if not self._split:  # steps of one size so far: one of another, to split the costs
             fits = max(2 * fits, 2 * MIN_TOKENS)
@@ -150,15 +170,17 @@ class PrefillBudget:
         """A step's time, with how many decode rows and prompt tokens it ran."""
         if prompt_tokens == 0:
             if decode_rows:
-                slow, slow_before = self._far_slower(seconds, self.decode_s), self._slow_decode
+                usual = self.decode_at(decode_rows)
+                slow, slow_before = self._far_slower(seconds, usual), self._slow_decode
                 self._slow_decode = slow
                 if not slow or slow_before:  # one alone is left out, as for prompt steps
-                    self.decode_s = _smooth(self.decode_s, seconds)
+                    self._observe_decode(seconds, decode_rows)
             return
-        if prompt_tokens < _MIN_SAMPLE_TOKENS or (decode_rows and self.decode_s is None):
+        decode_s = self.decode_at(decode_rows)
+        if prompt_tokens < _MIN_SAMPLE_TOKENS or (decode_rows and decode_s is None):
             return  # too few to say what they cost; or beside a decode step of unknown cost
         # what the prompt tokens added: a step of prompts alone streams the weights too
-        n, t = float(prompt_tokens), max(seconds - (self.decode_s or 0.0), 0.0)
+        n, t = float(prompt_tokens), max(seconds - (decode_s or 0.0), 0.0)
         if self._recent_s is not None and self._token_s is not None:
             predicted = self._fixed_s + n * self._token_s
             usual = max(predicted, self._recent_s)
@@ -183,6 +205,34 @@ class PrefillBudget:
         else:
             self._sizes[size] = (_smooth(old[0], n), _smooth(old[1], t), self._steps)
         self._fit()
+
+    def _observe_decode(self, seconds: float, rows: int) -> None:
+        """A decode step alone into its batch size's smoothed step, and the line refitted."""
+        self._decode_steps += 1
+        self._last_rows = rows
+        size = rows.bit_length()
+        old = self._decodes.get(size)
+        if old is None:
+            self._decodes[size] = (float(rows), seconds, self._decode_steps)
+        else:
+            self._decodes[size] = (
+                _smooth(old[0], rows),
+                _smooth(old[1], seconds),
+                self._decode_steps,
+            )
+        steps = self._decode_steps
+        for size in [s for s, (_, _, when) in self._decodes.items() if steps - when > _FORGET]:
+            del self._decodes[size]
+        points = sorted((r, t) for r, t, _ in self._decodes.values())
+        slopes = [
+            (t1 - t0) / (r1 - r0)
+            for i, (r0, t0) in enumerate(points)
+            for r1, t1 in points[i + 1 :]
+            if r1 > r0 * (1 + _VARIED)
+        ]
+        per_row = max(statistics.median(slopes), 0.0) if slopes else 0.0
+        fixed = statistics.median(t - per_row * r for r, t in points)
+        self._decode_line = (fixed, per_row, min(t for _, t in points))
 
     @staticmethod
     def _far_slower(seconds: float, usual: float | None) -> bool:
