@@ -56,6 +56,15 @@ the fit predicts, or less than its inverse, mean the machine changed or what was
 (the warm-up above): the sizes seen are forgotten and the fit starts over from the steps that
 follow.
 
+NOTE: why a decode step's cost is kept by its rows. A decode step of 150 rows costs more than one
+of 8 (on an H100, 2.2 against 1.6 ms), and while a burst arrives almost no step decodes alone, so
+one smoothed decode step stayed what the warm-up's few rows cost: each step beside the grown
+batch read the batch's own extra decode time as its prompt tokens' cost, and the spare a step
+was left was a small batch's. In simulation on an H100's costs, 256 requests after a warm-up and
+64 together ran 1.08-1.30x the time they take with no limit (1.00-1.01x now). So each batch size
+(by powers of two of its rows) keeps its smoothed decode step, and a line through them (Theil-Sen,
+never falling with rows) gives the decode step at any number of rows.
+
 NOTE: why the bound gives way where more prompts wait than streams decode. A step's prompt time
 stalls each of the D decoding streams by that much, and brings each of the W admitted prompts
 still waiting for their first token nearer by as much (prefill goes oldest first, and each step
