@@ -229,17 +229,8 @@ class PrefillBudget:
                 _smooth(old[1], seconds),
                 self._decode_steps,
             )
-        steps = self._decode_steps
-        for size in [s for s, (_, _, when) in self._decodes.items() if steps - when > _FORGET]:
-            del self._decodes[size]
-        points = sorted((r, t) for r, t, _ in self._decodes.values())
-        slopes = [
-            (t1 - t0) / (r1 - r0)
-            for i, (r0, t0) in enumerate(points)
-            for r1, t1 in points[i + 1 :]
-            if r1 > r0 * (1 + _VARIED)
-        ]
-        per_row = max(statistics.median(slopes), 0.0) if slopes else 0.0
+        points = _points(self._decodes, self._decode_steps)
+        per_row = max(_median_slope(points), 0.0)
         fixed = statistics.median(t - per_row * r for r, t in points)
         self._decode_line = (fixed, per_row, min(t for _, t in points))
 
@@ -251,16 +242,8 @@ class PrefillBudget:
         """(fixed, per token) seconds: a line through each size's smoothed step (Theil-Sen: the
         median of the slopes between every two sizes, so that one size's stray point moves it
         little); with one size, or no rising slope, a cost a token alone."""
-        for size in [s for s, (_, _, when) in self._sizes.items() if self._steps - when > _FORGET]:
-            del self._sizes[size]
-        points = sorted((n, t) for n, t, _ in self._sizes.values())
-        slopes = [
-            (t1 - t0) / (n1 - n0)
-            for i, (n0, t0) in enumerate(points)
-            for n1, t1 in points[i + 1 :]
-            if n1 > n0 * (1 + _VARIED)
-        ]
-        slope = statistics.median(slopes) if slopes else 0.0
+        points = _points(self._sizes, self._steps)
+        slope = _median_slope(points)
         self._split = slope > 0
         if slope > 0:
             fixed = statistics.median(t - slope * n for n, t in points)
@@ -278,6 +261,26 @@ class PrefillBudget:
             "prompt_token_ms": None if self.token_s is None else round(self.token_s * 1e3, 4),
             "prompt_fixed_ms": None if self.fixed_s is None else round(self.fixed_s * 1e3, 3),
         }
+
+
+def _points(sizes: dict[int, tuple[float, float, int]], now: int) -> list[tuple[float, float]]:
+    """Each size's smoothed (x, seconds), sorted, the sizes not seen in `_FORGET` counts of
+    `now` forgotten first."""
+    for size in [s for s, (_, _, when) in sizes.items() if now - when > _FORGET]:
+        del sizes[size]
+    return sorted((x, t) for x, t, _ in sizes.values())
+
+
+def _median_slope(points: list[tuple[float, float]]) -> float:
+    """Theil-Sen's slope: the median of the slopes between every two points whose x differ by
+    `_VARIED` at least (0.0 where none do)."""
+    slopes = [
+        (t1 - t0) / (x1 - x0)
+        for i, (x0, t0) in enumerate(points)
+        for x1, t1 in points[i + 1 :]
+        if x1 > x0 * (1 + _VARIED)
+    ]
+    return statistics.median(slopes) if slopes else 0.0
 
 
 def _smooth(old: float | None, new: float) -> float:
