@@ -207,28 +207,14 @@ class PrefillBudget:
                 self._off = False
         self._steps += 1
         self._recent_s = _smooth(self._recent_s, t)
-        size = prompt_tokens.bit_length()
-        old = self._sizes.get(size)
-        if old is None:
-            self._sizes[size] = (n, t, self._steps)
-        else:
-            self._sizes[size] = (_smooth(old[0], n), _smooth(old[1], t), self._steps)
+        _smooth_into(self._sizes, n, t, self._steps)
         self._fit()
 
     def _observe_decode(self, seconds: float, rows: int) -> None:
         """A decode step alone into its batch size's smoothed step, and the line refitted."""
         self._decode_steps += 1
         self._last_rows = rows
-        size = rows.bit_length()
-        old = self._decodes.get(size)
-        if old is None:
-            self._decodes[size] = (float(rows), seconds, self._decode_steps)
-        else:
-            self._decodes[size] = (
-                _smooth(old[0], rows),
-                _smooth(old[1], seconds),
-                self._decode_steps,
-            )
+        _smooth_into(self._decodes, float(rows), seconds, self._decode_steps)
         points = _points(self._decodes, self._decode_steps)
         per_row = max(_median_slope(points), 0.0)
         fixed = statistics.median(t - per_row * r for r, t in points)
@@ -261,6 +247,13 @@ class PrefillBudget:
             "prompt_token_ms": None if self.token_s is None else round(self.token_s * 1e3, 4),
             "prompt_fixed_ms": None if self.fixed_s is None else round(self.fixed_s * 1e3, 3),
         }
+
+
+def _smooth_into(sizes: dict[int, tuple[float, float, int]], x: float, t: float, now: int) -> None:
+    """(x, seconds) into the smoothed point of its size (x's power of two), seen at `now`."""
+    size = int(x).bit_length()
+    old = sizes.get(size)
+    sizes[size] = (x, t, now) if old is None else (_smooth(old[0], x), _smooth(old[1], t), now)
 
 
 def _points(sizes: dict[int, tuple[float, float, int]], now: int) -> list[tuple[float, float]]:
