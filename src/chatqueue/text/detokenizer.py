@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import weakref
 
-from chatqueue.text.tokenizer import Tokenizer
+from chatqueue.text.tokenizer import StepDecode, StreamDecoding, Tokenizer
 
 _REPLACEMENT = "\ufffd"
 # tokenizer -> token id -> that one token decoded alone, shared by every request's detokenizer
@@ -18,18 +18,36 @@ class IncrementalDetokenizer:
     delta ending in U+FFFD is held back. Each decode looks at a short window (from `_prefix` on),
     not the whole output, and compares with the same window's text before the new token, which
     keeps tokenizers' leading-space rules right without re-decoding everything each step.
+
+    A tokenizer with its own incremental decoder (`StreamDecoding`: the Rust tokenizers'
+    DecodeStream, the same window in one call) decodes each token; this keeps the window's
+    bounds beside it, so `flush` and a fallback to the Python window (where the stream raises)
+    go on from the same place.
     """
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = tokenizer
         self._pieces = _pieces_of(tokenizer)
+        self._step: StepDecode | None = (
+            tokenizer.stream_decoder() if isinstance(tokenizer, StreamDecoding) else None
+        )
         self._ids: list[int] = []
         self._prefix = 0  # window start
         self._read = 0  # ids before this are already streamed
 
     def push(self, token_id: int) -> str:
         self._ids.append(token_id)
-        return self._advance(final=False)
+        if self._step is None:
+            return self._advance(final=False)
+        try:
+            text = self._step(token_id)
+        except Exception:  # the window's text before the token changed: the Python way on
+            self._step = None
+            return self._advance(final=False)
+        if text is None:
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text
 
     def flush(self) -> str:
         """What is still held back at the end. An incomplete character (max_tokens cut its bytes

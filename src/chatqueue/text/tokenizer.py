@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 from chatqueue.types import ChatMessage, ToolSpec
@@ -48,3 +48,19 @@ class ToolTemplate(Protocol):
     def apply_chat_template_with_tools(
         self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec]
     ) -> list[int]: ...
+
+
+# One request's reply, decoded a token at a time: the text the token completes, or None while it
+# holds part of a character (or adds nothing yet). Raises where the text decoded before the token
+# is not the start of the text with it; the caller then decodes that request itself.
+StepDecode = Callable[[int], "str | None"]
+
+
+@runtime_checkable
+class StreamDecoding(Protocol):
+    """A tokenizer with its own incremental decoder (text/detokenizer.py's way, in one call a
+    token): the Rust tokenizers' DecodeStream."""
+
+    def stream_decoder(self) -> StepDecode | None:
+        """A new request's decoder; None where this tokenizer has none after all."""
+        ...
