@@ -25,6 +25,7 @@ benchmark's (`bench_paged_gpu.py --parts throughput`) does.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import random
 import sys
@@ -35,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from tests.support.budget_sim import (  # noqa: E402
     H100_PACKED,
+    H100_TRACED,
     StepCosts,
     simulate_burst,
     simulate_chats,
@@ -72,6 +74,12 @@ def main() -> None:
     ap.add_argument("--chats", type=int, default=64)
     ap.add_argument("--packed", action="store_true", help="decode rows ride in prompt steps")
     ap.add_argument("--h100", action="store_true", help="the packed costs an H100 measured")
+    ap.add_argument(
+        "--h100-traced", action="store_true", help="the costs of session 25's burst trace"
+    )
+    ap.add_argument(
+        "--packed-row-us", type=float, default=None, help="a decode row's cost in a packed step"
+    )
     ap.add_argument("--burst", type=int, default=0, help="this many requests together instead")
     ap.add_argument(
         "--after", action="store_true", help="--burst after a warm-up of 8 and 64 together"
@@ -89,6 +97,10 @@ def main() -> None:
     )
     if args.h100:
         costs = H100_PACKED
+    if args.h100_traced:
+        costs = H100_TRACED
+    if args.packed_row_us is not None:
+        costs = dataclasses.replace(costs, packed_row_s=args.packed_row_us / 1e6)
     for name, src in trees.items():
         module = load(src)
         for seed in range(args.seeds):

@@ -32,10 +32,12 @@ class StepCosts:
     token_s: float = 0.000005
     noise: float = 0.1
     packed: bool = False
+    packed_row_s: float | None = None  # packed: a decode row's cost in it (None: `token_s`)
 
     def step(self, rows: int, prompt_tokens: int) -> float:
         if self.packed and prompt_tokens:
-            return self.fixed_s + self.token_s * (rows + prompt_tokens)
+            row_s = self.token_s if self.packed_row_s is None else self.packed_row_s
+            return self.fixed_s + row_s * rows + self.token_s * prompt_tokens
         decode = self.decode_s + self.row_s * rows if rows else 0.0
         return decode + (self.fixed_s + self.token_s * prompt_tokens if prompt_tokens else 0.0)
 
@@ -51,6 +53,18 @@ class StepCosts:
 # 1.44 ms at 1 row, 1.73 at 64, ~3 at 256; a packed step of 514 tokens ~4.2 ms, of ~250 ~3.3
 H100_PACKED = StepCosts(
     decode_s=0.0014, row_s=0.000006, fixed_s=0.0024, token_s=0.0000035, packed=True
+)
+
+# the same H100 as session 25's burst trace gave it (`bench_paged_gpu.py --parts throughput`, 256
+# requests at limit 2 and with none: benchmarks/RESULTS.md): a decode step 2.09 ms + 4.8 us a
+# row; a packed step 2.9 ms + 8.5 us a decode row + 1.9 us a prompt token
+H100_TRACED = StepCosts(
+    decode_s=0.00209,
+    row_s=0.0000048,
+    fixed_s=0.0029,
+    token_s=0.0000019,
+    packed=True,
+    packed_row_s=0.0000085,
 )
 
 

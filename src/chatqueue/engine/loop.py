@@ -616,22 +616,26 @@ class Engine:
         if output.prefill is not None:
             self.prefill = output.prefill
         num_tokens = 0
+        # NOTE: looked up once: this loop runs a token a stream each step, on the engine thread
+        running, tokens, logprobs = RequestState.RUNNING, output.tokens, output.logprobs
+        paged = self.scheduler.kv is not None
         for seq in seqs:
-            if seq.state is not RequestState.RUNNING:
+            if seq.state is not running:
                 continue  # ended, or preempted, while this step ran: its token is dropped
             if seq.is_failed:  # its client was already told (hang)
                 ended.append((seq, FinishReason.ERROR))
                 continue
-            if seq.rid in output.cached:  # the runner's own prefix reuse, told as it joined
+            if output.cached and seq.rid in output.cached:  # the runner's own prefix reuse
                 seq.num_cached_tokens = output.cached[seq.rid]
                 self.metrics.observe_cached(seq.num_cached_tokens)
             if error is not None:
                 step = Step("", FinishReason.ERROR)
-            elif seq.rid in output.tokens:
-                computed.append((seq, seq.num_tokens))
-                before = seq.num_output_tokens
-                step = seq.append(output.tokens[seq.rid], output.logprobs.get(seq.rid))
-                num_tokens += seq.num_output_tokens - before  # EOS is not output
+            elif seq.rid in tokens:
+                if paged:
+                    computed.append((seq, seq.num_tokens))
+                before = len(seq.output_ids)
+                step = seq.append(tokens[seq.rid], logprobs.get(seq.rid) if logprobs else None)
+                num_tokens += len(seq.output_ids) - before  # EOS is not output
                 if seq.first_token_at is None:
                     seq.first_token_at = now
                     self.metrics.ttft.observe(now - seq.arrival)
@@ -644,7 +648,7 @@ class Engine:
                 ended.append((seq, step.finish))
                 outbox.append((seq, self._finished(seq, step.finish, error or step.error)))
         self.metrics.observe_tokens(num_tokens)
-        if ended or (computed and self.scheduler.kv is not None):
+        if ended or computed:
             with self._cond:
                 for seq, num_computed in computed:
                     self.scheduler.note_computed(seq, num_computed)
