@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +53,6 @@ class HFTokenizer:
         self._encoder = tokenizer
         self._decoder = copy.deepcopy(tokenizer)
         self._backend = _rust_backend(self._decoder)
-        self._backend_decode: Callable[..., str] | None = (
-            None if self._backend is None else self._backend.decode
-        )
         eos = set(eos_token_ids)
         if tokenizer.eos_token_id is not None:
             eos.add(int(tokenizer.eos_token_id))
@@ -129,8 +126,9 @@ class HFTokenizer:
         return functools.partial(DecodeStream(skip_special_tokens=True).step, self._backend)
 
     def decode(self, token_ids: Sequence[int]) -> str:
-        if self._backend_decode is not None:
-            return self._backend_decode(list(token_ids), skip_special_tokens=True)
+        if self._backend is not None:
+            decoded: str = self._backend.decode(list(token_ids), skip_special_tokens=True)
+            return decoded
         text = self._decoder.decode(
             list(token_ids), skip_special_tokens=True, clean_up_tokenization_spaces=False
         )
