@@ -35,6 +35,7 @@ from types import ModuleType
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from tests.support.budget_sim import (  # noqa: E402
+    H100_KNEE,
     H100_PACKED,
     H100_TRACED,
     StepCosts,
@@ -78,6 +79,9 @@ def main() -> None:
         "--h100-traced", action="store_true", help="the costs of session 25's burst trace"
     )
     ap.add_argument(
+        "--knee", action="store_true", help="--h100-traced, its decode step flat to 64 rows"
+    )
+    ap.add_argument(
         "--packed-row-us", type=float, default=None, help="a decode row's cost in a packed step"
     )
     ap.add_argument("--burst", type=int, default=0, help="this many requests together instead")
@@ -99,6 +103,8 @@ def main() -> None:
         costs = H100_PACKED
     if args.h100_traced:
         costs = H100_TRACED
+    if args.knee:
+        costs = H100_KNEE
     if args.packed_row_us is not None:
         costs = dataclasses.replace(costs, packed_row_s=args.packed_row_us / 1e6)
     for name, src in trees.items():

@@ -7,6 +7,7 @@ tokens, 0.5-1.5 s of thought between; prompts are served oldest first, as the ru
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -33,12 +34,13 @@ class StepCosts:
     noise: float = 0.1
     packed: bool = False
     packed_row_s: float | None = None  # packed: a decode row's cost in it (None: `token_s`)
+    knee_rows: int = 0  # a decode step costs `row_s` a row past this many rows only (a GPU's)
 
     def step(self, rows: int, prompt_tokens: int) -> float:
         if self.packed and prompt_tokens:
             row_s = self.token_s if self.packed_row_s is None else self.packed_row_s
             return self.fixed_s + row_s * rows + self.token_s * prompt_tokens
-        decode = self.decode_s + self.row_s * rows if rows else 0.0
+        decode = self.decode_s + self.row_s * max(rows - self.knee_rows, 0) if rows else 0.0
         return decode + (self.fixed_s + self.token_s * prompt_tokens if prompt_tokens else 0.0)
 
     def noisy_step(self, rows: int, prompt_tokens: int, rng: random.Random) -> float:
@@ -66,6 +68,10 @@ H100_TRACED = StepCosts(
     packed=True,
     packed_row_s=0.0000085,
 )
+
+# the same trace's decode steps by their rows: ~1.9 ms flat up to 64 rows (the weights' read),
+# then ~7 us a row (2.43 ms at 64-96 rows, 3.26 at 160-192), as a GPU's decode step grows
+H100_KNEE = dataclasses.replace(H100_TRACED, decode_s=0.0019, row_s=0.000007, knee_rows=64)
 
 
 @dataclass(slots=True)

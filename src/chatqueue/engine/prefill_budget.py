@@ -63,7 +63,14 @@ batch read the batch's own extra decode time as its prompt tokens' cost, and the
 was left was a small batch's. In simulation on an H100's costs, 256 requests after a warm-up and
 64 together ran 1.08-1.30x the time they take with no limit (1.00-1.01x now). So each batch size
 (by powers of two of its rows) keeps its smoothed decode step, and a line through them (Theil-Sen,
-never falling with rows) gives the decode step at any number of rows.
+never falling with rows) gives the decode step at any number of rows. NOTE: and where streams
+decode in more rows than any decode step alone has run (a power of two of rows above every one
+seen), a step decodes alone first, to learn it (a step like any other for the streams: each makes
+its token). A GPU's decode step costs about the same up to some rows (the weights' read) and grows
+past them (an H100's: ~1.9 ms flat to 64 rows, then ~7 us a row), so no line through the steps of
+a warm-up's 64 rows foretells 200: on that H100, 256 requests after 64 together ran 1.19x the time
+they took with no limit, granted 268-380 tokens a step where 512 kept the limit (in simulation,
+`sim_prefill_budget.py --knee --burst 256 --after`, 1.09-1.24x; 1.00x now).
 
 NOTE: why the bound gives way where more prompts wait than streams decode. A step's prompt time
 stalls each of the D decoding streams by that much, and brings each of the W admitted prompts
@@ -161,8 +168,8 @@ class PrefillBudget:
         if not decoding or self.stall_limit is None:
             return self.most
         decode_s = self.decode_at(decoding)
-        if decode_s is None:
-            return 0  # a step of decode alone, to learn what one costs
+        if decode_s is None or decoding.bit_length() > max(self._decodes):
+            return 0  # a step of decode alone, to learn what one costs (at this many rows)
         if self._token_s is None:  # not known yet: a few, to learn
             return min(self.most, MIN_TOKENS)
         fixed_s, token_s = self._fixed_s, self._token_s
