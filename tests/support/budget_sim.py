@@ -7,9 +7,8 @@ tokens, 0.5-1.5 s of thought between; prompts are served oldest first, as the ru
 
 from __future__ import annotations
 
-import dataclasses
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 
@@ -71,7 +70,7 @@ H100_TRACED = StepCosts(
 
 # the same trace's decode steps by their rows: ~1.9 ms flat up to 64 rows (the weights' read),
 # then ~7 us a row (2.43 ms at 64-96 rows, 3.26 at 160-192), as a GPU's decode step grows
-H100_KNEE = dataclasses.replace(H100_TRACED, decode_s=0.0019, row_s=0.000007, knee_rows=64)
+H100_KNEE = replace(H100_TRACED, decode_s=0.0019, row_s=0.000007, knee_rows=64)
 
 
 @dataclass(slots=True)

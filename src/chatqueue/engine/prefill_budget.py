@@ -168,7 +168,7 @@ class PrefillBudget:
         if not decoding or self.stall_limit is None:
             return self.most
         decode_s = self.decode_at(decoding)
-        if decode_s is None or decoding.bit_length() > max(self._decodes):
+        if decode_s is None or _size(decoding) > max(self._decodes):
             return 0  # a step of decode alone, to learn what one costs (at this many rows)
         if self._token_s is None:  # not known yet: a few, to learn
             return min(self.most, MIN_TOKENS)
@@ -257,10 +257,15 @@ class PrefillBudget:
 
 
 def _smooth_into(sizes: dict[int, tuple[float, float, int]], x: float, t: float, now: int) -> None:
-    """(x, seconds) into the smoothed point of its size (x's power of two), seen at `now`."""
-    size = int(x).bit_length()
+    """(x, seconds) into the smoothed point of its size, seen at `now`."""
+    size = _size(x)
     old = sizes.get(size)
     sizes[size] = (x, t, now) if old is None else (_smooth(old[0], x), _smooth(old[1], t), now)
+
+
+def _size(x: float) -> int:
+    """The size a step is kept by: its rows' or tokens' power of two."""
+    return int(x).bit_length()
 
 
 def _points(sizes: dict[int, tuple[float, float, int]], now: int) -> list[tuple[float, float]]:
